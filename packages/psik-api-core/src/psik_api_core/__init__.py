@@ -1,0 +1,58 @@
+"""psik-api core: the models, state machine, problem codes and authorization policy
+shared by the server and the client. Pure: no I/O and no psik."""
+
+from .authz import LOCAL_USER, Action, OwnerPolicy, Policy, Principal
+from .errors import ApiError, ProblemCode, field_error
+from .models import (
+    JOBID_PATTERN,
+    STRICT_INPUT,
+    BackendInfo,
+    FieldError,
+    Job,
+    JobID,
+    JobSpec,
+    JobStatus,
+    JobSummary,
+    Page,
+    Problem,
+    ResourceSpec,
+    Transition,
+    is_jobid,
+    utc,
+)
+from .states import FINAL_STATES, TRANSITIONS, JobState, can_cancel, can_start, can_transition, derive_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FINAL_STATES",
+    "JOBID_PATTERN",
+    "LOCAL_USER",
+    "STRICT_INPUT",
+    "TRANSITIONS",
+    "Action",
+    "ApiError",
+    "BackendInfo",
+    "FieldError",
+    "Job",
+    "JobID",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "JobSummary",
+    "OwnerPolicy",
+    "Page",
+    "Policy",
+    "Principal",
+    "Problem",
+    "ProblemCode",
+    "ResourceSpec",
+    "Transition",
+    "can_cancel",
+    "can_start",
+    "can_transition",
+    "derive_state",
+    "field_error",
+    "is_jobid",
+    "utc",
+]

@@ -1,0 +1,108 @@
+"""Problem codes: the stable names of everything that can go wrong, with their HTTP status.
+
+On the wire every error is an RFC 9457 ``application/problem+json`` document whose
+``code`` is one of :class:`ProblemCode`; the client maps codes to exception classes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from .models import FieldError, Problem
+
+
+class ProblemCode(StrEnum):
+    bad_request = "bad_request"
+    validation_error = "validation_error"
+    unknown_backend = "unknown_backend"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    conflict = "conflict"
+    too_large = "too_large"
+    idempotency_mismatch = "idempotency_mismatch"
+    idempotency_in_flight = "idempotency_in_flight"
+    submit_failed = "submit_failed"
+    unauthorized = "unauthorized"
+    forbidden = "forbidden"
+    backend_unavailable = "backend_unavailable"
+    internal_error = "internal_error"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+    @property
+    def title(self) -> str:
+        return _TITLE[self]
+
+
+_STATUS: dict[ProblemCode, int] = {
+    ProblemCode.bad_request: 400,
+    ProblemCode.validation_error: 422,
+    ProblemCode.unknown_backend: 422,
+    ProblemCode.not_found: 404,
+    ProblemCode.method_not_allowed: 405,
+    ProblemCode.conflict: 409,
+    ProblemCode.too_large: 413,
+    ProblemCode.idempotency_mismatch: 422,
+    ProblemCode.idempotency_in_flight: 409,
+    ProblemCode.submit_failed: 502,
+    ProblemCode.unauthorized: 401,
+    ProblemCode.forbidden: 403,
+    ProblemCode.backend_unavailable: 503,
+    ProblemCode.internal_error: 500,
+}
+
+_TITLE: dict[ProblemCode, str] = {
+    ProblemCode.bad_request: "Bad request",
+    ProblemCode.validation_error: "Invalid request",
+    ProblemCode.unknown_backend: "Unknown backend",
+    ProblemCode.not_found: "Not found",
+    ProblemCode.method_not_allowed: "Method not allowed",
+    ProblemCode.conflict: "Conflict with the job's state",
+    ProblemCode.too_large: "Request too large",
+    ProblemCode.idempotency_mismatch: "Idempotency-Key reused with another request",
+    ProblemCode.idempotency_in_flight: "A request with this Idempotency-Key is in progress",
+    ProblemCode.submit_failed: "The backend did not accept the job",
+    ProblemCode.unauthorized: "Not authenticated",
+    ProblemCode.forbidden: "Not allowed",
+    ProblemCode.backend_unavailable: "Backend unavailable",
+    ProblemCode.internal_error: "Internal server error",
+}
+
+
+class ApiError(Exception):
+    """An error with a problem code; the server turns it into problem+json."""
+
+    def __init__(
+        self,
+        code: ProblemCode,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    def problem(self, instance: str | None = None) -> Problem:
+        return Problem(
+            title=self.code.title,
+            status=self.code.status,
+            detail=self.detail,
+            instance=instance,
+            code=self.code.value,
+            errors=self.errors,
+            **self.extensions,
+        )
+
+
+def field_error(loc: str | list[str | int], msg: str, type: str = "value_error") -> FieldError:
+    """A one-field reason, e.g. ``field_error(["query", "limit"], "must be 1..1000")``."""
+    return FieldError(loc=[loc] if isinstance(loc, str) else loc, msg=msg, type=type)

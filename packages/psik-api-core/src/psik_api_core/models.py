@@ -1,0 +1,198 @@
+"""The wire models of psik-api, shared by the server (which validates and serialises
+with them) and the client (which parses with them).
+
+Input strictness: the models *ignore* unknown fields by default, so an older client
+survives a newer server's answers. The server validates request bodies with
+``context=STRICT_INPUT``, which turns every unknown field into an error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .states import JobState
+
+#: A psik job id is the stamp of its directory, ``"%.3f" % time.time()``.
+#: It names a directory, so it is checked with ``fullmatch`` (anchored at both ends,
+#: no trailing newline, ASCII digits only) before it ever touches a path.
+JOBID_PATTERN = r"[0-9]{1,20}(?:\.[0-9]{1,9})?"
+_JOBID_RE = re.compile(JOBID_PATTERN, re.ASCII)
+
+#: Validation context under which unknown input fields are errors (used by the server).
+STRICT_INPUT: dict[str, Any] = {"strict_input": True}
+
+
+def is_jobid(value: str) -> bool:
+    """True if ``value`` is a well-formed job id."""
+    return _JOBID_RE.fullmatch(value) is not None
+
+
+def _check_jobid(value: str) -> str:
+    if not is_jobid(value):
+        raise PydanticCustomError(
+            "jobid_pattern", "a job id is digits with an optional fraction, e.g. 1693992878.203"
+        )
+    return value
+
+
+JobID = Annotated[str, AfterValidator(_check_jobid)]
+
+
+def utc(ts: float) -> datetime:
+    """An aware UTC datetime from a UNIX time (psik's timestamps)."""
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+class _Model(BaseModel):
+    """Base: unknown fields are ignored, unless validated with ``STRICT_INPUT``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forbid_unknown_in_strict_input(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get("strict_input"):
+            known = set(cls.model_fields)
+            unknown = sorted(str(k) for k in data if k not in known)
+            if unknown:
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "unknown field(s) {fields}; allowed: {allowed}",
+                    {"fields": ", ".join(unknown), "allowed": ", ".join(sorted(known))},
+                )
+        return data
+
+
+# ---- psik's job description (mirrored field for field; a server test checks it) ----
+
+
+class ResourceSpec(_Model):
+    """Resources a job asks of its backend (psik 3.1's ``ResourceSpec``)."""
+
+    duration: int = Field(default=10, title="Max walltime of the job in minutes")
+    node_count: int | None = Field(default=None, title="Number of compute nodes allocated to job.")
+    process_count: int | None = Field(
+        default=None,
+        title="Instruct the backend to start this many process instances.",
+    )
+    processes_per_node: int | None = None
+    cpu_cores_per_process: int = Field(default=1, title="CPU cores for each process instance.")
+    gpu_cores_per_process: int = 0
+    exclusive_node_use: bool = True
+
+
+class JobSpec(_Model):
+    """What to run and where (psik 3.1's ``JobSpec``). Only ``script`` is required."""
+
+    name: str | None = Field(default=None, title="Job name")
+    directory: str | None = Field(default=None, title="Job run directory")
+    script: str = Field(title="Shell / shebang script to execute")
+    environment: dict[str, str] = Field(default_factory=dict, title="custom environment variables")
+    inherit_environment: bool = Field(
+        default=True, title="If False, the job starts with an empty environment."
+    )
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, title="Job resource requirements")
+    backend: str = Field(default="default", title="Configured backend name")
+    attributes: dict[str, str] = Field(default_factory=dict, title="Backend attribute values.")
+    callback: str | None = Field(default=None, title="URL to send event notifications.")
+    cb_headers: dict[str, str] = Field(default_factory=dict, title="Headers to include in callback.")
+    cb_secret: SecretStr | None = Field(
+        default=None, title="hmac256 secret to sign updates sent to 'callback'"
+    )
+
+
+# ---- jobs as the API shows them ----
+
+
+class Transition(_Model):
+    """One row of a job's history: at ``time``, run ``jobndx`` reached ``state``."""
+
+    time: datetime
+    jobndx: int
+    state: JobState
+    info: str = ""
+
+
+class JobSummary(_Model):
+    """A job as lists show it (no spec, no history)."""
+
+    jobid: JobID
+    name: str | None = None
+    backend: str
+    owner: str
+    state: JobState
+    jobndx: int = 0
+    created: datetime
+    updated: datetime
+
+
+class Job(JobSummary):
+    """A job with its spec (secrets masked) and full history."""
+
+    spec: JobSpec
+    history: list[Transition] = Field(default_factory=list)
+
+
+class JobStatus(_Model):
+    """``GET /v1/jobs/{id}/state``: the state alone, with what it refers to."""
+
+    jobid: JobID
+    state: JobState
+    jobndx: int
+    updated: datetime
+
+
+T = TypeVar("T")
+
+
+class Page(_Model, Generic[T]):
+    """One page of a list; pass ``next_cursor`` back as ``cursor`` for the next one."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class BackendInfo(_Model):
+    """A configured backend and whether it can take jobs now."""
+
+    name: str
+    type: str
+    queue_name: str | None = None
+    project_name: str | None = None
+    healthy: bool = True
+    detail: str | None = None
+
+
+class FieldError(_Model):
+    """One reason a request was refused: where (``loc``) and why (``msg``)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str = "value_error"
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document, with psik-api's stable ``code``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    code: str
+    errors: list[FieldError] | None = None

@@ -1,0 +1,101 @@
+"""The job state machine, written down once.
+
+psik records a job's life as rows of ``status.csv``: ``(time, jobndx, state, info)``.
+Each submission of a job gets the next ``jobndx`` (1, 2, ...); row 0 is ``new``.
+psik itself validates nothing, and its rows are not always in time order (a local
+job's ``active`` row can land before its ``queued`` row), so the current state is
+*derived* here from the whole history rather than read off the last line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Protocol
+
+
+class JobState(StrEnum):
+    """Where a job is in its life. ``completed``, ``failed`` and ``canceled`` are final."""
+
+    new = "new"
+    queued = "queued"
+    active = "active"
+    completed = "completed"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES: frozenset[JobState] = frozenset({JobState.completed, JobState.failed, JobState.canceled})
+
+#: The legal transitions. A final job may be started again (``-> queued``, next jobndx);
+#: ``new -> failed`` records a submission the backend refused.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.new: frozenset({JobState.queued, JobState.failed, JobState.canceled}),
+    JobState.queued: frozenset({JobState.active, JobState.completed, JobState.failed, JobState.canceled}),
+    JobState.active: frozenset({JobState.completed, JobState.failed, JobState.canceled}),
+    JobState.completed: frozenset({JobState.queued}),
+    JobState.failed: frozenset({JobState.queued}),
+    JobState.canceled: frozenset({JobState.queued}),
+}
+
+
+def can_transition(current: JobState, target: JobState) -> bool:
+    """True if a job in ``current`` may move to ``target``."""
+    return target in TRANSITIONS[current]
+
+
+def can_start(state: JobState) -> bool:
+    """A job may be (re)submitted when it is new or final, never while queued or active."""
+    return can_transition(state, JobState.queued)
+
+
+def can_cancel(state: JobState) -> bool:
+    """Cancelling means something only for a job that is not final yet."""
+    return can_transition(state, JobState.canceled)
+
+
+class Row(Protocol):
+    """Anything shaped like a status.csv row (core's ``Transition`` or psik's)."""
+
+    @property
+    def time(self) -> float: ...
+
+    @property
+    def jobndx(self) -> int: ...
+
+    @property
+    def state(self) -> JobState | str: ...
+
+
+def derive_state(history: Iterable[Row]) -> tuple[JobState, int]:
+    """The current ``(state, jobndx)`` of a job from its history, in any row order.
+
+    Rules (see the module docstring for why):
+
+    * the current run is the largest jobndx seen;
+    * psik records a cancel as ``jobndx 0``; it applies to the run under way at its time;
+    * the *first* final row of the current run (by time) wins: a job cancelled and then
+      seen to complete stays ``canceled``, and a late ``queued`` row never reopens it;
+    * otherwise ``active`` if the run was seen active, else ``queued``; ``new`` if never run.
+    """
+    rows = [(float(r.time), int(r.jobndx), JobState(r.state)) for r in history]
+    run = max((ndx for _, ndx, _ in rows), default=0)
+    if run == 0:
+        finals = sorted((t, s) for t, _, s in rows if s.is_final)
+        return (finals[0][1] if finals else JobState.new), 0
+
+    start = min(t for t, ndx, _ in rows if ndx == run)
+    finals = sorted(
+        (t, s)
+        for t, ndx, s in rows
+        if s.is_final and (ndx == run or (ndx == 0 and s is JobState.canceled and t >= start))
+    )
+    if finals:
+        return finals[0][1], run
+    if any(ndx == run and s is JobState.active for _, ndx, s in rows):
+        return JobState.active, run
+    return JobState.queued, run
