@@ -1,0 +1,15 @@
+"""psik-api server: a REST-HTTP job API over psik backends. Build it with
+:func:`psik_api_server.app.create_app`, or run ``psik-api-server serve``."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_app"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so `python -m psik_api_server.launcher` does not import starlette.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)

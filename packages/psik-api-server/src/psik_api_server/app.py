@@ -1,0 +1,100 @@
+"""The app factory: ``create_app(settings, *, backend=None, store=None, clock=None)``.
+
+Everything the app needs is built here (or passed in by tests) and hangs off
+``app.state``; nothing lives in module globals. The watcher starts on the first request
+or at lifespan start-up, whichever comes first, so the app also works under ASGI
+transports that run no lifespan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
+
+from . import __version__
+from .backend import PsikBackend
+from .docs import docs_html
+from .openapi import build_openapi
+from .problems import EXCEPTION_HANDLERS, CatchAll
+from .routes import ROUTES
+from .security import LocalOnly
+from .service import JobService
+from .settings import Settings
+from .store import JobStore
+
+_logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    backend: PsikBackend | None = None,
+    store: JobStore | None = None,
+    clock: Callable[[], float] | None = None,
+    policy: Policy | None = None,
+) -> Starlette:
+    """Build the psik-api ASGI app. The index is reconciled with the prefix right away."""
+    settings = settings or Settings()
+    backend = backend or PsikBackend(settings.prefix, settings.backends)
+    store = store or JobStore(settings.database_path)
+    service = JobService(
+        store,
+        backend,
+        policy or OwnerPolicy(),
+        directory_roots=settings.directory_roots,
+        watch_interval=settings.watch_interval,
+        clock=clock or time.time,
+        import_owner=LOCAL_USER,
+    )
+    for note in settings.notes:
+        _logger.warning("config: %s", note)
+    counts = service.reconcile()
+    _logger.info(
+        "index: %d jobs (%d imported from %s, %d removed, %d refreshed)",
+        store.count(),
+        counts["imported"],
+        backend.prefix,
+        counts["removed"],
+        counts["refreshed"],
+    )
+    openapi = build_openapi(version=__version__, backends=sorted(backend.settings))
+    docs = docs_html(openapi)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def docs_page(request: Request) -> Response:
+        return HTMLResponse(docs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.ensure_running()
+        try:
+            yield
+        finally:
+            await service.aclose()
+            store.close()
+
+    app = Starlette(
+        routes=[
+            *ROUTES,
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/", docs_page, methods=["GET"]),
+        ],
+        middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    return app

@@ -1,0 +1,179 @@
+"""Submitting local jobs from a separate launcher process.
+
+psik's local backend double-forks *the calling process* and blocks on ``waitpid``. Done
+in the server, every job would inherit the server's listening sockets and stdio, and
+the event loop would stall on each fork. So the server keeps one small launcher process
+(``python -m psik_api_server.launcher``) that has psik imported once and does the
+forking. The launcher:
+
+* runs in its own session with only two pipes to the server (moved off fds 0 and 1,
+  which point at /dev/null) and a log file as stderr;
+* closes its end of those pipes in every child it forks, so jobs hold nothing of the
+  server's;
+* answers one JSON line per request: ``{"id", "base"}`` -> ``{"id", "jobndx",
+  "native_id"}`` or ``{"id", "error"}``;
+* exits when the server closes the pipe. Jobs are detached by psik (setsid + double
+  fork), so they outlive both the launcher and the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+_logger = logging.getLogger(__name__)
+
+
+class LaunchError(Exception):
+    """The launcher could not submit the job; the message says why."""
+
+
+def _open_log(path: Path | None) -> IO[bytes] | int:
+    if path is None:
+        return asyncio.subprocess.DEVNULL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab")
+
+
+class LocalLauncher:
+    """Server side: owns the launcher process and sends it submit requests."""
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self._log_path = log_path
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._starting = asyncio.Lock()
+
+    async def _ensure_started(self) -> asyncio.subprocess.Process:
+        async with self._starting:
+            if self._proc is not None and self._proc.returncode is None:
+                return self._proc
+            log = _open_log(self._log_path)
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "psik_api_server.launcher",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+            finally:
+                if not isinstance(log, int):
+                    log.close()
+            self._reader = asyncio.create_task(self._read_replies(self._proc))
+            return self._proc
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while line := await proc.stdout.readline():
+                try:
+                    reply = json.loads(line)
+                except json.JSONDecodeError:
+                    _logger.error("launcher said something unreadable: %r", line[:200])
+                    continue
+                fut = self._pending.pop(int(reply.get("id", -1)), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        finally:
+            # The launcher is gone: nobody will answer what is pending.
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(LaunchError("the job launcher process exited"))
+            self._pending.clear()
+
+    async def submit(self, base: Path) -> tuple[int, str]:
+        """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``."""
+        proc = await self._ensure_started()
+        assert proc.stdin is not None
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        proc.stdin.write(json.dumps({"id": rid, "base": str(base)}).encode() + b"\n")
+        try:
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self._pending.pop(rid, None)
+            raise LaunchError("the job launcher process is not running") from e
+        reply = await fut
+        if "error" in reply:
+            raise LaunchError(str(reply["error"]))
+        return int(reply["jobndx"]), str(reply["native_id"])
+
+    async def aclose(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader
+
+
+# ---- the launcher process itself ----
+
+
+def _serve(requests: IO[str], replies: IO[str]) -> None:
+    from psik import Job  # imported once, here, not in the server's process
+
+    async def submit(base: str) -> tuple[int, str]:
+        job = await Job(base)
+        return await job.submit()
+
+    for line in requests:
+        rid: Any = None
+        try:
+            req = json.loads(line)
+            rid = req["id"]
+            jobndx, native_id = asyncio.run(submit(str(req["base"])))
+            reply: dict[str, Any] = {"id": rid, "jobndx": jobndx, "native_id": native_id}
+        except Exception as e:
+            reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    # Move the protocol pipes off fds 0/1 and drop them in every forked child, so a job
+    # never holds a pipe to the server (psik forks from inside job.submit()).
+    rfd, wfd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+    # Only the first fork below the launcher closes them: by the time a job forks its
+    # script, these fd numbers may name the job's own log files.
+    pipes = [rfd, wfd]
+
+    def _drop_pipes() -> None:
+        while pipes:
+            with contextlib.suppress(OSError):
+                os.close(pipes.pop())
+
+    os.register_at_fork(after_in_child=_drop_pipes)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+    with os.fdopen(rfd, "r", encoding="utf-8") as requests, os.fdopen(wfd, "w", encoding="utf-8") as replies:
+        _serve(requests, replies)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Server settings and the config file that sets them.
+
+Where the config comes from, first found wins: ``--config FILE``, ``$PSIK_API_CONFIG``,
+``$VIRTUAL_ENV/etc/psik_api.json``, else the embedded default (local backend, jobs and
+the SQLite index under the user's data directory, ``authz: local``, 127.0.0.1:8000).
+
+Two file formats are accepted:
+
+* the original psik_api's: ``{"backends": {NAME: {"prefix", "backend": {...},
+  "psik_path", "rc_path"}}, "authz": ...}``;
+* psik 3's flat one: ``{"prefix": DIR, "backends": {NAME: {"type": ...}}}``.
+
+Keys that are unknown or have no effect are reported in one line (see ``notes``);
+a broken file stops start-up with its name and the reason (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_ENV = "PSIK_API_CONFIG"
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names the file and says why."""
+
+
+class BackendSettings(BaseModel):
+    """One backend, as psik's ``BackendConfig`` plus the prefix its jobs live under."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "local"
+    queue_name: str | None = None
+    project_name: str | None = None
+    reservation_id: str | None = None
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+    def psik_fields(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/psik_api`` (``~/.local/share/psik_api`` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "psik_api"
+
+
+class Settings(BaseModel):
+    """Everything the server needs to know; built by :func:`load_settings` or by hand."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: Path = Field(default_factory=lambda: default_data_dir() / "jobs")
+    database: Path | None = Field(
+        default=None, description="SQLite index; default: index.sqlite next to the prefix"
+    )
+    backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
+    authz: Literal["local"] = "local"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Roots a JobSpec.directory may point into; empty = only the job's own work dir.
+    directory_roots: list[Path] = Field(default_factory=list)
+    #: How often the watcher looks at non-final jobs' status.csv (seconds).
+    watch_interval: float = 0.05
+    #: What the loader noticed but did not use, for the start-up log.
+    notes: list[str] = Field(default_factory=list, exclude=True)
+
+    @field_validator("prefix", "database")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()
+
+    @property
+    def database_path(self) -> Path:
+        return self.database or self.prefix.parent / "index.sqlite"
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to read, or None for the embedded default."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser()
+    venv = os.environ.get("VIRTUAL_ENV")
+    if venv:
+        candidate = Path(venv) / "etc" / "psik_api.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from the config file found by :func:`find_config`, or the default."""
+    path = find_config(explicit)
+    if path is None:
+        return Settings()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top")
+    try:
+        return parse_config(raw)
+    except ValidationError as e:
+        reasons = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{path}: {reasons}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+_SERVER_KEYS = {"authz", "host", "port", "database", "directory_roots", "watch_interval"}
+_SEED_BACKEND_IGNORED = {
+    "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",
+    "rc_path": "psik 3 does not use the rc shell; rc_path is not used",
+}
+
+
+def parse_config(raw: dict[str, Any]) -> Settings:
+    """Settings from a parsed config document in either accepted format."""
+    notes: list[str] = []
+    out: dict[str, Any] = {k: raw[k] for k in _SERVER_KEYS if k in raw}
+    backends_raw = raw.get("backends", {"default": {}})
+    if not isinstance(backends_raw, dict):
+        raise ValueError("'backends' must be an object mapping names to backends")
+
+    seed_style = any(isinstance(v, dict) and "backend" in v for v in backends_raw.values())
+    if seed_style:
+        prefixes: set[str] = set()
+        backends: dict[str, Any] = {}
+        for name, entry in backends_raw.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"backends.{name} must be an object")
+            for key in entry:
+                if key in _SEED_BACKEND_IGNORED:
+                    notes.append(f"backends.{name}.{key} ignored ({_SEED_BACKEND_IGNORED[key]})")
+                elif key not in {"prefix", "backend"}:
+                    notes.append(f"backends.{name}.{key} unknown, ignored")
+            if "prefix" in entry:
+                prefixes.add(str(entry["prefix"]))
+            backends[name] = entry.get("backend", {})
+        if len(prefixes) > 1:
+            raise ValueError(
+                "all backends must share one prefix (found "
+                + ", ".join(sorted(prefixes))
+                + "); run one server per prefix"
+            )
+        if prefixes and "prefix" not in raw:
+            out["prefix"] = prefixes.pop()
+        out["backends"] = backends
+    else:
+        out["backends"] = backends_raw
+    if "prefix" in raw:
+        out["prefix"] = raw["prefix"]
+    for key in raw:
+        if key not in _SERVER_KEYS and key not in {"backends", "prefix"}:
+            notes.append(f"{key} unknown, ignored")
+    settings = Settings.model_validate(out)
+    settings.notes = notes
+    return settings
