@@ -33,7 +33,7 @@ class ProblemCode(StrEnum):
         return _STATUS[self]
 
     @property
-    def title(self) -> str:
+    def problem_title(self) -> str:
         return _TITLE[self]
 
 
@@ -93,7 +93,7 @@ class ApiError(Exception):
 
     def problem(self, instance: str | None = None) -> Problem:
         return Problem(
-            title=self.code.title,
+            title=self.code.problem_title,
             status=self.code.status,
             detail=self.detail,
             instance=instance,

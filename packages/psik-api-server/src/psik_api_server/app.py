@@ -92,7 +92,7 @@ def create_app(
             Route("/", docs_page, methods=["GET"]),
         ],
         middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.settings = settings

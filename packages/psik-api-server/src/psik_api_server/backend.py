@@ -9,6 +9,7 @@ reason *and* recorded in the job's history as ``failed``, so no job is left in `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -75,26 +76,38 @@ class PsikBackend:
         backends: Mapping[str, BackendSettings],
         launcher: LocalLauncher | None = None,
     ) -> None:
-        import psik  # the one place the server imports psik's job machinery
-        import psik.backend
+        # psik is imported here, not at module level: it costs ~0.5 s and only the
+        # server process (and the launcher) need it.
+        from psik.backend import check
+        from psik.config import Config
+        from psik.manager import JobManager
+        from psik.models import BackendConfig
 
         self.prefix = prefix.expanduser()
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.prefix = self.prefix.resolve()
         self.settings = dict(backends)
         self.health: dict[str, str | None] = {}
-        usable: dict[str, psik.BackendConfig] = {}
+        usable: dict[str, BackendConfig] = {}
         for name, cfg in self.settings.items():
             try:
-                psik.backend.check(cfg.type)
+                check(cfg.type)  # type: ignore[no-untyped-call]
             except Exception as e:
                 self.health[name] = f"psik cannot load backend type {cfg.type!r}: {e}"
                 _logger.error("backend %s: %s", name, self.health[name])
                 continue
             self.health[name] = None
-            usable[name] = psik.BackendConfig(**cfg.psik_fields())
-        self._manager = psik.JobManager(psik.Config(prefix=self.prefix, backends=usable))
+            usable[name] = BackendConfig(**cfg.psik_fields())
+        self._manager = JobManager(Config(prefix=self.prefix, backends=usable))
         self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
+        self._warm_up: asyncio.Task[object] | None = None
+
+    def warm_up(self) -> None:
+        """Start the launcher now, so the first local submit does not wait for it."""
+        if self._warm_up is None and any(
+            cfg.type == "local" and self.usable(name) for name, cfg in self.settings.items()
+        ):
+            self._warm_up = asyncio.get_running_loop().create_task(self._launcher.start())
 
     def info(self, name: str) -> BackendInfo:
         cfg = self.settings[name]
@@ -116,18 +129,19 @@ class PsikBackend:
 
     async def create(self, spec: JobSpec) -> str:
         """Make the job directory (state ``new``); returns the jobid."""
-        import psik
+        from psik.models import JobSpec as PsikJobSpec
 
-        pspec = psik.JobSpec.model_validate(spec.model_dump())
+        pspec = PsikJobSpec.model_validate(spec.model_dump())
         job = await self._manager.create(pspec)
         return str(job.stamp)
 
     async def submit(self, jobid: str) -> tuple[int, str]:
         """Submit the job; on failure record ``failed`` in its history and raise SubmitError."""
-        import psik
+        from psik.job import Job as PsikJob
+        from psik.models import JobState as PsikJobState
 
         base = self.path(jobid)
-        job = await psik.Job(base)
+        job = await PsikJob(base)
         jobndx = job.summarize()[0]
         btype = job.info.backend.type
         spec = JobSpec.model_validate(job.spec.model_dump())
@@ -136,17 +150,18 @@ class PsikBackend:
             try:
                 if btype == "local":
                     return await self._launcher.submit(base)
-                return await job.submit()
+                jobndx, native_id = await job.submit()
+                return int(jobndx), str(native_id)
             except (LaunchError, Exception) as e:
                 reason = f"{btype} backend refused the job: {e}"
-        await job.reached(jobndx, psik.JobState.failed, _one_line(reason), backdate=time.time())
+        await job.reached(jobndx, PsikJobState.failed, _one_line(reason), backdate=time.time())
         raise SubmitError(jobid, reason)
 
     async def cancel(self, jobid: str) -> None:
         """Ask the backend to stop the job; psik records ``canceled`` first."""
-        import psik
+        from psik.job import Job as PsikJob
 
-        job = await psik.Job(self.path(jobid))
+        job = await PsikJob(self.path(jobid))
         await job.cancel()
 
     async def remove(self, jobid: str) -> None:
@@ -155,4 +170,8 @@ class PsikBackend:
         await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
     async def aclose(self) -> None:
+        if self._warm_up is not None:
+            with contextlib.suppress(Exception):
+                await self._warm_up
+            self._warm_up = None
         await self._launcher.aclose()

@@ -53,7 +53,8 @@ class LocalLauncher:
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
 
-    async def _ensure_started(self) -> asyncio.subprocess.Process:
+    async def start(self) -> asyncio.subprocess.Process:
+        """Start the launcher process if it is not running (it imports psik: ~0.5 s)."""
         async with self._starting:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
@@ -96,7 +97,7 @@ class LocalLauncher:
 
     async def submit(self, base: Path) -> tuple[int, str]:
         """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``."""
-        proc = await self._ensure_started()
+        proc = await self.start()
         assert proc.stdin is not None
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -132,11 +133,12 @@ class LocalLauncher:
 
 
 def _serve(requests: IO[str], replies: IO[str]) -> None:
-    from psik import Job  # imported once, here, not in the server's process
+    from psik.job import Job  # imported once, here, not in the server's process
 
     async def submit(base: str) -> tuple[int, str]:
         job = await Job(base)
-        return await job.submit()
+        jobndx, native_id = await job.submit()
+        return int(jobndx), str(native_id)
 
     for line in requests:
         rid: Any = None

@@ -58,7 +58,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         405: ProblemCode.method_not_allowed,
         413: ProblemCode.too_large,
     }.get(exc.status_code, ProblemCode.bad_request)
-    detail = exc.detail if isinstance(exc.detail, str) else code.title
+    detail = exc.detail if isinstance(exc.detail, str) else code.problem_title
     if exc.status_code == 404:
         detail = f"no such route: {request.method} {request.url.path}"
     elif exc.status_code == 405:

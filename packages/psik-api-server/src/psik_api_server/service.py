@@ -80,6 +80,7 @@ class JobService:
         """Start the watcher on first use (ASGI transports without lifespan included)."""
         if not self.watcher.running:
             self.watcher.start()
+            self.backend.warm_up()
 
     async def aclose(self) -> None:
         await self.watcher.stop()

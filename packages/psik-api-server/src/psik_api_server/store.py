@@ -105,7 +105,7 @@ def _row(r: Sequence[object]) -> JobRow:
         backend=str(r[1]),
         owner=str(r[2]),
         name=None if r[3] is None else str(r[3]),
-        state=JobState(r[4]),
+        state=JobState(str(r[4])),
         jobndx=int(r[5]),  # type: ignore[call-overload]
         created=float(r[6]),  # type: ignore[arg-type]
         updated=float(r[7]),  # type: ignore[arg-type]

@@ -1,0 +1,64 @@
+"""Sessions: `nox` runs tests, lint and typecheck (what CI runs); `nox -s bench` measures.
+
+Each session installs the three packages from this checkout, so a fresh machine with
+Python >= 3.11 and pip needs nothing else: `python3 -m pip install nox && python3 -m nox`.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PACKAGES = [
+    "-e",
+    "packages/psik-api-core",
+    "-e",
+    "packages/psik-api-server",
+    "-e",
+    "packages/psik-api-client",
+]
+TEST_DEPS = [
+    "pytest>=8",
+    "anyio>=4",
+    "respx>=0.21",
+    "asgi-lifespan>=2",
+    "openapi-spec-validator>=0.7",
+    "jsonschema>=4",
+    "pyyaml",
+]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite: core, server, client and contract tests on real local jobs."""
+    session.install(*PACKAGES, *TEST_DEPS)
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on every package's src/."""
+    session.install(*PACKAGES, "mypy", "types-PyYAML")
+    session.run(
+        "mypy",
+        "packages/psik-api-core/src",
+        "packages/psik-api-server/src",
+        "packages/psik-api-client/src",
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Latency and list-cost figures (not in CI: these machines are shared and noisy)."""
+    session.install(*PACKAGES)
+    session.run("python", "bench/bench_api.py", *session.posargs)

@@ -1,0 +1,404 @@
+"""The OpenAPI 3.1 document of psik-api, built from a table of operations.
+
+The wire contract is ``docs/http-api.md``. Each route is one :class:`Operation` row in
+:data:`OPERATIONS`; its schemas are core's pydantic models, so the document describes
+exactly what the server validates and serialises. :func:`build_openapi` turns the
+table into the document served at ``/openapi.json`` (and rendered at ``/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from psik_api_core import (
+    JOBID_PATTERN,
+    BackendInfo,
+    Job,
+    JobSpec,
+    JobState,
+    JobStatus,
+    JobSummary,
+    Page,
+    Problem,
+    ProblemCode,
+)
+
+OPENAPI_VERSION = "3.1.0"
+PROBLEM_JSON = "application/problem+json"
+#: Anchored for JSON Schema (ECMA-262, where ``$`` does not match before a final newline).
+JOBID_REGEX = f"^{JOBID_PATTERN}$"
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+_INTRO = """\
+A REST job API over psik's HPC batch backends (local, Slurm, PBS, LSF, ...).
+
+Submit a `JobSpec` to `POST /v1/jobs`, follow it with `GET /v1/jobs/{jobid}/state`,
+cancel it with `DELETE /v1/jobs/{jobid}`. Job ids are psik's stamps, e.g. `1693992878.203`.
+
+All bodies are JSON and times are RFC 3339 UTC datetimes. Every error is an RFC 9457
+`application/problem+json` document whose `code` is stable: match on it, not on `title`.
+Unknown routes are 404 `not_found`, wrong methods 405 `method_not_allowed`, unknown
+query parameters and body fields 422 `validation_error` naming them."""
+
+_TAGS = (
+    {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
+    {"name": "backends", "description": "The batch systems jobs can run on."},
+    {"name": "service", "description": "Health and self-description of the server."},
+)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A path, query or header parameter."""
+
+    name: str
+    location: Literal["path", "query", "header"]
+    description: str
+    schema: Mapping[str, Any]
+    required: bool = False
+    #: Repeatable query parameter (``?state=queued&state=active``).
+    repeatable: bool = False
+    #: Gets the configured backend names as examples.
+    names_backend: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A success response. ``body`` is a model, ``list[Model]``, an inline schema or None."""
+
+    description: str
+    body: object = None
+    media_type: str = "application/json"
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An error response an operation can give, and when."""
+
+    code: ProblemCode
+    when: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route of the API."""
+
+    method: str
+    path: str
+    operation_id: str
+    tag: str
+    summary: str
+    description: str
+    replies: Mapping[int, Reply]
+    params: tuple[Param, ...] = ()
+    request: type[BaseModel] | None = None
+    failures: tuple[Failure, ...] = ()
+
+
+# ---- the building blocks the table shares ----
+
+_HEADERS: dict[str, dict[str, Any]] = {
+    "Location": {
+        "description": "The URL of the new job.",
+        "schema": {"type": "string", "format": "uri-reference"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+
+_JOBID = Param(
+    "jobid",
+    "path",
+    "A job id: psik's stamp, digits with an optional fraction.",
+    {"type": "string", "pattern": JOBID_REGEX, "examples": ["1693992878.203"]},
+    required=True,
+)
+_IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    "Makes a retried POST safe: the same key with the same body answers with the job the"
+    " first request created, instead of creating a second one.",
+    {"type": "string", "minLength": 1, "maxLength": 200},
+)
+
+_BAD_JOBID = Failure(
+    ProblemCode.validation_error,
+    'the job id in the path is malformed (`errors[0].loc == ["path", "jobid"]`)',
+)
+_NO_JOB = Failure(ProblemCode.not_found, "no such job, or it is not the caller's")
+_BODY_FAILURES = (
+    Failure(ProblemCode.bad_request, "the body is not JSON"),
+    Failure(ProblemCode.too_large, "the body is over 1 MiB"),
+    Failure(ProblemCode.validation_error, "the body is not a valid JobSpec; `errors` name the fields"),
+    Failure(ProblemCode.unknown_backend, "`backend` names no configured backend"),
+    Failure(ProblemCode.idempotency_mismatch, "the `Idempotency-Key` was used with another body"),
+    Failure(
+        ProblemCode.idempotency_in_flight,
+        "a request with this `Idempotency-Key` is still running; retry after `Retry-After`",
+    ),
+)
+_SUBMIT_FAILED = Failure(
+    ProblemCode.submit_failed,
+    "the backend refused the job; the job exists in state `failed` and the problem has `jobid`",
+)
+
+# ---- the table ----
+# One route per block reads better than one argument per line:
+# fmt: off
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "GET", "/v1/backends", "listBackends", "backends", "List backends",
+        "The configured backends and whether each can take jobs now.",
+        {200: Reply("The configured backends.", list[BackendInfo])},
+    ),
+    Operation(
+        "GET", "/v1/backends/{name}", "getBackend", "backends", "Get a backend",
+        "One configured backend.",
+        {200: Reply("The backend.", BackendInfo)},
+        params=(Param("name", "path", "A backend name.", {"type": "string"}, True, names_backend=True),),
+        failures=(Failure(ProblemCode.not_found, "no backend has this name"),),
+    ),
+    Operation(
+        "POST", "/v1/jobs", "submitJob", "jobs", "Submit a job",
+        "Creates a job from a `JobSpec` and submits it to its backend. The job is `queued`,"
+        " or already final if it ended at once. Only `script` is required.",
+        {201: Reply("The job, submitted.", Job, headers=("Location",))},
+        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=(*_BODY_FAILURES, _SUBMIT_FAILED),
+    ),
+    Operation(
+        "POST", "/v1/jobs/new", "createJob", "jobs", "Create a job without submitting it",
+        "Creates a job in state `new`; start it later with `POST /v1/jobs/{jobid}/start`.",
+        {201: Reply("The job, in state `new`.", Job, headers=("Location",))},
+        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=_BODY_FAILURES,
+    ),
+    Operation(
+        "POST", "/v1/jobs/{jobid}/start", "startJob", "jobs", "Start a job",
+        "Submits a `new` job, or a final one again (its next run gets the next `jobndx`).",
+        {200: Reply("The job, submitted.", Job)},
+        params=(_JOBID,),
+        failures=(
+            _BAD_JOBID, _NO_JOB,
+            Failure(ProblemCode.conflict, "the job is queued or active; the problem has `jobid` and `state`"),
+            _SUBMIT_FAILED,
+        ),
+    ),
+    Operation(
+        "GET", "/v1/jobs", "listJobs", "jobs", "List jobs",
+        "The caller's jobs, newest first, one page at a time. Filters combine with AND;"
+        " a repeated filter matches any of its values.",
+        {200: Reply("One page of jobs.", Page[JobSummary])},
+        params=(
+            Param("state", "query", "Only jobs in one of these states.",
+                  {"type": "array", "items": {"type": "string", "enum": [s.value for s in JobState]}},
+                  repeatable=True),
+            Param("backend", "query", "Only jobs on this backend.", {"type": "string"}, names_backend=True),
+            Param("name", "query", "Only jobs with this name.", {"type": "string"}),
+            Param("id", "query", "Only these jobs (up to 1000 ids).",
+                  {"type": "array", "items": {"type": "string", "pattern": JOBID_REGEX}, "maxItems": 1000},
+                  repeatable=True),
+            Param("limit", "query", "Page size.",
+                  {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+            Param("cursor", "query", "Opaque: a page's `next_cursor`, for the page after it.",
+                  {"type": "string"}),
+        ),
+        failures=(Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}", "getJob", "jobs", "Get a job",
+        "The job with its spec (`cb_secret` masked) and full history.",
+        {200: Reply("The job.", Job)},
+        params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
+    ),
+    Operation(
+        "DELETE", "/v1/jobs/{jobid}", "cancelJob", "jobs", "Cancel or purge a job",
+        "Cancels the job; idempotent, and a final job stays as it was. With `purge=true`,"
+        " removes a final job and its directory instead.",
+        {
+            200: Reply("The job, canceled (or final already).", Job),
+            204: Reply("`purge=true`: the job and its directory are gone."),
+        },
+        params=(
+            _JOBID,
+            Param("purge", "query", "Remove a final job instead of canceling it.",
+                  {"type": "boolean", "default": False}),
+        ),
+        failures=(
+            _BAD_JOBID, _NO_JOB,
+            Failure(ProblemCode.conflict, "`purge=true` on a job that is not final; cancel it first"),
+        ),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/state", "getJobState", "jobs", "Get a job's state",
+        "The state alone: cheap to poll.",
+        {200: Reply("The job's state.", JobStatus)},
+        params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
+    ),
+    Operation(
+        "GET", "/healthz", "healthz", "service", "Health check", "Answers while the server runs.",
+        {200: Reply("The server is up.",
+                    {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})},
+    ),
+    Operation(
+        "GET", "/openapi.json", "getOpenAPI", "service", "This OpenAPI document",
+        "The OpenAPI 3.1 description of the API.",
+        {200: Reply("The OpenAPI document.", {"type": "object"})},
+    ),
+    Operation(
+        "GET", "/", "getDocs", "service", "API documentation",
+        "This document rendered as HTML; it needs no internet access.",
+        {200: Reply("The documentation page.", {"type": "string"}, media_type="text/html")},
+    ),
+)
+# fmt: on
+
+
+# ---- building the document ----
+
+Refs = Mapping[tuple[object, JsonSchemaMode], str]
+
+
+def build_openapi(
+    *, title: str = "psik-api", version: str = "0.1.0", backends: list[str] | None = None
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every route of psik-api.
+
+    ``backends`` (the configured backend names) become examples of backend parameters.
+    A new document each call, so callers may change it.
+    """
+    refs, schemas = _component_schemas(backends or [])
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs, backends or [])
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": version, "description": _INTRO},
+        "tags": [dict(tag) for tag in _TAGS],
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+def _models(op: Operation) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
+    found: list[tuple[type[BaseModel], JsonSchemaMode]] = []
+    if op.request is not None:
+        found.append((op.request, "validation"))
+    for reply in op.replies.values():
+        body = reply.body
+        if get_origin(body) is list:
+            body = get_args(body)[0]
+        if isinstance(body, type) and issubclass(body, BaseModel):
+            found.append((body, "serialization"))
+    return found
+
+
+def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
+    wanted = [pair for op in OPERATIONS for pair in _models(op)] + [(Problem, "serialization")]
+    keys, top = models_json_schema(list(dict.fromkeys(wanted)), ref_template=_REF_TEMPLATE)
+    # Every model lands in the top-level $defs (pydantic never nests them), and the refs
+    # already point at components/schemas: hoisting is moving that one dict.
+    schemas: dict[str, Any] = top.pop("$defs", {})
+    assert not top, f"unexpected top-level keys: {sorted(top)}"
+    refs: Refs = {pair: ref["$ref"] for pair, ref in keys.items()}
+    # What the models enforce in validators, JSON Schema can only say:
+    for schema in schemas.values():
+        jobid = schema.get("properties", {}).get("jobid")
+        if jobid is not None and jobid.get("type") == "string":
+            jobid["pattern"] = JOBID_REGEX
+    codes = ", ".join(f"`{code.value}`" for code in ProblemCode)
+    schemas["Problem"]["properties"]["code"]["description"] = f"Stable error code: one of {codes}."
+    for schema in schemas.values():
+        backend = schema.get("properties", {}).get("backend")
+        if backends and backend is not None:
+            backend["examples"] = list(backends)
+    return refs, schemas
+
+
+def _schema_of(body: object, refs: Refs) -> dict[str, Any]:
+    if get_origin(body) is list:
+        return {"type": "array", "items": _schema_of(get_args(body)[0], refs)}
+    if isinstance(body, type) and issubclass(body, BaseModel):
+        return {"$ref": refs[(body, "serialization")]}
+    if isinstance(body, Mapping):
+        return dict(body)
+    raise TypeError(f"not a response body: {body!r}")
+
+
+def _parameter(param: Param, backends: list[str]) -> dict[str, Any]:
+    schema = dict(param.schema)
+    if param.names_backend and backends:
+        schema["examples"] = list(backends)
+    out: dict[str, Any] = {
+        "name": param.name,
+        "in": param.location,
+        "description": param.description,
+        "required": param.required,
+        "schema": schema,
+    }
+    if param.repeatable:
+        out |= {"style": "form", "explode": True}
+    return out
+
+
+def _failures(op: Operation, refs: Refs) -> dict[str, Any]:
+    by_status: dict[int, list[Failure]] = {}
+    for failure in op.failures:
+        by_status.setdefault(failure.code.status, []).append(failure)
+    responses: dict[str, Any] = {}
+    for status, failures in sorted(by_status.items()):
+        examples = {
+            f.code.value: {
+                "summary": f.code.problem_title,
+                "value": {
+                    "type": "about:blank",
+                    "title": f.code.problem_title,
+                    "status": status,
+                    "code": f.code.value,
+                },
+            }
+            for f in failures
+        }
+        response: dict[str, Any] = {
+            "description": "; ".join(f"`{f.code.value}`: {f.when}" for f in failures),
+            "content": {
+                PROBLEM_JSON: {"schema": {"$ref": refs[(Problem, "serialization")]}, "examples": examples}
+            },
+        }
+        if any(f.code is ProblemCode.idempotency_in_flight for f in failures):
+            response["headers"] = {"Retry-After": dict(_HEADERS["Retry-After"])}
+        responses[str(status)] = response
+    return responses
+
+
+def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, reply in sorted(op.replies.items()):
+        response: dict[str, Any] = {"description": reply.description}
+        if reply.body is not None:
+            response["content"] = {reply.media_type: {"schema": _schema_of(reply.body, refs)}}
+        if reply.headers:
+            response["headers"] = {name: dict(_HEADERS[name]) for name in reply.headers}
+        responses[str(status)] = response
+    responses |= _failures(op, refs)
+    out: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "tags": [op.tag],
+        "summary": op.summary,
+        "description": op.description,
+    }
+    if op.params:
+        out["parameters"] = [_parameter(p, backends) for p in op.params]
+    if op.request is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": refs[(op.request, "validation")]}}},
+        }
+    out["responses"] = responses
+    return out
