@@ -1,0 +1,83 @@
+"""Typed sync and async client of psik-api, the REST job API in front of psik.
+
+::
+
+    from psik_api_client import Client, JobSpec
+
+    with Client() as api:  # $PSIK_API_UDS, $PSIK_API_URL, or http://127.0.0.1:8000
+        job = api.submit(JobSpec(name="hello", script="echo hello"))
+        job = api.wait(job.jobid, timeout=60)
+
+``AsyncClient`` has the same methods, awaited. Errors are the classes of
+``_exceptions`` (all subclasses of :class:`PsikApiError`); the models come from
+``psik_api_core``.
+"""
+
+from psik_api_core import (
+    BackendInfo,
+    Job,
+    JobSpec,
+    JobState,
+    JobStatus,
+    JobSummary,
+    Page,
+    Problem,
+    ResourceSpec,
+)
+
+from ._async_client import AsyncClient
+from ._client import Client
+from ._exceptions import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    IdempotencyInFlightError,
+    IdempotencyMismatchError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    PsikApiError,
+    RateLimitError,
+    SubmitFailedError,
+    UnknownBackendError,
+    ValidationError,
+    WaitTimeout,
+)
+from ._version import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BackendInfo",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "IdempotencyInFlightError",
+    "IdempotencyMismatchError",
+    "InternalServerError",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "JobSummary",
+    "NotFoundError",
+    "Page",
+    "PermissionDeniedError",
+    "Problem",
+    "PsikApiError",
+    "RateLimitError",
+    "ResourceSpec",
+    "SubmitFailedError",
+    "UnknownBackendError",
+    "ValidationError",
+    "WaitTimeout",
+    "__version__",
+]

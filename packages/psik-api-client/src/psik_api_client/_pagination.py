@@ -1,0 +1,87 @@
+"""Query parameters of ``GET /v1/jobs`` and the state of a walk over its pages.
+
+The walk does no I/O: the clients ask :meth:`Pager.next_params` for the next
+request's parameters and hand each page back to :meth:`Pager.take`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from psik_api_core import JobState, JobSummary, Page
+
+#: ``state=`` accepts one state or several (sent as a repeated query parameter).
+StateFilter = JobState | str | Iterable[JobState | str] | None
+
+Params = list[tuple[str, str]]
+
+MAX_PAGE_SIZE = 1000
+
+
+def job_query(
+    *,
+    state: StateFilter = None,
+    backend: str | None = None,
+    name: str | None = None,
+    ids: Iterable[str] | None = None,
+) -> Params:
+    """The filter parameters of a job list, in the order the server documents them."""
+    params: Params = []
+    if state is not None:
+        states = [state] if isinstance(state, str) else list(state)
+        # JobState is a str enum; send its value, not "JobState.failed".
+        params += [("state", s.value if isinstance(s, JobState) else s) for s in states]
+    if backend is not None:
+        params.append(("backend", backend))
+    if name is not None:
+        params.append(("name", name))
+    if ids is not None:
+        params += [("id", jobid) for jobid in ids]
+    return params
+
+
+def page_params(params: Params, *, limit: int | None, cursor: str | None) -> Params:
+    """``params`` plus the paging parameters of one request."""
+    if limit is not None and not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"a page holds 1 to {MAX_PAGE_SIZE} items, not {limit}")
+    extra: Params = []
+    if limit is not None:
+        extra.append(("limit", str(limit)))
+    if cursor is not None:
+        extra.append(("cursor", cursor))
+    return params + extra
+
+
+class Pager:
+    """Follows ``next_cursor`` from page to page, stopping after ``limit`` items in
+    total (None: all of them) or when the server says there is no next page."""
+
+    def __init__(self, params: Params, *, limit: int | None, page_size: int) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        page_params(params, limit=page_size, cursor=None)  # validates page_size early
+        self._params = params
+        self._remaining = limit
+        self._page_size = page_size
+        self._cursor: str | None = None
+        self._done = False
+
+    def next_params(self) -> Params | None:
+        """Parameters of the next request, or None when the walk is over."""
+        if self._done or self._remaining == 0:
+            return None
+        size = self._page_size
+        if self._remaining is not None:
+            size = min(size, self._remaining)
+        return page_params(self._params, limit=size, cursor=self._cursor)
+
+    def take(self, page: Page[JobSummary]) -> list[JobSummary]:
+        """Record ``page`` and return the items of it that belong to the walk."""
+        items = page.items
+        if self._remaining is not None:
+            items = items[: self._remaining]
+            self._remaining -= len(items)
+        # A cursor that does not move would loop forever: treat it as the end.
+        self._done = page.next_cursor is None or page.next_cursor == self._cursor
+        self._cursor = page.next_cursor
+        return items

@@ -1,0 +1,124 @@
+"""Waiting for jobs to end, written once as flows (see ``_base``).
+
+Waiting only ever reads: on timeout it raises :class:`WaitTimeout` and leaves the
+job running, since giving up waiting is not a decision to stop the work.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+from psik_api_core import Job, JobSummary
+
+from ._base import BaseClient, Flow, Sleep, path_jobid
+from ._exceptions import WaitTimeout
+from ._pagination import MAX_PAGE_SIZE, page_params
+from ._retry import PollBackoff
+
+#: ``progress=`` of ``wait_all``: False, True (a line on stderr) or ``f(done, total)``.
+Progress = bool | Callable[[int, int], None]
+
+
+def wait_flow(api: BaseClient, jobid: str, *, timeout: float | None, poll_interval: float) -> Flow[Job]:
+    """Poll the job's state until it is final, then return the whole job."""
+    path_jobid(jobid)
+    _check_interval(poll_interval)
+    deadline = None if timeout is None else api._clock() + timeout
+    backoff = PollBackoff(cap=poll_interval)
+    while True:
+        status = yield from api._state_flow(jobid)
+        if status.state.is_final:
+            job = yield from api._get_flow(jobid)
+            if job.state.is_final:  # else it was restarted meanwhile: keep waiting
+                return job
+        delay = backoff.next()
+        if deadline is not None:
+            remaining = deadline - api._clock()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"job {jobid} is not final after {timeout:g} s "
+                    f"(last state: {status.state.value}); it was left running",
+                    status=status,
+                    pending=[jobid],
+                )
+            delay = min(delay, remaining)
+        yield Sleep(delay)
+
+
+def job_ids(jobs: Iterable[str | JobSummary]) -> list[str]:
+    """The ids of ``jobs`` (ids, or Job/JobSummary objects), checked."""
+    return [path_jobid(j.jobid if isinstance(j, JobSummary) else j) for j in jobs]
+
+
+def wait_all_flow(
+    api: BaseClient,
+    ids: list[str],
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    progress: Progress,
+) -> Flow[list[Job]]:
+    """Poll all pending jobs with one list request per round (``id=`` repeated, up to
+    1000 per request) until every one is final; return the jobs in ``ids`` order."""
+    _check_interval(poll_interval)
+    report = _reporter(progress)
+    pending = list(dict.fromkeys(ids))  # unique, in order
+    total = len(pending)
+    done: dict[str, Job] = {}
+    deadline = None if timeout is None else api._clock() + timeout
+    backoff = PollBackoff(cap=poll_interval)
+    report(0, total)
+    while pending:
+        for start in range(0, len(pending), MAX_PAGE_SIZE):
+            chunk = pending[start : start + MAX_PAGE_SIZE]
+            params = [("id", jobid) for jobid in chunk]
+            page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None))
+            states = {s.jobid: s.state for s in page.items}
+            for jobid in chunk:
+                state = states.get(jobid)
+                if state is None:
+                    # Not in the list (purged, or not ours): ask for it alone, so the
+                    # server's own error (404, 403) is what the caller sees.
+                    state = (yield from api._state_flow(jobid)).state
+                if state.is_final:
+                    job = yield from api._get_flow(jobid)
+                    if job.state.is_final:
+                        done[jobid] = job
+        before = len(pending)
+        pending = [jobid for jobid in pending if jobid not in done]
+        if len(pending) != before:
+            report(len(done), total)
+        if not pending:
+            break
+        delay = backoff.next()
+        if deadline is not None:
+            remaining = deadline - api._clock()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"{len(pending)} of {total} jobs not final after {timeout:g} s "
+                    f"(first: {pending[0]}); they were left running",
+                    pending=pending,
+                )
+            delay = min(delay, remaining)
+        yield Sleep(delay)
+    return [done[jobid] for jobid in ids]
+
+
+def _check_interval(poll_interval: float) -> None:
+    if not poll_interval > 0:
+        raise ValueError(f"poll_interval must be > 0 seconds, not {poll_interval}")
+
+
+def _reporter(progress: Progress) -> Callable[[int, int], None]:
+    if progress is True:
+        return _print_progress
+    if progress is False:
+        return lambda done, total: None
+    return progress
+
+
+def _print_progress(done: int, total: int) -> None:
+    # One line, rewritten in place; the newline comes once everything is final.
+    end = "\n" if done == total else ""
+    print(f"\r{done}/{total} final", end=end, file=sys.stderr, flush=True)
