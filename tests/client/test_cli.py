@@ -1,0 +1,205 @@
+"""The ``psik-api`` command line, against a mocked server (respx)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from client.fakes import job_json, problem, status_json, summary_json
+from psik_api_client import cli
+
+URL = "http://127.0.0.1:8000"
+JOBID = "1693992878.203"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    monkeypatch.delenv("PSIK_API_URL", raising=False)
+    monkeypatch.delenv("PSIK_API_UDS", raising=False)
+    with respx.mock(base_url=URL, assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"name": "hello", "script": "echo hello"}))
+    return path
+
+
+def test_submit_prints_the_job_id(
+    server: respx.MockRouter, spec_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    assert cli.main(["submit", str(spec_file)]) == 0
+    assert capsys.readouterr().out == f"{JOBID}\n"
+    request = route.calls.last.request
+    assert json.loads(request.content) == {"name": "hello", "script": "echo hello"}
+    assert "Idempotency-Key" in request.headers
+
+
+def test_submit_yaml_and_wait(
+    server: respx.MockRouter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: hello\nscript: |\n  echo hello\n  hostname\nresources:\n  duration: 5\n")
+    route = server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "completed"))
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "completed"))
+    assert cli.main(["submit", "--wait", str(spec)]) == 0
+    assert capsys.readouterr().out == f"{JOBID} completed\n"
+    body = json.loads(route.calls.last.request.content)
+    assert body["script"] == "echo hello\nhostname\n"
+    assert body["resources"] == {"duration": 5}
+
+
+def test_submit_reads_stdin(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"script": "date"}'))
+    assert cli.main(["submit", "-"]) == 0
+    assert json.loads(route.calls.last.request.content) == {"script": "date"}
+
+
+def test_yaml_without_pyyaml_is_a_clear_error(
+    server: respx.MockRouter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = tmp_path / "job.yml"
+    spec.write_text("script: date\n")
+    monkeypatch.setattr(cli, "_yaml", lambda: None)
+    assert cli.main(["submit", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "needs PyYAML" in err and "psik-api-client[yaml]" in err
+    assert len(server.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"name": "x"}', "invalid job spec: script: Field required"),
+        ('{"script": "x", "nmae": "y"}', "unknown field(s) nmae"),
+        ("{oops", "is not valid JSON"),
+        ('["script"]', "does not hold a job spec"),
+    ],
+)
+def test_bad_job_files_exit_2_before_any_request(
+    server: respx.MockRouter,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(content)
+    assert cli.main(["submit", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert len(server.calls) == 0
+
+
+def test_missing_file_exits_2(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["create", "/nonexistent/job.json"]) == 2
+    assert "cannot read /nonexistent/job.json" in capsys.readouterr().err
+
+
+def test_ls_prints_a_table_and_sends_filters(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [summary_json("2.5", "failed", name="long-name"), summary_json("1.5", "failed", name=None)]
+    route = server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
+    assert cli.main(["ls", "--state", "failed", "--state", "canceled", "--backend", "default"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"]
+    assert lines[1].split() == ["2.5", "failed", "1", "default", "long-name"]
+    assert lines[2].split() == ["1.5", "failed", "1", "default", "-"]
+    assert lines[1].index("failed") == lines[0].index("STATE")  # aligned columns
+    params = route.calls.last.request.url.params
+    assert params.get_list("state") == ["failed", "canceled"]
+    assert params["backend"] == "default"
+    assert params["limit"] == "100"
+
+
+def test_api_errors_exit_1_with_the_problem_detail(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    detail = f"job {JOBID} is active; cancel it before starting it again"
+    server.post(f"/v1/jobs/{JOBID}/start").mock(return_value=problem(409, "conflict", detail))
+    assert cli.main(["start", JOBID]) == 1
+    assert capsys.readouterr().err == f"psik-api: error: {detail}\n"
+
+
+def test_connection_refused_is_retried_then_exits_1(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("time.sleep", sleeps.append)
+    route = server.get(f"/v1/jobs/{JOBID}/state").mock(side_effect=httpx.ConnectError("Connection refused"))
+    assert cli.main(["state", JOBID]) == 1
+    assert route.call_count == 3 and len(sleeps) == 2
+    assert capsys.readouterr().err == f"psik-api: error: cannot reach {URL}: Connection refused\n"
+
+
+def test_url_option_and_get_prints_json(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    with respx.mock(base_url="http://other:9") as other:
+        other.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "active"))
+        assert cli.main(["--url", "http://other:9", "get", JOBID]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "active"
+
+
+def test_cancel_and_state(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    server.delete(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "canceled"))
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "canceled"))
+    assert cli.main(["cancel", JOBID]) == 0
+    assert cli.main(["state", JOBID]) == 0
+    assert capsys.readouterr().out == f"{JOBID} canceled\ncanceled\n"
+
+
+def test_backends_table(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    server.get("/v1/backends").respond(
+        200, json=[{"name": "default", "type": "local"}, {"name": "perl", "type": "slurm", "healthy": False}]
+    )
+    assert cli.main(["backends"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        ["NAME", "TYPE", "HEALTHY", "DETAIL"],
+        ["default", "local", "yes"],
+        ["perl", "slurm", "no"],
+    ]
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["start"], ["ls", "--limit", "many"]])
+def test_usage_errors_exit_2(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert cli.main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+    assert len(server.calls) == 0
+
+
+def test_a_malformed_job_id_exits_2_without_a_request(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["get", "../etc"]) == 2
+    assert "not a job id" in capsys.readouterr().err
+    assert len(server.calls) == 0
+
+
+def test_wait_timeout_exits_1_and_does_not_cancel(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "active"))
+    delete = server.delete(f"/v1/jobs/{JOBID}")
+    assert cli.main(["wait", JOBID, "--timeout", "0"]) == 1
+    assert "not final after 0 s (last state: active)" in capsys.readouterr().err
+    assert not delete.called

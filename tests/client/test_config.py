@@ -1,0 +1,229 @@
+"""Where the client connects (arguments, environment, UNIX socket), what it sends,
+and what it refuses to send."""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+
+import psik_api_client as pac
+from client.fakes import Api, job_json
+from psik_api_client._base import DEFAULT_URL, Target, resolve_target
+
+pytestmark = pytest.mark.anyio
+
+JOBID = "1693992878.203"
+
+
+# ---- where ----
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ({}, {}, Target(DEFAULT_URL)),
+        ({}, {"PSIK_API_URL": "http://hpc:9000"}, Target("http://hpc:9000")),
+        ({"base_url": "http://arg:1"}, {"PSIK_API_URL": "http://hpc:9000"}, Target("http://arg:1")),
+        ({}, {"PSIK_API_UDS": "/run/api.sock"}, Target("http://localhost", "/run/api.sock")),
+        # An explicit URL means the socket in the environment is not meant.
+        ({"base_url": "http://arg:1"}, {"PSIK_API_UDS": "/run/api.sock"}, Target("http://arg:1")),
+        ({"uds": "/a.sock"}, {"PSIK_API_URL": "http://hpc:9000"}, Target("http://localhost", "/a.sock")),
+        ({"uds": "/a.sock", "base_url": "http://x/p"}, {}, Target("http://x/p", "/a.sock")),
+        ({"has_transport": True}, {"PSIK_API_UDS": "/run/api.sock"}, Target(DEFAULT_URL)),
+    ],
+)
+def test_resolve_target(args: dict[str, Any], env: dict[str, str], expected: Target) -> None:
+    assert resolve_target(environ=env, **args) == expected
+
+
+def test_uds_expands_the_home_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_target(uds="~/api.sock", environ={}).uds == str(tmp_path / "api.sock")
+    assert resolve_target(environ={"PSIK_API_UDS": "~/e.sock"}).uds == str(tmp_path / "e.sock")
+
+
+def test_uds_and_transport_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        pac.Client(uds="/a.sock", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+
+
+def test_client_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PSIK_API_UDS", raising=False)
+    monkeypatch.setenv("PSIK_API_URL", "http://from-env:8123")
+    with pac.Client() as api:
+        assert api.base_url == "http://from-env:8123"
+        assert api.uds is None
+
+
+class _UnixHTTPServer(socketserver.UnixStreamServer):
+    def get_request(self) -> tuple[Any, Any]:
+        request, _ = super().get_request()
+        return request, ("uds", 0)  # http.server logs client_address[0]
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok", "path": self.path, "host": self.headers["Host"]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def uds_server(tmp_path: Path) -> Iterator[Path]:
+    """A real HTTP server on a UNIX socket in tmp_path; yields the socket's path."""
+    path = tmp_path / "api.sock"
+    server = _UnixHTTPServer(str(path), _Health)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_sync_client_talks_over_a_unix_socket(
+    uds_server: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pac.Client(uds="~/api.sock") as api:
+        assert api.health() == {"status": "ok", "path": "/healthz", "host": "localhost"}
+
+
+async def test_async_client_talks_over_a_unix_socket(
+    uds_server: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PSIK_API_UDS", str(uds_server))
+    monkeypatch.delenv("PSIK_API_URL", raising=False)
+    async with pac.AsyncClient() as api:
+        assert api.uds == str(uds_server)
+        assert (await api.health())["path"] == "/healthz"
+
+
+async def test_base_url_path_prefix_is_kept(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(200, json=job_json()), base_url="http://gw.example/psik/")
+    await api.get(JOBID)
+    assert str(api.requests[0].url) == f"http://gw.example/psik/v1/jobs/{JOBID}"
+
+
+async def test_headers_are_sent_with_every_request(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(200, json=[]), headers={"Authorization": "Bearer t0k"})
+    await api.backends()
+    headers = api.requests[0].headers
+    assert headers["Authorization"] == "Bearer t0k"
+    assert headers["User-Agent"] == f"psik-api-client/{pac.__version__}"
+    assert headers["Accept"] == "application/json"
+
+
+def test_clients_close_on_exit() -> None:
+    with pac.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as api:
+        pass
+    assert api._http.is_closed
+
+
+async def test_async_clients_close_on_exit() -> None:
+    async with pac.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200))) as api:
+        pass
+    assert api._http.is_closed
+
+
+# ---- what is sent ----
+
+
+@pytest.mark.parametrize("jobid", ["../x", "1.2\n", "", "1.2/state", "1.2?purge=true", "１.２", "abc"])
+@pytest.mark.parametrize("method", ["get", "state", "start", "cancel", "purge", "wait"])
+async def test_malformed_job_ids_never_reach_a_url(
+    connect: Callable[..., Api], method: str, jobid: str
+) -> None:
+    api = connect(lambda req: httpx.Response(200, json=job_json()))
+    with pytest.raises(ValueError, match="not a job id"):
+        await getattr(api, method)(jobid)
+    assert api.requests == []
+
+
+async def test_wait_all_checks_every_id_first(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(200, json={"items": []}))
+    with pytest.raises(ValueError, match="not a job id"):
+        await api.wait_all(["1.0", "../etc"])
+    assert api.requests == []
+
+
+async def test_backend_names_are_quoted(connect: Callable[..., Api]) -> None:
+    info = {"name": "a/b", "type": "slurm"}
+    api = connect(lambda req: httpx.Response(200, json=info))
+    assert (await api.backend("a/b")).type == "slurm"
+    assert api.requests[0].url.raw_path == b"/v1/backends/a%2Fb"
+    with pytest.raises(ValueError):
+        await api.backend("..")
+
+
+async def test_submit_sends_the_spec_with_an_idempotency_key(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    spec = pac.JobSpec(name="hello", script="echo hi", resources=pac.ResourceSpec(node_count=2))
+    await api.submit(spec)
+    await api.submit(spec)
+    first, second = api.requests
+    assert first.method == "POST" and first.url.path == "/v1/jobs"
+    # Only what was set travels: the server fills in its own defaults.
+    assert json.loads(first.content) == {"name": "hello", "script": "echo hi", "resources": {"node_count": 2}}
+    keys = [first.headers["Idempotency-Key"], second.headers["Idempotency-Key"]]
+    assert len(set(keys)) == 2 and all(len(k) == 36 for k in keys)
+
+
+async def test_create_posts_to_new_with_the_given_key(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json(state="new")))
+    job = await api.create({"script": "true"}, idempotency_key="my-key")
+    assert job.state is pac.JobState.new
+    assert api.requests[0].url.path == "/v1/jobs/new"
+    assert api.requests[0].headers["Idempotency-Key"] == "my-key"
+
+
+async def test_the_callback_secret_is_sent_unmasked(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    await api.submit({"script": "true", "callback": "https://hook", "cb_secret": "s3cr3t"})
+    assert json.loads(api.requests[0].content)["cb_secret"] == "s3cr3t"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "no script"},
+        {"script": "true", "resources": {"duration": "ten"}},
+        {"script": "true", "nmae": "typo"},  # unknown fields fail here, as on the server
+    ],
+)
+async def test_bad_specs_fail_before_sending(connect: Callable[..., Api], spec: dict[str, Any]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    with pytest.raises(pydantic.ValidationError):
+        await api.submit(spec)
+    assert api.requests == []
+
+
+async def test_purge_and_cancel_use_delete(connect: Callable[..., Api]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("purge") == "true":
+            return httpx.Response(204)
+        return httpx.Response(200, json=job_json(state="canceled"))
+
+    api = connect(handler)
+    assert (await api.cancel(JOBID)).state is pac.JobState.canceled
+    assert await api.purge(JOBID) is None
+    assert [str(r.url) for r in api.requests] == [
+        f"http://127.0.0.1:8000/v1/jobs/{JOBID}",
+        f"http://127.0.0.1:8000/v1/jobs/{JOBID}?purge=true",
+    ]
+    assert {r.method for r in api.requests} == {"DELETE"}

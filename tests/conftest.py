@@ -1,0 +1,87 @@
+"""Shared fixtures: a real server on a real psik prefix, reached by the real client four
+ways (sync/async x in-process/live uvicorn). Every test gets its own prefix and index."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+
+from psik_api_client import AsyncClient, Client
+from psik_api_server.app import create_app
+from psik_api_server.settings import BackendSettings, Settings
+from support import ASGIThreadTransport, AsyncApi, LiveServer, SyncApi
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # psik is asyncio-only
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        prefix=tmp_path / "jobs",
+        database=tmp_path / "index.sqlite",
+        backends={"default": BackendSettings(type="local")},
+        watch_interval=0.02,
+    )
+
+
+MODES = ["async-inprocess", "sync-inprocess", "async-live", "sync-live"]
+
+
+@pytest.fixture(params=MODES)
+async def api(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Any]:
+    """The real client on the real app, in each of the four ways."""
+    mode: str = request.param
+    app = create_app(settings)
+    if mode == "async-inprocess":
+        async with LifespanManager(app):
+            transport = httpx.ASGITransport(app=app)
+            async with AsyncClient("http://testserver", transport=transport) as client:
+                yield AsyncApi(client)
+    elif mode == "sync-inprocess":
+        transport_s = ASGIThreadTransport(app)
+        try:
+            with Client("http://testserver", transport=transport_s) as sclient:
+                yield SyncApi(sclient)
+        finally:
+            await anyio.to_thread.run_sync(transport_s.close)
+    else:
+        with LiveServer(app) as live:
+            if mode == "async-live":
+                async with AsyncClient(live.url) as client:
+                    yield AsyncApi(client)
+            else:
+                with Client(live.url) as sclient:
+                    yield SyncApi(sclient)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    """The app alone (with its lifespan), for tests that drive HTTP by hand."""
+    application = create_app(settings)
+    async with LifespanManager(application):
+        yield application
+
+
+@pytest.fixture
+async def http(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """Raw httpx on the in-process app: for wire-level checks (status, headers, bodies)."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def live_app(settings: Settings) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings)) as live:
+        yield live

@@ -1,0 +1,112 @@
+"""The server as users start it: `psik-api-server serve` on its embedded default, and
+the seed README's `uvicorn psik_api_server.main:app` (the original answered 501 there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def _running(argv: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise AssertionError(f"server did not start: {out}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _run_a_job(url: str) -> dict[str, object]:
+    r = httpx.post(f"{url}/v1/jobs", json={"name": "hello", "script": "echo hello"})
+    assert r.status_code == 201, r.text
+    jobid = r.json()["jobid"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job: dict[str, object] = httpx.get(f"{url}/v1/jobs/{jobid}").json()
+        if job["state"] == "completed":
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {jobid} did not complete")
+
+
+def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _running([str(BIN / "psik-api-server"), "serve", "--port", str(port)], _env(tmp_path), url):
+        job = _run_a_job(url)
+        jobs_dir = tmp_path / "data" / "psik_api" / "jobs"
+        assert (jobs_dir / str(job["jobid"]) / "log" / "stdout.1").read_text() == "hello\n"
+        assert (tmp_path / "data" / "psik_api" / "index.sqlite").is_file()
+
+
+def test_seed_readme_uvicorn_main_app_serves_job_routes(tmp_path: Path) -> None:
+    cfg = tmp_path / "psik_api.json"
+    prefix = tmp_path / "psik_jobs"
+    cfg.write_text(
+        json.dumps({"backends": {"default": {"prefix": str(prefix), "backend": {"type": "local"}}}})
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "uvicorn"), "psik_api_server.main:app", "--port", str(port), "--log-level", "warning"]
+    with _running(argv, _env(tmp_path, PSIK_API_CONFIG=str(cfg)), url):
+        job = _run_a_job(url)
+        assert (prefix / str(job["jobid"]) / "spec.json").is_file()
+
+
+def test_broken_config_stops_start_up_with_file_and_reason(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.json"
+    cfg.write_text('{"backends": {"default": {"type": "local",}}}')
+    proc = subprocess.run(
+        [str(BIN / "psik-api-server"), "serve", "--config", str(cfg)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert str(cfg) in proc.stderr and "not valid JSON" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_cli_help(flag: str) -> None:
+    out = subprocess.run(
+        [str(BIN / "psik-api-server"), "serve", flag], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "--uds" in out.stdout

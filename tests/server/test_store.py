@@ -1,0 +1,96 @@
+"""The SQLite index: pages are newest-first, disjoint and complete; filters; cursors;
+Idempotency-Key claims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from psik_api_core import JobState
+from psik_api_server.store import BadCursor, JobRow, JobStore
+
+
+def _row(i: int, owner: str = "u", state: JobState = JobState.new, created: float | None = None) -> JobRow:
+    return JobRow(
+        jobid=f"{1700000000 + i}.{i % 1000:03d}",
+        backend="default",
+        owner=owner,
+        name=f"n{i % 3}",
+        state=state,
+        jobndx=0,
+        created=float(1700000000 + i) if created is None else created,
+        updated=float(1700000000 + i),
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(tmp_path / "index.sqlite")
+
+
+def test_pages_cover_everything_once_newest_first(store: JobStore) -> None:
+    rows = [_row(i) for i in range(53)]
+    # Equal creation times must not lose or repeat a job across a page boundary.
+    rows += [_row(100 + i, created=1700000010.0) for i in range(7)]
+    for r in rows:
+        store.put(r)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = store.list("u", limit=10, cursor=cursor)
+        seen += [r.jobid for r in page]
+        if cursor is None:
+            break
+    expected = [r.jobid for r in sorted(rows, key=lambda r: (r.created, r.jobid), reverse=True)]
+    assert seen == expected
+
+
+def test_owner_and_filters(store: JobStore) -> None:
+    for i in range(10):
+        store.put(
+            _row(i, owner="alice" if i < 6 else "bob", state=JobState.failed if i % 2 else JobState.new)
+        )
+    assert len(store.list("alice")[0]) == 6
+    assert {r.jobid for r in store.list("bob")[0]} == {_row(i).jobid for i in range(6, 10)}
+    failed, _ = store.list("alice", states=[JobState.failed])
+    assert {r.jobid for r in failed} == {_row(i).jobid for i in (1, 3, 5)}
+    assert [r.jobid for r in store.list("alice", name="n0")[0]] == [_row(3).jobid, _row(0).jobid]
+    assert [r.jobid for r in store.list("alice", ids=[_row(2).jobid, _row(8).jobid])[0]] == [_row(2).jobid]
+
+
+def test_set_state_reports_change(store: JobStore) -> None:
+    store.put(_row(1))
+    jobid = _row(1).jobid
+    assert store.set_state(jobid, JobState.queued, 1, 5.0)
+    assert not store.set_state(jobid, JobState.queued, 1, 5.0)
+    row = store.get(jobid)
+    assert row is not None and (row.state, row.jobndx) == (JobState.queued, 1)
+    assert [r.jobid for r in store.live()] == [jobid]
+    store.set_state(jobid, JobState.completed, 1, 6.0)
+    assert store.live() == []
+
+
+@pytest.mark.parametrize("bad", ["", "x", "%%%", "WyJhIl0", "eyJ4IjogMX0"])
+def test_bad_cursors(store: JobStore, bad: str) -> None:
+    with pytest.raises(BadCursor):
+        store.list("u", cursor=bad or "=")
+
+
+def test_idempotency_claims(store: JobStore) -> None:
+    assert store.claim_key("u", "k", "h1", 1.0) is None
+    seen = store.claim_key("u", "k", "h1", 2.0)
+    assert seen is not None and seen.jobid is None and seen.created == 1.0
+    store.settle_key("u", "k", "1.1")
+    seen = store.claim_key("u", "k", "h2", 3.0)
+    assert seen is not None and (seen.body_hash, seen.jobid) == ("h1", "1.1")
+    assert store.claim_key("other-user", "k", "h2", 3.0) is None  # keys are per owner
+    store.release_key("u", "k")  # settled keys are kept
+    assert store.claim_key("u", "k", "h1", 4.0) is not None
+
+
+def test_index_survives_reopen(tmp_path: Path) -> None:
+    s = JobStore(tmp_path / "i.sqlite")
+    s.put(_row(1))
+    s.close()
+    assert JobStore(tmp_path / "i.sqlite").get(_row(1).jobid) == _row(1)

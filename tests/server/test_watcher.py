@@ -1,0 +1,78 @@
+"""The StatusWatcher sees each appended row once, copes with half-written lines and
+out-of-order rows, and stops following a job once it is final."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from psik_api_core import JobState, derive_state
+from psik_api_server.jobdir import Row
+from psik_api_server.watcher import StatusWatcher
+
+pytestmark = pytest.mark.anyio
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Row]]] = []
+        self.changed = anyio.Event()
+
+    async def __call__(self, jobid: str, rows: list[Row], new: list[Row]) -> None:
+        self.calls.append((jobid, new))
+        self.changed.set()
+
+    async def next(self) -> list[Row]:
+        with anyio.fail_after(5):
+            await self.changed.wait()
+        self.changed = anyio.Event()
+        return self.calls[-1][1]
+
+
+async def test_new_rows_are_reported_once_and_final_jobs_dropped(tmp_path: Path) -> None:
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\n")
+    seen = Seen()
+    w = StatusWatcher(seen, interval=0.01)
+    w.follow("1.0", status)
+    w.start()
+    try:
+        assert [r.state for r in await seen.next()] == [JobState.new]
+        with status.open("a") as f:
+            f.write("2.1,1,active,\n2.2,1,comp")  # active before queued; a half-written row
+        assert [r.state for r in await seen.next()] == [JobState.active]
+        with status.open("a") as f:
+            f.write("leted,\n")
+        assert [r.state for r in await seen.next()] == [JobState.completed]
+        assert len(w) == 0  # final: no longer followed
+        with status.open("a") as f:
+            f.write("2.0,1,queued,99\n")  # the late row psik can write
+        await anyio.sleep(0.1)
+        assert len(seen.calls) == 3
+    finally:
+        await w.stop()
+
+
+async def test_malformed_rows_are_skipped_not_fatal(tmp_path: Path) -> None:
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\nnot,a,row\n2.0,1,queued,7\n")
+    seen = Seen()
+    w = StatusWatcher(seen, interval=0.01)
+    w.follow("1.0", status)
+    w.start()
+    try:
+        rows = await seen.next()
+        assert [r.state for r in rows] == [JobState.new, JobState.queued]
+        assert derive_state(rows) == (JobState.queued, 1)
+    finally:
+        await w.stop()
+
+
+async def test_a_vanished_file_is_forgotten(tmp_path: Path) -> None:
+    seen = Seen()
+    w = StatusWatcher(seen, interval=0.01)
+    w.follow("1.0", tmp_path / "gone.csv")
+    await w.check_all()
+    assert len(w) == 0 and seen.calls == []

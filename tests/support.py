@@ -1,0 +1,114 @@
+"""Test support shared by the test trees: a live uvicorn in a thread, a sync transport
+into an in-process app, and adapters that let one async test body drive both clients."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import httpx
+import uvicorn
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+
+from psik_api_client import AsyncClient, Client
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a thread, as `psik-api-server serve` runs it."""
+
+    def __init__(self, app: Starlette, uds: str | None = None) -> None:
+        self.uds = uds
+        kwargs: dict[str, Any] = {"uds": uds} if uds else {"host": "127.0.0.1", "port": 0}
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, proxy_headers=False, log_level="warning", lifespan="on", **kwargs)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def url(self) -> str:
+        sock: socket.socket = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+class ASGIThreadTransport(httpx.BaseTransport):
+    """Lets the *sync* client talk to an in-process app: the app runs on an event loop
+    in a portal thread (with its lifespan), the sync client blocks on it."""
+
+    def __init__(self, app: Starlette) -> None:
+        self._stack = contextlib.ExitStack()
+        self.portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal("asyncio"))
+        self._lifespan = LifespanManager(app)
+        self.portal.call(self._lifespan.__aenter__)
+        self._inner = httpx.ASGITransport(app=app)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send() -> httpx.Response:
+            request.stream = httpx.ByteStream(request.read())
+            response = await self._inner.handle_async_request(request)
+            body = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+        return self.portal.call(send)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.portal.call(self._lifespan.__aexit__, None, None, None)
+        self._stack.close()
+
+
+class SyncApi:
+    """The sync Client behind awaitable methods, so one async test body drives both."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            def run() -> Any:
+                result = method(*args, **kwargs)
+                return list(result) if name == "list" else result
+
+            return await anyio.to_thread.run_sync(run)
+
+        return call
+
+
+class AsyncApi:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+        if name != "list":
+            return method  # type: ignore[no-any-return]
+
+        @functools.wraps(method)
+        async def collect(*args: Any, **kwargs: Any) -> list[Any]:
+            return [j async for j in method(*args, **kwargs)]
+
+        return collect
