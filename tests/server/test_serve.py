@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -73,7 +74,10 @@ def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
         job = _run_a_job(url)
         jobs_dir = tmp_path / "data" / "psik_api" / "jobs"
         assert (jobs_dir / str(job["jobid"]) / "log" / "stdout.1").read_text() == "hello\n"
-        assert (tmp_path / "data" / "psik_api" / "index.sqlite").is_file()
+        index = tmp_path / "data" / "psik_api" / "index.sqlite"
+        # Other users of a login node can read neither the jobs nor who owns them.
+        assert stat.S_IMODE(jobs_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(index.stat().st_mode) == 0o600
 
 
 def test_seed_readme_uvicorn_main_app_serves_job_routes(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ def create_app(
         policy or OwnerPolicy(),
         directory_roots=settings.directory_roots,
         watch_interval=settings.watch_interval,
+        liveness_interval=settings.liveness_interval,
         clock=clock or time.time,
         import_owner=LOCAL_USER,
     )

@@ -83,8 +83,10 @@ class PsikBackend:
         from psik.manager import JobManager
         from psik.models import BackendConfig
 
+        # Job directories hold scripts, outputs and psik's spec.json (with any callback
+        # secret in clear): a prefix we create is the owner's alone.
         self.prefix = prefix.expanduser()
-        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.prefix = self.prefix.resolve()
         self.settings = dict(backends)
         self.health: dict[str, str | None] = {}
@@ -121,6 +123,9 @@ class PsikBackend:
             detail=detail,
         )
 
+    def is_local(self, name: str) -> bool:
+        return name in self.settings and self.settings[name].type == "local"
+
     def usable(self, name: str) -> bool:
         return name in self.settings and self.health.get(name) is None
 
@@ -138,7 +143,6 @@ class PsikBackend:
     async def submit(self, jobid: str) -> tuple[int, str]:
         """Submit the job; on failure record ``failed`` in its history and raise SubmitError."""
         from psik.job import Job as PsikJob
-        from psik.models import JobState as PsikJobState
 
         base = self.path(jobid)
         job = await PsikJob(base)
@@ -154,8 +158,17 @@ class PsikBackend:
                 return int(jobndx), str(native_id)
             except (LaunchError, Exception) as e:
                 reason = f"{btype} backend refused the job: {e}"
-        await job.reached(jobndx, PsikJobState.failed, _one_line(reason), backdate=time.time())
+        await self.record_failure(jobid, jobndx, reason)
         raise SubmitError(jobid, reason)
+
+    async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:
+        """Append ``failed`` for run ``jobndx`` to the job's history, with ``reason``."""
+        from psik.job import Job as PsikJob
+        from psik.models import JobState as PsikJobState
+
+        job = PsikJob(self.path(jobid))  # not awaited: appending needs no read
+        # backdate: record only; psik would otherwise also fire the job's callback here.
+        await job.reached(jobndx, PsikJobState.failed, _one_line(reason), backdate=time.time())
 
     async def cancel(self, jobid: str) -> None:
         """Ask the backend to stop the job; psik records ``canceled`` first."""

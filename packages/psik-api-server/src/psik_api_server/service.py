@@ -8,6 +8,7 @@ It ties the index (:class:`JobStore`), psik (:class:`PsikBackend`) and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from psik_api_core import (
 
 from .backend import PsikBackend, SubmitError
 from .jobdir import JobFiles, Row, list_jobids, read_job
+from .liveness import process_running
 from .store import JobRow, JobStore
 from .watcher import StatusWatcher
 
@@ -62,6 +64,7 @@ class JobService:
         *,
         directory_roots: Iterable[Path] = (),
         watch_interval: float = 0.05,
+        liveness_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
         import_owner: str,
     ) -> None:
@@ -72,6 +75,8 @@ class JobService:
         self.import_owner = import_owner
         self.directory_roots = [Path(p).expanduser().resolve() for p in directory_roots]
         self.watcher = StatusWatcher(self._on_rows, interval=watch_interval)
+        self.liveness_interval = liveness_interval
+        self._liveness: asyncio.Task[None] | None = None
         self._job_locks: dict[str, asyncio.Lock] = {}
 
     # ---- lifecycle ----
@@ -81,10 +86,61 @@ class JobService:
         if not self.watcher.running:
             self.watcher.start()
             self.backend.warm_up()
+            self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop())
 
     async def aclose(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+            self._liveness = None
         await self.watcher.stop()
         await self.backend.aclose()
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            try:
+                await self.check_liveness()
+            except Exception:
+                _logger.exception("liveness check")
+            await asyncio.sleep(self.liveness_interval)
+
+    async def check_liveness(self) -> list[str]:
+        """Record ``failed`` for every non-final local job whose process is gone
+        without a final row (see ``liveness``); returns their ids."""
+        gone: list[str] = []
+        for row in self.store.live():
+            if not self.backend.is_local(row.backend) or row.jobndx == 0:
+                continue
+            pid = self._local_pid(row.jobid)
+            if pid is None or process_running(*pid):
+                continue
+            async with self._lock(row.jobid):
+                files = self._refresh(row.jobid)  # it may have just ended properly
+                if files is None or files.state[0].is_final:
+                    continue
+                reason = (
+                    f"process {pid[0]} ended without recording an end state "
+                    "(killed, or the machine restarted)"
+                )
+                await self.backend.record_failure(row.jobid, files.state[1], reason)
+                self._refresh(row.jobid)
+                gone.append(row.jobid)
+        return gone
+
+    def _local_pid(self, jobid: str) -> tuple[int, float] | None:
+        """The PID psik recorded for the current run of a local job, and when."""
+        try:
+            files = read_job(self.backend.path(jobid))
+        except (OSError, ValueError):
+            return None
+        state, jobndx = files.state
+        if state.is_final:
+            return None
+        queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
+        if not queued or not queued[-1].info.isdigit():
+            return None
+        return int(queued[-1].info), queued[-1].time
 
     def reconcile(self) -> dict[str, int]:
         """Bring the index in line with the prefix: import jobs made elsewhere (the psik

@@ -68,6 +68,8 @@ class Settings(BaseModel):
     directory_roots: list[Path] = Field(default_factory=list)
     #: How often the watcher looks at non-final jobs' status.csv (seconds).
     watch_interval: float = 0.05
+    #: How often local jobs' processes are checked for having vanished (seconds).
+    liveness_interval: float = 2.0
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
 
@@ -121,7 +123,15 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{path}: {e}") from None
 
 
-_SERVER_KEYS = {"authz", "host", "port", "database", "directory_roots", "watch_interval"}
+_SERVER_KEYS = {
+    "authz",
+    "host",
+    "port",
+    "database",
+    "directory_roots",
+    "watch_interval",
+    "liveness_interval",
+}
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",
     "rc_path": "psik 3 does not use the rc shell; rc_path is not used",

@@ -1,0 +1,62 @@
+"""A local job whose process vanishes (SIGKILL, reboot) ends `failed`, with the reason,
+instead of staying `active` forever; a live one is never touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from psik_api_server.app import create_app
+from psik_api_server.liveness import process_running
+from psik_api_server.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+def test_process_running() -> None:
+    assert process_running(os.getpid(), time.time())
+    # This process started long before "since": a PID reused by someone else.
+    assert not process_running(os.getpid(), time.time() - 10_000 - time.monotonic())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+        time.sleep(0.01)  # exited, not reaped: a zombie is not running
+    assert not process_running(child.pid, time.time())
+    child.wait()
+    assert not process_running(child.pid, time.time())
+    assert not process_running(0, time.time())
+
+
+async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings) -> None:
+    settings.liveness_interval = 0.05
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        job = (await http.post("/v1/jobs", json={"script": "echo $$ > script.pid; exec sleep 60"})).json()
+        jobid = job["jobid"]
+        workdir = settings.prefix / jobid / "work"
+        with anyio.fail_after(20):
+            while not (workdir / "script.pid").is_file() or not (workdir / "script.pid").read_text().strip():
+                await anyio.sleep(0.02)
+        history = (await http.get(f"/v1/jobs/{jobid}")).json()["history"]
+        pid = int(next(t["info"] for t in history if t["state"] == "queued"))
+        await anyio.sleep(0.3)
+        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "active"  # alive: untouched
+        os.kill(pid, signal.SIGKILL)  # psik's job process dies without writing a row
+        os.kill(int((workdir / "script.pid").read_text()), signal.SIGKILL)
+        with anyio.fail_after(20):
+            while (state := (await http.get(f"/v1/jobs/{jobid}/state")).json())["state"] != "failed":
+                await anyio.sleep(0.05)
+        assert state["jobndx"] == 1
+        last = (await http.get(f"/v1/jobs/{jobid}")).json()["history"][-1]
+        assert last["state"] == "failed" and f"process {pid} ended" in last["info"]
