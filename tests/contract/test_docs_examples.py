@@ -1,0 +1,86 @@
+"""The README's examples are run as written, against a live server: the curl lines
+(the original README's, quoting fixed) and the `psik-api` command line."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from psik_api_client.cli import main as psik_api
+from support import LiveServer
+
+README = Path(__file__).parents[2] / "README.md"
+EXAMPLE_JOBID = "1693992878.203"
+
+
+def _curl_lines() -> list[str]:
+    blocks, current, inside = [], [], False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current))
+            current, inside = [], not inside
+        elif inside:
+            current.append(line)
+    block = next(b for b in blocks if b.startswith("curl "))
+    commands, current = [], ""
+    for line in block.splitlines():
+        current += line.split("  # ")[0] + "\n"
+        if line.endswith("\\"):
+            continue
+        try:
+            shlex.split(current)  # a command ends where its quotes are balanced
+        except ValueError:
+            continue
+        commands.append(current.strip())
+        current = ""
+    return [c for c in commands if c]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_examples(live_app: LiveServer) -> None:
+    commands = _curl_lines()
+    assert len(commands) == 5
+    created: list[str] = []
+    for cmd in commands:
+        cmd = cmd.replace("http://127.0.0.1:8000", live_app.url)
+        if EXAMPLE_JOBID in cmd:
+            cmd = cmd.replace(EXAMPLE_JOBID, created[-1])  # "your job's id"
+        out = subprocess.run(
+            ["bash", "-c", cmd + " -sS -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, (cmd, out.stderr)
+        body, _, status = out.stdout.rpartition("\n")
+        assert status in {"200", "201"}, (cmd, status, body)
+        doc = json.loads(body)
+        if status == "201":
+            created.append(doc["jobid"])
+    assert len(created) == 2  # the submit and the /new
+
+
+def test_cli_submit_wait_ls_get_cancel(
+    live_app: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"name": "from-cli", "script": "echo hi"}))
+    url = ["--url", live_app.url]
+    assert psik_api([*url, "submit", str(spec), "--wait", "--timeout", "30"]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert psik_api([*url, "ls", "--name", "from-cli"]) == 0
+    listing = capsys.readouterr().out
+    assert "from-cli" in listing and "completed" in listing
+    jobid = listing.splitlines()[1].split()[0]
+    assert psik_api([*url, "get", jobid]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"]["script"] == "echo hi"
+    assert psik_api([*url, "cancel", jobid]) == 0  # final: stays completed
+    assert "completed" in capsys.readouterr().out
+    assert psik_api([*url, "start", "1000000000.001"]) == 1
+    assert "no job 1000000000.001" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"script": "x", "resources": {"nodes": 2}}))
+    assert psik_api([*url, "submit", str(bad)]) == 2
