@@ -3,6 +3,7 @@ out-of-order rows, and stops following a job once it is final."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import anyio
@@ -76,3 +77,38 @@ async def test_a_vanished_file_is_forgotten(tmp_path: Path) -> None:
     w.follow("1.0", tmp_path / "gone.csv")
     await w.check_all()
     assert len(w) == 0 and seen.calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+async def test_file_notifications_see_a_write_long_before_the_tick(tmp_path: Path) -> None:
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\n")
+    seen = Seen()
+    w = StatusWatcher(seen, interval=60.0)  # the tick alone would take a minute
+    w.start()
+    try:
+        assert w.notifications
+        w.follow("1.0", status)
+        assert [r.state for r in await seen.next()] == [JobState.new]
+        with status.open("a") as f:
+            f.write("2.0,1,queued,7\n")
+        assert [r.state for r in await seen.next()] == [JobState.queued]  # next() gives up after 5 s
+    finally:
+        await w.stop()
+
+
+async def test_the_tick_alone_works_without_notifications(tmp_path: Path) -> None:
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\n")
+    seen = Seen()
+    w = StatusWatcher(seen, interval=0.01, notify=False)
+    w.start()
+    try:
+        assert not w.notifications
+        w.follow("1.0", status)
+        assert [r.state for r in await seen.next()] == [JobState.new]
+        with status.open("a") as f:
+            f.write("2.0,1,queued,7\n2.1,1,failed,1\n")
+        assert [r.state for r in await seen.next()] == [JobState.queued, JobState.failed]
+    finally:
+        await w.stop()

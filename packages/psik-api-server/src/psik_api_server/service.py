@@ -389,7 +389,7 @@ class JobService:
             if files is not None and not files.state[0].is_final:
                 await self.backend.cancel(jobid)
                 self._refresh(jobid)
-                self.watcher.poke()
+                self.watcher.poke(jobid)
         return await self.get(principal, jobid)
 
     async def purge(self, principal: Principal, jobid: str) -> None:
