@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -77,7 +78,9 @@ class JobService:
         self.watcher = StatusWatcher(self._on_rows, interval=watch_interval)
         self.liveness_interval = liveness_interval
         self._liveness: asyncio.Task[None] | None = None
-        self._job_locks: dict[str, asyncio.Lock] = {}
+        # One lock per job being started/cancelled/purged; weak, so that locks of jobs
+        # nobody is touching do not pile up in a long-running server.
+        self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ---- lifecycle ----
 
@@ -194,7 +197,10 @@ class JobService:
     # ---- checks ----
 
     def _lock(self, jobid: str) -> asyncio.Lock:
-        return self._job_locks.setdefault(jobid, asyncio.Lock())
+        lock = self._job_locks.get(jobid)
+        if lock is None:
+            lock = self._job_locks[jobid] = asyncio.Lock()
+        return lock
 
     def _owned(self, principal: Principal, jobid: str, action: Action) -> JobRow:
         """The job's row if ``principal`` may do ``action`` to it; 404 otherwise (a job
@@ -206,7 +212,8 @@ class JobService:
             raise ApiError(ProblemCode.forbidden, f"not allowed to {action.value} job {jobid}")
         return row
 
-    def _check_spec(self, spec: JobSpec) -> None:
+    def _check_spec(self, spec: JobSpec) -> JobSpec:
+        """``spec`` if this server can run it (with ``directory`` resolved), else a 4xx."""
         if spec.backend not in self.backend.settings:
             raise ApiError(
                 ProblemCode.unknown_backend,
@@ -219,9 +226,12 @@ class JobService:
                 f"backend {spec.backend!r} is unavailable: {self.backend.health.get(spec.backend)}",
             )
         if spec.directory is not None:
-            self._check_directory(spec.directory)
+            # The resolved path is what psik gets: a symlink swapped after this check
+            # cannot point the job elsewhere.
+            spec = spec.model_copy(update={"directory": str(self._check_directory(spec.directory))})
+        return spec
 
-    def _check_directory(self, directory: str) -> None:
+    def _check_directory(self, directory: str) -> Path:
         def refuse(why: str) -> ApiError:
             return ApiError(
                 ProblemCode.validation_error,
@@ -237,6 +247,7 @@ class JobService:
             raise refuse(f"is outside the allowed directory roots ({roots})")
         if not real.is_dir():
             raise refuse("does not exist or is not a directory")
+        return real
 
     # ---- operations ----
 
@@ -247,7 +258,7 @@ class JobService:
         (False when an Idempotency-Key replays an earlier request)."""
         if not self.policy.allows(principal, Action.create, None, None):
             raise ApiError(ProblemCode.forbidden, "not allowed to create jobs")
-        self._check_spec(spec)
+        spec = self._check_spec(spec)
         if idempotency_key is None:
             return await self._create(principal, spec, submit), True
 
@@ -407,4 +418,3 @@ class JobService:
             self.watcher.forget(jobid)
             await self.backend.remove(jobid)
             self.store.delete(jobid)
-        self._job_locks.pop(jobid, None)
