@@ -127,14 +127,17 @@ async def fill(url: str, count: int, concurrency: int = 8) -> float:
     return time.perf_counter() - t0
 
 
-def bench_list(url: str, rounds: int) -> list[float]:
+def bench_list(
+    url: str, rounds: int, filters: dict[str, str] | None = None, expect: int | None = 100
+) -> list[float]:
     out = []
     with httpx.Client(base_url=url) as http:
         for _ in range(rounds):
             t0 = time.perf_counter()
-            r = http.get("/v1/jobs", params={"limit": 100})
+            r = http.get("/v1/jobs", params={"limit": 100, **(filters or {})})
             out.append(time.perf_counter() - t0)
-            assert r.status_code == 200 and len(r.json()["items"]) == 100
+            assert r.status_code == 200 and r.json()["items"]
+            assert expect is None or len(r.json()["items"]) == expect
     return out
 
 
@@ -185,12 +188,23 @@ def main() -> None:
             res["burst_seconds"] = asyncio.run(bench_burst(url, args.burst))
             res["burst_jobs_per_s"] = args.burst / res["burst_seconds"]
 
+            # The list's cost should follow the page, not the number of jobs: measure it
+            # with a tenth of the jobs and with all of them.
+            have = len(os.listdir(data / "psik_api" / "jobs"))
+            asyncio.run(fill(url, max(0, args.jobs // 10 - have)))
+            res["list_limit100_median_s_at_tenth"] = statistics.median(bench_list(url, 50))
             have = len(os.listdir(data / "psik_api" / "jobs"))
             res["fill_seconds"] = asyncio.run(fill(url, max(0, args.jobs - have)))
+            res["fill_creates_per_s"] = (args.jobs - have) / res["fill_seconds"]
             res["jobs_in_index"] = len(os.listdir(data / "psik_api" / "jobs"))
             lst = bench_list(url, 50)
             res["list_limit100_median_s"] = statistics.median(lst)
             res["list_limit100_p90_s"] = pct(lst, 0.9)
+            res["list_ratio_all_over_tenth"] = (
+                res["list_limit100_median_s"] / res["list_limit100_median_s_at_tenth"]
+            )
+            filtered = bench_list(url, 50, {"state": "new", "name": "fill3"}, expect=None)
+            res["list_filtered_median_s"] = statistics.median(filtered)
         res["psik_ls_all_s"] = bench_psik_ls(data / "psik_api" / "jobs")
         res["list_ratio_psik_ls_over_api"] = res["psik_ls_all_s"] / res["list_limit100_median_s"]
 
