@@ -32,17 +32,14 @@ def wait_flow(api: BaseClient, jobid: str, *, timeout: float | None, poll_interv
             job = yield from api._get_flow(jobid)
             if job.state.is_final:  # else it was restarted meanwhile: keep waiting
                 return job
-        delay = backoff.next()
-        if deadline is not None:
-            remaining = deadline - api._clock()
-            if remaining <= 0:
-                raise WaitTimeout(
-                    f"job {jobid} is not final after {timeout:g} s "
-                    f"(last state: {status.state.value}); it was left running",
-                    status=status,
-                    pending=[jobid],
-                )
-            delay = min(delay, remaining)
+        delay = _next_delay(api, backoff, deadline)
+        if delay is None:
+            raise WaitTimeout(
+                f"job {jobid} is not final after {timeout:g} s "
+                f"(last state: {status.state.value}); it was left running",
+                status=status,
+                pending=[jobid],
+            )
         yield Sleep(delay)
 
 
@@ -91,18 +88,24 @@ def wait_all_flow(
             report(len(done), total)
         if not pending:
             break
-        delay = backoff.next()
-        if deadline is not None:
-            remaining = deadline - api._clock()
-            if remaining <= 0:
-                raise WaitTimeout(
-                    f"{len(pending)} of {total} jobs not final after {timeout:g} s "
-                    f"(first: {pending[0]}); they were left running",
-                    pending=pending,
-                )
-            delay = min(delay, remaining)
+        delay = _next_delay(api, backoff, deadline)
+        if delay is None:
+            raise WaitTimeout(
+                f"{len(pending)} of {total} jobs not final after {timeout:g} s "
+                f"(first: {pending[0]}); they were left running",
+                pending=pending,
+            )
         yield Sleep(delay)
     return [done[jobid] for jobid in ids]
+
+
+def _next_delay(api: BaseClient, backoff: PollBackoff, deadline: float | None) -> float | None:
+    """How long to sleep before the next poll; None once the deadline has passed."""
+    delay = backoff.next()
+    if deadline is None:
+        return delay
+    remaining = deadline - api._clock()
+    return None if remaining <= 0 else min(delay, remaining)
 
 
 def _check_interval(poll_interval: float) -> None:
