@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import shutil
@@ -84,3 +85,28 @@ def test_cli_submit_wait_ls_get_cancel(
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"script": "x", "resources": {"nodes": 2}}))
     assert psik_api([*url, "submit", str(bad)]) == 2
+
+
+def _python_blocks() -> list[str]:
+    blocks, current, inside = [], [], False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current))
+            current, inside = [], line.strip() == "```python"
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_readme_python_examples(live_app: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    sync_example, async_example = _python_blocks()
+    monkeypatch.setenv("PSIK_API_URL", live_app.url)  # the async example's default server
+    sync_ns: dict[str, object] = {}
+    exec(sync_example.replace("http://127.0.0.1:8000", live_app.url), sync_ns)
+    assert getattr(sync_ns["job"], "state", None) == "completed"
+    body = "\n".join("    " + line for line in async_example.splitlines())
+    async_ns: dict[str, object] = {}
+    exec(f"async def example():\n{body}\n    return done\n", async_ns)
+    done = asyncio.run(async_ns["example"]())  # type: ignore[operator]
+    assert len(done) == 100 and {j.state for j in done} == {"completed"}
