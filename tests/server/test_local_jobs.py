@@ -162,3 +162,18 @@ async def test_many_concurrent_submits_all_end_completed(http: httpx.AsyncClient
     for jobid in ids:
         job = (await http.get(f"/v1/jobs/{jobid}")).json()
         assert [t["state"] for t in job["history"]].count("active") == 1
+
+
+async def test_a_dead_launcher_is_replaced(app: Starlette) -> None:
+    import signal
+
+    async with _client(app) as http:
+        first = (await http.post("/v1/jobs", json={"script": "true"})).json()
+        assert (await _wait_final(http, first["jobid"]))["state"] == "completed"
+        launcher = app.state.service.backend._launcher._proc
+        os.kill(launcher.pid, signal.SIGKILL)
+        await launcher.wait()
+        second = await http.post("/v1/jobs", json={"script": "true"})
+        assert second.status_code == 201, second.text
+        assert (await _wait_final(http, second.json()["jobid"]))["state"] == "completed"
+        assert app.state.service.backend._launcher._proc.pid != launcher.pid

@@ -73,10 +73,15 @@ class LocalLauncher:
             finally:
                 if not isinstance(log, int):
                     log.close()
-            self._reader = asyncio.create_task(self._read_replies(self._proc))
+            # Each launcher process has its own pending requests: a dying one fails
+            # only what it was asked.
+            self._pending = {}
+            self._reader = asyncio.create_task(self._read_replies(self._proc, self._pending))
             return self._proc
 
-    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+    async def _read_replies(
+        self, proc: asyncio.subprocess.Process, pending: dict[int, asyncio.Future[dict[str, Any]]]
+    ) -> None:
         assert proc.stdout is not None
         try:
             while line := await proc.stdout.readline():
@@ -85,33 +90,45 @@ class LocalLauncher:
                 except json.JSONDecodeError:
                     _logger.error("launcher said something unreadable: %r", line[:200])
                     continue
-                fut = self._pending.pop(int(reply.get("id", -1)), None)
+                fut = pending.pop(int(reply.get("id", -1)), None)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
         finally:
+            if self._proc is proc:
+                self._proc = None  # the next submit starts a new launcher
             # The launcher is gone: nobody will answer what is pending.
-            for fut in self._pending.values():
+            for fut in pending.values():
                 if not fut.done():
                     fut.set_exception(LaunchError("the job launcher process exited"))
-            self._pending.clear()
+            pending.clear()
 
     async def submit(self, base: Path) -> tuple[int, str]:
-        """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``."""
-        proc = await self.start()
-        assert proc.stdin is not None
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        proc.stdin.write(json.dumps({"id": rid, "base": str(base)}).encode() + b"\n")
-        try:
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError) as e:
-            self._pending.pop(rid, None)
-            raise LaunchError("the job launcher process is not running") from e
-        reply = await fut
-        if "error" in reply:
-            raise LaunchError(str(reply["error"]))
-        return int(reply["jobndx"]), str(reply["native_id"])
+        """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``.
+
+        A launcher found dead before the request reached it is restarted once; one
+        that dies after is not retried (the job may have started)."""
+        for attempt in (1, 2):
+            proc = await self.start()
+            assert proc.stdin is not None
+            rid = next(self._ids)
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            pending = self._pending
+            pending[rid] = fut
+            try:
+                proc.stdin.write(json.dumps({"id": rid, "base": str(base)}).encode() + b"\n")
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as e:
+                pending.pop(rid, None)
+                if self._proc is proc:
+                    self._proc = None
+                if attempt == 2:
+                    raise LaunchError("the job launcher process cannot be started") from e
+                continue
+            reply = await fut
+            if "error" in reply:
+                raise LaunchError(str(reply["error"]))
+            return int(reply["jobndx"]), str(reply["native_id"])
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         proc, self._proc = self._proc, None
