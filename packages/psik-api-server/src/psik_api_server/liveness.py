@@ -14,23 +14,24 @@ given the benefit of the doubt: a job is never failed while its process may be r
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-#: A process that started this long after its job's queued row is someone else's.
-_START_SLACK = 5.0
+#: A process that started this long after its job's queued row is someone else's. Generous:
+#: failing a live job would be far worse than noticing a reused PID late.
+_START_SLACK = 30.0
 
 
 def _boot_time() -> float | None:
+    """Boot time on the wall clock *now*: ``btime`` is whole seconds and the wall clock
+    may have been stepped since boot, so it is derived from the uptime instead."""
     try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime
 
 
-_BOOT = _boot_time()
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -49,9 +50,10 @@ def process_running(pid: int, since: float) -> bool:
     state, start_ticks = fields[0], int(fields[19])
     if state in {"Z", "X"}:  # exited, not yet reaped
         return False
-    if _BOOT is None:
+    boot = _boot_time()
+    if boot is None:
         return True
-    started = _BOOT + start_ticks / _TICKS
+    started = boot + start_ticks / _TICKS
     return started <= since + _START_SLACK
 
 
