@@ -303,7 +303,7 @@ class JobService:
         return await self.get(principal, jobid)
 
     async def _submit(self, jobid: str) -> None:
-        path = self.backend.path(jobid) / "status.csv"
+        """Submit and follow the job; callers answer with ``get``, which refreshes the index."""
         try:
             await self.backend.submit(jobid)
         except SubmitError as e:
@@ -313,8 +313,7 @@ class JobService:
             ) from e
         finally:
             self.ensure_running()
-        self.watcher.follow(jobid, path)
-        self._refresh(jobid)
+        self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
 
     def _refresh(self, jobid: str) -> JobFiles | None:
         """Re-read a job's directory and update its index row."""
