@@ -1,0 +1,69 @@
+"""What the server answers matches what /openapi.json says it answers: each response's
+status is documented for its operation, and its body validates against that schema."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+
+def _operation(doc: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    for template, ops in doc["paths"].items():
+        pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+        if re.match(pattern, path) and method.lower() in ops:
+            return ops[method.lower()]  # type: ignore[no-any-return]
+    raise AssertionError(f"{method} {path} is not documented")
+
+
+def _check(doc: dict[str, Any], r: httpx.Response) -> None:
+    op = _operation(doc, r.request.method, r.request.url.path)
+    assert str(r.status_code) in op["responses"], (r.request.method, r.request.url.path, r.status_code)
+    content = op["responses"][str(r.status_code)].get("content")
+    if r.status_code == 204:
+        assert not content and not r.content
+        return
+    media = r.headers["content-type"].split(";")[0]
+    assert content is not None and media in content, (r.request.url.path, media, list(content or {}))
+    schema = {**content[media]["schema"], "components": doc["components"]}
+    jsonschema.Draft202012Validator(schema).validate(r.json())
+
+
+async def test_responses_match_the_document(http: httpx.AsyncClient) -> None:
+    doc = (await http.get("/openapi.json")).json()
+    job = await http.post(
+        "/v1/jobs", json={"name": "doc", "script": "sleep 30"}, headers={"Idempotency-Key": "a"}
+    )
+    jobid = job.json()["jobid"]
+    new = await http.post("/v1/jobs/new", json={"script": "true", "cb_secret": "s"})
+    responses = [
+        job,
+        new,
+        await http.post(f"/v1/jobs/{jobid}/start"),  # 409
+        await http.get("/v1/jobs", params={"limit": 1}),
+        await http.get("/v1/jobs", params=[("id", jobid), ("state", "queued"), ("state", "active")]),
+        await http.get(f"/v1/jobs/{jobid}"),
+        await http.get(f"/v1/jobs/{jobid}/state"),
+        await http.delete(f"/v1/jobs/{jobid}"),
+        await http.delete(f"/v1/jobs/{jobid}", params={"purge": "true"}),
+        await http.get(f"/v1/jobs/{jobid}"),  # 404
+        await http.get("/v1/jobs/x.y"),  # 422
+        await http.get("/v1/jobs", params={"limit": 0}),  # 422
+        await http.post("/v1/jobs", json={"script": "true", "backend": "nope"}),  # 422
+        await http.post("/v1/jobs", content=b"{"),  # 400
+        await http.post("/v1/jobs", json={"script": "#!/no/such/shell\n"}),  # 502
+        await http.get("/v1/backends"),
+        await http.get("/v1/backends/default"),
+        await http.get("/v1/backends/nope"),
+        await http.get("/healthz"),
+    ]
+    assert [r.status_code for r in responses] == [
+        201, 201, 409, 200, 200, 200, 200, 200, 204, 404, 422, 422, 422, 400, 502, 200, 200, 404, 200,
+    ]  # fmt: skip
+    for r in responses:
+        _check(doc, r)
