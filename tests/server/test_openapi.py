@@ -212,9 +212,10 @@ def test_jobspec_request_schema_matches_core(doc: dict[str, Any]) -> None:
     assert spec["required"] == ["script"]
     assert set(spec["properties"]) == set(JobSpec.model_fields)
     assert set(schemas["ResourceSpec"]["properties"]) == set(ResourceSpec.model_fields)
-    # The document forbids no field core accepts (unknown fields are the server's call).
+    # The server validates bodies with STRICT_INPUT, so the document forbids unknown
+    # fields at every level, as the server does.
     for name in ("JobSpec", "ResourceSpec"):
-        assert schemas[name].get("additionalProperties", True) is not False
+        assert schemas[name]["additionalProperties"] is False
 
 
 @pytest.mark.parametrize(
@@ -250,7 +251,14 @@ def test_jobspec_schema_accepts_what_core_accepts(doc: dict[str, Any], body: dic
 
 
 @pytest.mark.parametrize(
-    "body", [{"name": "no script"}, {"script": "x", "resources": {"duration": "long"}}, {"script": ["x"]}]
+    "body",
+    [
+        {"name": "no script"},
+        {"script": "x", "resources": {"duration": "long"}},
+        {"script": ["x"]},
+        {"script": "x", "scrpit": "typo"},
+        {"script": "x", "resources": {"nodes": 2}},
+    ],
 )
 def test_jobspec_schema_rejects_what_core_rejects(doc: dict[str, Any], body: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):

@@ -17,7 +17,6 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
@@ -26,7 +25,7 @@ from .backend import PsikBackend
 from .docs import docs_html
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS, CatchAll
-from .routes import ROUTES
+from .routes import ROUTES, resource
 from .security import LocalOnly
 from .service import JobService
 from .settings import Settings
@@ -89,8 +88,8 @@ def create_app(
     app = Starlette(
         routes=[
             *ROUTES,
-            Route("/openapi.json", openapi_json, methods=["GET"]),
-            Route("/", docs_page, methods=["GET"]),
+            resource("/openapi.json", get=openapi_json),
+            resource("/", get=docs_page),
         ],
         middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -312,6 +312,10 @@ def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
         jobid = schema.get("properties", {}).get("jobid")
         if jobid is not None and jobid.get("type") == "string":
             jobid["pattern"] = JOBID_REGEX
+    # The server validates request bodies with STRICT_INPUT: unknown fields are refused,
+    # at every level of a JobSpec (and it never sends any either).
+    for name in ("JobSpec", "ResourceSpec"):
+        schemas[name]["additionalProperties"] = False
     codes = ", ".join(f"`{code.value}`" for code in ProblemCode)
     schemas["Problem"]["properties"]["code"]["description"] = f"Stable error code: one of {codes}."
     for schema in schemas.values():

@@ -4,16 +4,19 @@ serialise with core's models. Every refusal names the parameter or field at faul
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from psik_api_core import (
     STRICT_INPUT,
     ApiError,
+    Job,
     JobSpec,
     JobState,
     ProblemCode,
@@ -25,6 +28,8 @@ from .problems import validation_problem
 from .security import principal
 from .service import JobService
 from .store import BadCursor
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 MAX_BODY = 1 << 20  # a JobSpec is a few KiB; a MiB leaves room for big scripts
 MAX_IDS = 1000
@@ -40,6 +45,9 @@ def _service(request: Request) -> JobService:
 def _json(model: BaseModel | list[BaseModel], status: int = 200, **headers: str) -> Response:
     if isinstance(model, list):
         content: Any = [m.model_dump(mode="json") for m in model]
+    elif isinstance(model, Job):
+        # cb_secret is write-only: it is never sent back, not even masked.
+        content = model.model_dump(mode="json", exclude={"spec": {"cb_secret"}})
     else:
         content = model.model_dump(mode="json")
     return JSONResponse(content, status_code=status, headers=headers or None)
@@ -219,15 +227,43 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+class Resource:
+    """The endpoint of one path: dispatches by method, and answers any other method
+    with a 405 problem naming exactly the methods the path has. (Two starlette Routes on
+    one path would each name only their own, and ``GET /v1/jobs/new`` would fall
+    through to ``/v1/jobs/{jobid}``.) An ASGI app rather than a function, so that
+    starlette routes every method here."""
+
+    def __init__(self, **handlers: Endpoint) -> None:
+        self.handlers = handlers
+        methods = {m.upper() for m in handlers} | ({"HEAD"} if "get" in handlers else set())
+        self.allow = ", ".join(sorted(methods))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        method = request.method.lower()
+        handler = self.handlers.get("get" if method == "head" else method)
+        if handler is None:
+            raise ApiError(
+                ProblemCode.method_not_allowed,
+                f"{request.method} is not allowed on {request.url.path}; allowed: {self.allow}",
+                headers={"Allow": self.allow},
+            )
+        response = await handler(request)
+        await response(scope, receive, send)
+
+
+def resource(path: str, **handlers: Endpoint) -> Route:
+    return Route(path, Resource(**handlers))
+
+
 ROUTES = [
-    Route("/v1/backends", list_backends, methods=["GET"]),
-    Route("/v1/backends/{name}", get_backend, methods=["GET"]),
-    Route("/v1/jobs", submit_job, methods=["POST"]),
-    Route("/v1/jobs", list_jobs, methods=["GET"]),
-    Route("/v1/jobs/new", new_job, methods=["POST"]),
-    Route("/v1/jobs/{jobid}/start", start_job, methods=["POST"]),
-    Route("/v1/jobs/{jobid}/state", get_state, methods=["GET"]),
-    Route("/v1/jobs/{jobid}", get_job, methods=["GET"]),
-    Route("/v1/jobs/{jobid}", delete_job, methods=["DELETE"]),
-    Route("/healthz", healthz, methods=["GET"]),
+    resource("/v1/backends", get=list_backends),
+    resource("/v1/backends/{name}", get=get_backend),
+    resource("/v1/jobs", get=list_jobs, post=submit_job),
+    resource("/v1/jobs/new", post=new_job),
+    resource("/v1/jobs/{jobid}/start", post=start_job),
+    resource("/v1/jobs/{jobid}/state", get=get_state),
+    resource("/v1/jobs/{jobid}", get=get_job, delete=delete_job),
+    resource("/healthz", get=healthz),
 ]
