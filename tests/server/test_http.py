@@ -63,6 +63,9 @@ async def test_seed_readme_submit_body_gives_201_job_with_location(http: httpx.A
         ({"script": "x", "backend": "nope"}, ["body", "backend"]),
         ({"script": "x", "directory": "/etc"}, ["body", "directory"]),
         ({"script": "x", "directory": "relative"}, ["body", "directory"]),
+        ({"script": "x", "callback": "\u00ff"}, ["body", "callback"]),
+        ({"script": "x", "callback": "file:///etc/passwd"}, ["body", "callback"]),
+        ({"script": "x", "callback": "http:///nohost"}, ["body", "callback"]),
     ],
 )
 async def test_bad_bodies_are_422_naming_the_field(
@@ -129,7 +132,16 @@ async def test_bad_list_queries_are_422_naming_the_parameter(
 
 async def test_unknown_route_and_method(http: httpx.AsyncClient) -> None:
     _problem(await http.get("/v1/nope"), 404, "not_found")
-    _problem(await http.put("/v1/jobs"), 405, "method_not_allowed")
+    r = await http.put("/v1/jobs")
+    _problem(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "GET, HEAD, POST"
+    # Not taken for GET /v1/jobs/{jobid} with a bad id: the path exists, the method does not.
+    r = await http.get("/v1/jobs/new")
+    _problem(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+    r = await http.request("OPTIONS", "/v1/jobs/1000000000.001")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD"
+    assert (await http.head("/healthz")).status_code == 200
 
 
 async def test_idempotency_key(http: httpx.AsyncClient, app: Starlette) -> None:
@@ -156,7 +168,9 @@ async def test_secret_is_never_returned(http: httpx.AsyncClient) -> None:
     r = await http.post("/v1/jobs/new", json={"script": "true", "cb_secret": "hunter2"})
     assert r.status_code == 201
     assert "hunter2" not in r.text
-    assert "hunter2" not in (await http.get(f"/v1/jobs/{r.json()['jobid']}")).text
+    got = await http.get(f"/v1/jobs/{r.json()['jobid']}")
+    assert "hunter2" not in got.text
+    assert "cb_secret" not in got.json()["spec"]  # write-only: not even masked
 
 
 async def test_state_route_and_start_conflict(http: httpx.AsyncClient) -> None:

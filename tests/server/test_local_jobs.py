@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -177,3 +178,29 @@ async def test_a_dead_launcher_is_replaced(app: Starlette) -> None:
         assert second.status_code == 201, second.text
         assert (await _wait_final(http, second.json()["jobid"]))["state"] == "completed"
         assert app.state.service.backend._launcher._proc.pid != launcher.pid
+
+
+async def test_a_dead_callback_url_delays_neither_submit_nor_cancel(app: Starlette) -> None:
+    """psik awaits callback POSTs inside submit() and cancel() (up to 5 minutes), and a
+    failed one stopped cancel() before it signalled the job."""
+    import socket
+
+    from psik_api_server.liveness import process_running
+
+    blackhole = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    hook = f"http://127.0.0.1:{blackhole.getsockname()[1]}/hook"
+    try:
+        async with _client(app) as http:
+            with anyio.fail_after(20):  # far below psik's 300 s callback timeout
+                r = await http.post("/v1/jobs", json={"script": "sleep 60", "callback": hook})
+                assert r.status_code == 201, r.text
+                jobid = r.json()["jobid"]
+                history = (await http.get(f"/v1/jobs/{jobid}")).json()["history"]
+                pid = int(next(t["info"] for t in history if t["state"] == "queued"))
+                canceled = (await http.delete(f"/v1/jobs/{jobid}")).json()
+            assert canceled["state"] == "canceled"
+            with anyio.fail_after(20):
+                while process_running(pid, time.time()):  # the job really was signalled
+                    await anyio.sleep(0.05)
+    finally:
+        blackhole.close()

@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from psik_api_core import BackendInfo, JobSpec
 
@@ -67,6 +68,19 @@ def missing_interpreter(spec: JobSpec) -> str | None:
     return None
 
 
+#: How long a job's callback POST may take before it is given up (and logged).
+CALLBACK_TIMEOUT = 30.0
+
+
+async def _post_callback(
+    send: Callable[[int, Any, str], Awaitable[bool]], jobid: str, jobndx: int, state: Any, info: str
+) -> None:
+    try:
+        await asyncio.wait_for(send(jobndx, state, info), CALLBACK_TIMEOUT)
+    except Exception as e:
+        _logger.warning("job %s: callback for %s not delivered: %s", jobid, getattr(state, "value", state), e)
+
+
 class PsikBackend:
     """psik's JobManager plus the launcher, for one prefix and its named backends."""
 
@@ -103,6 +117,7 @@ class PsikBackend:
         self._manager = JobManager(Config(prefix=self.prefix, backends=usable))
         self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
         self._warm_up: asyncio.Task[object] | None = None
+        self._callbacks: set[asyncio.Task[None]] = set()
 
     def warm_up(self) -> None:
         """Start the launcher now, so the first local submit does not wait for it."""
@@ -154,6 +169,7 @@ class PsikBackend:
             try:
                 if btype == "local":
                     return await self._launcher.submit(base)
+                self._defer_callbacks(job)
                 jobndx, native_id = await job.submit()
                 return int(jobndx), str(native_id)
             except (LaunchError, Exception) as e:
@@ -175,7 +191,25 @@ class PsikBackend:
         from psik.job import Job as PsikJob
 
         job = await PsikJob(self.path(jobid))
+        self._defer_callbacks(job)
         await job.cancel()
+
+    def _defer_callbacks(self, job: Any) -> None:
+        """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's
+        5-minute default timeout, and a failed POST stops cancel() before it signals the
+        job. Here the POST is made in the background, with a timeout, and its failure
+        only logged: the job's own state never waits on someone else's web server."""
+        send = job.send_callback
+
+        async def deferred(jobndx: int, state: Any, info: str) -> bool:
+            task = asyncio.get_running_loop().create_task(
+                _post_callback(send, job.stamp, jobndx, state, info)
+            )
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
+            return True
+
+        job.send_callback = deferred
 
     async def remove(self, jobid: str) -> None:
         """Delete the job's directory (only ever called for final jobs)."""
@@ -183,6 +217,8 @@ class PsikBackend:
         await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
     async def aclose(self) -> None:
+        for task in list(self._callbacks):
+            task.cancel()
         if self._warm_up is not None:
             with contextlib.suppress(Exception):
                 await self._warm_up

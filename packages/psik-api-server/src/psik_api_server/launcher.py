@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -149,11 +150,36 @@ class LocalLauncher:
 # ---- the launcher process itself ----
 
 
+def _post_later(send: Any, jobid: str, jobndx: int, state: Any, info: str) -> None:
+    async def post() -> None:
+        await asyncio.wait_for(send(jobndx, state, info), 30)
+
+    try:
+        asyncio.run(post())
+    except Exception as e:
+        _logger.warning("job %s: callback not delivered: %s", jobid, e)
+
+
 def _serve(requests: IO[str], replies: IO[str]) -> None:
     from psik.job import Job  # imported once, here, not in the server's process
 
+    launcher_pid = os.getpid()
+
     async def submit(base: str) -> tuple[int, str]:
         job = await Job(base)
+        send = job.send_callback
+
+        async def send_callback(jobndx: int, state: Any, info: str) -> bool:
+            if os.getpid() != launcher_pid:  # in the job's own process, psik's way
+                return bool(await send(jobndx, state, info))
+            # psik awaits the `queued` callback inside submit() (aiohttp: up to 5 min);
+            # a slow callback URL must not hold up everyone else's submits.
+            threading.Thread(
+                target=_post_later, args=(send, job.stamp, jobndx, state, info), daemon=True
+            ).start()
+            return True
+
+        job.send_callback = send_callback
         jobndx, native_id = await job.submit()
         return int(jobndx), str(native_id)
 

@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from psik_api_core import (
     Action,
@@ -225,6 +226,14 @@ class JobService:
                 ProblemCode.backend_unavailable,
                 f"backend {spec.backend!r} is unavailable: {self.backend.health.get(spec.backend)}",
             )
+        if spec.callback is not None:
+            url = urlsplit(spec.callback)
+            if url.scheme not in {"http", "https"} or not url.hostname:
+                raise ApiError(
+                    ProblemCode.validation_error,
+                    f"callback {spec.callback[:100]!r} is not an absolute http(s) URL",
+                    errors=[field_error(["body", "callback"], "must be an absolute http(s) URL")],
+                )
         if spec.directory is not None:
             # The resolved path is what psik gets: a symlink swapped after this check
             # cannot point the job elsewhere.
