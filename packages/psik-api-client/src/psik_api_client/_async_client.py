@@ -103,7 +103,7 @@ class AsyncClient(BaseClient):
         return await self._drive(self._start_flow(jobid))
 
     async def get(self, jobid: str) -> Job:
-        """The job with its spec (secrets masked) and full history."""
+        """The job with its spec (without `cb_secret`, which is write-only) and full history."""
         return await self._drive(self._get_flow(jobid))
 
     async def state(self, jobid: str) -> JobStatus:

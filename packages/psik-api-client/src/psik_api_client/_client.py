@@ -103,7 +103,7 @@ class Client(BaseClient):
         return self._drive(self._start_flow(jobid))
 
     def get(self, jobid: str) -> Job:
-        """The job with its spec (secrets masked) and full history."""
+        """The job with its spec (without `cb_secret`, which is write-only) and full history."""
         return self._drive(self._get_flow(jobid))
 
     def state(self, jobid: str) -> JobStatus:

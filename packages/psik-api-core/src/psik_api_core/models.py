@@ -140,7 +140,7 @@ class JobSummary(_Model):
 
 
 class Job(JobSummary):
-    """A job with its spec (secrets masked) and full history."""
+    """A job with its spec (the server never returns `cb_secret`) and full history."""
 
     spec: JobSpec
     history: list[Transition] = Field(default_factory=list)

@@ -213,7 +213,7 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", "/v1/jobs/{jobid}", "getJob", "jobs", "Get a job",
-        "The job with its spec (`cb_secret` masked) and full history.",
+        "The job with its spec (`cb_secret` is write-only: never returned) and full history.",
         {200: Reply("The job.", Job)},
         params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
     ),
