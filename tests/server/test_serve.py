@@ -94,6 +94,21 @@ def test_seed_readme_uvicorn_main_app_serves_job_routes(tmp_path: Path) -> None:
         assert (prefix / str(job["jobid"]) / "spec.json").is_file()
 
 
+def test_ignored_config_keys_are_reported_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "psik_api.json"
+    seed = {"prefix": str(tmp_path / "jobs"), "psik_path": "/x/psik", "rc_path": "/x/rc", "backend": {}}
+    cfg.write_text(json.dumps({"backends": {"default": seed}, "colour": "blue"}))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "psik-api-server"), "serve", "--config", str(cfg), "--port", str(port)]
+    with _running(argv, _env(tmp_path), url) as proc:
+        proc.terminate()
+        out = proc.stdout.read().decode() if proc.stdout else ""
+    lines = [line for line in out.splitlines() if "psik_path" in line]
+    assert len(lines) == 1, out
+    assert str(cfg) in lines[0] and "rc_path" in lines[0] and "colour" in lines[0]
+
+
 def test_broken_config_stops_start_up_with_file_and_reason(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.json"
     cfg.write_text('{"backends": {"default": {"type": "local",}}}')

@@ -47,6 +47,8 @@ def test_seed_readme_formats() -> None:
     assert s.backends["default"].project_name == "prj123"
     assert s.backends["default"].attributes == {"---gpu-bind": "closest"}
     assert any("psik_path" in n for n in s.notes) and any("rc_path" in n for n in s.notes)
+    line = s.notes_line()
+    assert line is not None and "\n" not in line and "psik_path" in line and "rc_path" in line
 
 
 def test_psik3_flat_format_and_unknown_keys() -> None:

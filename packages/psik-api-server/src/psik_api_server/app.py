@@ -56,8 +56,8 @@ def create_app(
         clock=clock or time.time,
         import_owner=LOCAL_USER,
     )
-    for note in settings.notes:
-        _logger.warning("config: %s", note)
+    if (notes := settings.notes_line()) is not None:
+        _logger.warning("%s", notes)
     counts = service.reconcile()
     _logger.info(
         "index: %d jobs (%d imported from %s, %d removed, %d refreshed)",

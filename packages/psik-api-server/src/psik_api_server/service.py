@@ -31,6 +31,7 @@ from psik_api_core import (
     Policy,
     Principal,
     ProblemCode,
+    can_cancel,
     can_start,
     derive_state,
     field_error,
@@ -405,7 +406,7 @@ class JobService:
         self._owned(principal, jobid, Action.write)
         async with self._lock(jobid):
             files = self._refresh(jobid)
-            if files is not None and not files.state[0].is_final:
+            if files is not None and can_cancel(files.state[0]):
                 await self.backend.cancel(jobid)
                 self._refresh(jobid)
                 self.watcher.poke(jobid)

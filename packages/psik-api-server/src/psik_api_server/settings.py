@@ -72,11 +72,19 @@ class Settings(BaseModel):
     liveness_interval: float = 2.0
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
+    #: The file these settings came from (None: the embedded default).
+    source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("prefix", "database")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
+
+    def notes_line(self) -> str | None:
+        """What the config file says that has no effect, in one line (None if nothing)."""
+        if not self.notes:
+            return None
+        return f"config {self.source or '(default)'}: " + "; ".join(self.notes)
 
     @property
     def database_path(self) -> Path:
@@ -113,7 +121,7 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top")
     try:
-        return parse_config(raw)
+        settings = parse_config(raw)
     except ValidationError as e:
         reasons = "; ".join(
             f"{'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors()
@@ -121,6 +129,8 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{path}: {reasons}") from None
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
+    settings.source = path
+    return settings
 
 
 _SERVER_KEYS = {
