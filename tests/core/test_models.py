@@ -9,12 +9,10 @@ from pydantic import ValidationError
 from psik_api_core import (
     STRICT_INPUT,
     Action,
-    ApiError,
     Job,
     JobSpec,
     OwnerPolicy,
     Principal,
-    ProblemCode,
     is_jobid,
 )
 
@@ -79,12 +77,6 @@ def test_jobid_refuses(bad: str) -> None:
 def test_secret_never_serialised_in_json() -> None:
     spec = JobSpec(script="x", cb_secret="hunter2")  # type: ignore[arg-type]
     assert "hunter2" not in spec.model_dump_json()
-
-
-def test_problem_of_an_api_error() -> None:
-    p = ApiError(ProblemCode.conflict, "job 1.2 is active", jobid="1.2").problem("/v1/jobs/1.2/start")
-    assert (p.status, p.code, p.title) == (409, "conflict", ProblemCode.conflict.problem_title)
-    assert p.model_dump()["jobid"] == "1.2"
 
 
 def test_owner_policy() -> None:

@@ -220,7 +220,8 @@ async def test_list_is_served_from_the_index(http: httpx.AsyncClient, app: Starl
 
 def test_problem_bodies_are_json_documents() -> None:
     # A guard that the problem helper emits real JSON (not repr) for extension members.
-    from psik_api_core import ApiError, ProblemCode
+    from psik_api_core import ProblemCode
+    from psik_api_server.errors import ApiError
     from psik_api_server.problems import problem_response
 
     r = problem_response(ApiError(ProblemCode.conflict, "busy", jobid="1.2", state="active"), "/x")
@@ -256,3 +257,12 @@ async def test_bad_idempotency_keys(http: httpx.AsyncClient, key: str) -> None:
         "validation_error",
     )
     assert _locs(body) == [["header", "Idempotency-Key"]]
+
+
+def test_problem_of_an_api_error() -> None:
+    from psik_api_core import ProblemCode
+    from psik_api_server.errors import ApiError
+
+    p = ApiError(ProblemCode.conflict, "job 1.2 is active", jobid="1.2").problem("/v1/jobs/1.2/start")
+    assert (p.status, p.code, p.title) == (409, "conflict", ProblemCode.conflict.problem_title)
+    assert p.model_dump()["jobid"] == "1.2"

@@ -2,7 +2,8 @@
 shared by the server and the client. Pure: no I/O and no psik."""
 
 from .authz import LOCAL_USER, Action, OwnerPolicy, Policy, Principal
-from .errors import ApiError, ProblemCode, field_error
+from .errors import ProblemCode, field_error
+from .limits import LIMITS, Limits
 from .models import (
     JOBID_PATTERN,
     STRICT_INPUT,
@@ -20,18 +21,27 @@ from .models import (
     is_jobid,
     utc,
 )
-from .states import FINAL_STATES, TRANSITIONS, JobState, can_cancel, can_start, can_transition, derive_state
+from .states import (
+    FINAL_STATES,
+    TRANSITIONS,
+    JobState,
+    can_cancel,
+    can_start,
+    can_transition,
+    derive_state,
+    run_outcome,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FINAL_STATES",
     "JOBID_PATTERN",
+    "LIMITS",
     "LOCAL_USER",
     "STRICT_INPUT",
     "TRANSITIONS",
     "Action",
-    "ApiError",
     "BackendInfo",
     "FieldError",
     "Job",
@@ -40,6 +50,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobSummary",
+    "Limits",
     "OwnerPolicy",
     "Page",
     "Policy",
@@ -54,5 +65,6 @@ __all__ = [
     "derive_state",
     "field_error",
     "is_jobid",
+    "run_outcome",
     "utc",
 ]

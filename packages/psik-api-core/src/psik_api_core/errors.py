@@ -2,14 +2,14 @@
 
 On the wire every error is an RFC 9457 ``application/problem+json`` document whose
 ``code`` is one of :class:`ProblemCode`; the client maps codes to exception classes.
+Core knows no HTTP: the server's ``ApiError`` carries a code (and any headers) to the wire.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
-from .models import FieldError, Problem
+from .models import FieldError
 
 
 class ProblemCode(StrEnum):
@@ -70,37 +70,6 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.backend_unavailable: "Backend unavailable",
     ProblemCode.internal_error: "Internal server error",
 }
-
-
-class ApiError(Exception):
-    """An error with a problem code; the server turns it into problem+json."""
-
-    def __init__(
-        self,
-        code: ProblemCode,
-        detail: str,
-        *,
-        errors: list[FieldError] | None = None,
-        headers: dict[str, str] | None = None,
-        **extensions: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.errors = errors
-        self.headers = headers or {}
-        self.extensions = extensions
-
-    def problem(self, instance: str | None = None) -> Problem:
-        return Problem(
-            title=self.code.problem_title,
-            status=self.code.status,
-            detail=self.detail,
-            instance=instance,
-            code=self.code.value,
-            errors=self.errors,
-            **self.extensions,
-        )
 
 
 def field_error(loc: str | list[str | int], msg: str, type: str = "value_error") -> FieldError:

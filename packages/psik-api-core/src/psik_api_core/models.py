@@ -140,8 +140,15 @@ class JobSummary(_Model):
 
 
 class Job(JobSummary):
-    """A job with its spec (the server never returns `cb_secret`) and full history."""
+    """A job with its spec (the server never returns `cb_secret`) and full history.
 
+    ``native_id`` is the backend's own id of the current run (the local process id, the
+    Slurm job id), None before it is submitted; ``exit_code`` is the script's exit status
+    once the run ended, else None.
+    """
+
+    native_id: str | None = None
+    exit_code: int | None = None
     spec: JobSpec
     history: list[Transition] = Field(default_factory=list)
 

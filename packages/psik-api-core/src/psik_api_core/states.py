@@ -71,6 +71,13 @@ class Row(Protocol):
     def state(self) -> JobState | str: ...
 
 
+class InfoRow(Row, Protocol):
+    """A row with psik's free-text ``info`` column."""
+
+    @property
+    def info(self) -> str: ...
+
+
 def derive_state(history: Iterable[Row]) -> tuple[JobState, int]:
     """The current ``(state, jobndx)`` of a job from its history, in any row order.
 
@@ -99,3 +106,37 @@ def derive_state(history: Iterable[Row]) -> tuple[JobState, int]:
     if any(ndx == run and s is JobState.active for _, ndx, s in rows):
         return JobState.active, run
     return JobState.queued, run
+
+
+def run_outcome(history: Iterable[InfoRow]) -> tuple[str | None, int | None]:
+    """``(native_id, exit_code)`` of the current run, from what psik wrote in ``info``.
+
+    psik writes the backend's id (a local PID, a Slurm job id) as the info of the run's
+    ``queued`` row, and the script's exit status as the info of its ``failed`` row
+    (``completed`` means 0). A ``failed`` row whose info is not a number (a refused
+    submission, a vanished process) and a cancelled run have no exit code.
+    """
+    rows = list(history)
+    state, run = derive_state(rows)
+    if run == 0:
+        return None, None
+    native_id = next(
+        (
+            r.info
+            for r in sorted(rows, key=lambda r: r.time)
+            if r.jobndx == run and JobState(r.state) is JobState.queued and r.info
+        ),
+        None,
+    )
+    exit_code: int | None = None
+    if state is JobState.completed:
+        exit_code = 0
+    elif state is JobState.failed:
+        ended = sorted(
+            (r for r in rows if r.jobndx == run and JobState(r.state) is JobState.failed),
+            key=lambda r: r.time,
+        )
+        info = ended[0].info.strip() if ended else ""
+        if info.lstrip("-").isdigit():
+            exit_code = int(info)
+    return native_id, exit_code

@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
@@ -25,7 +23,7 @@ from .backend import PsikBackend
 from .docs import docs_html
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS, CatchAll
-from .routes import ROUTES, resource
+from .routes import build_routes
 from .security import LocalOnly
 from .service import JobService
 from .settings import Settings
@@ -70,12 +68,6 @@ def create_app(
     openapi = build_openapi(version=__version__, backends=sorted(backend.settings))
     docs = docs_html(openapi)
 
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(openapi)
-
-    async def docs_page(request: Request) -> Response:
-        return HTMLResponse(docs)
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.ensure_running()
@@ -86,11 +78,7 @@ def create_app(
             store.close()
 
     app = Starlette(
-        routes=[
-            *ROUTES,
-            resource("/openapi.json", get=openapi_json),
-            resource("/", get=docs_page),
-        ],
+        routes=build_routes(openapi=openapi, docs=docs),
         middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -17,7 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from psik_api_core import ApiError, FieldError, ProblemCode
+from psik_api_core import FieldError, ProblemCode
+
+from .errors import ApiError
 
 _logger = logging.getLogger(__name__)
 

@@ -4,18 +4,17 @@ serialise with core's models. Every refusal names the parameter or field at faul
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from psik_api_core import (
     STRICT_INPUT,
-    ApiError,
     Job,
     JobSpec,
     JobState,
@@ -24,10 +23,10 @@ from psik_api_core import (
     is_jobid,
 )
 
+from .errors import ApiError
 from .problems import validation_problem
 from .security import principal
 from .service import JobService
-from .store import BadCursor
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -38,12 +37,11 @@ MAX_KEY = 200
 
 def _service(request: Request) -> JobService:
     service: JobService = request.app.state.service
-    service.ensure_running()
     return service
 
 
-def _json(model: BaseModel | list[BaseModel], status: int = 200, **headers: str) -> Response:
-    if isinstance(model, list):
+def _json(model: BaseModel | Sequence[BaseModel], status: int = 200, **headers: str) -> Response:
+    if not isinstance(model, BaseModel):
         content: Any = [m.model_dump(mode="json") for m in model]
     elif isinstance(model, Job):
         # cb_secret is write-only: it is never sent back, not even masked.
@@ -123,18 +121,12 @@ def _idempotency_key(request: Request) -> str | None:
 
 async def list_backends(request: Request) -> Response:
     _only_params(request, set())
-    backend = _service(request).backend
-    return _json([backend.info(name) for name in backend.settings])
+    return _json(_service(request).backends())
 
 
 async def get_backend(request: Request) -> Response:
-    backend = _service(request).backend
-    name = str(request.path_params["name"])
-    if name not in backend.settings:
-        raise ApiError(
-            ProblemCode.not_found, f"no backend {name!r}; configured: {', '.join(sorted(backend.settings))}"
-        )
-    return _json(backend.info(name))
+    _only_params(request, set())
+    return _json(_service(request).backend_info(str(request.path_params["name"])))
 
 
 # ---- jobs ----
@@ -186,18 +178,15 @@ async def list_jobs(request: Request) -> Response:
             raise _bad_query("limit", f"{raw[:32]!r} is not an integer from 1 to 1000")
         limit = int(raw)
     cursor = q.get("cursor") or None
-    try:
-        page = _service(request).list(
-            principal(request),
-            states=states,
-            backend=q.get("backend"),
-            name=q.get("name"),
-            ids=ids,
-            limit=limit,
-            cursor=cursor,
-        )
-    except BadCursor as e:
-        raise _bad_query("cursor", str(e)) from None
+    page = _service(request).list(
+        principal(request),
+        states=states,
+        backend=q.get("backend"),
+        name=q.get("name"),
+        ids=ids,
+        limit=limit,
+        cursor=cursor,
+    )
     return _json(page)
 
 
@@ -255,6 +244,18 @@ class Resource:
 
 def resource(path: str, **handlers: Endpoint) -> Route:
     return Route(path, Resource(**handlers))
+
+
+def build_routes(*, openapi: dict[str, Any], docs: str) -> list[Route]:
+    """Every route of the app: the API's, the OpenAPI document and the docs page."""
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def docs_page(request: Request) -> Response:
+        return HTMLResponse(docs)
+
+    return [*ROUTES, resource("/openapi.json", get=openapi_json), resource("/", get=docs_page)]
 
 
 ROUTES = [

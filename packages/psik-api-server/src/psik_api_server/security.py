@@ -14,8 +14,9 @@ import ipaddress
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from psik_api_core import LOCAL_USER, ApiError, Principal, ProblemCode
+from psik_api_core import LOCAL_USER, Principal, ProblemCode
 
+from .errors import ApiError
 from .problems import problem_response
 
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from psik_api_core import (
     Action,
-    ApiError,
+    BackendInfo,
     Job,
     JobSpec,
     JobState,
@@ -35,13 +35,15 @@ from psik_api_core import (
     can_start,
     derive_state,
     field_error,
+    run_outcome,
     utc,
 )
 
 from .backend import PsikBackend, SubmitError
+from .errors import ApiError
 from .jobdir import JobFiles, Row, list_jobids, read_job
 from .liveness import process_running
-from .store import JobRow, JobStore
+from .store import BadCursor, JobRow, JobStore
 from .watcher import StatusWatcher
 
 _logger = logging.getLogger(__name__)
@@ -261,6 +263,19 @@ class JobService:
 
     # ---- operations ----
 
+    def backends(self) -> list[BackendInfo]:
+        """Every configured backend, with its health."""
+        return [self.backend.info(name) for name in self.backend.settings]
+
+    def backend_info(self, name: str) -> BackendInfo:
+        """One configured backend; 404 naming the configured ones otherwise."""
+        if name not in self.backend.settings:
+            raise ApiError(
+                ProblemCode.not_found,
+                f"no backend {name!r}; configured: {', '.join(sorted(self.backend.settings))}",
+            )
+        return self.backend.info(name)
+
     async def create(
         self, principal: Principal, spec: JobSpec, *, submit: bool, idempotency_key: str | None
     ) -> tuple[Job, bool]:
@@ -358,6 +373,7 @@ class JobService:
         if files is None:
             raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
         state, jobndx = files.state
+        native_id, exit_code = run_outcome(files.history)
         return Job(
             jobid=jobid,
             name=files.spec.name,
@@ -365,6 +381,8 @@ class JobService:
             owner=row.owner,
             state=state,
             jobndx=jobndx,
+            native_id=native_id,
+            exit_code=exit_code,
             created=utc(files.created),
             updated=utc(files.updated),
             spec=files.spec,
@@ -390,15 +408,22 @@ class JobService:
             ids = [i for i in ids if i in principal.jobs] if ids else sorted(principal.jobs)
             if not ids:
                 return Page[JobSummary](items=[], next_cursor=None)
-        rows, next_cursor = self.store.list(
-            principal.user,
-            states=states,
-            backend=backend,
-            name=name,
-            ids=ids,
-            limit=limit,
-            cursor=cursor,
-        )
+        try:
+            rows, next_cursor = self.store.list(
+                principal.user,
+                states=states,
+                backend=backend,
+                name=name,
+                ids=ids,
+                limit=limit,
+                cursor=cursor,
+            )
+        except BadCursor as e:
+            raise ApiError(
+                ProblemCode.validation_error,
+                f"query parameter 'cursor': {e}",
+                errors=[field_error(["query", "cursor"], str(e))],
+            ) from None
         return Page[JobSummary](items=[r.summary() for r in rows], next_cursor=next_cursor)
 
     async def cancel(self, principal: Principal, jobid: str) -> Job:

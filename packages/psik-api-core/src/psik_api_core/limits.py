@@ -1,0 +1,25 @@
+"""The request limits of the HTTP contract, stated once.
+
+The server enforces them, its OpenAPI document states them, and the client checks what
+it can before sending, all from this one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: Largest JSON request body (a JobSpec is a few KiB; a MiB leaves room for big scripts).
+    max_body_bytes: int = 1 << 20
+    #: Most ``id`` filters in one ``GET /v1/jobs`` (batch status).
+    max_ids: int = 1000
+    #: Page size of ``GET /v1/jobs``: the default and the largest allowed.
+    default_page_size: int = 100
+    max_page_size: int = 1000
+    #: Longest ``Idempotency-Key`` header.
+    max_idempotency_key: int = 200
+
+
+LIMITS = Limits()
