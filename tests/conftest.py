@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from psik_api_client import AsyncClient, Client
 from psik_api_server.app import create_app
+from psik_api_server.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings
 from support import ASGIThreadTransport, AsyncApi, LiveServer, SyncApi
 
@@ -34,6 +35,12 @@ def settings(tmp_path: Path) -> Settings:
     )
 
 
+def lazy_app(settings: Settings) -> Starlette:
+    """The app as the server builds it, except that its launcher starts at the first
+    local submit rather than with the app: tests that run no job spawn no launcher."""
+    return create_app(settings, launcher=LocalLauncher(settings.prefix.parent / "launcher.log", eager=False))
+
+
 MODES = ["async-inprocess", "sync-inprocess", "async-live", "sync-live"]
 
 
@@ -41,7 +48,7 @@ MODES = ["async-inprocess", "sync-inprocess", "async-live", "sync-live"]
 async def api(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Any]:
     """The real client on the real app, in each of the four ways."""
     mode: str = request.param
-    app = create_app(settings)
+    app = lazy_app(settings)
     if mode == "async-inprocess":
         async with LifespanManager(app):
             transport = httpx.ASGITransport(app=app)
@@ -67,7 +74,7 @@ async def api(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterat
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
     """The app alone (with its lifespan), for tests that drive HTTP by hand."""
-    application = create_app(settings)
+    application = lazy_app(settings)
     async with LifespanManager(application):
         yield application
 
@@ -83,5 +90,5 @@ async def http(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def live_app(settings: Settings) -> Iterator[LiveServer]:
-    with LiveServer(create_app(settings)) as live:
+    with LiveServer(lazy_app(settings)) as live:
         yield live

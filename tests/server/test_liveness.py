@@ -16,7 +16,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from psik_api_server.app import create_app
-from psik_api_server.liveness import process_running
+from psik_api_server.liveness import has_proc, process_running, vanished_jobs
 from psik_api_server.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -35,7 +35,18 @@ def test_process_running() -> None:
     assert not process_running(0, time.time())
 
 
-async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings) -> None:
+def test_without_proc_a_live_pid_is_never_called_dead(tmp_path: Path) -> None:
+    """macOS and the BSDs have no /proc: kill(pid, 0) is all there is to ask."""
+    assert has_proc() and not has_proc(tmp_path)
+    assert process_running(os.getpid(), time.time(), proc=tmp_path)
+    # A PID reuse cannot be told there: a live process gets the benefit of the doubt.
+    assert process_running(os.getpid(), time.time() - 10_000 - time.monotonic(), proc=tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the PID names no process now
+    assert not process_running(child.pid, time.time(), proc=tmp_path)
+
+
+async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings, tmp_path: Path) -> None:
     settings.liveness_interval = 0.05
     app = create_app(settings)
     async with (
@@ -50,8 +61,13 @@ async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings
                 await anyio.sleep(0.02)
         history = (await http.get(f"/v1/jobs/{jobid}")).json()["history"]
         pid = int(next(t["info"] for t in history if t["state"] == "queued"))
-        await anyio.sleep(0.3)
-        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "active"  # alive: untouched
+        assert await app.state.service.check_liveness() == []  # alive: untouched
+        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "active"
+        # Without /proc (macOS), only kill(pid, 0) is asked: the live job is still alive.
+        service = app.state.service
+        no_proc = tmp_path / "no-proc"
+        no_proc.mkdir()
+        assert vanished_jobs(service.store, service.backend.prefix, {"default"}, proc=no_proc) == []
         os.kill(pid, signal.SIGKILL)  # psik's job process dies without writing a row
         os.kill(int((workdir / "script.pid").read_text()), signal.SIGKILL)
         with anyio.fail_after(20):

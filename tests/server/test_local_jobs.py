@@ -133,7 +133,7 @@ async def test_index_states_are_brought_up_to_date_at_start(settings: Settings) 
     with open(settings.prefix / job["jobid"] / "status.csv", "a") as f:
         f.write(f"{float(job['jobid']) + 1},1,queued,123\n{float(job['jobid']) + 2},1,failed,9\n")
     again = create_app(settings)
-    async with _client(again) as http:  # no lifespan: the index is reconciled in create_app
+    async with LifespanManager(again), _client(again) as http:  # the lifespan reconciles the index
         state = (await http.get(f"/v1/jobs/{job['jobid']}/state")).json()
         assert (state["state"], state["jobndx"]) == ("failed", 1)
         listed = (await http.get("/v1/jobs?state=failed")).json()["items"]

@@ -26,7 +26,7 @@ def _row(i: int, owner: str = "u", state: JobState = JobState.new, created: floa
 
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "index.sqlite")
+    return JobStore(tmp_path / "index.sqlite").open()
 
 
 def test_pages_cover_everything_once_newest_first(store: JobStore) -> None:
@@ -90,7 +90,26 @@ def test_idempotency_claims(store: JobStore) -> None:
 
 
 def test_index_survives_reopen(tmp_path: Path) -> None:
-    s = JobStore(tmp_path / "i.sqlite")
+    s = JobStore(tmp_path / "i.sqlite").open()
     s.put(_row(1))
     s.close()
-    assert JobStore(tmp_path / "i.sqlite").get(_row(1).jobid) == _row(1)
+    assert JobStore(tmp_path / "i.sqlite").open().get(_row(1).jobid) == _row(1)
+
+
+def test_building_a_store_touches_no_file_and_use_before_open_is_refused(tmp_path: Path) -> None:
+    s = JobStore(tmp_path / "sub" / "i.sqlite")
+    assert not (tmp_path / "sub").exists()
+    with pytest.raises(RuntimeError, match="not open"):
+        s.get("1.1")
+
+
+def test_a_transaction_is_all_or_nothing(store: JobStore) -> None:
+    with pytest.raises(ZeroDivisionError), store.transaction():
+        store.put(_row(1))
+        1 / 0  # noqa: B018
+    assert store.get(_row(1).jobid) is None
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0)])  # no such row: nothing, no error
+    store.put(_row(2))
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0)])
+    got = store.get(_row(2).jobid)
+    assert got is not None and (got.state, got.jobndx, got.updated) == (JobState.active, 1, 5.0)

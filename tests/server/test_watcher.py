@@ -11,7 +11,7 @@ import pytest
 
 from psik_api_core import JobState, derive_state
 from psik_api_server.jobdir import Row
-from psik_api_server.watcher import StatusWatcher
+from psik_api_server.watcher import Change, StatusWatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -21,8 +21,8 @@ class Seen:
         self.calls: list[tuple[str, list[Row]]] = []
         self.changed = anyio.Event()
 
-    async def __call__(self, jobid: str, rows: list[Row], new: list[Row]) -> None:
-        self.calls.append((jobid, new))
+    async def __call__(self, changes: list[Change]) -> None:
+        self.calls.extend((c.jobid, c.new) for c in changes)
         self.changed.set()
 
     async def next(self) -> list[Row]:
@@ -50,7 +50,7 @@ async def test_new_rows_are_reported_once_and_final_jobs_dropped(tmp_path: Path)
         assert len(w) == 0  # final: no longer followed
         with status.open("a") as f:
             f.write("2.0,1,queued,99\n")  # the late row psik can write
-        await anyio.sleep(0.1)
+        await w.check_all()  # a whole look, done: the final job is not looked at
         assert len(seen.calls) == 3
     finally:
         await w.stop()

@@ -1,9 +1,10 @@
 """The app factory: ``create_app(settings, *, backend=None, store=None, clock=None)``.
 
 Everything the app needs is built here (or passed in by tests) and hangs off
-``app.state``; nothing lives in module globals. The watcher starts on the first request
-or at lifespan start-up, whichever comes first, so the app also works under ASGI
-transports that run no lifespan.
+``app.state``; nothing lives in module globals. Building does no I/O: the lifespan
+opens the index, reconciles it with the job directories, starts the watcher, the
+liveness loop and the launcher, and stops them again. An ASGI server runs the lifespan;
+tests wrap the app in ``asgi_lifespan.LifespanManager``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 from . import __version__
 from .backend import PsikBackend
 from .docs import docs_html
+from .launcher import LocalLauncher
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS, CatchAll
 from .routes import build_routes
@@ -37,12 +39,17 @@ def create_app(
     *,
     backend: PsikBackend | None = None,
     store: JobStore | None = None,
+    launcher: LocalLauncher | None = None,
     clock: Callable[[], float] | None = None,
     policy: Policy | None = None,
 ) -> Starlette:
-    """Build the psik-api ASGI app. The index is reconciled with the prefix right away."""
+    """Build the psik-api ASGI app (no I/O: the lifespan starts it).
+
+    ``launcher`` submits local jobs (default: one started with the server; pass
+    ``LocalLauncher(eager=False)`` to start it only at the first local submit).
+    """
     settings = settings or Settings()
-    backend = backend or PsikBackend(settings.prefix, settings.backends)
+    backend = backend or PsikBackend(settings.prefix, settings.backends, launcher)
     store = store or JobStore(settings.database_path)
     service = JobService(
         store,
@@ -54,31 +61,20 @@ def create_app(
         clock=clock or time.time,
         import_owner=LOCAL_USER,
     )
-    if (notes := settings.notes_line()) is not None:
-        _logger.warning("%s", notes)
-    counts = service.reconcile()
-    _logger.info(
-        "index: %d jobs (%d imported from %s, %d removed, %d refreshed)",
-        store.count(),
-        counts["imported"],
-        backend.prefix,
-        counts["removed"],
-        counts["refreshed"],
-    )
-    openapi = build_openapi(version=__version__, backends=sorted(backend.settings))
-    docs = docs_html(openapi)
+    openapi = build_openapi(version=__version__, backends=sorted(settings.backends))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service.ensure_running()
+        if (notes := settings.notes_line()) is not None:
+            _logger.warning("%s", notes)
+        await service.open()
         try:
             yield
         finally:
             await service.aclose()
-            store.close()
 
     app = Starlette(
-        routes=build_routes(openapi=openapi, docs=docs),
+        routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
         middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -1,6 +1,8 @@
 """The adapter between the server and psik: create, submit, cancel and remove jobs.
 
-psik does the job work (directories, status.csv, backends). Two things are added here:
+psik does the job work (directories, status.csv, backends); its own file I/O goes
+through ``anyio.Path``, i.e. worker threads, and what is added here does the same. Two
+things are added:
 local submissions go through the :class:`~psik_api_server.launcher.LocalLauncher`, and a
 submission that cannot work (a missing interpreter, a backend error) is refused with a
 reason *and* recorded in the job's history as ``failed``, so no job is left in ``new``.
@@ -17,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import anyio.to_thread
 
 from psik_api_core import BackendInfo, JobSpec
 
@@ -90,6 +94,18 @@ class PsikBackend:
         backends: Mapping[str, BackendSettings],
         launcher: LocalLauncher | None = None,
     ) -> None:
+        """Only remembers its arguments: :meth:`open` does the filesystem work."""
+        self.prefix = prefix.expanduser()
+        self.settings = dict(backends)
+        self.health: dict[str, str | None] = {}
+        self._manager: Any = None
+        self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
+        self._warm_up: asyncio.Task[object] | None = None
+        self._callbacks: set[asyncio.Task[None]] = set()
+
+    def open(self) -> None:
+        """Create the prefix (owner-only), load psik and each backend type. Blocking:
+        run it in a worker thread (the app's lifespan does)."""
         # psik is imported here, not at module level: it costs ~0.5 s and only the
         # server process (and the launcher) need it.
         from psik.backend import check
@@ -99,11 +115,8 @@ class PsikBackend:
 
         # Job directories hold scripts, outputs and psik's spec.json (with any callback
         # secret in clear): a prefix we create is the owner's alone.
-        self.prefix = prefix.expanduser()
         self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.prefix = self.prefix.resolve()
-        self.settings = dict(backends)
-        self.health: dict[str, str | None] = {}
         usable: dict[str, BackendConfig] = {}
         for name, cfg in self.settings.items():
             try:
@@ -115,14 +128,14 @@ class PsikBackend:
             self.health[name] = None
             usable[name] = BackendConfig(**cfg.psik_fields())
         self._manager = JobManager(Config(prefix=self.prefix, backends=usable))
-        self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
-        self._warm_up: asyncio.Task[object] | None = None
-        self._callbacks: set[asyncio.Task[None]] = set()
 
     def warm_up(self) -> None:
-        """Start the launcher now, so the first local submit does not wait for it."""
-        if self._warm_up is None and any(
-            cfg.type == "local" and self.usable(name) for name, cfg in self.settings.items()
+        """Start the launcher now (unless it is a lazy one), so that the first local
+        submit does not wait for it."""
+        if (
+            self._warm_up is None
+            and self._launcher.eager
+            and any(cfg.type == "local" and self.usable(name) for name, cfg in self.settings.items())
         ):
             self._warm_up = asyncio.get_running_loop().create_task(self._launcher.start())
 
@@ -164,7 +177,7 @@ class PsikBackend:
         jobndx = job.summarize()[0]
         btype = job.info.backend.type
         spec = JobSpec.model_validate(job.spec.model_dump())
-        reason = missing_interpreter(spec) if btype == "local" else None
+        reason = await anyio.to_thread.run_sync(missing_interpreter, spec) if btype == "local" else None
         if reason is None:
             try:
                 if btype == "local":

@@ -46,7 +46,10 @@ def _open_log(path: Path | None) -> IO[bytes] | int:
 class LocalLauncher:
     """Server side: owns the launcher process and sends it submit requests."""
 
-    def __init__(self, log_path: Path | None = None) -> None:
+    def __init__(self, log_path: Path | None = None, *, eager: bool = True) -> None:
+        #: Started with the server (the default), or only at the first local submit
+        #: (tests that never run a job then never spawn one).
+        self.eager = eager
         self._log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -59,7 +62,7 @@ class LocalLauncher:
         async with self._starting:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            log = _open_log(self._log_path)
+            log = await asyncio.to_thread(_open_log, self._log_path)
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -79,6 +82,11 @@ class LocalLauncher:
             self._pending = {}
             self._reader = asyncio.create_task(self._read_replies(self._proc, self._pending))
             return self._proc
+
+    @property
+    def running(self) -> bool:
+        """True while a launcher process is up."""
+        return self._proc is not None and self._proc.returncode is None
 
     async def _read_replies(
         self, proc: asyncio.subprocess.Process, pending: dict[int, asyncio.Future[dict[str, Any]]]

@@ -3,44 +3,67 @@
 psik's local backend records ``completed``/``failed`` from inside the job's own process,
 and its ``poll()`` does nothing: a job killed with SIGKILL, or lost in a reboot, would say
 ``active`` forever. So the server looks at every non-final local job now and then
-(``JobService.check_liveness``): if the process psik recorded (the ``queued`` row's info)
-no longer runs and the history still has no final row, it records ``failed`` and why.
+(:func:`vanished_jobs`, from the JobService's liveness loop): if the process psik
+recorded (the ``queued`` row's info) no longer runs and the history still has no final
+row, the service records ``failed`` and why.
 
 A PID can be reused: a process that started well after the job was queued is not the
-job's, so it counts as gone. Where that cannot be told (no ``/proc``), a live PID is
-given the benefit of the doubt: a job is never failed while its process may be running.
+job's, so it counts as gone. How a PID is checked depends on the system:
+
+* with ``/proc`` (Linux): the process's state and start time, so a zombie or a reused
+  PID counts as gone;
+* without it (macOS, the BSDs): ``kill(pid, 0)`` only. A PID that exists counts as the
+  job's (a reused PID is not noticed until it exits too); a PID that does not exist is
+  gone. A job is never failed while its process may be running.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from psik_api_core import JobState
+
+from . import jobdir
+from .store import JobStore
+
+_logger = logging.getLogger(__name__)
 
 #: A process that started this long after its job's queued row is someone else's. Generous:
 #: failing a live job would be far worse than noticing a reused PID late.
 _START_SLACK = 30.0
 
+PROC = Path("/proc")
 
-def _boot_time() -> float | None:
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _boot_time(proc: Path) -> float | None:
     """Boot time on the wall clock *now*: ``btime`` is whole seconds and the wall clock
     may have been stepped since boot, so it is derived from the uptime instead."""
     try:
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        uptime = float((proc / "uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     return time.time() - uptime
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def has_proc(proc: Path = PROC) -> bool:
+    """True if ``proc`` is a procfs (Linux): this process's own entry is there."""
+    return (proc / str(os.getpid()) / "stat").exists()
 
 
-def process_running(pid: int, since: float) -> bool:
+def process_running(pid: int, since: float, *, proc: Path = PROC) -> bool:
     """True if ``pid`` runs and may be the process started at about ``since``."""
     if pid <= 0:
         return False
+    if not has_proc(proc):
+        return _signal_zero(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (proc / str(pid) / "stat").read_text()
     except FileNotFoundError:
         return False
     except OSError:
@@ -50,7 +73,7 @@ def process_running(pid: int, since: float) -> bool:
     state, start_ticks = fields[0], int(fields[19])
     if state in {"Z", "X"}:  # exited, not yet reaped
         return False
-    boot = _boot_time()
+    boot = _boot_time(proc)
     if boot is None:
         return True
     started = boot + start_ticks / _TICKS
@@ -65,3 +88,44 @@ def _signal_zero(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def local_pid(files: jobdir.JobFiles) -> tuple[int, float] | None:
+    """The PID psik recorded for the current run of a local job, and when; None if the
+    job is final or has no PID recorded (yet)."""
+    state, jobndx = files.state
+    if state.is_final:
+        return None
+    queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
+    if not queued or not queued[-1].info.isdigit():
+        return None
+    return int(queued[-1].info), queued[-1].time
+
+
+@dataclass(frozen=True)
+class Vanished:
+    """A non-final local job whose process is gone."""
+
+    jobid: str
+    pid: int
+
+    @property
+    def reason(self) -> str:
+        return f"process {self.pid} ended without recording an end state (killed, or the machine restarted)"
+
+
+def vanished_jobs(store: JobStore, prefix: Path, is_local: set[str], *, proc: Path = PROC) -> list[Vanished]:
+    """The non-final jobs on the ``is_local`` backends whose process is gone. Blocking
+    (reads the index, each job's status and ``/proc``): run it in a worker thread. A job
+    that cannot be read is skipped, never failed."""
+    gone: list[Vanished] = []
+    for row in store.live():
+        if row.backend not in is_local or row.jobndx == 0:
+            continue
+        try:
+            pid = local_pid(jobdir.read_job(jobdir.job_path(prefix, row.jobid)))
+        except (OSError, ValueError):
+            continue
+        if pid is not None and not process_running(*pid, proc=proc):
+            gone.append(Vanished(row.jobid, pid[0]))
+    return gone

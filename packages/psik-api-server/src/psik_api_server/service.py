@@ -3,6 +3,13 @@
 It ties the index (:class:`JobStore`), psik (:class:`PsikBackend`) and the
 :class:`StatusWatcher` together, and enforces what psik does not: legal transitions
 (no double start, a final job stays final), ownership, and idempotent creation.
+
+Its life is the app's lifespan: :meth:`open` opens the index and psik, reconciles the
+index with the job directories, and starts the watcher, the liveness loop and the
+launcher; :meth:`aclose` stops them. Nothing here blocks the event loop: the index,
+the job directories and ``/proc`` are read in worker threads, one hop per operation
+(the ``_..._sync`` methods are what runs there), and psik does its own file I/O through
+anyio's worker threads.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
+
+import anyio.to_thread
 
 from psik_api_core import (
     Action,
@@ -39,14 +49,18 @@ from psik_api_core import (
     utc,
 )
 
+from . import jobdir
 from .backend import PsikBackend, SubmitError
 from .errors import ApiError
-from .jobdir import JobFiles, Row, list_jobids, read_job
-from .liveness import process_running
-from .store import BadCursor, JobRow, JobStore
-from .watcher import StatusWatcher
+from .liveness import vanished_jobs
+from .reconcile import Reconciled, index_row, reconcile
+from .store import BadCursor, JobStore
+from .watcher import Change, StatusWatcher
 
 _logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: An Idempotency-Key claimed this long ago by a request that never finished (a crashed
 #: server) no longer blocks retries.
@@ -58,6 +72,11 @@ def body_hash(spec: JobSpec, submit: bool) -> str:
     doc["cb_secret"] = spec.cb_secret.get_secret_value() if spec.cb_secret else None
     doc["__submit"] = submit
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+async def in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run blocking ``fn`` in a worker thread (anyio's pool, bounded)."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
 class JobService:
@@ -73,29 +92,48 @@ class JobService:
         clock: Callable[[], float] = time.time,
         import_owner: str,
     ) -> None:
+        """Only remembers its collaborators: :meth:`start` does the work."""
         self.store = store
         self.backend = backend
         self.policy = policy
         self.clock = clock
         self.import_owner = import_owner
-        self.directory_roots = [Path(p).expanduser().resolve() for p in directory_roots]
-        self.watcher = StatusWatcher(self._on_rows, interval=watch_interval)
+        self._roots = list(directory_roots)
+        self.directory_roots: list[Path] = []
+        self.watcher = StatusWatcher(self._on_changes, interval=watch_interval)
         self.liveness_interval = liveness_interval
         self._liveness: asyncio.Task[None] | None = None
         # One lock per job being started/cancelled/purged; weak, so that locks of jobs
         # nobody is touching do not pile up in a long-running server.
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
-    # ---- lifecycle ----
+    # ---- lifecycle (the app's lifespan) ----
 
-    def ensure_running(self) -> None:
-        """Start the watcher on first use (ASGI transports without lifespan included)."""
-        if not self.watcher.running:
-            self.watcher.start()
-            self.backend.warm_up()
-            self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop())
+    async def open(self) -> None:
+        """Open the index and psik, reconcile, and start following jobs."""
+        done = await in_thread(self._open_sync)
+        _logger.info(
+            "index: %d jobs (%d imported from %s, %d removed, %d refreshed)",
+            await in_thread(self.store.count),
+            done.imported,
+            self.backend.prefix,
+            done.removed,
+            done.refreshed,
+        )
+        for jobid, status_csv in done.live:
+            self.watcher.follow(jobid, status_csv)
+        self.watcher.start()
+        self.backend.warm_up()
+        self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop(), name="liveness")
+
+    def _open_sync(self) -> Reconciled:
+        self.store.open()
+        self.backend.open()
+        self.directory_roots = [Path(p).expanduser().resolve() for p in self._roots]
+        return reconcile(self.store, self.backend.prefix, self.import_owner)
 
     async def aclose(self) -> None:
+        """Stop the liveness loop, the watcher and the launcher; close the index."""
         if self._liveness is not None:
             self._liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,6 +141,7 @@ class JobService:
             self._liveness = None
         await self.watcher.stop()
         await self.backend.aclose()
+        await in_thread(self.store.close)
 
     async def _liveness_loop(self) -> None:
         while True:
@@ -115,90 +154,27 @@ class JobService:
     async def check_liveness(self) -> list[str]:
         """Record ``failed`` for every non-final local job whose process is gone
         without a final row (see ``liveness``); returns their ids."""
+        local = {name for name in self.backend.settings if self.backend.is_local(name)}
         gone: list[str] = []
-        for row in self.store.live():
-            if not self.backend.is_local(row.backend) or row.jobndx == 0:
-                continue
-            pid = self._local_pid(row.jobid)
-            if pid is None or process_running(*pid):
-                continue
-            async with self._lock(row.jobid):
-                files = self._refresh(row.jobid)  # it may have just ended properly
+        for job in await in_thread(vanished_jobs, self.store, self.backend.prefix, local):
+            async with self._lock(job.jobid):
+                files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
                 if files is None or files.state[0].is_final:
                     continue
-                reason = (
-                    f"process {pid[0]} ended without recording an end state "
-                    "(killed, or the machine restarted)"
-                )
-                await self.backend.record_failure(row.jobid, files.state[1], reason)
-                self._refresh(row.jobid)
-                gone.append(row.jobid)
+                await self.backend.record_failure(job.jobid, files.state[1], job.reason)
+                await in_thread(self._refresh, job.jobid)
+                gone.append(job.jobid)
         return gone
 
-    def _local_pid(self, jobid: str) -> tuple[int, float] | None:
-        """The PID psik recorded for the current run of a local job, and when."""
-        try:
-            files = read_job(self.backend.path(jobid))
-        except (OSError, ValueError):
-            return None
-        state, jobndx = files.state
-        if state.is_final:
-            return None
-        queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
-        if not queued or not queued[-1].info.isdigit():
-            return None
-        return int(queued[-1].info), queued[-1].time
+    async def _on_changes(self, changes: list[Change]) -> None:
+        def states() -> Iterable[tuple[str, JobState, int, float]]:
+            for c in changes:
+                state, jobndx = derive_state(c.rows)
+                yield c.jobid, state, jobndx, max(r.time for r in c.rows)
 
-    def reconcile(self) -> dict[str, int]:
-        """Bring the index in line with the prefix: import jobs made elsewhere (the psik
-        CLI), drop rows of removed directories, refresh every non-final job's state, and
-        follow the non-final ones. Reads only new and non-final jobs."""
-        on_disk = list_jobids(self.backend.prefix)
-        indexed = self.store.jobids()
-        counts = {"imported": 0, "removed": 0, "refreshed": 0}
-        for jobid in indexed - on_disk:
-            self.store.delete(jobid)
-            counts["removed"] += 1
-        for jobid in sorted(on_disk - indexed):
-            try:
-                files = read_job(self.backend.path(jobid))
-            except (OSError, ValueError) as e:
-                _logger.warning("not importing %s: %s", jobid, e)
-                continue
-            self.store.put(self._row(files, self.import_owner))
-            counts["imported"] += 1
-        for row in self.store.live():
-            try:
-                files = read_job(self.backend.path(row.jobid))
-            except (OSError, ValueError) as e:
-                _logger.warning("cannot read live job %s: %s", row.jobid, e)
-                continue
-            state, jobndx = files.state
-            if self.store.set_state(row.jobid, state, jobndx, files.updated):
-                counts["refreshed"] += 1
-            if not state.is_final:
-                self.watcher.follow(row.jobid, self.backend.path(row.jobid) / "status.csv")
-        return counts
+        await in_thread(self.store.set_states, list(states()))
 
-    @staticmethod
-    def _row(files: JobFiles, owner: str) -> JobRow:
-        state, jobndx = files.state
-        return JobRow(
-            jobid=files.jobid,
-            backend=files.spec.backend,
-            owner=owner,
-            name=files.spec.name,
-            state=state,
-            jobndx=jobndx,
-            created=files.created,
-            updated=files.updated,
-        )
-
-    async def _on_rows(self, jobid: str, rows: list[Row], new: list[Row]) -> None:
-        state, jobndx = derive_state(rows)
-        self.store.set_state(jobid, state, jobndx, max(r.time for r in rows))
-
-    # ---- checks ----
+    # ---- checks (blocking: called from the _sync methods) ----
 
     def _lock(self, jobid: str) -> asyncio.Lock:
         lock = self._job_locks.get(jobid)
@@ -206,18 +182,41 @@ class JobService:
             lock = self._job_locks[jobid] = asyncio.Lock()
         return lock
 
-    def _owned(self, principal: Principal, jobid: str, action: Action) -> JobRow:
-        """The job's row if ``principal`` may do ``action`` to it; 404 otherwise (a job
-        that is not yours is indistinguishable from one that does not exist)."""
+    def _owned(self, principal: Principal, jobid: str, action: Action) -> str:
+        """The job's owner if ``principal`` may do ``action`` to it; 404 otherwise (a
+        job that is not yours is indistinguishable from one that does not exist)."""
         row = self.store.get(jobid)
         if row is None or not self.policy.allows(principal, Action.read, row.owner, jobid):
             raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
         if not self.policy.allows(principal, action, row.owner, jobid):
             raise ApiError(ProblemCode.forbidden, f"not allowed to {action.value} job {jobid}")
-        return row
+        return row.owner
+
+    def _refresh(self, jobid: str) -> jobdir.JobFiles | None:
+        """Re-read a job's directory and update its index row."""
+        try:
+            files = jobdir.read_job(self.backend.path(jobid))
+        except (OSError, ValueError):
+            return None
+        state, jobndx = files.state
+        self.store.set_state(jobid, state, jobndx, files.updated)
+        return files
+
+    def _owned_refreshed(self, principal: Principal, jobid: str) -> jobdir.JobFiles | None:
+        self._owned(principal, jobid, Action.write)
+        return self._refresh(jobid)
+
+    def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
+        """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable."""
+        owner = self._owned(principal, jobid, action)
+        files = self._refresh(jobid)
+        if files is None:
+            raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
+        return owner, files
 
     def _check_spec(self, spec: JobSpec) -> JobSpec:
-        """``spec`` if this server can run it (with ``directory`` resolved), else a 4xx."""
+        """``spec`` if this server can run it (with ``directory`` resolved), else a 4xx.
+        Blocking: resolving ``directory`` touches the filesystem."""
         if spec.backend not in self.backend.settings:
             raise ApiError(
                 ProblemCode.unknown_backend,
@@ -283,79 +282,79 @@ class JobService:
         (False when an Idempotency-Key replays an earlier request)."""
         if not self.policy.allows(principal, Action.create, None, None):
             raise ApiError(ProblemCode.forbidden, "not allowed to create jobs")
-        spec = self._check_spec(spec)
-        if idempotency_key is None:
-            return await self._create(principal, spec, submit), True
-
-        digest = body_hash(spec, submit)
-        now = self.clock()
-        seen = self.store.claim_key(principal.user, idempotency_key, digest, now)
-        if seen is not None and seen.jobid is None and now - seen.created > STALE_CLAIM_SECONDS:
-            self.store.release_key(principal.user, idempotency_key)
-            seen = self.store.claim_key(principal.user, idempotency_key, digest, now)
-        if seen is not None:
-            if seen.body_hash != digest:
-                raise ApiError(
-                    ProblemCode.idempotency_mismatch,
-                    "this Idempotency-Key was used for a different request; use a new key",
-                    errors=[field_error(["header", "Idempotency-Key"], "reused with another body")],
-                )
-            if seen.jobid is None:
-                raise ApiError(
-                    ProblemCode.idempotency_in_flight,
-                    "a request with this Idempotency-Key is still being handled; retry shortly",
-                    headers={"Retry-After": "1"},
-                )
-            return await self.get(principal, seen.jobid), False
+        spec, replay = await in_thread(self._prepare_sync, principal, spec, submit, idempotency_key)
+        if replay is not None:
+            return await self.get(principal, replay), False
         try:
             job = await self._create(principal, spec, submit, idempotency_key)
         except SubmitError:
             raise  # the job exists (failed) and the key is settled to it
         except BaseException:
-            self.store.release_key(principal.user, idempotency_key)
+            if idempotency_key is not None:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(self.store.release_key, principal.user, idempotency_key)
             raise
         return job, True
 
-    async def _create(self, principal: Principal, spec: JobSpec, submit: bool, key: str | None = None) -> Job:
+    def _prepare_sync(
+        self, principal: Principal, spec: JobSpec, submit: bool, key: str | None
+    ) -> tuple[JobSpec, str | None]:
+        """The checked spec, and the job an earlier request with ``key`` made (if any);
+        claims ``key`` for this request otherwise."""
+        spec = self._check_spec(spec)
+        if key is None:
+            return spec, None
+        digest = body_hash(spec, submit)
+        now = self.clock()
+        seen = self.store.claim_key(principal.user, key, digest, now)
+        if seen is not None and seen.jobid is None and now - seen.created > STALE_CLAIM_SECONDS:
+            self.store.release_key(principal.user, key)
+            seen = self.store.claim_key(principal.user, key, digest, now)
+        if seen is None:
+            return spec, None
+        if seen.body_hash != digest:
+            raise ApiError(
+                ProblemCode.idempotency_mismatch,
+                "this Idempotency-Key was used for a different request; use a new key",
+                errors=[field_error(["header", "Idempotency-Key"], "reused with another body")],
+            )
+        if seen.jobid is None:
+            raise ApiError(
+                ProblemCode.idempotency_in_flight,
+                "a request with this Idempotency-Key is still being handled; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        return spec, seen.jobid
+
+    async def _create(self, principal: Principal, spec: JobSpec, submit: bool, key: str | None) -> Job:
         jobid = await self.backend.create(spec)
-        files = read_job(self.backend.path(jobid))
-        self.store.put(self._row(files, principal.user))
-        if key is not None:
-            self.store.settle_key(principal.user, key, jobid)
+        await in_thread(self._index_new_sync, principal.user, jobid, key)
         if submit:
             async with self._lock(jobid):
                 await self._submit(jobid)
         return await self.get(principal, jobid)
+
+    def _index_new_sync(self, owner: str, jobid: str, key: str | None) -> None:
+        files = jobdir.read_job(self.backend.path(jobid))
+        with self.store.transaction():
+            self.store.put(index_row(files, owner))
+            if key is not None:
+                self.store.settle_key(owner, key, jobid)
 
     async def _submit(self, jobid: str) -> None:
         """Submit and follow the job; callers answer with ``get``, which refreshes the index."""
         try:
             await self.backend.submit(jobid)
         except SubmitError as e:
-            self._refresh(jobid)
+            await in_thread(self._refresh, jobid)
             raise ApiError(
                 ProblemCode.submit_failed, f"job {jobid} was not submitted: {e.reason}", jobid=jobid
             ) from e
-        finally:
-            self.ensure_running()
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
 
-    def _refresh(self, jobid: str) -> JobFiles | None:
-        """Re-read a job's directory and update its index row."""
-        try:
-            files = read_job(self.backend.path(jobid))
-        except (OSError, ValueError):
-            return None
-        state, jobndx = files.state
-        self.store.set_state(jobid, state, jobndx, files.updated)
-        return files
-
     async def start(self, principal: Principal, jobid: str) -> Job:
-        self._owned(principal, jobid, Action.write)
         async with self._lock(jobid):
-            files = self._refresh(jobid)
-            if files is None:
-                raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
+            _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
             state, _ = files.state
             if not can_start(state):
                 raise ApiError(
@@ -368,17 +367,17 @@ class JobService:
         return await self.get(principal, jobid)
 
     async def get(self, principal: Principal, jobid: str) -> Job:
-        row = self._owned(principal, jobid, Action.read)
-        files = self._refresh(jobid)
-        if files is None:
-            raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
+        return await in_thread(self._get_sync, principal, jobid)
+
+    def _get_sync(self, principal: Principal, jobid: str) -> Job:
+        owner, files = self._owned_files(principal, jobid, Action.read)
         state, jobndx = files.state
         native_id, exit_code = run_outcome(files.history)
         return Job(
             jobid=jobid,
             name=files.spec.name,
             backend=files.spec.backend,
-            owner=row.owner,
+            owner=owner,
             state=state,
             jobndx=jobndx,
             native_id=native_id,
@@ -389,11 +388,17 @@ class JobService:
             history=[r.transition() for r in sorted(files.history, key=lambda r: r.time)],
         )
 
-    def status(self, principal: Principal, jobid: str) -> JobStatus:
-        row = self._owned(principal, jobid, Action.read)
+    async def status(self, principal: Principal, jobid: str) -> JobStatus:
+        return await in_thread(self._status_sync, principal, jobid)
+
+    def _status_sync(self, principal: Principal, jobid: str) -> JobStatus:
+        self._owned(principal, jobid, Action.read)
+        row = self.store.get(jobid)
+        if row is None:  # purged in between
+            raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
         return JobStatus(jobid=jobid, state=row.state, jobndx=row.jobndx, updated=utc(row.updated))
 
-    def list(
+    async def list(
         self,
         principal: Principal,
         *,
@@ -409,7 +414,8 @@ class JobService:
             if not ids:
                 return Page[JobSummary](items=[], next_cursor=None)
         try:
-            rows, next_cursor = self.store.list(
+            rows, next_cursor = await in_thread(
+                self.store.list,
                 principal.user,
                 states=states,
                 backend=backend,
@@ -428,20 +434,18 @@ class JobService:
 
     async def cancel(self, principal: Principal, jobid: str) -> Job:
         """Cancel a job that is not final; a final job stays as it was (idempotent)."""
-        self._owned(principal, jobid, Action.write)
         async with self._lock(jobid):
-            files = self._refresh(jobid)
-            if files is not None and can_cancel(files.state[0]):
+            _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
+            if can_cancel(files.state[0]):
                 await self.backend.cancel(jobid)
-                self._refresh(jobid)
+                await in_thread(self._refresh, jobid)
                 self.watcher.poke(jobid)
         return await self.get(principal, jobid)
 
     async def purge(self, principal: Principal, jobid: str) -> None:
         """Remove a final job and its directory."""
-        self._owned(principal, jobid, Action.write)
         async with self._lock(jobid):
-            files = self._refresh(jobid)
+            files = await in_thread(self._owned_refreshed, principal, jobid)
             if files is not None and not files.state[0].is_final:
                 raise ApiError(
                     ProblemCode.conflict,
@@ -451,4 +455,4 @@ class JobService:
                 )
             self.watcher.forget(jobid)
             await self.backend.remove(jobid)
-            self.store.delete(jobid)
+            await in_thread(self.store.delete, jobid)

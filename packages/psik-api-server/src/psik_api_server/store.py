@@ -4,8 +4,9 @@ The job directories stay the source of truth (see ``reconcile``); the index only
 ``GET /v1/jobs`` cost O(page) instead of reading every job, and holds what psik has no
 place for: each job's owner and the Idempotency-Keys seen.
 
-Queries are sub-millisecond, so they run on the event loop's thread; SQLite's WAL
-mode lets several server processes share one index.
+Every method is blocking: the JobService calls them from worker threads (one hop per
+request), never on the event loop. One connection serves all threads, behind a lock;
+SQLite's WAL mode lets several server processes share one index.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import base64
 import binascii
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from psik_api_core import JobState, JobSummary, utc
 
@@ -113,21 +117,62 @@ def _row(r: Sequence[object]) -> JobRow:
 
 
 class JobStore:
-    """The index. One instance per process; not shared across threads."""
+    """The index. Building one does no I/O; :meth:`open` creates or opens the file.
+    Safe to use from several threads (each call holds the connection's lock)."""
 
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # The index says who owns what: readable by the server's user only.
-            Path(path).touch(mode=0o600, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    def open(self) -> JobStore:
+        """Create (owner-only) or open the index file; idempotent. Returns self."""
+        with self._lock:
+            if self._conn is not None:
+                return self
+            path = self.path
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # The index says who owns what: readable by the server's user only.
+                Path(path).touch(mode=0o600, exist_ok=True)
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+            return self
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def _db(self) -> _Locked:
+        if self._conn is None:
+            raise RuntimeError("the job index is not open (the app's lifespan opens it)")
+        return _Locked(self._conn, self._lock)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Several calls as one atomic step (and one lock hold)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def set_states(self, changes: Iterable[tuple[str, JobState, int, float]]) -> None:
+        """Several :meth:`set_state` calls in one transaction."""
+        with self.transaction():
+            for jobid, state, jobndx, updated in changes:
+                self.set_state(jobid, state, jobndx, updated)
 
     # ---- jobs ----
 
@@ -244,3 +289,30 @@ class JobStore:
         self._db.execute(
             "DELETE FROM idempotency WHERE owner = ? AND key = ? AND jobid IS NULL", (owner, key)
         )
+
+
+class _Locked:
+    """The connection, with every statement run under the store's lock (the whole
+    fetch included: rows are materialised before the lock is let go)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._conn = conn
+        self._lock = lock
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> _Result:
+        with self._lock:
+            cur = self._conn.execute(sql, args)
+            return _Result(cur.fetchall(), cur.rowcount)
+
+
+class _Result:
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+

@@ -10,9 +10,12 @@ prefix. Two ways of noticing a write, together:
   filesystem, shared ones included, where the writer may be another host; it stretches
   when many jobs are live so that a tick costs at most a few percent of a core.
 
-On a change it parses the new complete rows, derives the job's state from its whole
-history and calls ``on_change(jobid, rows, new_rows)``; a job that reaches a final
-state is dropped (``start`` re-adds it).
+Each look (a tick, or a wake-up by inotify) is one hop to a worker thread that stats
+every job in it and reads what was appended, so a slow filesystem (a ``stat`` on a
+parallel filesystem can take seconds) stalls the watcher, never the event loop. The
+new complete rows are parsed on the loop, each job's state is derived from its whole
+history, and ``on_change`` gets every job that changed in that look as one list of
+:class:`Change`; a job that reaches a final state is dropped (``follow`` re-adds it).
 """
 
 from __future__ import annotations
@@ -25,13 +28,26 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio.to_thread
+
 from psik_api_core import derive_state
 
 from .jobdir import Row, parse_rows
 
 _logger = logging.getLogger(__name__)
 
-OnChange = Callable[[str, list[Row], list[Row]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Change:
+    """A followed job's status.csv grew: all its ``rows`` so far, of which ``new`` are new."""
+
+    jobid: str
+    rows: list[Row]
+    new: list[Row]
+
+
+OnChange = Callable[[list[Change]], Awaitable[None]]
 
 #: Seconds of tick per followed job, so 1000 live jobs are looked at every 0.1 s.
 _PER_JOB = 0.0001
@@ -46,11 +62,34 @@ class _Followed:
     rows: list[Row] = field(default_factory=list)
 
 
-def _read_from(path: Path, offset: int) -> bytes:
-    # A status.csv grows by ~50 bytes a row: reading it on the loop is cheaper than a thread hop.
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read()
+@dataclass(frozen=True)
+class _Look:
+    """What one look at a status.csv found (made in a worker thread)."""
+
+    jobid: str
+    followed: _Followed
+    stamp: tuple[int, int] | None  # None: the file is gone
+    chunk: bytes = b""
+
+
+def _look(jobs: list[tuple[str, _Followed, Path, int, tuple[int, int]]]) -> list[_Look]:
+    """Stat each status.csv and read what was appended since ``offset`` where it changed.
+    Blocking, and never raises: a job that cannot be read is left for the next look."""
+    found: list[_Look] = []
+    for jobid, followed, path, offset, last in jobs:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp == last:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                found.append(_Look(jobid, followed, stamp, fh.read()))
+        except FileNotFoundError:
+            found.append(_Look(jobid, followed, None))
+        except OSError as e:
+            _logger.warning("watching job %s: %s", jobid, e)
+    return found
 
 
 class _Notifier:
@@ -181,14 +220,25 @@ class StatusWatcher:
         await self._check_some(list(self._jobs))
 
     async def _check_some(self, jobids: Iterable[str]) -> None:
-        for jobid in jobids:
-            followed = self._jobs.get(jobid)
-            if followed is None:
-                continue
+        wanted = [(j, f, f.path, f.offset, f.stamp) for j in jobids if (f := self._jobs.get(j)) is not None]
+        if not wanted:
+            return
+        changes: list[Change] = []
+        for look in await anyio.to_thread.run_sync(_look, wanted):
+            if self._jobs.get(look.jobid) is not look.followed:
+                continue  # forgotten, or followed afresh, while we looked
             try:
-                await self._check(jobid, followed)
+                change = self._apply(look)
             except Exception:  # a bad job must not stop the watcher
-                _logger.exception("watching job %s", jobid)
+                _logger.exception("watching job %s", look.jobid)
+                continue
+            if change is not None:
+                changes.append(change)
+        if changes:
+            try:
+                await self._on_change(changes)
+            except Exception:
+                _logger.exception("recording status changes of %d jobs", len(changes))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,27 +256,23 @@ class StatusWatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - loop.time()))
 
-    async def _check(self, jobid: str, f: _Followed) -> None:
-        try:
-            st = os.stat(f.path)
-        except FileNotFoundError:
-            self.forget(jobid)  # purged, or never was a job
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == f.stamp:
-            return
-        f.stamp = stamp
-        chunk = _read_from(f.path, f.offset)
-        f.offset += len(chunk)
-        data = f.partial + chunk
+    def _apply(self, look: _Look) -> Change | None:
+        """Take in what a look read; the change it makes, if any."""
+        f = look.followed
+        if look.stamp is None:
+            self.forget(look.jobid)  # purged, or never was a job
+            return None
+        f.stamp = look.stamp
+        f.offset += len(look.chunk)
+        data = f.partial + look.chunk
         complete, _, f.partial = data.rpartition(b"\n")
         if not complete:
-            return
-        new = parse_rows(complete.decode("utf-8", errors="replace"), jobid)
+            return None
+        new = parse_rows(complete.decode("utf-8", errors="replace"), look.jobid)
         if not new:
-            return
+            return None
         f.rows.extend(new)
         state, _ = derive_state(f.rows)
         if state.is_final:
-            self.forget(jobid)
-        await self._on_change(jobid, list(f.rows), new)
+            self.forget(look.jobid)
+        return Change(look.jobid, list(f.rows), new)
