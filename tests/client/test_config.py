@@ -18,6 +18,7 @@ import pytest
 import psik_api_client as pac
 from client.fakes import Api, job_json
 from psik_api_client._base import DEFAULT_URL, Target, resolve_target
+from psik_api_core import LIMITS
 
 pytestmark = pytest.mark.anyio
 
@@ -150,14 +151,15 @@ async def test_malformed_job_ids_never_reach_a_url(
     connect: Callable[..., Api], method: str, jobid: str
 ) -> None:
     api = connect(lambda req: httpx.Response(200, json=job_json()))
-    with pytest.raises(ValueError, match="not a job id"):
+    with pytest.raises(pac.InvalidRequestError, match="not a job id") as info:
         await getattr(api, method)(jobid)
+    assert isinstance(info.value, ValueError)
     assert api.requests == []
 
 
 async def test_wait_all_checks_every_id_first(connect: Callable[..., Api]) -> None:
     api = connect(lambda req: httpx.Response(200, json={"items": []}))
-    with pytest.raises(ValueError, match="not a job id"):
+    with pytest.raises(pac.InvalidRequestError, match="not a job id"):
         await api.wait_all(["1.0", "../etc"])
     assert api.requests == []
 
@@ -167,8 +169,10 @@ async def test_backend_names_are_quoted(connect: Callable[..., Api]) -> None:
     api = connect(lambda req: httpx.Response(200, json=info))
     assert (await api.backend("a/b")).type == "slurm"
     assert api.requests[0].url.raw_path == b"/v1/backends/a%2Fb"
-    with pytest.raises(ValueError):
-        await api.backend("..")
+    for bad in ("..", ".", ""):
+        with pytest.raises(pac.InvalidRequestError, match="not a backend name"):
+            await api.backend(bad)
+    assert len(api.requests) == 1
 
 
 async def test_submit_sends_the_spec_with_an_idempotency_key(connect: Callable[..., Api]) -> None:
@@ -199,17 +203,63 @@ async def test_the_callback_secret_is_sent_unmasked(connect: Callable[..., Api])
 
 
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "message"),
     [
-        {"name": "no script"},
-        {"script": "true", "resources": {"duration": "ten"}},
-        {"script": "true", "nmae": "typo"},  # unknown fields fail here, as on the server
+        ({"name": "no script"}, "invalid job spec: script: Field required"),
+        ({"script": "true", "resources": {"duration": "ten"}}, "invalid job spec: resources.duration: "),
+        # Unknown fields fail here, as on the server.
+        ({"script": "true", "nmae": "typo"}, "invalid job spec: spec: unknown field(s) nmae"),
     ],
 )
-async def test_bad_specs_fail_before_sending(connect: Callable[..., Api], spec: dict[str, Any]) -> None:
+@pytest.mark.parametrize("method", ["submit", "create"])
+async def test_bad_specs_fail_before_sending(
+    connect: Callable[..., Api], spec: dict[str, Any], message: str, method: str
+) -> None:
     api = connect(lambda req: httpx.Response(201, json=job_json()))
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(pac.InvalidRequestError) as info:
+        await getattr(api, method)(spec)
+    exc = info.value
+    assert isinstance(exc, ValueError)
+    assert str(exc).startswith(message)
+    # pydantic's details stay at hand.
+    assert isinstance(exc.__cause__, pydantic.ValidationError)
+    assert exc.errors == exc.__cause__.errors()
+    assert api.requests == []
+
+
+@pytest.mark.parametrize("spec", [None, "echo hi", ["script"]])
+async def test_a_spec_that_is_not_a_mapping_is_refused(connect: Callable[..., Api], spec: Any) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    with pytest.raises(pac.InvalidRequestError, match="a job spec is a JobSpec or a mapping"):
         await api.submit(spec)
+    assert api.requests == []
+
+
+@pytest.mark.parametrize("key", ["", "k" * (LIMITS.max_idempotency_key + 1), "a\nb", "clé"])
+async def test_bad_idempotency_keys_fail_before_sending(connect: Callable[..., Api], key: str) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    with pytest.raises(pac.InvalidRequestError, match="Idempotency-Key") as info:
+        await api.submit({"script": "true"}, idempotency_key=key)
+    assert isinstance(info.value, ValueError)
+    assert api.requests == []
+
+
+async def test_the_longest_idempotency_key_is_the_server_limit(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    key = "k" * LIMITS.max_idempotency_key
+    await api.submit({"script": "true"}, idempotency_key=key)
+    assert api.requests[0].headers["Idempotency-Key"] == key
+
+
+@pytest.mark.parametrize("poll_interval", [0, -1.0])
+async def test_bad_poll_intervals_fail_before_sending(
+    connect: Callable[..., Api], poll_interval: float
+) -> None:
+    api = connect(lambda req: httpx.Response(200, json=job_json()))
+    with pytest.raises(pac.InvalidRequestError, match="poll_interval"):
+        await api.wait(JOBID, poll_interval=poll_interval)
+    with pytest.raises(pac.InvalidRequestError, match="poll_interval"):
+        await api.wait_all([JOBID], poll_interval=poll_interval)
     assert api.requests == []
 
 

@@ -9,6 +9,8 @@ import pytest
 
 import psik_api_client as pac
 from client.fakes import Api, job_json, problem
+from psik_api_client._exceptions import BY_CODE
+from psik_api_core import ProblemCode
 
 pytestmark = pytest.mark.anyio
 
@@ -22,16 +24,17 @@ JOBID = "1693992878.203"
         (401, "unauthorized", pac.AuthenticationError),
         (403, "forbidden", pac.PermissionDeniedError),
         (404, "not_found", pac.NotFoundError),
-        (405, "method_not_allowed", pac.APIStatusError),
+        (405, "method_not_allowed", pac.MethodNotAllowedError),
         (409, "conflict", pac.ConflictError),
         (409, "idempotency_in_flight", pac.IdempotencyInFlightError),
-        (422, "validation_error", pac.ValidationError),
+        (413, "too_large", pac.RequestTooLargeError),
+        (422, "validation_error", pac.UnprocessableEntityError),
         (422, "unknown_backend", pac.UnknownBackendError),
         (422, "idempotency_mismatch", pac.IdempotencyMismatchError),
         (429, "rate_limited", pac.RateLimitError),
         (500, "internal_error", pac.InternalServerError),
         (502, "submit_failed", pac.SubmitFailedError),
-        (503, "backend_unavailable", pac.InternalServerError),
+        (503, "backend_unavailable", pac.ServiceUnavailableError),
         # The code wins over the status: a 400 that says not_found is a NotFoundError.
         (400, "not_found", pac.NotFoundError),
     ],
@@ -55,10 +58,15 @@ async def test_problem_maps_to_exception_by_code_then_status(
     ("status", "body", "cls"),
     [
         (404, b"no such thing", pac.NotFoundError),
+        (405, b"Method Not Allowed", pac.MethodNotAllowedError),
         (409, b"", pac.ConflictError),
-        (422, b"{not json", pac.ValidationError),
+        (413, b"<html>413 Request Entity Too Large</html>", pac.RequestTooLargeError),
+        (422, b"{not json", pac.UnprocessableEntityError),
         (429, b"slow down", pac.RateLimitError),
+        (500, b"oops", pac.InternalServerError),
         (502, b"<html><body>Bad Gateway</body></html>", pac.InternalServerError),
+        (503, b"Service Unavailable", pac.ServiceUnavailableError),
+        (504, b"Gateway Timeout", pac.InternalServerError),
         (418, b"teapot", pac.APIStatusError),
         # JSON, but not a problem document: still mapped by status.
         (403, b'{"message": "nope"}', pac.PermissionDeniedError),
@@ -152,7 +160,61 @@ def test_wait_timeout_is_a_timeout_error_and_a_client_error() -> None:
 def test_exception_tree() -> None:
     assert issubclass(pac.APITimeoutError, pac.APIConnectionError)
     assert issubclass(pac.IdempotencyInFlightError, pac.ConflictError)
-    assert issubclass(pac.UnknownBackendError, pac.ValidationError)
-    assert issubclass(pac.IdempotencyMismatchError, pac.ValidationError)
-    for cls in (pac.APIConnectionError, pac.APIStatusError, pac.APIResponseValidationError, pac.WaitTimeout):
+    assert issubclass(pac.UnknownBackendError, pac.UnprocessableEntityError)
+    assert issubclass(pac.IdempotencyMismatchError, pac.UnprocessableEntityError)
+    # A 503 says "try later", a 500 says "the server is broken": not one family.
+    assert not issubclass(pac.ServiceUnavailableError, pac.InternalServerError)
+    assert issubclass(pac.InvalidRequestError, ValueError)
+    classes = (
+        pac.APIConnectionError,
+        pac.APIStatusError,
+        pac.APIResponseValidationError,
+        pac.InvalidRequestError,
+        pac.WaitTimeout,
+    )
+    for cls in classes:
         assert issubclass(cls, pac.PsikApiError)
+
+
+def test_the_old_validation_error_name_is_gone() -> None:
+    # It shadowed pydantic's ValidationError in code importing both.
+    assert not hasattr(pac, "ValidationError")
+    assert "ValidationError" not in pac.__all__
+
+
+def test_every_exported_name_exists_and_has_a_docstring() -> None:
+    for name in pac.__all__:
+        obj = getattr(pac, name)
+        if isinstance(obj, type):
+            assert obj.__doc__, name
+
+
+@pytest.mark.parametrize("code", list(ProblemCode), ids=str)
+def test_every_problem_code_has_its_own_class_with_its_status(code: ProblemCode) -> None:
+    cls = BY_CODE[code]
+    assert cls.status_code == code.status
+    assert cls is not pac.APIStatusError
+    # Exported, so callers can catch it by name.
+    assert getattr(pac, cls.__name__) is cls
+
+
+def test_problem_codes_map_to_distinct_classes() -> None:
+    classes = [BY_CODE[code] for code in ProblemCode]
+    assert len(set(classes)) == len(ProblemCode)
+
+
+@pytest.mark.parametrize("code", list(ProblemCode), ids=str)
+async def test_every_problem_code_raises_its_class(connect: Callable[..., Api], code: ProblemCode) -> None:
+    api = connect(lambda req: problem(code.status, code.value, f"about {code}"), max_retries=0)
+    with pytest.raises(pac.APIStatusError) as info:
+        await api.get(JOBID)
+    assert type(info.value) is BY_CODE[code]
+    assert info.value.status_code == code.status
+    assert info.value.code == code.value
+
+
+async def test_an_unknown_code_falls_back_to_the_status(connect: Callable[..., Api]) -> None:
+    # A newer server's code this client does not know yet.
+    api = connect(lambda req: problem(404, "job_archived", "moved to tape"), max_retries=0)
+    with pytest.raises(pac.NotFoundError, match="moved to tape"):
+        await api.get(JOBID)

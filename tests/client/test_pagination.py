@@ -10,6 +10,7 @@ import pytest
 
 import psik_api_client as pac
 from client.fakes import Api, summary_json
+from psik_api_core import LIMITS
 
 pytestmark = pytest.mark.anyio
 
@@ -90,14 +91,46 @@ async def test_list_page_returns_one_page_with_its_cursor(connect: Callable[...,
     assert len(api.requests) == 1
 
 
-@pytest.mark.parametrize("kwargs", [{"page_size": 0}, {"page_size": 1001}, {"limit": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"page_size": 0},
+        {"page_size": LIMITS.max_page_size + 1},
+        {"limit": -1},
+        {"ids": [f"{n}.0" for n in range(LIMITS.max_ids + 1)]},
+        {"ids": "1.0"},  # a string is not a list of ids
+    ],
+)
 async def test_bad_paging_arguments_fail_before_any_request(
     connect: Callable[..., Api], kwargs: dict[str, Any]
 ) -> None:
     api = connect(paged_server(PAGES))
-    with pytest.raises(ValueError):
+    with pytest.raises(pac.InvalidRequestError):
         api.client.list(**kwargs)
     assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"limit": 0}, {"limit": LIMITS.max_page_size + 1}, {"ids": ["1.0"] * (LIMITS.max_ids + 1)}],
+)
+async def test_bad_page_arguments_fail_before_any_request(
+    connect: Callable[..., Api], kwargs: dict[str, Any]
+) -> None:
+    api = connect(paged_server(PAGES))
+    with pytest.raises(pac.InvalidRequestError) as info:
+        await api.list_page(**kwargs)
+    assert isinstance(info.value, ValueError)
+    assert api.requests == []
+
+
+async def test_the_largest_page_is_the_server_limit(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(200, json={"items": [], "next_cursor": None}))
+    await api.list_page(limit=LIMITS.max_page_size)
+    await api.list(page_size=LIMITS.max_page_size, limit=1)
+    await api.list()
+    limits = [r.url.params["limit"] for r in api.requests]
+    assert limits == [str(LIMITS.max_page_size), "1", str(LIMITS.default_page_size)]
 
 
 def test_sync_list_is_lazy() -> None:

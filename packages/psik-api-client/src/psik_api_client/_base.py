@@ -23,6 +23,7 @@ import httpx
 import pydantic
 
 from psik_api_core import (
+    LIMITS,
     STRICT_INPUT,
     BackendInfo,
     Job,
@@ -33,7 +34,12 @@ from psik_api_core import (
     is_jobid,
 )
 
-from ._exceptions import APIResponseValidationError, error_from_response, error_from_transport
+from ._exceptions import (
+    APIResponseValidationError,
+    InvalidRequestError,
+    error_from_response,
+    error_from_transport,
+)
 from ._pagination import Params
 from ._retry import RetryPolicy
 from ._version import __version__
@@ -45,7 +51,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 UDS_URL = "http://localhost"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_MAX_RETRIES = 2
-MAX_IDEMPOTENCY_KEY = 200
 
 
 class Sleep(NamedTuple):
@@ -98,18 +103,33 @@ def resolve_target(
 def path_jobid(jobid: str) -> str:
     """``jobid``, checked to be a job id before it goes into a URL path."""
     if not isinstance(jobid, str) or not is_jobid(jobid):
-        raise ValueError(
+        raise InvalidRequestError(
             f"not a job id: {jobid!r} (a job id is digits with an optional fraction, e.g. 1693992878.203)"
         )
     return jobid
 
 
+def validate_spec(data: Mapping[str, Any]) -> JobSpec:
+    """``data`` as a job spec, validated as strictly as the server will (unknown fields
+    are errors). Raises :class:`InvalidRequestError` naming every field at fault, with
+    pydantic's details in ``.errors``."""
+    try:
+        return JobSpec.model_validate(dict(data), context=STRICT_INPUT)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidRequestError(f"invalid job spec: {problems}", errors=exc.errors()) from exc
+
+
 def spec_body(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON body for a job spec. A mapping is validated first, as strictly as the
-    server will (unknown fields are errors), so mistakes fail here with pydantic's
-    message. Only the fields that were set are sent: the server fills the defaults."""
+    """The JSON body for a job spec. A mapping is validated first (see
+    :func:`validate_spec`), so mistakes fail here, before anything is sent. Only the
+    fields that were set are sent: the server fills the defaults."""
     if not isinstance(spec, JobSpec):
-        spec = JobSpec.model_validate(dict(spec), context=STRICT_INPUT)
+        if not isinstance(spec, Mapping):
+            raise InvalidRequestError(f"a job spec is a JobSpec or a mapping, not {type(spec).__name__}")
+        spec = validate_spec(spec)
     body = spec.model_dump(mode="json", exclude_unset=True)
     if spec.cb_secret is not None:
         # model_dump masks secrets; the server needs the real one to sign callbacks.
@@ -122,8 +142,9 @@ def idempotency_key(key: str | None) -> str:
     retrying it after a lost response cannot create a second job."""
     if key is None:
         return str(uuid.uuid4())
-    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise ValueError(f"an Idempotency-Key has 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    longest = LIMITS.max_idempotency_key
+    if not (isinstance(key, str) and 0 < len(key) <= longest and key.isascii() and key.isprintable()):
+        raise InvalidRequestError(f"an Idempotency-Key is 1 to {longest} printable ASCII characters")
     return key
 
 
@@ -276,8 +297,8 @@ class BaseClient:
 
     def _backend_flow(self, name: str) -> Flow[BackendInfo]:
         """GET ``/v1/backends/{name}``."""
-        if name in ("", ".", ".."):
-            raise ValueError(f"not a backend name: {name!r}")
+        if not isinstance(name, str) or name in ("", ".", ".."):
+            raise InvalidRequestError(f"not a backend name: {name!r}")
         return self._fetch_flow(_BACKEND, "GET", f"/v1/backends/{quote(name, safe='')}")
 
     def _health_flow(self) -> Flow[dict[str, Any]]:

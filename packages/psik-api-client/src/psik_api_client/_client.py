@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from psik_api_core import BackendInfo, Job, JobSpec, JobStatus, JobSummary, Page
+from psik_api_core import LIMITS, BackendInfo, Job, JobSpec, JobStatus, JobSummary, Page
 
 from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Flow, Sleep
 from ._pagination import Pager, StateFilter, job_query, page_params
@@ -28,7 +28,8 @@ class Client(BaseClient):
     say where explicitly. ``transport`` replaces the network (``httpx.MockTransport``,
     or any ``httpx.BaseTransport``). ``max_retries`` bounds the retries of idempotent
     requests. ``sleep``, ``rng`` and ``clock`` replace ``time.sleep``,
-    ``random.random`` and ``time.monotonic`` (for tests).
+    ``random.random`` and ``time.monotonic`` (for tests). Bad arguments raise
+    :class:`InvalidRequestError` before anything is sent.
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -84,9 +85,9 @@ class Client(BaseClient):
         """Create a job from ``spec`` and submit it to its backend (``POST /v1/jobs``).
 
         ``spec`` may be a dict; it is validated here first, so a bad field raises
-        pydantic's ``ValidationError`` before anything is sent. The request always
-        carries an ``Idempotency-Key`` (a random one unless given), so it is retried
-        safely: a retry returns the job the first attempt created. Raises
+        :class:`InvalidRequestError` (naming the field) before anything is sent. The
+        request always carries an ``Idempotency-Key`` (a random one unless given), so it
+        is retried safely: a retry returns the job the first attempt created. Raises
         :class:`SubmitFailedError` if the backend refused the job (it then exists, in
         state ``failed``: see ``.jobid``).
         """
@@ -118,12 +119,13 @@ class Client(BaseClient):
         name: str | None = None,
         ids: Iterable[str] | None = None,
         limit: int | None = None,
-        page_size: int = 100,
+        page_size: int = LIMITS.default_page_size,
     ) -> Iterator[JobSummary]:
         """Every job matching the filters, newest first, fetching pages lazily.
 
         ``state`` is one state or several; ``ids`` restricts to those job ids.
-        ``limit`` caps the number of jobs yielded in total; ``page_size`` (1..1000)
+        ``limit`` caps the number of jobs yielded in total; ``page_size`` (1 to
+        ``LIMITS.max_page_size``)
         is how many are fetched per request.
         """
         pager = Pager(
@@ -147,7 +149,8 @@ class Client(BaseClient):
         limit: int | None = None,
         cursor: str | None = None,
     ) -> Page[JobSummary]:
-        """One page of :meth:`list`: at most ``limit`` jobs (server default 100) after
+        """One page of :meth:`list`: at most ``limit`` jobs (server default
+        ``LIMITS.default_page_size``) after
         ``cursor`` (a previous page's ``next_cursor``)."""
         params = job_query(state=state, backend=backend, name=name, ids=ids)
         return self._drive(self._page_flow(page_params(params, limit=limit, cursor=cursor)))

@@ -7,23 +7,29 @@
      │    └── APITimeoutError          ... because a timeout expired
      ├── APIResponseValidationError    a 2xx answer that is not what the API promises
      ├── APIStatusError                the server answered with an error (problem+json)
-     │    ├── BadRequestError              400
-     │    ├── AuthenticationError          401
-     │    ├── PermissionDeniedError        403
-     │    ├── NotFoundError                404
-     │    ├── ConflictError                409
-     │    │    └── IdempotencyInFlightError    code idempotency_in_flight
-     │    ├── ValidationError              422
-     │    │    ├── UnknownBackendError         code unknown_backend
-     │    │    └── IdempotencyMismatchError    code idempotency_mismatch
+     │    ├── BadRequestError              400 bad_request
+     │    ├── AuthenticationError          401 unauthorized
+     │    ├── PermissionDeniedError        403 forbidden
+     │    ├── NotFoundError                404 not_found
+     │    ├── MethodNotAllowedError        405 method_not_allowed
+     │    ├── ConflictError                409 conflict
+     │    │    └── IdempotencyInFlightError    409 idempotency_in_flight
+     │    ├── RequestTooLargeError         413 too_large
+     │    ├── UnprocessableEntityError     422 validation_error
+     │    │    ├── UnknownBackendError         422 unknown_backend
+     │    │    └── IdempotencyMismatchError    422 idempotency_mismatch
      │    ├── RateLimitError               429
-     │    ├── SubmitFailedError            502 code submit_failed (the job exists, failed)
-     │    └── InternalServerError          other 5xx
+     │    ├── InternalServerError          500 internal_error, and any other 5xx
+     │    ├── SubmitFailedError            502 submit_failed (the job exists, failed)
+     │    └── ServiceUnavailableError      503 backend_unavailable
+     ├── InvalidRequestError           refused before sending (bad id, spec, key, ...);
+     │                                 also a ValueError
      └── WaitTimeout                   wait() gave up; also a TimeoutError
 
 An :class:`APIStatusError` is chosen by the problem's ``code`` first (it is stable and
 more precise), then by HTTP status, so a non-JSON error from a proxy still maps sensibly.
-Its message is the problem's ``detail``: a sentence a user can act on.
+Every :class:`~psik_api_core.ProblemCode` has its own class, whose ``status_code`` is
+the code's status. The message is the problem's ``detail``: a sentence a user can act on.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from collections.abc import Sequence
 
 import httpx
 import pydantic
+from pydantic_core import ErrorDetails
 
-from psik_api_core import JobStatus, Problem
+from psik_api_core import JobStatus, Problem, ProblemCode
 
 
 class PsikApiError(Exception):
@@ -63,12 +70,29 @@ class APIResponseValidationError(PsikApiError):
         self.response = response
 
 
+class InvalidRequestError(PsikApiError, ValueError):
+    """The client refused to send a request because its input is bad: a malformed job
+    id, an invalid job spec, a bad ``Idempotency-Key``, page size, id list or backend
+    name. Nothing was sent. It is also a ``ValueError``.
+
+    For a job spec given as a mapping, ``errors`` holds pydantic's error details (and
+    the ``pydantic.ValidationError`` is the ``__cause__``); it is empty otherwise.
+    """
+
+    def __init__(self, message: str, *, errors: Sequence[ErrorDetails] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
 class APIStatusError(PsikApiError):
     """The server answered with a 4xx or 5xx status.
 
     ``status_code`` is the HTTP status, ``problem`` the parsed problem+json document
-    (None if the body was not one) and ``response`` the raw response.
+    (None if the body was not one) and ``response`` the raw response. On a subclass,
+    ``status_code`` is also a class attribute: the status that kind of error is sent with.
     """
+
+    status_code: int
 
     def __init__(self, message: str, *, response: httpx.Response, problem: Problem | None) -> None:
         super().__init__(message)
@@ -90,17 +114,32 @@ class APIStatusError(PsikApiError):
 class BadRequestError(APIStatusError):
     """400: the request was malformed."""
 
+    status_code = 400
+
 
 class AuthenticationError(APIStatusError):
     """401: the server does not know who is calling."""
+
+    status_code = 401
 
 
 class PermissionDeniedError(APIStatusError):
     """403: the caller may not do this."""
 
+    status_code = 403
+
 
 class NotFoundError(APIStatusError):
     """404: no such job, backend or route (a malformed job id names no job)."""
+
+    status_code = 404
+
+
+class MethodNotAllowedError(APIStatusError):
+    """405: the route exists but not with this method (a client older or newer than
+    the server); the response's ``Allow`` header lists the methods it has."""
+
+    status_code = 405
 
 
 class ConflictError(APIStatusError):
@@ -108,6 +147,8 @@ class ConflictError(APIStatusError):
 
     ``jobid`` and ``state`` are taken from the problem when the server sent them.
     """
+
+    status_code = 409
 
     @property
     def jobid(self) -> str | None:
@@ -124,24 +165,44 @@ class IdempotencyInFlightError(ConflictError):
     """409: a request with the same Idempotency-Key is still being processed."""
 
 
-class ValidationError(APIStatusError):
+class RequestTooLargeError(APIStatusError):
+    """413: the request body is larger than the server accepts (a job spec holding a
+    very long script, say); the detail states the limit."""
+
+    status_code = 413
+
+
+class UnprocessableEntityError(APIStatusError):
     """422: the request is well-formed but invalid; ``problem.errors`` says where."""
 
+    status_code = 422
 
-class UnknownBackendError(ValidationError):
+
+class UnknownBackendError(UnprocessableEntityError):
     """422: the job spec names a backend the server does not have."""
 
 
-class IdempotencyMismatchError(ValidationError):
+class IdempotencyMismatchError(UnprocessableEntityError):
     """422: the Idempotency-Key was already used with a different request body."""
 
 
 class RateLimitError(APIStatusError):
     """429: too many requests."""
 
+    status_code = 429
+
+
+class InternalServerError(APIStatusError):
+    """500, or any 5xx without a more specific class: the server (or a proxy in front
+    of it) failed."""
+
+    status_code = 500
+
 
 class SubmitFailedError(APIStatusError):
     """502: the backend refused the job. The job exists (state ``failed``): see ``jobid``."""
+
+    status_code = 502
 
     @property
     def jobid(self) -> str | None:
@@ -149,8 +210,11 @@ class SubmitFailedError(APIStatusError):
         return self._extension("jobid")
 
 
-class InternalServerError(APIStatusError):
-    """5xx: the server (or a proxy in front of it) failed."""
+class ServiceUnavailableError(APIStatusError):
+    """503: the server is up but cannot serve the request now (e.g. the job's backend
+    is unavailable); worth trying again later."""
+
+    status_code = 503
 
 
 class WaitTimeout(PsikApiError, TimeoutError):
@@ -176,29 +240,40 @@ class WaitTimeout(PsikApiError, TimeoutError):
         return str(self.args[0])
 
 
-_BY_CODE: dict[str, type[APIStatusError]] = {
-    "bad_request": BadRequestError,
-    "unauthorized": AuthenticationError,
-    "forbidden": PermissionDeniedError,
-    "not_found": NotFoundError,
-    "conflict": ConflictError,
-    "idempotency_in_flight": IdempotencyInFlightError,
-    "validation_error": ValidationError,
-    "unknown_backend": UnknownBackendError,
-    "idempotency_mismatch": IdempotencyMismatchError,
-    "submit_failed": SubmitFailedError,
-    "backend_unavailable": InternalServerError,
-    "internal_error": InternalServerError,
+#: The class of each problem code: every member of core's ProblemCode has its own.
+BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
+    ProblemCode.bad_request: BadRequestError,
+    ProblemCode.unauthorized: AuthenticationError,
+    ProblemCode.forbidden: PermissionDeniedError,
+    ProblemCode.not_found: NotFoundError,
+    ProblemCode.method_not_allowed: MethodNotAllowedError,
+    ProblemCode.conflict: ConflictError,
+    ProblemCode.idempotency_in_flight: IdempotencyInFlightError,
+    ProblemCode.too_large: RequestTooLargeError,
+    ProblemCode.validation_error: UnprocessableEntityError,
+    ProblemCode.unknown_backend: UnknownBackendError,
+    ProblemCode.idempotency_mismatch: IdempotencyMismatchError,
+    ProblemCode.internal_error: InternalServerError,
+    ProblemCode.submit_failed: SubmitFailedError,
+    ProblemCode.backend_unavailable: ServiceUnavailableError,
 }
 
-_BY_STATUS: dict[int, type[APIStatusError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    409: ConflictError,
-    422: ValidationError,
-    429: RateLimitError,
+#: Without a known code (a proxy's error page, an older server), the status decides.
+BY_STATUS: dict[int, type[APIStatusError]] = {
+    cls.status_code: cls
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        MethodNotAllowedError,
+        ConflictError,
+        RequestTooLargeError,
+        UnprocessableEntityError,
+        RateLimitError,
+        InternalServerError,
+        ServiceUnavailableError,
+    )
 }
 
 
@@ -214,9 +289,9 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
     """The exception for an error response (not raised here)."""
     status = response.status_code
     problem = parse_problem(response)
-    cls = _BY_CODE.get(problem.code) if problem else None
+    cls = _by_code(problem.code) if problem else None
     if cls is None:
-        cls = _BY_STATUS.get(status)
+        cls = BY_STATUS.get(status)
     if cls is None:
         cls = InternalServerError if status >= 500 else APIStatusError
     if problem is not None:
@@ -227,6 +302,15 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
         if text:
             message = f"{message}: {text}"
     return cls(message, response=response, problem=problem)
+
+
+def _by_code(code: str | None) -> type[APIStatusError] | None:
+    if code is None:
+        return None
+    try:
+        return BY_CODE[ProblemCode(code)]
+    except (ValueError, KeyError):  # no code, or one this client does not know yet
+        return None
 
 
 def error_from_transport(exc: httpx.TransportError, request: httpx.Request, where: str) -> APIConnectionError:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from psik_api_core import JobState, JobSummary, Page
+from psik_api_core import LIMITS, JobState, JobSummary, Page
+
+from ._exceptions import InvalidRequestError
 
 #: ``state=`` accepts one state or several (sent as a repeated query parameter).
 StateFilter = JobState | str | Iterable[JobState | str] | None
 
 Params = list[tuple[str, str]]
-
-MAX_PAGE_SIZE = 1000
 
 
 def job_query(
@@ -36,14 +36,23 @@ def job_query(
     if name is not None:
         params.append(("name", name))
     if ids is not None:
-        params += [("id", jobid) for jobid in ids]
+        if isinstance(ids, str):  # one id is not an iterable of one-character ids
+            raise InvalidRequestError(f"ids= takes a list of job ids, not the string {ids!r}")
+        id_params = [("id", jobid) for jobid in ids]
+        if len(id_params) > LIMITS.max_ids:
+            raise InvalidRequestError(
+                f"a list filters by at most {LIMITS.max_ids} ids, not {len(id_params)} "
+                "(wait_all splits longer lists for you)"
+            )
+        params += id_params
     return params
 
 
 def page_params(params: Params, *, limit: int | None, cursor: str | None) -> Params:
     """``params`` plus the paging parameters of one request."""
-    if limit is not None and not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValueError(f"a page holds 1 to {MAX_PAGE_SIZE} items, not {limit}")
+    largest = LIMITS.max_page_size
+    if limit is not None and not (isinstance(limit, int) and 1 <= limit <= largest):
+        raise InvalidRequestError(f"a page holds 1 to {largest} items, not {limit!r}")
     extra: Params = []
     if limit is not None:
         extra.append(("limit", str(limit)))
@@ -57,8 +66,8 @@ class Pager:
     total (None: all of them) or when the server says there is no next page."""
 
     def __init__(self, params: Params, *, limit: int | None, page_size: int) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
+        if limit is not None and not (isinstance(limit, int) and limit >= 0):
+            raise InvalidRequestError(f"limit must be an int >= 0, not {limit!r}")
         page_params(params, limit=page_size, cursor=None)  # validates page_size early
         self._params = params
         self._remaining = limit

@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 
-from psik_api_core import Job, JobSummary
+from psik_api_core import LIMITS, Job, JobSummary
 
 from ._base import BaseClient, Flow, Sleep, path_jobid
-from ._exceptions import WaitTimeout
-from ._pagination import MAX_PAGE_SIZE, page_params
+from ._exceptions import InvalidRequestError, WaitTimeout
+from ._pagination import page_params
 from ._retry import PollBackoff
 
 #: ``progress=`` of ``wait_all``: False, True (a line on stderr) or ``f(done, total)``.
@@ -56,8 +56,9 @@ def wait_all_flow(
     poll_interval: float,
     progress: Progress,
 ) -> Flow[list[Job]]:
-    """Poll all pending jobs with one list request per round (``id=`` repeated, up to
-    1000 per request) until every one is final; return the jobs in ``ids`` order."""
+    """Poll all pending jobs with one list request per round (``id=`` repeated, as many
+    per request as the server's limits allow) until every one is final; return the jobs
+    in ``ids`` order."""
     _check_interval(poll_interval)
     report = _reporter(progress)
     pending = list(dict.fromkeys(ids))  # unique, in order
@@ -66,9 +67,11 @@ def wait_all_flow(
     deadline = None if timeout is None else api._clock() + timeout
     backoff = PollBackoff(cap=poll_interval)
     report(0, total)
+    # Each request's ids must fit both the id filter and one page of answers.
+    batch = min(LIMITS.max_ids, LIMITS.max_page_size)
     while pending:
-        for start in range(0, len(pending), MAX_PAGE_SIZE):
-            chunk = pending[start : start + MAX_PAGE_SIZE]
+        for start in range(0, len(pending), batch):
+            chunk = pending[start : start + batch]
             params = [("id", jobid) for jobid in chunk]
             page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None))
             states = {s.jobid: s.state for s in page.items}
@@ -110,7 +113,7 @@ def _next_delay(api: BaseClient, backoff: PollBackoff, deadline: float | None) -
 
 def _check_interval(poll_interval: float) -> None:
     if not poll_interval > 0:
-        raise ValueError(f"poll_interval must be > 0 seconds, not {poll_interval}")
+        raise InvalidRequestError(f"poll_interval must be > 0 seconds, not {poll_interval}")
 
 
 def _reporter(progress: Progress) -> Callable[[int, int], None]:

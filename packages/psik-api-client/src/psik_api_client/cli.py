@@ -29,7 +29,7 @@ import pydantic
 from psik_api_core import STRICT_INPUT, JobSpec
 
 from ._client import Client
-from ._exceptions import PsikApiError
+from ._exceptions import InvalidRequestError, PsikApiError
 from ._version import __version__
 
 PROG = "psik-api"
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Client(args.url, uds=args.uds) as api:
             return command(api, args)
+    except InvalidRequestError as exc:  # e.g. a malformed job id, refused before any request
+        return _fail(str(exc), 2)
     except PsikApiError as exc:
         return _fail(str(exc), 1)
     except InputError as exc:
