@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,14 +100,22 @@ def _python_blocks() -> list[str]:
     return blocks
 
 
-def test_readme_python_examples(live_app: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_script(source: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PSIK_API_URL": url}
+    env.pop("PSIK_API_UDS", None)
+    return subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_readme_python_examples_run_as_scripts(live_app: LiveServer) -> None:
+    """Each ```python block of the README, pasted into a file and run, works as is."""
     sync_example, async_example = _python_blocks()
-    monkeypatch.setenv("PSIK_API_URL", live_app.url)  # the async example's default server
-    sync_ns: dict[str, object] = {}
-    exec(sync_example.replace("http://127.0.0.1:8000", live_app.url), sync_ns)
-    assert getattr(sync_ns["job"], "state", None) == "completed"
-    body = "\n".join("    " + line for line in async_example.splitlines())
-    async_ns: dict[str, object] = {}
-    exec(f"async def example():\n{body}\n    return done\n", async_ns)
-    done = asyncio.run(async_ns["example"]())  # type: ignore[operator]
-    assert len(done) == 100 and {j.state for j in done} == {"completed"}
+    out = _run_script(sync_example.replace("http://127.0.0.1:8000", live_app.url), live_app.url)
+    assert out.returncode == 0, out.stderr
+    state, exit_code, native_id = out.stdout.splitlines()[0].split()
+    assert (state, exit_code) == ("completed", "0") and native_id.isdigit()  # the job's process id
+    out = _run_script(async_example, live_app.url)  # its server: $PSIK_API_URL
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "100 of 100 completed"
+    assert "100/100 final" in out.stderr  # progress=True
