@@ -16,6 +16,7 @@ class R:
 
 
 NEW = R(1.0, 0, JobState.new, '{"backend": {"type": "local"}}')
+QUEUED = R(2.0, 1, JobState.queued, "77")  # psik's info on queued: the backend's id
 
 
 def test_a_new_job_has_neither() -> None:
@@ -23,14 +24,15 @@ def test_a_new_job_has_neither() -> None:
 
 
 def test_a_running_job_has_its_native_id_and_no_exit_code() -> None:
-    assert run_outcome([NEW, R(2.0, 1, JobState.queued, "4242"), R(2.1, 1, JobState.active)]) == ("4242", None)
+    running = [NEW, R(2.0, 1, JobState.queued, "4242"), R(2.1, 1, JobState.active)]
+    assert run_outcome(running) == ("4242", None)
 
 
 def test_completed_is_exit_code_zero_and_failed_carries_the_status() -> None:
-    assert run_outcome([NEW, R(2.0, 1, JobState.queued, "77"), R(3.0, 1, JobState.completed)]) == ("77", 0)
-    assert run_outcome([NEW, R(2.0, 1, JobState.queued, "77"), R(3.0, 1, JobState.failed, "3")]) == ("77", 3)
+    assert run_outcome([NEW, QUEUED, R(3.0, 1, JobState.completed)]) == ("77", 0)
+    assert run_outcome([NEW, QUEUED, R(3.0, 1, JobState.failed, "3")]) == ("77", 3)
     # killed by a signal: psik writes subprocess's negative return code
-    assert run_outcome([NEW, R(2.0, 1, JobState.queued, "77"), R(3.0, 1, JobState.failed, "-9")]) == ("77", -9)
+    assert run_outcome([NEW, QUEUED, R(3.0, 1, JobState.failed, "-9")]) == ("77", -9)
 
 
 def test_a_failure_that_is_not_an_exit_status_has_no_exit_code() -> None:
@@ -41,7 +43,7 @@ def test_a_failure_that_is_not_an_exit_status_has_no_exit_code() -> None:
 
 
 def test_a_canceled_run_has_no_exit_code_even_if_the_script_then_ended() -> None:
-    rows = [NEW, R(2.0, 1, JobState.queued, "77"), R(3.0, 0, JobState.canceled), R(3.5, 1, JobState.failed, "143")]
+    rows = [NEW, QUEUED, R(3.0, 0, JobState.canceled), R(3.5, 1, JobState.failed, "143")]
     assert run_outcome(rows) == ("77", None)
 
 
