@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from starlette.applications import Starlette
+
+from psik_api_core import LIMITS
+from psik_api_core.limits import byte_size
 
 pytestmark = pytest.mark.anyio
 
@@ -87,8 +91,35 @@ async def test_unparseable_and_non_object_bodies(http: httpx.AsyncClient) -> Non
 
 
 async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
-    r = await http.post("/v1/jobs", json={"script": "x" * (1 << 20)})
+    r = await http.post("/v1/jobs", json={"script": "x" * LIMITS.max_body_bytes})
+    assert f"over {byte_size(LIMITS.max_body_bytes)}" in str(_problem(r, 413, "too_large")["detail"])
+    # Without a Content-Length the stream is cut at the limit too.
+    body = json.dumps({"script": "x" * LIMITS.max_body_bytes}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:1000]
+        yield body[1000:]
+
+    r = await http.post("/v1/jobs", content=chunks())
     _problem(r, 413, "too_large")
+    fits = json.dumps({"script": "x" * (LIMITS.max_body_bytes - 100)}).encode()
+    assert len(fits) <= LIMITS.max_body_bytes
+    assert (await http.post("/v1/jobs/new", content=fits)).status_code == 201
+
+
+async def test_list_limits_are_cores(http: httpx.AsyncClient) -> None:
+    r = await http.get("/v1/jobs", params={"limit": LIMITS.max_page_size})
+    assert r.status_code == 200, r.text
+    ids = [("id", f"{1000000000 + i}.1") for i in range(LIMITS.max_ids)]
+    assert (await http.get("/v1/jobs", params=ids)).status_code == 200
+    too_many = [*ids, ("id", "1.1")]
+    body = _problem(await http.get("/v1/jobs", params=too_many), 422, "validation_error")
+    assert _locs(body) == [["query", "id"]] and str(LIMITS.max_ids) in str(body["detail"])
+    # The default page is core's too: one more job than it holds leaves a next page.
+    for _ in range(LIMITS.default_page_size + 1):
+        assert (await http.post("/v1/jobs/new", json={"script": "true"})).status_code == 201
+    page = (await http.get("/v1/jobs")).json()
+    assert len(page["items"]) == LIMITS.default_page_size and page["next_cursor"]
 
 
 @pytest.mark.parametrize(
@@ -113,7 +144,7 @@ async def test_unknown_job_is_404_problem(http: httpx.AsyncClient) -> None:
     ("query", "name"),
     [
         ("limit=0", "limit"),
-        ("limit=1001", "limit"),
+        (f"limit={LIMITS.max_page_size + 1}", "limit"),
         ("limit=-1", "limit"),
         ("limit=ten", "limit"),
         ("state=done", "state"),
@@ -249,7 +280,7 @@ async def test_idempotency_key_in_flight_is_409_with_retry_after(
     assert r.status_code == 201, r.text
 
 
-@pytest.mark.parametrize("key", ["", "x" * 201, "tab\there"])
+@pytest.mark.parametrize("key", ["", "x" * (LIMITS.max_idempotency_key + 1), "tab\there"])
 async def test_bad_idempotency_keys(http: httpx.AsyncClient, key: str) -> None:
     body = _problem(
         await http.post("/v1/jobs", json={"script": "true"}, headers={"Idempotency-Key": key}),
@@ -257,6 +288,12 @@ async def test_bad_idempotency_keys(http: httpx.AsyncClient, key: str) -> None:
         "validation_error",
     )
     assert _locs(body) == [["header", "Idempotency-Key"]]
+
+
+async def test_longest_idempotency_key_is_taken(http: httpx.AsyncClient) -> None:
+    key = "k" * LIMITS.max_idempotency_key
+    r = await http.post("/v1/jobs/new", json={"script": "true"}, headers={"Idempotency-Key": key})
+    assert r.status_code == 201, r.text
 
 
 def test_problem_of_an_api_error() -> None:

@@ -6,6 +6,8 @@ import html
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,7 +17,8 @@ import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from pydantic import ValidationError
 
-from psik_api_core import JOBID_PATTERN, STRICT_INPUT, JobSpec, JobState, ResourceSpec
+from psik_api_core import JOBID_PATTERN, LIMITS, STRICT_INPUT, Job, JobSpec, JobState, ResourceSpec
+from psik_api_core.limits import byte_size
 from psik_api_server.docs import docs_html
 from psik_api_server.openapi import build_openapi
 
@@ -105,6 +108,15 @@ def test_every_contract_route_is_documented(doc: dict[str, Any]) -> None:
     assert len(op_ids) == len(set(op_ids))
 
 
+def test_contract_page_states_the_limits() -> None:
+    """docs/http-api.md states core's LIMITS, which the document and the server use."""
+    text = CONTRACT.read_text()
+    assert f"<= {LIMITS.max_idempotency_key} chars" in text
+    assert f"up to {LIMITS.max_ids})" in text
+    assert f"`limit` (1..{LIMITS.max_page_size}, default {LIMITS.default_page_size})" in text
+    assert f"body over {byte_size(LIMITS.max_body_bytes)} is 413" in text
+
+
 def test_jobid_pattern_is_anchored_and_strict(doc: dict[str, Any]) -> None:
     for method, path in JOB_ROUTES:
         param = _param(_op(doc, method, path), "jobid")
@@ -134,9 +146,15 @@ def test_list_query_parameters(doc: dict[str, Any]) -> None:
     assert state["schema"]["items"]["enum"] == [s.value for s in JobState]
     ids = _param(op, "id")
     assert ids["explode"] is True
-    assert ids["schema"]["maxItems"] == 1000
+    assert ids["schema"]["maxItems"] == LIMITS.max_ids
+    assert f"up to {LIMITS.max_ids} ids" in ids["description"]
     limit = _param(op, "limit")["schema"]
-    assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 1000, 100)
+    assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == (
+        "integer",
+        1,
+        LIMITS.max_page_size,
+        LIMITS.default_page_size,
+    )
     assert _param(op, "backend")["schema"]["examples"] == ["local", "slurm"]
     page = op["responses"]["200"]["content"]["application/json"]["schema"]
     items = _pointer(doc, page["$ref"])["properties"]["items"]
@@ -157,7 +175,7 @@ def test_job_creation_takes_jobspec_and_idempotency_key(doc: dict[str, Any], pat
     key = _param(op, "Idempotency-Key")
     assert key["in"] == "header"
     assert key["required"] is False
-    assert key["schema"]["maxLength"] == 200
+    assert key["schema"]["maxLength"] == LIMITS.max_idempotency_key
     assert op["requestBody"]["required"] is True
     assert op["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/JobSpec"
@@ -166,6 +184,7 @@ def test_job_creation_takes_jobspec_and_idempotency_key(doc: dict[str, Any], pat
     assert created["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Job"}
     assert "Location" in created["headers"]
     assert {"400", "409", "413", "422"} <= set(op["responses"])
+    assert f"over {byte_size(LIMITS.max_body_bytes)}" in op["responses"]["413"]["description"]
     assert "Retry-After" in op["responses"]["409"]["headers"]
     assert ("502" in op["responses"]) is (path == "/v1/jobs")
 
@@ -204,6 +223,12 @@ def test_every_error_response_is_problem_json(doc: dict[str, Any]) -> None:
             for status, response in op["responses"].items():
                 as_problem = "application/problem+json" in response.get("content", {})
                 assert as_problem is (int(status) >= 400), (op["operationId"], status)
+
+
+def test_job_schemas_match_core(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["Job"]["properties"]) == set(Job.model_fields)
+    assert {"native_id", "exit_code"} <= set(schemas["Job"]["properties"])
 
 
 def test_jobspec_request_schema_matches_core(doc: dict[str, Any]) -> None:
@@ -264,6 +289,12 @@ def test_jobspec_schema_rejects_what_core_rejects(doc: dict[str, Any], body: dic
     with pytest.raises(ValidationError):
         JobSpec.model_validate(body, context=STRICT_INPUT)
     assert list(_schema_validator(doc, "JobSpec").iter_errors(body))
+
+
+def test_the_table_needs_no_web_framework() -> None:
+    """The operations table is data: reading it (the client, tools) pulls in no server."""
+    code = "import sys; sys.modules.update(starlette=None, psik=None); import psik_api_server.openapi"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_each_call_builds_a_fresh_document() -> None:

@@ -1,5 +1,6 @@
 """What the server answers matches what /openapi.json says it answers: each response's
-status is documented for its operation, and its body validates against that schema."""
+status is documented for its operation, and its body validates against that schema; and
+the routes the app has are the operations the document lists, no more and no fewer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from psik_api_server.routes import Resource
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +72,27 @@ async def test_responses_match_the_document(http: httpx.AsyncClient) -> None:
     ]  # fmt: skip
     for r in responses:
         _check(doc, r)
+
+
+# Values for the path parameters, to send a request to each route.
+_EXAMPLES = {"jobid": "1693992878.203", "name": "default"}
+
+
+async def test_routes_are_the_documents_operations(http: httpx.AsyncClient, app: Starlette) -> None:
+    """What the app routes (walking app.routes) is what /openapi.json documents, path by
+    path and method by method, and each path's 405 names exactly its documented methods."""
+    doc = (await http.get("/openapi.json")).json()
+    documented = {path: {m.upper() for m in ops} for path, ops in doc["paths"].items()}
+    routed: dict[str, set[str]] = {}
+    for route in app.routes:
+        assert isinstance(route, Route) and isinstance(route.app, Resource), route
+        assert route.path not in routed, f"{route.path} is routed twice"
+        routed[route.path] = set(route.app.handlers)
+    assert routed == documented
+    for path, methods in documented.items():
+        url = re.sub(r"\{([^}]+)\}", lambda m: _EXAMPLES[m.group(1)], path)
+        # No operation uses OPTIONS: every path answers it with its Allow header.
+        r = await http.request("OPTIONS", url)
+        assert r.status_code == 405, (path, r.text)
+        allowed = set(r.headers["allow"].split(", "))
+        assert allowed == methods | ({"HEAD"} if "GET" in methods else set()), path

@@ -23,3 +23,11 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+def byte_size(n: int) -> str:
+    """A size as people write limits: ``1048576`` is ``"1 MiB"``, ``1536`` is ``"1536 bytes"``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"

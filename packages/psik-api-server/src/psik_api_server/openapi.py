@@ -1,9 +1,14 @@
-"""The OpenAPI 3.1 document of psik-api, built from a table of operations.
+"""The OpenAPI 3.1 document of psik-api, built from the table of operations.
 
 The wire contract is ``docs/http-api.md``. Each route is one :class:`Operation` row in
-:data:`OPERATIONS`; its schemas are core's pydantic models, so the document describes
-exactly what the server validates and serialises. :func:`build_openapi` turns the
-table into the document served at ``/openapi.json`` (and rendered at ``/``).
+:data:`OPERATIONS`; its schemas are core's pydantic models and its limits core's
+:data:`~psik_api_core.LIMITS`, so the document describes exactly what the server
+validates and serialises. :func:`build_openapi` turns the table into the document
+served at ``/openapi.json`` (and rendered at ``/``); ``routes.build_routes`` turns the
+same table into the router, so no route exists without its entry here, nor an entry
+without its route.
+
+This module needs no web framework (pydantic and core only): the table is data.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from psik_api_core import (
     JOBID_PATTERN,
+    LIMITS,
     BackendInfo,
     Job,
     JobSpec,
@@ -27,6 +33,7 @@ from psik_api_core import (
     Problem,
     ProblemCode,
 )
+from psik_api_core.limits import byte_size
 
 OPENAPI_VERSION = "3.1.0"
 PROBLEM_JSON = "application/problem+json"
@@ -87,7 +94,7 @@ class Failure:
 
 @dataclass(frozen=True)
 class Operation:
-    """One route of the API."""
+    """One route of the API: ``operation_id`` also names its handler in the router."""
 
     method: str
     path: str
@@ -126,7 +133,7 @@ _IDEMPOTENCY_KEY = Param(
     "header",
     "Makes a retried POST safe: the same key with the same body answers with the job the"
     " first request created, instead of creating a second one.",
-    {"type": "string", "minLength": 1, "maxLength": 200},
+    {"type": "string", "minLength": 1, "maxLength": LIMITS.max_idempotency_key},
 )
 
 _BAD_JOBID = Failure(
@@ -136,7 +143,7 @@ _BAD_JOBID = Failure(
 _NO_JOB = Failure(ProblemCode.not_found, "no such job, or it is not the caller's")
 _BODY_FAILURES = (
     Failure(ProblemCode.bad_request, "the body is not JSON"),
-    Failure(ProblemCode.too_large, "the body is over 1 MiB"),
+    Failure(ProblemCode.too_large, f"the body is over {byte_size(LIMITS.max_body_bytes)}"),
     Failure(ProblemCode.validation_error, "the body is not a valid JobSpec; `errors` name the fields"),
     Failure(ProblemCode.unknown_backend, "`backend` names no configured backend"),
     Failure(ProblemCode.idempotency_mismatch, "the `Idempotency-Key` was used with another body"),
@@ -151,6 +158,9 @@ _SUBMIT_FAILED = Failure(
 )
 
 # ---- the table ----
+# The router matches paths in the order they first appear here, first match wins: a
+# literal path (`/v1/jobs/new`) must come before a template it fits (`/v1/jobs/{jobid}`);
+# `routes.build_routes` refuses a table where it does not.
 # One route per block reads better than one argument per line:
 # fmt: off
 OPERATIONS: tuple[Operation, ...] = (
@@ -201,11 +211,13 @@ OPERATIONS: tuple[Operation, ...] = (
                   repeatable=True),
             Param("backend", "query", "Only jobs on this backend.", {"type": "string"}, names_backend=True),
             Param("name", "query", "Only jobs with this name.", {"type": "string"}),
-            Param("id", "query", "Only these jobs (up to 1000 ids).",
-                  {"type": "array", "items": {"type": "string", "pattern": JOBID_REGEX}, "maxItems": 1000},
+            Param("id", "query", f"Only these jobs (up to {LIMITS.max_ids} ids).",
+                  {"type": "array", "items": {"type": "string", "pattern": JOBID_REGEX},
+                   "maxItems": LIMITS.max_ids},
                   repeatable=True),
             Param("limit", "query", "Page size.",
-                  {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                  {"type": "integer", "minimum": 1, "maximum": LIMITS.max_page_size,
+                   "default": LIMITS.default_page_size}),
             Param("cursor", "query", "Opaque: a page's `next_cursor`, for the page after it.",
                   {"type": "string"}),
         ),

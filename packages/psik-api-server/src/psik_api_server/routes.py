@@ -1,10 +1,15 @@
 """The HTTP routes under ``/v1``: parse and check the request, call the JobService,
-serialise with core's models. Every refusal names the parameter or field at fault."""
+serialise with core's models. Every refusal names the parameter or field at fault.
+
+The router is built from the OpenAPI table (:data:`.openapi.OPERATIONS`): each
+operation's ``operation_id`` names its handler in :data:`HANDLERS`, and
+:func:`build_routes` refuses to build a router where the two disagree. The table stays
+in ``openapi.py``, which needs no starlette; only the handlers live here."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -14,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from psik_api_core import (
+    LIMITS,
     STRICT_INPUT,
     Job,
     JobSpec,
@@ -22,17 +28,15 @@ from psik_api_core import (
     field_error,
     is_jobid,
 )
+from psik_api_core.limits import byte_size
 
 from .errors import ApiError
+from .openapi import OPERATIONS
 from .problems import validation_problem
 from .security import principal
 from .service import JobService
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-MAX_BODY = 1 << 20  # a JobSpec is a few KiB; a MiB leaves room for big scripts
-MAX_IDS = 1000
-MAX_KEY = 200
 
 
 def _service(request: Request) -> JobService:
@@ -77,14 +81,16 @@ def _jobid(request: Request) -> str:
 
 
 async def _spec(request: Request) -> JobSpec:
+    limit = LIMITS.max_body_bytes
+    too_large = ApiError(ProblemCode.too_large, f"the body is over {byte_size(limit)}")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise ApiError(ProblemCode.too_large, f"the body is over {MAX_BODY} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(ProblemCode.too_large, f"the body is over {MAX_BODY} bytes")
+        if len(body) > limit:
+            raise too_large
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -107,10 +113,11 @@ async def _spec(request: Request) -> JobSpec:
 
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key) <= MAX_KEY and key.isprintable()):
+    longest = LIMITS.max_idempotency_key
+    if key is not None and not (0 < len(key) <= longest and key.isprintable()):
         raise ApiError(
             ProblemCode.validation_error,
-            f"Idempotency-Key must be 1..{MAX_KEY} printable characters",
+            f"Idempotency-Key must be 1..{longest} printable characters",
             errors=[field_error(["header", "Idempotency-Key"], "bad length or characters")],
         )
     return key
@@ -166,19 +173,19 @@ async def list_jobs(request: Request) -> Response:
                     "state", f"{part!r} is not one of {', '.join(s.value for s in JobState)}"
                 ) from None
     ids = q.getlist("id")
-    if len(ids) > MAX_IDS:
-        raise _bad_query("id", f"at most {MAX_IDS} ids per request")
+    if len(ids) > LIMITS.max_ids:
+        raise _bad_query("id", f"at most {LIMITS.max_ids} ids per request")
     for jobid in ids:
         if not is_jobid(jobid):
             raise _bad_query("id", f"{jobid[:64]!r} is not a job id")
-    limit = 100
+    limit = LIMITS.default_page_size
     if "limit" in q:
-        raw = q["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-            raise _bad_query("limit", f"{raw[:32]!r} is not an integer from 1 to 1000")
+        raw, most = q["limit"], LIMITS.max_page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= most:
+            raise _bad_query("limit", f"{raw[:32]!r} is not an integer from 1 to {most}")
         limit = int(raw)
     cursor = q.get("cursor") or None
-    page = _service(request).list(
+    page = await _service(request).list(
         principal(request),
         states=states,
         backend=q.get("backend"),
@@ -197,7 +204,7 @@ async def get_job(request: Request) -> Response:
 
 async def get_state(request: Request) -> Response:
     _only_params(request, set())
-    return _json(_service(request).status(principal(request), _jobid(request)))
+    return _json(await _service(request).status(principal(request), _jobid(request)))
 
 
 async def delete_job(request: Request) -> Response:
@@ -216,6 +223,22 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+#: The handler of each operation of the OpenAPI table, by ``operation_id`` (the
+#: document's own two, ``getOpenAPI`` and ``getDocs``, are made by :func:`build_routes`).
+HANDLERS: Mapping[str, Endpoint] = {
+    "listBackends": list_backends,
+    "getBackend": get_backend,
+    "submitJob": submit_job,
+    "createJob": new_job,
+    "startJob": start_job,
+    "listJobs": list_jobs,
+    "getJob": get_job,
+    "cancelJob": delete_job,
+    "getJobState": get_state,
+    "healthz": healthz,
+}
+
+
 class Resource:
     """The endpoint of one path: dispatches by method, and answers any other method
     with a 405 problem naming exactly the methods the path has. (Two starlette Routes on
@@ -223,15 +246,14 @@ class Resource:
     through to ``/v1/jobs/{jobid}``.) An ASGI app rather than a function, so that
     starlette routes every method here."""
 
-    def __init__(self, **handlers: Endpoint) -> None:
-        self.handlers = handlers
-        methods = {m.upper() for m in handlers} | ({"HEAD"} if "get" in handlers else set())
+    def __init__(self, handlers: Mapping[str, Endpoint]) -> None:
+        self.handlers = {method.upper(): handler for method, handler in handlers.items()}
+        methods = set(self.handlers) | ({"HEAD"} if "GET" in self.handlers else set())
         self.allow = ", ".join(sorted(methods))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        method = request.method.lower()
-        handler = self.handlers.get("get" if method == "head" else method)
+        handler = self.handlers.get("GET" if request.method == "HEAD" else request.method)
         if handler is None:
             raise ApiError(
                 ProblemCode.method_not_allowed,
@@ -242,12 +264,13 @@ class Resource:
         await response(scope, receive, send)
 
 
-def resource(path: str, **handlers: Endpoint) -> Route:
-    return Route(path, Resource(**handlers))
-
-
 def build_routes(*, openapi: dict[str, Any], docs: str) -> list[Route]:
-    """Every route of the app: the API's, the OpenAPI document and the docs page."""
+    """Every route of the app, one per path of the OpenAPI table, in the table's order:
+    the API's, the OpenAPI document (``openapi``) and the docs page (``docs``).
+
+    Raises :class:`RuntimeError` if the table and :data:`HANDLERS` disagree, or if a
+    path could never be reached because an earlier one matches it.
+    """
 
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(openapi)
@@ -255,16 +278,23 @@ def build_routes(*, openapi: dict[str, Any], docs: str) -> list[Route]:
     async def docs_page(request: Request) -> Response:
         return HTMLResponse(docs)
 
-    return [*ROUTES, resource("/openapi.json", get=openapi_json), resource("/", get=docs_page)]
-
-
-ROUTES = [
-    resource("/v1/backends", get=list_backends),
-    resource("/v1/backends/{name}", get=get_backend),
-    resource("/v1/jobs", get=list_jobs, post=submit_job),
-    resource("/v1/jobs/new", post=new_job),
-    resource("/v1/jobs/{jobid}/start", post=start_job),
-    resource("/v1/jobs/{jobid}/state", get=get_state),
-    resource("/v1/jobs/{jobid}", get=get_job, delete=delete_job),
-    resource("/healthz", get=healthz),
-]
+    handlers = {**HANDLERS, "getOpenAPI": openapi_json, "getDocs": docs_page}
+    documented = {op.operation_id for op in OPERATIONS}
+    if documented != set(handlers):
+        raise RuntimeError(
+            "the OpenAPI table and the handlers disagree: operations without a handler"
+            f" {sorted(documented - set(handlers))}, handlers without an operation"
+            f" {sorted(set(handlers) - documented)}"
+        )
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for op in OPERATIONS:
+        by_path.setdefault(op.path, {})[op.method] = handlers[op.operation_id]
+    routes: list[Route] = []
+    for path, methods in by_path.items():
+        # Starlette takes the first route that matches: a path an earlier template
+        # matches (its own "{param}" text fits "[^/]+") would never be reached.
+        shadow = next((r.path for r in routes if r.path_regex.match(path)), None)
+        if shadow is not None:
+            raise RuntimeError(f"route {path} comes after {shadow}, which matches it first")
+        routes.append(Route(path, Resource(methods)))
+    return routes
