@@ -1,6 +1,7 @@
 """psik-api core: the models, state machine, problem codes and authorization policy
 shared by the server and the client. Pure: no I/O and no psik."""
 
+from ._version import __version__
 from .authz import LOCAL_USER, Action, OwnerPolicy, Policy, Principal
 from .errors import ProblemCode, field_error
 from .limits import LIMITS, Limits
@@ -32,8 +33,6 @@ from .states import (
     run_outcome,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "FINAL_STATES",
     "JOBID_PATTERN",
@@ -59,6 +58,7 @@ __all__ = [
     "ProblemCode",
     "ResourceSpec",
     "Transition",
+    "__version__",
     "can_cancel",
     "can_start",
     "can_transition",

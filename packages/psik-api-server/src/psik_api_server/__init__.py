@@ -1,7 +1,7 @@
 """psik-api server: a REST-HTTP job API over psik backends. Build it with
 :func:`psik_api_server.app.create_app`, or run ``psik-api-server serve``."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "create_app"]
 

@@ -35,6 +35,8 @@ from psik_api_core import (
 )
 from psik_api_core.limits import byte_size
 
+from ._version import __version__
+
 OPENAPI_VERSION = "3.1.0"
 PROBLEM_JSON = "application/problem+json"
 #: Anchored for JSON Schema (ECMA-262, where ``$`` does not match before a final newline).
@@ -278,7 +280,7 @@ Refs = Mapping[tuple[object, JsonSchemaMode], str]
 
 
 def build_openapi(
-    *, title: str = "psik-api", version: str = "0.1.0", backends: list[str] | None = None
+    *, title: str = "psik-api", version: str = __version__, backends: list[str] | None = None
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every route of psik-api.
 
