@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import nox
 
+# 2025.02.09 reads [dependency-groups] from pyproject.toml.
+nox.needs_version = ">=2025.2.9"
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
@@ -20,27 +22,24 @@ PACKAGES = [
     "-e",
     "packages/psik-api-client",
 ]
-TEST_DEPS = [
-    "pytest>=8",
-    "anyio>=4",
-    "respx>=0.21",
-    "asgi-lifespan>=2",
-    "openapi-spec-validator>=0.7",
-    "jsonschema>=4",
-    "pyyaml",
-]
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def group(name: str) -> tuple[str, ...]:
+    """A dependency group of the root pyproject.toml: the one list of each tool's needs."""
+    return nox.project.dependency_groups(PYPROJECT, name)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite: core, server, client and contract tests on real local jobs."""
-    session.install(*PACKAGES, *TEST_DEPS)
+    session.install(*PACKAGES, *group("test"))
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    session.install(*group("lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -48,7 +47,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on every package's src/."""
-    session.install(*PACKAGES, "mypy", "types-PyYAML")
+    session.install(*PACKAGES, *group("typecheck"))
     session.run(
         "mypy",
         "packages/psik-api-core/src",
