@@ -251,6 +251,15 @@ async def test_the_longest_idempotency_key_is_the_server_limit(connect: Callable
     assert api.requests[0].headers["Idempotency-Key"] == key
 
 
+async def test_a_spec_over_the_body_limit_fails_before_sending(connect: Callable[..., Api]) -> None:
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    with pytest.raises(pac.InvalidRequestError, match=f"at most {LIMITS.max_body_bytes}"):
+        await api.submit({"script": "x" * LIMITS.max_body_bytes})
+    assert api.requests == []
+    await api.submit({"script": "x" * (LIMITS.max_body_bytes - 100)})
+    assert len(api.requests) == 1
+
+
 @pytest.mark.parametrize("poll_interval", [0, -1.0])
 async def test_bad_poll_intervals_fail_before_sending(
     connect: Callable[..., Api], poll_interval: float

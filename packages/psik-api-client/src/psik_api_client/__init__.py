@@ -10,7 +10,8 @@
 
 ``AsyncClient`` has the same methods, awaited. Errors are the classes of
 ``_exceptions`` (all subclasses of :class:`PsikApiError`); the models come from
-``psik_api_core``.
+``psik_api_core``. Every method takes the per-call options ``timeout=`` and
+``extra_headers=``; :data:`NOT_GIVEN` is the "left out" value of ``timeout=``.
 """
 
 from psik_api_core import (
@@ -51,9 +52,11 @@ from ._exceptions import (
     UnprocessableEntityError,
     WaitTimeout,
 )
+from ._types import NOT_GIVEN, NotGiven
 from ._version import __version__
 
 __all__ = [
+    "NOT_GIVEN",
     "APIConnectionError",
     "APIResponseValidationError",
     "APIStatusError",
@@ -75,6 +78,7 @@ __all__ = [
     "JobSummary",
     "MethodNotAllowedError",
     "NotFoundError",
+    "NotGiven",
     "Page",
     "PermissionDeniedError",
     "Problem",

@@ -7,20 +7,36 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from contextlib import aclosing
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import httpx
 
 from psik_api_core import LIMITS, BackendInfo, Job, JobSpec, JobStatus, JobSummary, Page
 
-from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Flow, Sleep
+from ._base import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    BaseClient,
+    Emit,
+    EmitFlow,
+    Flow,
+    Outcome,
+    Read,
+    ReadChunk,
+    Sleep,
+    Step,
+    Stream,
+)
 from ._pagination import Pager, StateFilter, job_query, page_params
+from ._types import NOT_GIVEN, NotGiven, RequestOptions, TimeoutArg
 from ._wait import Progress, job_ids, wait_all_flow, wait_flow
 
 T = TypeVar("T")
+E = TypeVar("E")
 
 
 class AsyncClient(BaseClient):
@@ -28,7 +44,10 @@ class AsyncClient(BaseClient):
 
     Same arguments as :class:`Client`, except that ``transport`` is an
     ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport(app)`` to test in-process)
-    and ``sleep`` is awaited (default ``anyio.sleep``).
+    and ``sleep`` is awaited (default ``anyio.sleep``). Every method takes the same
+    per-call options ``timeout=`` and ``extra_headers=``. (ruff's ASYNC109 would have
+    async functions take no ``timeout``: here it is the per-call request timeout of the
+    Stainless SDKs, or ``wait``'s deadline, and must match :class:`Client`.)
 
     Use it as an async context manager, or call :meth:`aclose`.
     """
@@ -39,7 +58,7 @@ class AsyncClient(BaseClient):
         *,
         uds: str | os.PathLike[str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: TimeoutArg = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -51,6 +70,7 @@ class AsyncClient(BaseClient):
             uds=uds,
             has_transport=transport is not None,
             headers=headers,
+            timeout=timeout,
             max_retries=max_retries,
             rng=rng,
             clock=clock,
@@ -60,27 +80,82 @@ class AsyncClient(BaseClient):
         self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
         self._sleep = sleep or anyio.sleep
 
-    async def _drive(self, flow: Flow[T]) -> T:
-        """Run ``flow``: send what it asks to send, sleep when it asks to sleep."""
+    async def _run(
+        self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]
+    ) -> AsyncGenerator[E, None]:
+        """The one loop: do each step ``flow`` asks for, yield what it emits, and put
+        its result in ``result``. Closes every response it streamed, however it ends."""
+        streams: dict[httpx.Response, AsyncGenerator[bytes, None]] = {}
         try:
             step = next(flow)
             while True:
-                if isinstance(step, Sleep):
-                    await self._sleep(step.seconds)
+                if isinstance(step, Emit):
+                    yield step.value
                     step = flow.send(None)
-                    continue
-                try:
-                    outcome: httpx.Response | httpx.TransportError = await self._http.send(step)
-                except httpx.TransportError as exc:
-                    outcome = exc
-                step = flow.send(outcome)
+                else:
+                    step = flow.send(await self._perform(step, streams))
         except StopIteration as stop:
-            result: T = stop.value
-            return result
+            result.append(stop.value)
         finally:
-            flow.close()
+            try:
+                flow.close()
+            finally:
+                # Shielded: a cancelled caller must still release the connections.
+                with anyio.CancelScope(shield=True):
+                    await self._close_streams(streams)
 
-    async def submit(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+    async def _perform(
+        self, step: Step, streams: dict[httpx.Response, AsyncGenerator[bytes, None]]
+    ) -> Outcome:
+        """Do the I/O of one step; a transport error is its answer, not raised."""
+        if isinstance(step, Sleep):
+            await self._sleep(step.seconds)
+            return None
+        try:
+            if isinstance(step, httpx.Request):
+                return await self._http.send(step)
+            if isinstance(step, Stream):
+                response = await self._http.send(step.request, stream=True)
+                # aiter_bytes is an async generator function: the cast lets us close it.
+                streams[response] = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+                return response
+            if isinstance(step, ReadChunk):
+                return await anext(streams[step.response], None)
+            if isinstance(step, Read):
+                return await step.response.aread()
+            await step.response.aclose()
+            return None
+        except httpx.TransportError as exc:
+            return exc
+
+    async def _close_streams(self, streams: dict[httpx.Response, AsyncGenerator[bytes, None]]) -> None:
+        for response, chunks in streams.items():
+            await chunks.aclose()
+            await response.aclose()
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        """Run ``flow`` to its result."""
+        result: list[T] = []
+        run: AsyncGenerator[object, None] = self._run(flow, result)
+        async with aclosing(run):
+            async for value in run:
+                raise RuntimeError(f"a flow run for its result emitted {value!r}")
+        return result[0]
+
+    def _aiter_flow(self, flow: EmitFlow[E]) -> AsyncGenerator[E, None]:
+        """What ``flow`` emits, as it emits it: the body of every method that returns an
+        async iterator. Its responses are closed when it ends, or when the iterator is
+        closed (``aclose()``, or ``contextlib.aclosing``) before that."""
+        return self._run(flow, [])
+
+    async def submit(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Create a job from ``spec`` and submit it to its backend (``POST /v1/jobs``).
 
         ``spec`` may be a dict; it is validated here first, so a bad field raises
@@ -90,25 +165,52 @@ class AsyncClient(BaseClient):
         :class:`SubmitFailedError` if the backend refused the job (it then exists, in
         state ``failed``: see ``.jobid``).
         """
-        return await self._drive(self._submit_flow(spec, idempotency_key, start=True))
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(self._submit_flow(spec, idempotency_key, start=True, options=options))
 
-    async def create(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+    async def create(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Create a job without submitting it (``POST /v1/jobs/new``): it stays ``new``
         until :meth:`start`. Validation and idempotency as in :meth:`submit`."""
-        return await self._drive(self._submit_flow(spec, idempotency_key, start=False))
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(self._submit_flow(spec, idempotency_key, start=False, options=options))
 
-    async def start(self, jobid: str) -> Job:
+    async def start(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Submit a ``new`` job, or run a final one again with the next ``jobndx``.
         Raises :class:`ConflictError` while the job is queued or active."""
-        return await self._drive(self._start_flow(jobid))
+        return await self._drive(self._start_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    async def get(self, jobid: str) -> Job:
+    async def get(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """The job with its spec (without `cb_secret`, which is write-only) and full history."""
-        return await self._drive(self._get_flow(jobid))
+        return await self._drive(self._get_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    async def state(self, jobid: str) -> JobStatus:
+    async def state(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> JobStatus:
         """The job's current state alone (cheaper than :meth:`get`)."""
-        return await self._drive(self._state_flow(jobid))
+        return await self._drive(self._state_flow(jobid, RequestOptions(timeout, extra_headers)))
 
     def list(
         self,
@@ -119,26 +221,23 @@ class AsyncClient(BaseClient):
         ids: Iterable[str] | None = None,
         limit: int | None = None,
         page_size: int = LIMITS.default_page_size,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[JobSummary]:
         """Every job matching the filters, newest first, fetching pages lazily
         (``async for job in api.list(...)``).
 
         ``state`` is one state or several; ``ids`` restricts to those job ids.
         ``limit`` caps the number of jobs yielded in total; ``page_size`` (1 to
-        ``LIMITS.max_page_size``)
-        is how many are fetched per request.
+        ``LIMITS.max_page_size``) is how many are fetched per request. The options
+        apply to every page's request.
         """
         pager = Pager(
             job_query(state=state, backend=backend, name=name, ids=ids),
             limit=limit,
             page_size=page_size,
         )
-        return self._walk(pager)
-
-    async def _walk(self, pager: Pager) -> AsyncIterator[JobSummary]:
-        while (params := pager.next_params()) is not None:
-            for item in pager.take(await self._drive(self._page_flow(params))):
-                yield item
+        return self._aiter_flow(self._list_flow(pager, RequestOptions(timeout, extra_headers)))
 
     async def list_page(
         self,
@@ -149,38 +248,57 @@ class AsyncClient(BaseClient):
         ids: Iterable[str] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Page[JobSummary]:
         """One page of :meth:`list`: at most ``limit`` jobs (server default
-        ``LIMITS.default_page_size``) after
-        ``cursor`` (a previous page's ``next_cursor``)."""
-        params = job_query(state=state, backend=backend, name=name, ids=ids)
-        return await self._drive(self._page_flow(page_params(params, limit=limit, cursor=cursor)))
+        ``LIMITS.default_page_size``) after ``cursor`` (a previous page's ``next_cursor``)."""
+        params = page_params(
+            job_query(state=state, backend=backend, name=name, ids=ids), limit=limit, cursor=cursor
+        )
+        return await self._drive(self._page_flow(params, RequestOptions(timeout, extra_headers)))
 
-    async def cancel(self, jobid: str) -> Job:
+    async def cancel(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Cancel the job (idempotent: a final job is returned as it was)."""
-        return await self._drive(self._cancel_flow(jobid))
+        return await self._drive(self._cancel_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    async def purge(self, jobid: str) -> None:
+    async def purge(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Remove a final job and its directory. Raises :class:`ConflictError` if the
         job is not final (cancel it first)."""
-        await self._drive(self._purge_flow(jobid))
+        await self._drive(self._purge_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    # ASYNC109: a deadline is part of what waiting means here, and it must match Client.
     async def wait(
         self,
         jobid: str,
         *,
         timeout: float | None = None,  # noqa: ASYNC109
         poll_interval: float = 1.0,
+        request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Wait until the job is final and return it.
 
         Polls its state every 0.02 s at first, backing off to ``poll_interval``
         seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
-        status seen); the job is never cancelled.
+        status seen); the job is never cancelled. Here ``timeout`` bounds the whole
+        wait, so the per-request timeout of the other methods is ``request_timeout``.
         """
-        flow = wait_flow(self, jobid, timeout=timeout, poll_interval=poll_interval)
-        return await self._drive(flow)
+        options = RequestOptions(request_timeout, extra_headers)
+        return await self._drive(
+            wait_flow(self, jobid, timeout=timeout, poll_interval=poll_interval, options=options)
+        )
 
     async def wait_all(
         self,
@@ -189,6 +307,8 @@ class AsyncClient(BaseClient):
         timeout: float | None = None,  # noqa: ASYNC109
         progress: Progress = False,
         poll_interval: float = 1.0,
+        request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> builtins.list[Job]:
         """Wait until every job (ids, or Job/JobSummary objects) is final; return the
         final jobs in the order given.
@@ -196,24 +316,46 @@ class AsyncClient(BaseClient):
         All pending jobs are polled with one request per round. ``progress=True``
         prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
-        ``.pending``) after ``timeout`` seconds, cancelling nothing.
+        ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
+        ``request_timeout`` is the timeout of each request.
         """
         flow = wait_all_flow(
-            self, job_ids(jobs), timeout=timeout, poll_interval=poll_interval, progress=progress
+            self,
+            job_ids(jobs),
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+            options=RequestOptions(request_timeout, extra_headers),
         )
         return await self._drive(flow)
 
-    async def backends(self) -> builtins.list[BackendInfo]:
+    async def backends(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> builtins.list[BackendInfo]:
         """The configured backends and their health."""
-        return await self._drive(self._backends_flow())
+        return await self._drive(self._backends_flow(RequestOptions(timeout, extra_headers)))
 
-    async def backend(self, name: str) -> BackendInfo:
+    async def backend(
+        self,
+        name: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> BackendInfo:
         """One backend by name (:class:`NotFoundError` if there is none)."""
-        return await self._drive(self._backend_flow(name))
+        return await self._drive(self._backend_flow(name, RequestOptions(timeout, extra_headers)))
 
-    async def health(self) -> dict[str, Any]:
+    async def health(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         """The server's health document, ``{"status": "ok"}`` when all is well."""
-        return await self._drive(self._health_flow())
+        return await self._drive(self._health_flow(RequestOptions(timeout, extra_headers)))
 
     async def aclose(self) -> None:
         """Close the connections (and the transport)."""

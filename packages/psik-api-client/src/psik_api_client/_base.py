@@ -1,11 +1,32 @@
 """Everything the sync and async clients share: all of it does no I/O.
 
-Each API operation is written once, as a *flow*: a generator that yields the
-:class:`httpx.Request` it wants sent (and gets back the response, or the transport
-error) or a :class:`Sleep` it wants waited (and gets back None), and finally returns
-the result. ``Client`` drives flows with blocking calls, ``AsyncClient`` with awaits;
-that loop is the only thing they do differently. Retries, error mapping, pagination
-and waiting are therefore written, and tested, once.
+Each API operation is written once, as a *flow*: a generator that yields *steps*, the
+I/O it wants done, is sent back each step's answer, and finally returns its result.
+``Client`` does the steps with blocking calls, ``AsyncClient`` with awaits; that loop
+(``_run``, with ``_perform`` doing one step) is the only thing they do differently.
+Retries, error mapping, pagination, waiting and streaming are therefore written, and
+tested, once.
+
+The steps, and what the driver answers::
+
+    httpx.Request      sent; the response, its body read (or the httpx.TransportError)
+    Sleep(seconds)     waited; None
+    Stream(request)    sent; the response as soon as its headers are in, body unread
+                       (or the httpx.TransportError)
+    ReadChunk(resp)    the next chunk of a streamed body as it arrives, None at its end
+                       (or the httpx.TransportError)
+    Read(resp)         the rest of a streamed body, whole; ``resp.content`` then works
+                       (or the httpx.TransportError)
+    Close(resp)        the streamed response closed early; None
+    Emit(value)        ``value`` handed to whoever iterates the flow; None once they
+                       ask for the next one
+
+Transport errors are answers, not exceptions, so that the flow decides (retry, or map
+to :class:`APIConnectionError`). A flow run for its result (``_drive``) must not emit;
+a flow run as an iterator (``_iter_flow``/``_aiter_flow``: lists, and in time log
+follow and downloads) returns nothing and emits what the caller iterates. The driver
+closes every response it streamed when the flow ends, however it ends: returning,
+raising, or closed early because the caller stopped iterating.
 """
 
 from __future__ import annotations
@@ -13,10 +34,9 @@ from __future__ import annotations
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -24,14 +44,12 @@ import pydantic
 
 from psik_api_core import (
     LIMITS,
-    STRICT_INPUT,
     BackendInfo,
     Job,
     JobSpec,
     JobStatus,
     JobSummary,
     Page,
-    is_jobid,
 )
 
 from ._exceptions import (
@@ -40,11 +58,14 @@ from ._exceptions import (
     error_from_response,
     error_from_transport,
 )
-from ._pagination import Params
+from ._inputs import idempotency_key, path_jobid, spec_body
+from ._pagination import Pager, Params
 from ._retry import RetryPolicy
+from ._types import DEFAULT_OPTIONS, RequestOptions, TimeoutArg
 from ._version import __version__
 
 T = TypeVar("T")
+E = TypeVar("E")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Over a UNIX socket the host is only what the Host header says.
@@ -54,15 +75,49 @@ DEFAULT_MAX_RETRIES = 2
 
 
 class Sleep(NamedTuple):
-    """A flow's request to be resumed after ``seconds``."""
+    """Step: resume the flow after ``seconds``."""
 
     seconds: float
 
 
+class Stream(NamedTuple):
+    """Step: send ``request`` and answer with the response once its headers are in,
+    leaving the body to be read with :class:`ReadChunk` or :class:`Read`."""
+
+    request: httpx.Request
+
+
+class ReadChunk(NamedTuple):
+    """Step: the next chunk of a streamed ``response``'s body, None at its end."""
+
+    response: httpx.Response
+
+
+class Read(NamedTuple):
+    """Step: the rest of a streamed ``response``'s body, whole (it is then closed)."""
+
+    response: httpx.Response
+
+
+class Close(NamedTuple):
+    """Step: close a streamed ``response`` the flow is done with."""
+
+    response: httpx.Response
+
+
+class Emit(NamedTuple, Generic[E]):
+    """Step: hand ``value`` to the caller iterating the flow."""
+
+    value: E
+
+
 #: What a flow yields, and what its driver sends back.
-Step = httpx.Request | Sleep
-Outcome = httpx.Response | httpx.TransportError | None
+Step = httpx.Request | Sleep | Stream | ReadChunk | Read | Close
+Outcome = httpx.Response | httpx.TransportError | bytes | None
+#: A flow run for its result, of type T.
 Flow = Generator[Step, Outcome, T]
+#: A flow run as an iterator of the values of type E it emits.
+EmitFlow = Generator[Step | Emit[E], Outcome, None]
 
 _JOB = pydantic.TypeAdapter(Job)
 _STATUS = pydantic.TypeAdapter(JobStatus)
@@ -100,54 +155,6 @@ def resolve_target(
     return Target(base_url or environ.get("PSIK_API_URL") or DEFAULT_URL)
 
 
-def path_jobid(jobid: str) -> str:
-    """``jobid``, checked to be a job id before it goes into a URL path."""
-    if not isinstance(jobid, str) or not is_jobid(jobid):
-        raise InvalidRequestError(
-            f"not a job id: {jobid!r} (a job id is digits with an optional fraction, e.g. 1693992878.203)"
-        )
-    return jobid
-
-
-def validate_spec(data: Mapping[str, Any]) -> JobSpec:
-    """``data`` as a job spec, validated as strictly as the server will (unknown fields
-    are errors). Raises :class:`InvalidRequestError` naming every field at fault, with
-    pydantic's details in ``.errors``."""
-    try:
-        return JobSpec.model_validate(dict(data), context=STRICT_INPUT)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-        )
-        raise InvalidRequestError(f"invalid job spec: {problems}", errors=exc.errors()) from exc
-
-
-def spec_body(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON body for a job spec. A mapping is validated first (see
-    :func:`validate_spec`), so mistakes fail here, before anything is sent. Only the
-    fields that were set are sent: the server fills the defaults."""
-    if not isinstance(spec, JobSpec):
-        if not isinstance(spec, Mapping):
-            raise InvalidRequestError(f"a job spec is a JobSpec or a mapping, not {type(spec).__name__}")
-        spec = validate_spec(spec)
-    body = spec.model_dump(mode="json", exclude_unset=True)
-    if spec.cb_secret is not None:
-        # model_dump masks secrets; the server needs the real one to sign callbacks.
-        body["cb_secret"] = spec.cb_secret.get_secret_value()
-    return body
-
-
-def idempotency_key(key: str | None) -> str:
-    """``key``, or a fresh random one: every submission carries a key, so that
-    retrying it after a lost response cannot create a second job."""
-    if key is None:
-        return str(uuid.uuid4())
-    longest = LIMITS.max_idempotency_key
-    if not (isinstance(key, str) and 0 < len(key) <= longest and key.isascii() and key.isprintable()):
-        raise InvalidRequestError(f"an Idempotency-Key is 1 to {longest} printable ASCII characters")
-    return key
-
-
 def parse(response: httpx.Response, into: pydantic.TypeAdapter[T]) -> T:
     """The response body as ``into``'s type; unknown fields are ignored."""
     try:
@@ -172,6 +179,7 @@ class BaseClient:
         uds: str | os.PathLike[str] | None,
         has_transport: bool,
         headers: Mapping[str, str] | None,
+        timeout: TimeoutArg,
         max_retries: int,
         rng: Callable[[], float] | None,
         clock: Callable[[], float] | None,
@@ -180,11 +188,13 @@ class BaseClient:
             raise ValueError("max_retries must be >= 0")
         self._target = resolve_target(base_url, uds, has_transport=has_transport)
         self._prefix = self._target.base_url.rstrip("/")
-        self._headers = {
-            "Accept": "application/json",
-            "User-Agent": f"psik-api-client/{__version__}",
-            **(headers or {}),
-        }
+        self._headers = httpx.Headers(
+            {"Accept": "application/json", "User-Agent": f"psik-api-client/{__version__}"}
+        )
+        self._headers.update(headers or {})
+        # Every request carries its timeout (see _build_request): this one unless the
+        # call gives its own.
+        self._timeout = httpx.Timeout(timeout)
         self._retry = RetryPolicy(max_retries=max_retries, rng=rng or random.random)
         # The clock ``wait`` measures its timeout with.
         self._clock = clock or time.monotonic
@@ -210,26 +220,41 @@ class BaseClient:
         params: Params | None = None,
         json: Any = None,
         headers: Mapping[str, str] | None = None,
+        options: RequestOptions = DEFAULT_OPTIONS,
     ) -> httpx.Request:
-        """The request for ``method path`` (path from the API root, e.g. ``/v1/jobs``)."""
+        """The request for ``method path`` (path from the API root, e.g. ``/v1/jobs``).
+
+        Headers are the client's, then the operation's, then the call's
+        ``extra_headers`` (each replacing the one before, whatever its case). The
+        timeout travels in the request's extensions, as httpx's own clients put it.
+        """
+        merged = httpx.Headers(self._headers)
+        merged.update(headers or {})
+        merged.update(options.extra_headers or {})
         return httpx.Request(
             method,
             self._prefix + path,
             params=tuple(params or ()),
             json=json,
-            headers={**self._headers, **(headers or {})},
+            headers=merged,
+            extensions={"timeout": options.timeout_for(self._timeout).as_dict()},
         )
 
     # ---- the flows every operation is made of ----
 
-    def _send_flow(self, request: httpx.Request) -> Flow[httpx.Response]:
+    def _send_flow(self, request: httpx.Request, *, stream: bool = False) -> Flow[httpx.Response]:
         """Send ``request``, retrying as the policy allows; return a 2xx response or
-        raise the mapped error."""
+        raise the mapped error. With ``stream``, the response is returned with its body
+        unread (an error response's body is read: it decides retries and the message)."""
         attempt = 0
         while True:
-            outcome = yield request
-            if outcome is None:
-                raise RuntimeError("a flow driver must answer a request with its outcome")
+            outcome = yield Stream(request) if stream else request
+            if not isinstance(outcome, httpx.Response | httpx.TransportError):
+                raise RuntimeError(f"a flow driver answered a request with {outcome!r}")
+            if stream and isinstance(outcome, httpx.Response) and not outcome.is_success:
+                body = yield Read(outcome)
+                if isinstance(body, httpx.TransportError):
+                    outcome = body
             delay = self._retry.delay(request, outcome, attempt)
             if delay is None:
                 break
@@ -241,66 +266,92 @@ class BaseClient:
             raise error_from_response(outcome)
         return outcome
 
-    def _fetch_flow(
-        self,
-        into: pydantic.TypeAdapter[T],
-        method: str,
-        path: str,
-        *,
-        params: Params | None = None,
-        json: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Flow[T]:
-        """Send a request and parse its answer as ``into``'s type."""
-        request = self._build_request(method, path, params=params, json=json, headers=headers)
+    def _read_chunk_flow(self, response: httpx.Response) -> Flow[bytes | None]:
+        """The next chunk of a streamed response's body, None at its end; a broken
+        connection raises :class:`APIConnectionError`."""
+        outcome = yield ReadChunk(response)
+        if isinstance(outcome, httpx.TransportError):
+            raise error_from_transport(outcome, response.request, self._where()) from outcome
+        if outcome is not None and not isinstance(outcome, bytes):
+            raise RuntimeError(f"a flow driver answered a chunk read with {outcome!r}")
+        return outcome
+
+    def _fetch_flow(self, into: pydantic.TypeAdapter[T], request: httpx.Request) -> Flow[T]:
+        """Send ``request`` and parse its answer as ``into``'s type."""
         response = yield from self._send_flow(request)
         return parse(response, into)
 
     # ---- one flow per operation (the clients' public methods drive these) ----
 
-    def _submit_flow(self, spec: JobSpec | Mapping[str, Any], key: str | None, *, start: bool) -> Flow[Job]:
+    def _submit_flow(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        key: str | None,
+        *,
+        start: bool,
+        options: RequestOptions = DEFAULT_OPTIONS,
+    ) -> Flow[Job]:
         """POST the spec to ``/v1/jobs`` (create and submit) or ``/v1/jobs/new``."""
         body = spec_body(spec)
         headers = {"Idempotency-Key": idempotency_key(key)}
         path = "/v1/jobs" if start else "/v1/jobs/new"
-        return self._fetch_flow(_JOB, "POST", path, json=body, headers=headers)
+        request = self._build_request("POST", path, json=body, headers=headers, options=options)
+        if len(request.content) > LIMITS.max_body_bytes:
+            raise InvalidRequestError(
+                f"the job spec is {len(request.content)} bytes as JSON; the server accepts "
+                f"at most {LIMITS.max_body_bytes} (put a long script in a file the job runs)"
+            )
+        return self._fetch_flow(_JOB, request)
 
-    def _start_flow(self, jobid: str) -> Flow[Job]:
+    def _start_flow(self, jobid: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[Job]:
         """POST ``/v1/jobs/{id}/start``."""
-        return self._fetch_flow(_JOB, "POST", f"/v1/jobs/{path_jobid(jobid)}/start")
+        path = f"/v1/jobs/{path_jobid(jobid)}/start"
+        return self._fetch_flow(_JOB, self._build_request("POST", path, options=options))
 
-    def _get_flow(self, jobid: str) -> Flow[Job]:
+    def _get_flow(self, jobid: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[Job]:
         """GET ``/v1/jobs/{id}``."""
-        return self._fetch_flow(_JOB, "GET", f"/v1/jobs/{path_jobid(jobid)}")
+        path = f"/v1/jobs/{path_jobid(jobid)}"
+        return self._fetch_flow(_JOB, self._build_request("GET", path, options=options))
 
-    def _state_flow(self, jobid: str) -> Flow[JobStatus]:
+    def _state_flow(self, jobid: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[JobStatus]:
         """GET ``/v1/jobs/{id}/state``."""
-        return self._fetch_flow(_STATUS, "GET", f"/v1/jobs/{path_jobid(jobid)}/state")
+        path = f"/v1/jobs/{path_jobid(jobid)}/state"
+        return self._fetch_flow(_STATUS, self._build_request("GET", path, options=options))
 
-    def _page_flow(self, params: Params) -> Flow[Page[JobSummary]]:
+    def _page_flow(self, params: Params, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[Page[JobSummary]]:
         """GET ``/v1/jobs`` with ``params``: one page."""
-        return self._fetch_flow(_PAGE, "GET", "/v1/jobs", params=params)
+        request = self._build_request("GET", "/v1/jobs", params=params, options=options)
+        return self._fetch_flow(_PAGE, request)
 
-    def _cancel_flow(self, jobid: str) -> Flow[Job]:
+    def _list_flow(self, pager: Pager, options: RequestOptions = DEFAULT_OPTIONS) -> EmitFlow[JobSummary]:
+        """Every job of a list, page after page as the caller iterates."""
+        while (params := pager.next_params()) is not None:
+            page = yield from self._page_flow(params, options)
+            for item in pager.take(page):
+                yield Emit(item)
+
+    def _cancel_flow(self, jobid: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[Job]:
         """DELETE ``/v1/jobs/{id}``."""
-        return self._fetch_flow(_JOB, "DELETE", f"/v1/jobs/{path_jobid(jobid)}")
+        path = f"/v1/jobs/{path_jobid(jobid)}"
+        return self._fetch_flow(_JOB, self._build_request("DELETE", path, options=options))
 
-    def _purge_flow(self, jobid: str) -> Flow[None]:
+    def _purge_flow(self, jobid: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[None]:
         """DELETE ``/v1/jobs/{id}?purge=true`` (answered by 204, no body)."""
         path = f"/v1/jobs/{path_jobid(jobid)}"
-        request = self._build_request("DELETE", path, params=[("purge", "true")])
+        request = self._build_request("DELETE", path, params=[("purge", "true")], options=options)
         yield from self._send_flow(request)
 
-    def _backends_flow(self) -> Flow[list[BackendInfo]]:
+    def _backends_flow(self, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[list[BackendInfo]]:
         """GET ``/v1/backends``."""
-        return self._fetch_flow(_BACKENDS, "GET", "/v1/backends")
+        return self._fetch_flow(_BACKENDS, self._build_request("GET", "/v1/backends", options=options))
 
-    def _backend_flow(self, name: str) -> Flow[BackendInfo]:
+    def _backend_flow(self, name: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[BackendInfo]:
         """GET ``/v1/backends/{name}``."""
         if not isinstance(name, str) or name in ("", ".", ".."):
             raise InvalidRequestError(f"not a backend name: {name!r}")
-        return self._fetch_flow(_BACKEND, "GET", f"/v1/backends/{quote(name, safe='')}")
+        path = f"/v1/backends/{quote(name, safe='')}"
+        return self._fetch_flow(_BACKEND, self._build_request("GET", path, options=options))
 
-    def _health_flow(self) -> Flow[dict[str, Any]]:
+    def _health_flow(self, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[dict[str, Any]]:
         """GET ``/healthz``."""
-        return self._fetch_flow(_HEALTH, "GET", "/healthz")
+        return self._fetch_flow(_HEALTH, self._build_request("GET", "/healthz", options=options))

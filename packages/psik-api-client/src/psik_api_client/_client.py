@@ -5,19 +5,35 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import closing
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 
 from psik_api_core import LIMITS, BackendInfo, Job, JobSpec, JobStatus, JobSummary, Page
 
-from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Flow, Sleep
+from ._base import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    BaseClient,
+    Emit,
+    EmitFlow,
+    Flow,
+    Outcome,
+    Read,
+    ReadChunk,
+    Sleep,
+    Step,
+    Stream,
+)
 from ._pagination import Pager, StateFilter, job_query, page_params
+from ._types import NOT_GIVEN, NotGiven, RequestOptions, TimeoutArg
 from ._wait import Progress, job_ids, wait_all_flow, wait_flow
 
 T = TypeVar("T")
+E = TypeVar("E")
 
 
 class Client(BaseClient):
@@ -28,8 +44,12 @@ class Client(BaseClient):
     say where explicitly. ``transport`` replaces the network (``httpx.MockTransport``,
     or any ``httpx.BaseTransport``). ``max_retries`` bounds the retries of idempotent
     requests. ``sleep``, ``rng`` and ``clock`` replace ``time.sleep``,
-    ``random.random`` and ``time.monotonic`` (for tests). Bad arguments raise
-    :class:`InvalidRequestError` before anything is sent.
+    ``random.random`` and ``time.monotonic`` (for tests).
+
+    Every method also takes keyword-only per-call options: ``timeout=`` (seconds, an
+    ``httpx.Timeout``, or None for none) replaces the client's ``timeout`` for that
+    call's requests, and ``extra_headers=`` are sent over the client's ``headers``.
+    Bad arguments raise :class:`InvalidRequestError` before anything is sent.
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -40,7 +60,7 @@ class Client(BaseClient):
         *,
         uds: str | os.PathLike[str] | None = None,
         transport: httpx.BaseTransport | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: TimeoutArg = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         sleep: Callable[[float], None] | None = None,
@@ -52,6 +72,7 @@ class Client(BaseClient):
             uds=uds,
             has_transport=transport is not None,
             headers=headers,
+            timeout=timeout,
             max_retries=max_retries,
             rng=rng,
             clock=clock,
@@ -61,27 +82,76 @@ class Client(BaseClient):
         self._http = httpx.Client(transport=transport, timeout=timeout)
         self._sleep = sleep or time.sleep
 
-    def _drive(self, flow: Flow[T]) -> T:
-        """Run ``flow``: send what it asks to send, sleep when it asks to sleep."""
+    def _run(self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]) -> Generator[E, None, None]:
+        """The one loop: do each step ``flow`` asks for, yield what it emits, and put
+        its result in ``result``. Closes every response it streamed, however it ends."""
+        streams: dict[httpx.Response, Generator[bytes, None, None]] = {}
         try:
             step = next(flow)
             while True:
-                if isinstance(step, Sleep):
-                    self._sleep(step.seconds)
+                if isinstance(step, Emit):
+                    yield step.value
                     step = flow.send(None)
-                    continue
-                try:
-                    outcome: httpx.Response | httpx.TransportError = self._http.send(step)
-                except httpx.TransportError as exc:
-                    outcome = exc
-                step = flow.send(outcome)
+                else:
+                    step = flow.send(self._perform(step, streams))
         except StopIteration as stop:
-            result: T = stop.value
-            return result
+            result.append(stop.value)
         finally:
-            flow.close()
+            try:
+                flow.close()
+            finally:
+                self._close_streams(streams)
 
-    def submit(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+    def _perform(self, step: Step, streams: dict[httpx.Response, Generator[bytes, None, None]]) -> Outcome:
+        """Do the I/O of one step; a transport error is its answer, not raised."""
+        if isinstance(step, Sleep):
+            self._sleep(step.seconds)
+            return None
+        try:
+            if isinstance(step, httpx.Request):
+                return self._http.send(step)
+            if isinstance(step, Stream):
+                response = self._http.send(step.request, stream=True)
+                # iter_bytes is a generator function: the cast lets us close it.
+                streams[response] = cast("Generator[bytes, None, None]", response.iter_bytes())
+                return response
+            if isinstance(step, ReadChunk):
+                return next(streams[step.response], None)
+            if isinstance(step, Read):
+                return step.response.read()
+            step.response.close()
+            return None
+        except httpx.TransportError as exc:
+            return exc
+
+    def _close_streams(self, streams: dict[httpx.Response, Generator[bytes, None, None]]) -> None:
+        for response, chunks in streams.items():
+            chunks.close()
+            response.close()
+
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run ``flow`` to its result."""
+        result: list[T] = []
+        run: Generator[object, None, None] = self._run(flow, result)
+        with closing(run):
+            for value in run:
+                raise RuntimeError(f"a flow run for its result emitted {value!r}")
+        return result[0]
+
+    def _iter_flow(self, flow: EmitFlow[E]) -> Generator[E, None, None]:
+        """What ``flow`` emits, as it emits it: the body of every method that returns an
+        iterator. Its responses are closed when it ends, or when the iterator is closed
+        (or collected) before that."""
+        return self._run(flow, [])
+
+    def submit(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Create a job from ``spec`` and submit it to its backend (``POST /v1/jobs``).
 
         ``spec`` may be a dict; it is validated here first, so a bad field raises
@@ -91,25 +161,52 @@ class Client(BaseClient):
         :class:`SubmitFailedError` if the backend refused the job (it then exists, in
         state ``failed``: see ``.jobid``).
         """
-        return self._drive(self._submit_flow(spec, idempotency_key, start=True))
+        options = RequestOptions(timeout, extra_headers)
+        return self._drive(self._submit_flow(spec, idempotency_key, start=True, options=options))
 
-    def create(self, spec: JobSpec | Mapping[str, Any], *, idempotency_key: str | None = None) -> Job:
+    def create(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Create a job without submitting it (``POST /v1/jobs/new``): it stays ``new``
         until :meth:`start`. Validation and idempotency as in :meth:`submit`."""
-        return self._drive(self._submit_flow(spec, idempotency_key, start=False))
+        options = RequestOptions(timeout, extra_headers)
+        return self._drive(self._submit_flow(spec, idempotency_key, start=False, options=options))
 
-    def start(self, jobid: str) -> Job:
+    def start(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Submit a ``new`` job, or run a final one again with the next ``jobndx``.
         Raises :class:`ConflictError` while the job is queued or active."""
-        return self._drive(self._start_flow(jobid))
+        return self._drive(self._start_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    def get(self, jobid: str) -> Job:
+    def get(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """The job with its spec (without `cb_secret`, which is write-only) and full history."""
-        return self._drive(self._get_flow(jobid))
+        return self._drive(self._get_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    def state(self, jobid: str) -> JobStatus:
+    def state(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> JobStatus:
         """The job's current state alone (cheaper than :meth:`get`)."""
-        return self._drive(self._state_flow(jobid))
+        return self._drive(self._state_flow(jobid, RequestOptions(timeout, extra_headers)))
 
     def list(
         self,
@@ -120,24 +217,22 @@ class Client(BaseClient):
         ids: Iterable[str] | None = None,
         limit: int | None = None,
         page_size: int = LIMITS.default_page_size,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Iterator[JobSummary]:
         """Every job matching the filters, newest first, fetching pages lazily.
 
         ``state`` is one state or several; ``ids`` restricts to those job ids.
         ``limit`` caps the number of jobs yielded in total; ``page_size`` (1 to
-        ``LIMITS.max_page_size``)
-        is how many are fetched per request.
+        ``LIMITS.max_page_size``) is how many are fetched per request. The options
+        apply to every page's request.
         """
         pager = Pager(
             job_query(state=state, backend=backend, name=name, ids=ids),
             limit=limit,
             page_size=page_size,
         )
-        return self._walk(pager)
-
-    def _walk(self, pager: Pager) -> Iterator[JobSummary]:
-        while (params := pager.next_params()) is not None:
-            yield from pager.take(self._drive(self._page_flow(params)))
+        return self._iter_flow(self._list_flow(pager, RequestOptions(timeout, extra_headers)))
 
     def list_page(
         self,
@@ -148,30 +243,57 @@ class Client(BaseClient):
         ids: Iterable[str] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Page[JobSummary]:
         """One page of :meth:`list`: at most ``limit`` jobs (server default
-        ``LIMITS.default_page_size``) after
-        ``cursor`` (a previous page's ``next_cursor``)."""
-        params = job_query(state=state, backend=backend, name=name, ids=ids)
-        return self._drive(self._page_flow(page_params(params, limit=limit, cursor=cursor)))
+        ``LIMITS.default_page_size``) after ``cursor`` (a previous page's ``next_cursor``)."""
+        params = page_params(
+            job_query(state=state, backend=backend, name=name, ids=ids), limit=limit, cursor=cursor
+        )
+        return self._drive(self._page_flow(params, RequestOptions(timeout, extra_headers)))
 
-    def cancel(self, jobid: str) -> Job:
+    def cancel(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Cancel the job (idempotent: a final job is returned as it was)."""
-        return self._drive(self._cancel_flow(jobid))
+        return self._drive(self._cancel_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    def purge(self, jobid: str) -> None:
+    def purge(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Remove a final job and its directory. Raises :class:`ConflictError` if the
         job is not final (cancel it first)."""
-        self._drive(self._purge_flow(jobid))
+        self._drive(self._purge_flow(jobid, RequestOptions(timeout, extra_headers)))
 
-    def wait(self, jobid: str, *, timeout: float | None = None, poll_interval: float = 1.0) -> Job:
+    def wait(
+        self,
+        jobid: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Job:
         """Block until the job is final and return it.
 
         Polls its state every 0.02 s at first, backing off to ``poll_interval``
         seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
-        status seen); the job is never cancelled.
+        status seen); the job is never cancelled. Here ``timeout`` bounds the whole
+        wait, so the per-request timeout of the other methods is ``request_timeout``.
         """
-        return self._drive(wait_flow(self, jobid, timeout=timeout, poll_interval=poll_interval))
+        options = RequestOptions(request_timeout, extra_headers)
+        return self._drive(
+            wait_flow(self, jobid, timeout=timeout, poll_interval=poll_interval, options=options)
+        )
 
     def wait_all(
         self,
@@ -180,6 +302,8 @@ class Client(BaseClient):
         timeout: float | None = None,
         progress: Progress = False,
         poll_interval: float = 1.0,
+        request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> builtins.list[Job]:
         """Block until every job (ids, or Job/JobSummary objects) is final; return the
         final jobs in the order given.
@@ -187,24 +311,46 @@ class Client(BaseClient):
         All pending jobs are polled with one request per round. ``progress=True``
         prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
-        ``.pending``) after ``timeout`` seconds, cancelling nothing.
+        ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
+        ``request_timeout`` is the timeout of each request.
         """
         flow = wait_all_flow(
-            self, job_ids(jobs), timeout=timeout, poll_interval=poll_interval, progress=progress
+            self,
+            job_ids(jobs),
+            timeout=timeout,
+            poll_interval=poll_interval,
+            progress=progress,
+            options=RequestOptions(request_timeout, extra_headers),
         )
         return self._drive(flow)
 
-    def backends(self) -> builtins.list[BackendInfo]:
+    def backends(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> builtins.list[BackendInfo]:
         """The configured backends and their health."""
-        return self._drive(self._backends_flow())
+        return self._drive(self._backends_flow(RequestOptions(timeout, extra_headers)))
 
-    def backend(self, name: str) -> BackendInfo:
+    def backend(
+        self,
+        name: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> BackendInfo:
         """One backend by name (:class:`NotFoundError` if there is none)."""
-        return self._drive(self._backend_flow(name))
+        return self._drive(self._backend_flow(name, RequestOptions(timeout, extra_headers)))
 
-    def health(self) -> dict[str, Any]:
+    def health(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         """The server's health document, ``{"status": "ok"}`` when all is well."""
-        return self._drive(self._health_flow())
+        return self._drive(self._health_flow(RequestOptions(timeout, extra_headers)))
 
     def close(self) -> None:
         """Close the connections (and the transport)."""

@@ -11,25 +11,35 @@ from collections.abc import Callable, Iterable
 
 from psik_api_core import LIMITS, Job, JobSummary
 
-from ._base import BaseClient, Flow, Sleep, path_jobid
+from ._base import BaseClient, Flow, Sleep
 from ._exceptions import InvalidRequestError, WaitTimeout
+from ._inputs import path_jobid
 from ._pagination import page_params
 from ._retry import PollBackoff
+from ._types import DEFAULT_OPTIONS, RequestOptions
 
 #: ``progress=`` of ``wait_all``: False, True (a line on stderr) or ``f(done, total)``.
 Progress = bool | Callable[[int, int], None]
 
 
-def wait_flow(api: BaseClient, jobid: str, *, timeout: float | None, poll_interval: float) -> Flow[Job]:
-    """Poll the job's state until it is final, then return the whole job."""
+def wait_flow(
+    api: BaseClient,
+    jobid: str,
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    options: RequestOptions = DEFAULT_OPTIONS,
+) -> Flow[Job]:
+    """Poll the job's state until it is final, then return the whole job. ``options``
+    apply to every request."""
     path_jobid(jobid)
     _check_interval(poll_interval)
     deadline = None if timeout is None else api._clock() + timeout
     backoff = PollBackoff(cap=poll_interval)
     while True:
-        status = yield from api._state_flow(jobid)
+        status = yield from api._state_flow(jobid, options)
         if status.state.is_final:
-            job = yield from api._get_flow(jobid)
+            job = yield from api._get_flow(jobid, options)
             if job.state.is_final:  # else it was restarted meanwhile: keep waiting
                 return job
         delay = _next_delay(api, backoff, deadline)
@@ -55,6 +65,7 @@ def wait_all_flow(
     timeout: float | None,
     poll_interval: float,
     progress: Progress,
+    options: RequestOptions = DEFAULT_OPTIONS,
 ) -> Flow[list[Job]]:
     """Poll all pending jobs with one list request per round (``id=`` repeated, as many
     per request as the server's limits allow) until every one is final; return the jobs
@@ -73,16 +84,16 @@ def wait_all_flow(
         for start in range(0, len(pending), batch):
             chunk = pending[start : start + batch]
             params = [("id", jobid) for jobid in chunk]
-            page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None))
+            page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None), options)
             states = {s.jobid: s.state for s in page.items}
             for jobid in chunk:
                 state = states.get(jobid)
                 if state is None:
                     # Not in the list (purged, or not ours): ask for it alone, so the
                     # server's own error (404, 403) is what the caller sees.
-                    state = (yield from api._state_flow(jobid)).state
+                    state = (yield from api._state_flow(jobid, options)).state
                 if state.is_final:
-                    job = yield from api._get_flow(jobid)
+                    job = yield from api._get_flow(jobid, options)
                     if job.state.is_final:
                         done[jobid] = job
         before = len(pending)
