@@ -315,4 +315,3 @@ class _Result:
 
     def fetchone(self) -> Any:
         return self._rows[0] if self._rows else None
-

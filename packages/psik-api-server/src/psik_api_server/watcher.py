@@ -37,7 +37,6 @@ from .jobdir import Row, parse_rows
 _logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Change:
     """A followed job's status.csv grew: all its ``rows`` so far, of which ``new`` are new."""
