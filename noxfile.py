@@ -1,7 +1,8 @@
 """Sessions: `nox` runs tests, lint and typecheck (what CI runs); `nox -s bench` measures.
 
 Each session installs the three packages from this checkout, so a fresh machine with
-Python >= 3.11 and pip needs nothing else: `python3 -m pip install nox && python3 -m nox`.
+Python >= 3.11 needs nothing else: `python3 -m venv .venv && .venv/bin/python -m pip install
+nox && .venv/bin/python -m nox` (the README's test command).
 """
 
 from __future__ import annotations
