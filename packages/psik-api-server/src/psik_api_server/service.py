@@ -54,7 +54,7 @@ from .backend import PsikBackend, SubmitError
 from .errors import ApiError
 from .liveness import vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
-from .store import BadCursor, JobStore
+from .store import BadCursor, JobRow, JobStore
 from .watcher import Change, StatusWatcher
 
 _logger = logging.getLogger(__name__)
@@ -182,15 +182,15 @@ class JobService:
             lock = self._job_locks[jobid] = asyncio.Lock()
         return lock
 
-    def _owned(self, principal: Principal, jobid: str, action: Action) -> str:
-        """The job's owner if ``principal`` may do ``action`` to it; 404 otherwise (a
+    def _owned(self, principal: Principal, jobid: str, action: Action) -> JobRow:
+        """The job's index row if ``principal`` may do ``action`` to it; 404 otherwise (a
         job that is not yours is indistinguishable from one that does not exist)."""
         row = self.store.get(jobid)
         if row is None or not self.policy.allows(principal, Action.read, row.owner, jobid):
             raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
         if not self.policy.allows(principal, action, row.owner, jobid):
             raise ApiError(ProblemCode.forbidden, f"not allowed to {action.value} job {jobid}")
-        return row.owner
+        return row
 
     def _refresh(self, jobid: str) -> jobdir.JobFiles | None:
         """Re-read a job's directory and update its index row."""
@@ -208,7 +208,7 @@ class JobService:
 
     def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
         """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable."""
-        owner = self._owned(principal, jobid, action)
+        owner = self._owned(principal, jobid, action).owner
         files = self._refresh(jobid)
         if files is None:
             raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
@@ -392,10 +392,7 @@ class JobService:
         return await in_thread(self._status_sync, principal, jobid)
 
     def _status_sync(self, principal: Principal, jobid: str) -> JobStatus:
-        self._owned(principal, jobid, Action.read)
-        row = self.store.get(jobid)
-        if row is None:  # purged in between
-            raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
+        row = self._owned(principal, jobid, Action.read)
         return JobStatus(jobid=jobid, state=row.state, jobndx=row.jobndx, updated=utc(row.updated))
 
     async def list(
