@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -130,22 +136,22 @@ def test_ls_prints_a_table_and_sends_filters(
     assert params["limit"] == "100"
 
 
-def test_api_errors_exit_1_with_the_problem_detail(
+def test_api_errors_exit_5_with_the_problem_detail(
     server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
 ) -> None:
     detail = f"job {JOBID} is active; cancel it before starting it again"
     server.post(f"/v1/jobs/{JOBID}/start").mock(return_value=problem(409, "conflict", detail))
-    assert cli.main(["start", JOBID]) == 1
+    assert cli.main(["start", JOBID]) == 5
     assert capsys.readouterr().err == f"psik-api: error: {detail}\n"
 
 
-def test_connection_refused_is_retried_then_exits_1(
+def test_connection_refused_is_retried_then_exits_4(
     server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr("time.sleep", sleeps.append)
     route = server.get(f"/v1/jobs/{JOBID}/state").mock(side_effect=httpx.ConnectError("Connection refused"))
-    assert cli.main(["state", JOBID]) == 1
+    assert cli.main(["state", JOBID]) == 4
     assert route.call_count == 3 and len(sleeps) == 2
     assert capsys.readouterr().err == f"psik-api: error: cannot reach {URL}: Connection refused\n"
 
@@ -195,11 +201,162 @@ def test_a_malformed_job_id_exits_2_without_a_request(
     assert len(server.calls) == 0
 
 
-def test_wait_timeout_exits_1_and_does_not_cancel(
-    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "argv", [["wait", JOBID, "--timeout", "0"], ["submit", "--wait", "--timeout", "0", "SPEC"]]
+)
+def test_wait_timeout_exits_3_and_does_not_cancel(
+    server: respx.MockRouter, spec_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
+    server.post("/v1/jobs").respond(201, json=job_json(JOBID))
     server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "active"))
     delete = server.delete(f"/v1/jobs/{JOBID}")
-    assert cli.main(["wait", JOBID, "--timeout", "0"]) == 1
+    argv = [str(spec_file) if arg == "SPEC" else arg for arg in argv]
+    assert cli.main(argv) == 3
     assert "not final after 0 s (last state: active)" in capsys.readouterr().err
     assert not delete.called
+
+
+@pytest.mark.parametrize(("state", "status"), [("completed", 0), ("failed", 1), ("canceled", 1)])
+@pytest.mark.parametrize("argv", [["wait", JOBID], ["submit", "--wait", "SPEC"]])
+def test_waiting_exits_by_how_the_job_ended(
+    server: respx.MockRouter,
+    spec_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    state: str,
+    status: int,
+) -> None:
+    server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, state))
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, state))
+    argv = [str(spec_file) if arg == "SPEC" else arg for arg in argv]
+    assert cli.main(argv) == status
+    captured = capsys.readouterr()
+    assert captured.out == f"{JOBID} {state}\n"
+    assert captured.err == ""
+
+
+def test_a_job_that_failed_earlier_does_not_fail_get_or_state(server: respx.MockRouter) -> None:
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "failed"))
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "failed"))
+    assert cli.main(["get", JOBID]) == 0
+    assert cli.main(["state", JOBID]) == 0
+
+
+def test_an_answer_that_is_not_the_apis_exits_5(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.get("/v1/backends").respond(200, text="<html>captive portal</html>")
+    assert cli.main(["backends"]) == 5
+    assert "unexpected answer to GET /v1/backends" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://host/", "http://"])
+def test_a_bad_server_url_exits_2(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    assert cli.main(["--url", url, "backends"]) == 2
+    assert "http:// or https://" in capsys.readouterr().err
+    monkeypatch.setenv("PSIK_API_URL", url)
+    assert cli.main(["backends"]) == 2
+    assert len(server.calls) == 0
+
+
+def test_interrupted_exits_130(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Client, "backends", interrupted)
+    assert cli.main(["backends"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_get_never_prints_the_callback_secret(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A server that (wrongly) sends the write-only secret back.
+    spec = {"script": "true", "callback": "https://hook.example", "cb_secret": "s3cr3t-v4lue"}
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "completed", spec=spec))
+    assert cli.main(["get", JOBID]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["spec"]["callback"] == "https://hook.example"
+    assert "s3cr3t" not in out
+    assert "cb_secret" not in out
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone: every write fails as it would on a closed pipe."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_quietly(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [summary_json(f"{n}.5") for n in range(5)]
+    server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["ls"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+class _Jobs(BaseHTTPRequestHandler):
+    """``GET /v1/jobs``: a few thousand jobs, more than a pipe holds."""
+
+    def do_GET(self) -> None:
+        items = [summary_json(f"{n}.5", "completed") for n in range(3000, 0, -1)]
+        body = json.dumps({"items": items, "next_cursor": None}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_ls_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _Jobs)
+    thread = threading.Thread(target=http.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{http.server_address[1]}"
+        argv = [sys.executable, "-c", "import sys; from psik_api_client.cli import main; sys.exit(main())"]
+        env = {**os.environ, "PSIK_API_URL": url}
+        env.pop("PSIK_API_UDS", None)
+        # psik-api ls --limit 0 | head -1
+        ls = subprocess.Popen(
+            [*argv, "ls", "--limit", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        assert ls.stdout is not None and ls.stderr is not None
+        head = subprocess.Popen(["head", "-1"], stdin=ls.stdout, stdout=subprocess.PIPE)
+        ls.stdout.close()  # head alone reads it now
+        out, _ = head.communicate(timeout=60)
+        err = ls.stderr.read().decode()
+        ls.stderr.close()
+        status = ls.wait(timeout=60)
+    finally:
+        http.shutdown()
+        http.server_close()
+        thread.join()
+    assert out.decode().split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"]
+    assert err == ""  # no BrokenPipeError traceback
+    assert status == 141
+
+
+def test_exit_statuses_are_documented_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    table = cli.EPILOG.splitlines()[1:]
+    assert [int(line.split()[0]) for line in table] == [int(status) for status in cli.ExitStatus]
+    for line in table:
+        assert line.strip() in help_text
+        assert line.strip() in (cli.__doc__ or "")
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    paragraph = readme[readme.index("The command line:") :].split("\n\n")[0]
+    for status in cli.ExitStatus:
+        assert f"`{int(status)}`" in paragraph

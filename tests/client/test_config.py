@@ -286,3 +286,9 @@ async def test_purge_and_cancel_use_delete(connect: Callable[..., Api]) -> None:
         f"http://127.0.0.1:8000/v1/jobs/{JOBID}?purge=true",
     ]
     assert {r.method for r in api.requests} == {"DELETE"}
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://files.example/", "http://", "http://[::1"])
+def test_a_base_url_that_is_not_http_fails_at_once(url: str) -> None:
+    with pytest.raises(ValueError, match="URL"):
+        pac.Client(url)

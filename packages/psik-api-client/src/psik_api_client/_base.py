@@ -151,8 +151,20 @@ def resolve_target(
     if uds is None and base_url is None and not has_transport:
         uds = environ.get("PSIK_API_UDS") or None
     if uds is not None:
-        return Target(base_url or UDS_URL, os.path.expanduser(os.fspath(uds)))
-    return Target(base_url or environ.get("PSIK_API_URL") or DEFAULT_URL)
+        return Target(_checked_url(base_url or UDS_URL), os.path.expanduser(os.fspath(uds)))
+    return Target(_checked_url(base_url or environ.get("PSIK_API_URL") or DEFAULT_URL))
+
+
+def _checked_url(url: str) -> str:
+    """``url``, checked to be an http(s) URL with a host, so that a typo fails here
+    rather than as a connection error later."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL: {url!r} ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"the server's URL is http:// or https:// with a host, not {url!r}")
+    return url
 
 
 def parse(response: httpx.Response, into: pydantic.TypeAdapter[T]) -> T:

@@ -10,8 +10,16 @@
     ls [--state S]... [--backend B] [--name N] [--limit N]
     backends
 
-Exit status: 0 on success, 1 when the server (or the connection) refused, 2 for a
-usage error or an unreadable job file. Errors are one line on stderr.
+Errors are one line on stderr. The exit status says what happened::
+
+      0  success (for wait and submit --wait: the job completed)
+      1  the job ended failed or canceled (wait, submit --wait)
+      2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
+      3  wait or submit --wait timed out (the job is left running)
+      4  the server could not be reached (connection refused, timeout, ...)
+      5  the server refused the request (an error answer, e.g. no such job)
+    130  interrupted (Ctrl-C)
+    141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly
 """
 
 from __future__ import annotations
@@ -19,20 +27,45 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
-from psik_api_core import STRICT_INPUT, JobSpec
+from psik_api_core import LIMITS, Job, JobSpec, JobState
 
 from ._client import Client
-from ._exceptions import InvalidRequestError, PsikApiError
+from ._exceptions import APIConnectionError, InvalidRequestError, PsikApiError, WaitTimeout
+from ._inputs import validate_spec
 from ._version import __version__
 
 PROG = "psik-api"
+
+
+class ExitStatus(IntEnum):
+    """The exit statuses of ``psik-api`` (see the module docstring)."""
+
+    OK = 0
+    JOB_NOT_COMPLETED = 1
+    USAGE = 2
+    WAIT_TIMEOUT = 3
+    UNREACHABLE = 4
+    REFUSED = 5
+    INTERRUPTED = 130
+    BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
+
+
+EPILOG = """exit status:
+    0  success (for wait and submit --wait: the job completed)
+    1  the job ended failed or canceled (wait, submit --wait)
+    2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
+    3  wait or submit --wait timed out (the job is left running)
+    4  the server could not be reached (connection refused, timeout, ...)
+    5  the server refused the request (an error answer, e.g. no such job)
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly"""
 
 
 class InputError(Exception):
@@ -41,45 +74,67 @@ class InputError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit
-    status."""
+    status (see :class:`ExitStatus`)."""
+    try:
+        status = _main(argv)
+    except BrokenPipeError:
+        status = _stdout_gone()
+    except KeyboardInterrupt:
+        status = ExitStatus.INTERRUPTED
+    return int(status)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
-        with Client(args.url, uds=args.uds) as api:
-            return command(api, args)
-    except InvalidRequestError as exc:  # e.g. a malformed job id, refused before any request
-        return _fail(str(exc), 2)
-    except PsikApiError as exc:
-        return _fail(str(exc), 1)
-    except InputError as exc:
-        return _fail(str(exc), 2)
-    except pydantic.ValidationError as exc:
-        return _fail(f"invalid job spec: {_one_line(exc)}", 2)
-    except ValueError as exc:  # e.g. a malformed job id, refused before any request
-        return _fail(str(exc), 2)
-    except KeyboardInterrupt:
-        return 130
+        api = Client(args.url, uds=args.uds)
+    except ValueError as exc:  # e.g. --url or $PSIK_API_URL is not an http(s) URL
+        return _fail(str(exc), ExitStatus.USAGE)
+    try:
+        with api:
+            status = command(api, args)
+        sys.stdout.flush()  # a reader that went away shows here at the latest
+        return status
+    except (InputError, InvalidRequestError) as exc:  # refused before any request
+        return _fail(str(exc), ExitStatus.USAGE)
+    except WaitTimeout as exc:
+        return _fail(str(exc), ExitStatus.WAIT_TIMEOUT)
+    except APIConnectionError as exc:
+        return _fail(str(exc), ExitStatus.UNREACHABLE)
+    except PsikApiError as exc:  # an error answer, or an answer that is not the API's
+        return _fail(str(exc), ExitStatus.REFUSED)
 
 
-def _fail(message: str, status: int) -> int:
+def _fail(message: str, status: ExitStatus) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
 
 
-def _one_line(exc: pydantic.ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-    )
+def _stdout_gone() -> int:
+    """Whoever read stdout has gone (``psik-api ls | head -1``): that is not an error,
+    so no traceback. Python flushes stdout once more at exit, which would fail again:
+    point the descriptor at /dev/null first."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file: nothing to flush into
+        return ExitStatus.BROKEN_PIPE
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return ExitStatus.BROKEN_PIPE
 
 
 def load_spec(name: str) -> JobSpec:
     """The job spec in file ``name`` (``-``: stdin). JSON, or YAML for ``.yaml``/``.yml``
     files (and for stdin that is not JSON) when PyYAML is installed. Unknown fields are
-    errors, as they are for the server."""
+    errors, as they are for the server (:class:`InvalidRequestError`)."""
     label = "stdin" if name == "-" else name
     try:
         text = sys.stdin.read() if name == "-" else Path(name).read_text()
@@ -95,7 +150,7 @@ def load_spec(name: str) -> JobSpec:
             raise InputError(f"{label} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InputError(f"{label} does not hold a job spec (a mapping with a 'script')")
-    return JobSpec.model_validate(data, context=STRICT_INPUT)
+    return validate_spec(data)
 
 
 def _is_json(text: str) -> bool:
@@ -138,62 +193,70 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def _submit(api: Client, args: argparse.Namespace) -> int:
     job = api.submit(load_spec(args.file))
-    if args.wait:
-        job = api.wait(job.jobid, timeout=args.timeout)
-        print(job.jobid, job.state.value)
-    else:
+    if not args.wait:
         print(job.jobid)
-    return 0
+        return ExitStatus.OK
+    return _final(api.wait(job.jobid, timeout=args.timeout))
+
+
+def _final(job: Job) -> int:
+    """Print a final job's id and state; its status says whether it completed."""
+    print(job.jobid, job.state.value)
+    return ExitStatus.OK if job.state is JobState.completed else ExitStatus.JOB_NOT_COMPLETED
 
 
 def _create(api: Client, args: argparse.Namespace) -> int:
     print(api.create(load_spec(args.file)).jobid)
-    return 0
+    return ExitStatus.OK
 
 
 def _start(api: Client, args: argparse.Namespace) -> int:
     job = api.start(args.jobid)
     print(job.jobid, job.state.value)
-    return 0
+    return ExitStatus.OK
 
 
 def _ls(api: Client, args: argparse.Namespace) -> int:
     jobs = api.list(state=args.state, backend=args.backend, name=args.name, limit=args.limit or None)
     rows = [[j.jobid, j.state.value, str(j.jobndx), j.backend, j.name or "-"] for j in jobs]
     _table(["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"], rows)
-    return 0
+    return ExitStatus.OK
 
 
 def _get(api: Client, args: argparse.Namespace) -> int:
-    print(api.get(args.jobid).model_dump_json(indent=2))
-    return 0
+    # cb_secret is write-only: never shown, even if a server sent it back by mistake.
+    print(api.get(args.jobid).model_dump_json(indent=2, exclude={"spec": {"cb_secret"}}))
+    return ExitStatus.OK
 
 
 def _state(api: Client, args: argparse.Namespace) -> int:
     print(api.state(args.jobid).state.value)
-    return 0
+    return ExitStatus.OK
 
 
 def _cancel(api: Client, args: argparse.Namespace) -> int:
     job = api.cancel(args.jobid)
     print(job.jobid, job.state.value)
-    return 0
+    return ExitStatus.OK
 
 
 def _wait(api: Client, args: argparse.Namespace) -> int:
-    job = api.wait(args.jobid, timeout=args.timeout)
-    print(job.jobid, job.state.value)
-    return 0
+    return _final(api.wait(args.jobid, timeout=args.timeout))
 
 
 def _backends(api: Client, args: argparse.Namespace) -> int:
     rows = [[b.name, b.type, "yes" if b.healthy else "no", b.detail or ""] for b in api.backends()]
     _table(["NAME", "TYPE", "HEALTHY", "DETAIL"], rows)
-    return 0
+    return ExitStatus.OK
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Submit and follow psik jobs.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Submit and follow psik jobs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="server URL (default: $PSIK_API_URL or http://127.0.0.1:8000)")
@@ -227,6 +290,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     sub.add_argument("--backend", help="only jobs of this backend")
     sub.add_argument("--name", help="only jobs with this name")
-    sub.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
+    sub.add_argument(
+        "--limit",
+        type=int,
+        default=LIMITS.default_page_size,
+        help=f"at most this many (0: all; default {LIMITS.default_page_size})",
+    )
     command("backends", _backends, "list the configured backends")
     return parser
