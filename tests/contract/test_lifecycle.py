@@ -3,6 +3,7 @@ jobs on psik's local backend, in all four client modes (see tests/conftest.py)."
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -19,6 +20,8 @@ from psik_api_client import (
     UnprocessableEntityError,
     WaitTimeout,
 )
+from psik_api_server.liveness import process_running
+from psik_api_server.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -70,18 +73,40 @@ async def test_start_while_active_is_409_and_runs_nothing_twice(api: Any) -> Non
     assert [t.state for t in after.history].count(JobState.queued) == 1
 
 
-async def test_cancel_long_job_stays_canceled(api: Any) -> None:
-    job = await api.submit({"name": "long", "script": "sleep 60"})
-    await _until_state(api, job.jobid, JobState.active)
+#: A long job that, when canceled, records a late ``completed`` for its run, as psik does
+#: when the script ends just as the cancel arrives (psik writes a job's final row from
+#: inside the job's own process). It says when its trap is set, so the cancel cannot
+#: arrive before it.
+LATE_COMPLETED = """\
+trap 'echo "$(date +%s.%N),$jobndx,completed," >> "$base/status.csv"; exit 0' TERM
+touch "$base/trap-set"
+sleep 60 & wait
+"""
+
+
+async def test_cancel_long_job_stays_canceled(api: Any, settings: Settings) -> None:
+    job = await api.submit({"name": "long", "script": LATE_COMPLETED})
+    base = settings.prefix / job.jobid
+    with anyio.fail_after(20):
+        while not (base / "trap-set").exists():
+            await anyio.sleep(0.02)
     canceled = await api.cancel(job.jobid)
     assert canceled.state is JobState.canceled
+    assert canceled.native_id is not None
+    # The job's process is the only writer left: once it is gone, status.csv is final.
+    with anyio.fail_after(20):
+        while process_running(int(canceled.native_id), time.time()):
+            await anyio.sleep(0.02)
+    rows = [line.split(",")[1:3] for line in (base / "status.csv").read_text().splitlines()]
+    assert rows[-2:] == [["0", "canceled"], ["1", "completed"]]  # the late row is there
+    assert (await api.state(job.jobid)).state is JobState.canceled  # the index, as last updated
+    final = await api.get(job.jobid)
+    assert final.state is JobState.canceled and final.exit_code is None
+    assert [(t.jobndx, t.state.value) for t in final.history] == [(int(n), s) for n, s in rows]
+    assert (await api.state(job.jobid)).state is JobState.canceled
     again = await api.cancel(job.jobid)  # idempotent: still canceled, nothing new recorded
     assert again.state is JobState.canceled
-    assert len(again.history) == len(canceled.history)
-    await anyio.sleep(0.5)  # the watcher had time to see any late row
-    final = await api.get(job.jobid)
-    assert final.state is JobState.canceled
-    assert (await api.state(job.jobid)).state is JobState.canceled
+    assert again.history == final.history
 
 
 async def test_cancel_of_final_job_leaves_it_alone(api: Any) -> None:
