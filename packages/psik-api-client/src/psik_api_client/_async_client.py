@@ -1,6 +1,7 @@
 """The async client: drives the shared flows (see ``_base``) with ``httpx.AsyncClient``.
 
-It mirrors ``_client.Client`` line for line; only the awaits differ.
+It mirrors ``_client.Client`` line for line; only the awaits differ, and closing
+streamed responses is shielded from cancellation so that a cancelled caller frees them.
 """
 
 from __future__ import annotations
