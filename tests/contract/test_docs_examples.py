@@ -81,7 +81,7 @@ def test_cli_submit_wait_ls_get_cancel(
     assert json.loads(capsys.readouterr().out)["spec"]["script"] == "echo hi"
     assert psik_api([*url, "cancel", jobid]) == 0  # final: stays completed
     assert "completed" in capsys.readouterr().out
-    assert psik_api([*url, "start", "1000000000.001"]) == 1
+    assert psik_api([*url, "start", "1000000000.001"]) == 5  # the server refused
     assert "no job 1000000000.001" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"script": "x", "resources": {"nodes": 2}}))
