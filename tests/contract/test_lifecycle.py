@@ -61,12 +61,16 @@ async def test_create_then_start_then_restart(api: Any) -> None:
     assert second.state is JobState.completed and second.jobndx == 2
 
 
-async def test_start_while_active_is_409_and_runs_nothing_twice(api: Any) -> None:
+async def test_start_while_queued_or_active_is_409_and_runs_nothing_twice(api: Any) -> None:
     job = await api.submit({"script": "sleep 30"})
+    with pytest.raises(ConflictError) as early:
+        await api.start(job.jobid)  # at once: queued, or active already
+    assert early.value.status_code == 409 and early.value.state in ("queued", "active")
+    await _until_state(api, job.jobid, JobState.active)
     with pytest.raises(ConflictError) as err:
         await api.start(job.jobid)
     assert job.jobid in str(err.value)
-    assert err.value.status_code == 409
+    assert (err.value.status_code, err.value.jobid, err.value.state) == (409, job.jobid, "active")
     canceled = await api.cancel(job.jobid)
     assert canceled.state is JobState.canceled
     after = await api.get(job.jobid)
@@ -171,8 +175,9 @@ async def test_missing_interpreter_fails_the_submit_and_is_recorded(api: Any) ->
 
 
 async def test_get_unknown_job_is_404(api: Any) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as err:
         await api.get("1000000000.001")
+    assert err.value.status_code == 404 and err.value.code == "not_found"
 
 
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
