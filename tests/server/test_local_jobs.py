@@ -204,3 +204,41 @@ async def test_a_dead_callback_url_delays_neither_submit_nor_cancel(app: Starlet
                     await anyio.sleep(0.05)
     finally:
         blackhole.close()
+
+
+#: Canceled, this job records a late `completed` for its run from inside its own process,
+#: as psik does when the script ends just as the cancel arrives (the contract test
+#: test_cancel_long_job_stays_canceled uses the same script).
+LATE_COMPLETED = """\
+trap 'echo "$(date +%s.%N),$jobndx,completed," >> "$base/status.csv"; exit 0' TERM
+touch "$base/trap-set"
+sleep 60 & wait
+"""
+
+
+async def test_a_late_row_after_cancel_changes_neither_the_index_nor_liveness(app: Starlette) -> None:
+    from psik_api_server.liveness import process_running
+
+    service = app.state.service
+    # The watcher's background task is stopped, so that its only look at the job is the
+    # one below, made once the late row is written: the case where it does see the row.
+    await service.watcher.stop()
+    async with _client(app) as http:
+        jobid = (await http.post("/v1/jobs", json={"script": LATE_COMPLETED})).json()["jobid"]
+        base: Path = app.state.settings.prefix / jobid
+        with anyio.fail_after(20):
+            while not (base / "trap-set").exists():
+                await anyio.sleep(0.02)
+        canceled = (await http.delete(f"/v1/jobs/{jobid}")).json()
+        assert canceled["state"] == "canceled"
+        with anyio.fail_after(20):  # psik writes from the job's process: gone, the file is final
+            while process_running(int(canceled["native_id"]), time.time()):
+                await anyio.sleep(0.02)
+        rows = [line.split(",")[1:3] for line in (base / "status.csv").read_text().splitlines()]
+        assert rows[-2:] == [["0", "canceled"], ["1", "completed"]]
+        assert len(service.watcher) == 1
+        await service.watcher.check_all()  # everything the watcher will ever read of this job
+        assert len(service.watcher) == 0  # final: no longer followed
+        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "canceled"
+        assert await service.check_liveness() == []
+        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "canceled"
