@@ -28,14 +28,17 @@ def _from(app: Starlette, host: str) -> httpx.AsyncClient:
     "host", ["10.9.8.7", "192.168.1.2", "::ffff:10.0.0.1", "2001:db8::1", "evil.example"]
 )
 async def test_remote_callers_are_refused_everywhere(app: Starlette, host: str) -> None:
+    # Everywhere: every operation the server documents, and a path it does not have.
+    async with _from(app, "127.0.0.1") as local:
+        paths = (await local.get("/openapi.json")).json()["paths"]
+    operations = [
+        (method.upper(), path.replace("{jobid}", "1.2").replace("{name}", "default"))
+        for path, item in paths.items()
+        for method in item
+    ]
+    assert ("DELETE", "/v1/jobs/1.2") in operations and ("POST", "/v1/jobs/1.2/start") in operations
     async with _from(app, host) as http:
-        for method, path in [
-            ("GET", "/v1/jobs"),
-            ("POST", "/v1/jobs"),
-            ("GET", "/v1/backends"),
-            ("GET", "/v1/jobs/1.2"),
-            ("GET", "/"),
-        ]:
+        for method, path in [*operations, ("GET", "/v1/nope")]:
             r = await http.request(method, path, json={"script": "touch /tmp/pwned"})
             assert r.status_code == 403, (method, path, r.text)
             assert r.json()["code"] == "forbidden"
@@ -57,6 +60,7 @@ async def test_forwarded_headers_do_not_make_a_remote_caller_local(
     async with _from(app, "10.9.8.7") as http:
         r = await http.post("/v1/jobs", json={"script": "true"}, headers=headers)
         assert r.status_code == 403
+    assert app.state.service.store.count() == 0
 
 
 async def test_forwarded_headers_do_not_lock_out_a_local_caller(app: Starlette) -> None:
