@@ -17,7 +17,9 @@ from psik_api_server.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-async def test_directory_roots(settings: Settings, tmp_path: Path) -> None:
+async def test_directories_outside_the_roots_are_refused_and_jobs_run_in_the_resolved_one(
+    settings: Settings, tmp_path: Path
+) -> None:
     root = tmp_path / "allowed"
     (root / "run").mkdir(parents=True)
     (tmp_path / "outside").mkdir()

@@ -106,5 +106,6 @@ def test_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         load_settings()
 
 
-def test_settings_are_plain_values() -> None:
-    assert Settings(prefix=Path("~/jobs")).prefix == Path.home() / "jobs"
+def test_prefix_and_database_expand_the_home_directory() -> None:
+    s = Settings(prefix=Path("~/jobs"), database=Path("~/index.sqlite"))
+    assert (s.prefix, s.database) == (Path.home() / "jobs", Path.home() / "index.sqlite")
