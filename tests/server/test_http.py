@@ -202,6 +202,8 @@ async def test_secret_is_never_returned(http: httpx.AsyncClient) -> None:
     got = await http.get(f"/v1/jobs/{r.json()['jobid']}")
     assert "hunter2" not in got.text
     assert "cb_secret" not in got.json()["spec"]  # write-only: not even masked
+    for other in (await http.get("/v1/jobs"), await http.get(f"/v1/jobs/{r.json()['jobid']}/state")):
+        assert other.status_code == 200 and "hunter2" not in other.text
 
 
 async def test_state_route_and_start_conflict(http: httpx.AsyncClient) -> None:
