@@ -20,6 +20,8 @@ class Limits:
     max_page_size: int = 1000
     #: Longest ``Idempotency-Key`` header.
     max_idempotency_key: int = 200
+    #: Longest ``JobSpec.name`` (it becomes e.g. Slurm's ``--job-name``).
+    max_job_name: int = 256
 
 
 LIMITS = Limits()

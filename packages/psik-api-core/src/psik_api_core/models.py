@@ -19,10 +19,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from .limits import LIMITS
 from .states import JobState
 
 #: A psik job id is the stamp of its directory, ``"%.3f" % time.time()``.
@@ -49,6 +51,17 @@ def _check_jobid(value: str) -> str:
 
 
 JobID = Annotated[str, AfterValidator(_check_jobid)]
+
+
+def _strict(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("strict_input"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse(why: str) -> PydanticCustomError:
+    return PydanticCustomError("value_error", why)
 
 
 def utc(ts: float) -> datetime:
@@ -93,6 +106,22 @@ class ResourceSpec(_Model):
     gpu_cores_per_process: int = 0
     exclusive_node_use: bool = True
 
+    # What a backend could not run is refused on input (the server's STRICT_INPUT and the
+    # client's check before sending); answers are read as psik wrote them.
+    @field_validator("duration", "node_count", "process_count", "processes_per_node", "cpu_cores_per_process")
+    @classmethod
+    def _at_least_one(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1 and _strict(info):
+            raise _refuse("must be at least 1")
+        return value
+
+    @field_validator("gpu_cores_per_process")
+    @classmethod
+    def _not_negative(cls, value: int, info: ValidationInfo) -> int:
+        if value < 0 and _strict(info):
+            raise _refuse("must not be negative")
+        return value
+
 
 class JobSpec(_Model):
     """What to run and where (psik 3.1's ``JobSpec``). Only ``script`` is required."""
@@ -112,6 +141,46 @@ class JobSpec(_Model):
     cb_secret: SecretStr | None = Field(
         default=None, title="hmac256 secret to sign updates sent to 'callback'"
     )
+
+    # Input checks (see ResourceSpec): each names what a backend, a shell or an HTTP
+    # header would choke on, instead of a job that "fails" without running.
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _strict(info):
+            if len(value) > LIMITS.max_job_name:
+                raise _refuse(f"is longer than {LIMITS.max_job_name} characters")
+            if _CONTROL.search(value):
+                raise _refuse("must not contain control characters (newlines, NUL, ...)")
+        return value
+
+    @field_validator("script")
+    @classmethod
+    def _check_script(cls, value: str, info: ValidationInfo) -> str:
+        if "\x00" in value and _strict(info):
+            raise _refuse("must not contain NUL characters")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _check_environment(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if _strict(info):
+            for key, val in value.items():
+                if not key or "=" in key or "\x00" in key:
+                    raise _refuse(f"variable name {key[:64]!r} must be non-empty, without '=' or NUL")
+                if "\x00" in val:
+                    raise _refuse(f"value of {key[:64]!r} must not contain NUL")
+        return value
+
+    @field_validator("attributes", "cb_headers")
+    @classmethod
+    def _check_one_line_pairs(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        # Attributes become scheduler arguments, cb_headers HTTP headers: one line each.
+        if _strict(info):
+            for key, val in value.items():
+                if not key or _CONTROL.search(key) or _CONTROL.search(val):
+                    raise _refuse(f"{key[:64]!r}: names must be non-empty, and no control characters")
+        return value
 
 
 # ---- jobs as the API shows them ----

@@ -22,6 +22,7 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 from . import __version__
 from .backend import PsikBackend
 from .docs import docs_html
+from .errors import StartupError
 from .launcher import LocalLauncher
 from .openapi import build_openapi
 from .problems import EXCEPTION_HANDLERS, CatchAll
@@ -67,7 +68,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if (notes := settings.notes_line()) is not None:
             _logger.warning("%s", notes)
-        await service.open()
+        try:
+            await service.open()
+        except StartupError as e:
+            app.state.startup_error = e  # for `psik-api-server serve` to say in one line
+            raise
         try:
             yield
         finally:
@@ -81,4 +86,5 @@ def create_app(
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.startup_error = None
     return app

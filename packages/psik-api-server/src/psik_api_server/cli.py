@@ -16,6 +16,7 @@ import stat
 import sys
 from pathlib import Path
 
+from .errors import StartupError
 from .security import is_loopback_host
 from .settings import ConfigError, load_settings
 
@@ -52,6 +53,18 @@ def _unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+_STARTUP_ERROR = f"{StartupError.__module__}.{StartupError.__qualname__}"
+
+
+class _QuietStartupError(logging.Filter):
+    """Drops uvicorn's traceback of a :class:`StartupError`: ``serve`` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        # starlette hands the lifespan's traceback to uvicorn as the failure's message.
+        return not isinstance(exc, StartupError) and _STARTUP_ERROR not in record.getMessage()
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -84,17 +97,24 @@ def serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     where = f"unix:{args.uds}" if args.uds else f"http://{host}:{port}"
-    print(f"psik-api-server: serving {where}; jobs in {settings.prefix}", file=sys.stderr)
-    if args.uds:
-        path = Path(args.uds).expanduser()
-        sock = _unix_socket(path)
-        try:
-            server.run(sockets=[sock])
-        finally:
+    print(f"psik-api-server: starting on {where}; jobs in {settings.prefix}", file=sys.stderr)
+    path = Path(args.uds).expanduser() if args.uds else None
+    sockets = [_unix_socket(path)] if path else None  # refuses to replace what is not a socket
+    quiet = _QuietStartupError()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run(sockets=sockets)
+    except SystemExit:  # uvicorn's way of saying the lifespan did not start
+        if app.state.startup_error is None:
+            raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+        if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    else:
-        server.run()
+    if app.state.startup_error is not None:
+        print(f"psik-api-server: cannot start: {app.state.startup_error}", file=sys.stderr)
+        return 3
     return 0
 
 

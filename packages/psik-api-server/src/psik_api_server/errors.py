@@ -38,3 +38,8 @@ class ApiError(Exception):
             errors=self.errors,
             **self.extensions,
         )
+
+
+class StartupError(Exception):
+    """The server cannot start; the message names what is wrong and where
+    (an unusable prefix or index), for one line on stderr instead of a traceback."""

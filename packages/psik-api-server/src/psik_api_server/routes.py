@@ -63,10 +63,21 @@ def _bad_query(name: str, why: str) -> ApiError:
     )
 
 
+#: Query parameters that may be given more than once (``?state=queued&state=active``),
+#: as the OpenAPI table says.
+REPEATABLE = frozenset(
+    p.name for op in OPERATIONS for p in op.params if p.location == "query" and p.repeatable
+)
+
+
 def _only_params(request: Request, allowed: set[str]) -> None:
-    for name in request.query_params:
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
         if name not in allowed:
             raise _bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
+        if name in seen and name not in REPEATABLE:
+            raise _bad_query(name, "given more than once")
+        seen.add(name)
 
 
 def _jobid(request: Request) -> str:
@@ -86,7 +97,7 @@ async def _spec(request: Request) -> JobSpec:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    body = b""
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
@@ -98,6 +109,12 @@ async def _spec(request: Request) -> JobSpec:
             ProblemCode.bad_request,
             f"the body is not valid JSON: {e}",
             errors=[field_error(["body"], "not valid JSON")],
+        ) from None
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's parser goes
+        raise ApiError(
+            ProblemCode.bad_request,
+            "the body is nested too deeply to be a JobSpec",
+            errors=[field_error(["body"], "nested too deeply")],
         ) from None
     if not isinstance(data, dict):
         raise ApiError(
@@ -114,10 +131,10 @@ async def _spec(request: Request) -> JobSpec:
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     longest = LIMITS.max_idempotency_key
-    if key is not None and not (0 < len(key) <= longest and key.isprintable()):
+    if key is not None and not (0 < len(key) <= longest and key.isascii() and key.isprintable()):
         raise ApiError(
             ProblemCode.validation_error,
-            f"Idempotency-Key must be 1..{longest} printable characters",
+            f"Idempotency-Key must be 1..{longest} printable ASCII characters",
             errors=[field_error(["header", "Idempotency-Key"], "bad length or characters")],
         )
     return key

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -51,7 +52,7 @@ from psik_api_core import (
 
 from . import jobdir
 from .backend import PsikBackend, SubmitError
-from .errors import ApiError
+from .errors import ApiError, StartupError
 from .liveness import vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
 from .store import BadCursor, JobRow, JobStore
@@ -127,8 +128,14 @@ class JobService:
         self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop(), name="liveness")
 
     def _open_sync(self) -> Reconciled:
-        self.store.open()
-        self.backend.open()
+        try:
+            self.backend.open()
+        except OSError as e:
+            raise StartupError(f"cannot use the job prefix {self.backend.prefix}: {e}") from e
+        try:
+            self.store.open()
+        except (OSError, sqlite3.Error) as e:
+            raise StartupError(f"cannot open the job index {self.store.path}: {e}") from e
         self.directory_roots = [Path(p).expanduser().resolve() for p in self._roots]
         return reconcile(self.store, self.backend.prefix, self.import_owner)
 

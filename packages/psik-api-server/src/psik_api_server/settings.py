@@ -63,13 +63,13 @@ class Settings(BaseModel):
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     authz: Literal["local"] = "local"
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)
     #: Roots a JobSpec.directory may point into; empty = only the job's own work dir.
     directory_roots: list[Path] = Field(default_factory=list)
     #: How often the watcher looks at non-final jobs' status.csv (seconds).
-    watch_interval: float = 0.05
+    watch_interval: float = Field(default=0.05, gt=0, le=60)
     #: How often local jobs' processes are checked for having vanished (seconds).
-    liveness_interval: float = 2.0
+    liveness_interval: float = Field(default=2.0, gt=0, le=3600)
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).

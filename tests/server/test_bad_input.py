@@ -1,0 +1,122 @@
+"""What a backend, a shell or the server itself cannot use is refused up front, naming
+what is wrong: job specs that would "fail" without running, bodies nested past the
+parser, repeated parameters, non-ASCII keys, nonsense settings and unusable prefixes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+
+from psik_api_core import STRICT_INPUT, JobSpec
+from psik_api_server.settings import ConfigError, Settings, load_settings
+
+pytestmark = pytest.mark.anyio
+
+BAD_SPECS = [
+    ({"environment": {"A=B": "x"}}, ["body", "environment"], "'='"),
+    ({"environment": {"": "x"}}, ["body", "environment"], "non-empty"),
+    ({"environment": {"A": "x\x00y"}}, ["body", "environment"], "NUL"),
+    ({"resources": {"duration": -5}}, ["body", "resources", "duration"], "at least 1"),
+    ({"resources": {"duration": 0}}, ["body", "resources", "duration"], "at least 1"),
+    ({"resources": {"process_count": 0}}, ["body", "resources", "process_count"], "at least 1"),
+    (
+        {"resources": {"gpu_cores_per_process": -1}},
+        ["body", "resources", "gpu_cores_per_process"],
+        "negative",
+    ),
+    ({"name": "two\nlines"}, ["body", "name"], "control"),
+    ({"name": "x" * 257}, ["body", "name"], "longer than 256"),
+    ({"script": "echo \x00"}, ["body", "script"], "NUL"),
+    ({"attributes": {"--comment": "a\nb"}}, ["body", "attributes"], "control"),
+    ({"cb_headers": {"X-A": "a\r\nInjected: 1"}}, ["body", "cb_headers"], "control"),
+]
+
+
+@pytest.mark.parametrize(("extra", "loc", "why"), BAD_SPECS)
+async def test_a_spec_a_backend_cannot_run_is_422_naming_the_field(
+    http: httpx.AsyncClient, extra: dict[str, Any], loc: list[str], why: str
+) -> None:
+    for route in ("/v1/jobs/new", "/v1/jobs"):
+        r = await http.post(route, json={"script": "true", **extra})
+        assert r.status_code == 422, r.text
+        problem = r.json()
+        assert problem["code"] == "validation_error"
+        assert [e["loc"] for e in problem["errors"]] == [loc]
+        assert why in problem["errors"][0]["msg"]
+    assert (await http.get("/v1/jobs")).json()["items"] == []  # nothing was made
+
+
+def test_stored_specs_are_read_as_psik_wrote_them() -> None:
+    # The checks are for input: a job a psik command line made with duration 0 still reads.
+    spec = JobSpec.model_validate({"script": "t", "resources": {"duration": 0}, "environment": {"A=B": "1"}})
+    assert spec.resources.duration == 0
+    with pytest.raises(pydantic.ValidationError):
+        JobSpec.model_validate(spec.model_dump(), context=STRICT_INPUT)
+
+
+async def test_a_body_nested_past_the_parser_is_400_not_500(http: httpx.AsyncClient) -> None:
+    deep = '{"script": "t", "attributes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = await http.post("/v1/jobs", content=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    assert r.json()["errors"][0]["loc"] == ["body"]
+
+
+@pytest.mark.parametrize("query", ["limit=5&limit=6", "backend=a&backend=b", "cursor=x&cursor=y"])
+async def test_a_parameter_given_twice_is_422_naming_it(http: httpx.AsyncClient, query: str) -> None:
+    r = await http.get(f"/v1/jobs?{query}")
+    name = query.split("=")[0]
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", name]
+    assert "more than once" in r.json()["detail"]
+
+
+async def test_repeatable_filters_still_repeat(http: httpx.AsyncClient) -> None:
+    r = await http.get("/v1/jobs?state=new&state=failed&id=1.1&id=1.2")
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+async def test_an_idempotency_key_is_printable_ascii(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/jobs/new", json={"script": "true"}, headers={"Idempotency-Key": "café".encode()})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    r = await http.post("/v1/jobs/new", json={"script": "true"}, headers={"Idempotency-Key": "cafe-1"})
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize("key", ["watch_interval", "liveness_interval"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_intervals_must_be_positive(tmp_path: Path, key: str, value: float) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Settings(**{key: value})
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({key: value}))
+    with pytest.raises(ConfigError, match=key):
+        load_settings(cfg)
+
+
+@pytest.mark.parametrize("what", ["prefix is a file", "database is not sqlite"])
+def test_an_unusable_prefix_or_index_stops_start_up_in_one_line(tmp_path: Path, what: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"\x8a not a database, not a directory " * 10)
+    doc = (
+        {"prefix": str(afile)}
+        if what == "prefix is a file"
+        else {"prefix": str(tmp_path / "jobs"), "database": str(afile)}
+    )
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "psik_api_server", "serve", "--config", str(cfg), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("psik-api-server: cannot start: ") and str(afile) in last, proc.stderr
+    assert "Traceback" not in proc.stderr
