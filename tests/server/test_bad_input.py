@@ -20,8 +20,10 @@ from psik_api_server.settings import ConfigError, Settings, load_settings
 pytestmark = pytest.mark.anyio
 
 BAD_SPECS = [
-    ({"environment": {"A=B": "x"}}, ["body", "environment"], "'='"),
-    ({"environment": {"": "x"}}, ["body", "environment"], "non-empty"),
+    ({"environment": {"A=B": "x"}}, ["body", "environment"], "not a shell name"),
+    ({"environment": {"": "x"}}, ["body", "environment"], "not a shell name"),
+    ({"environment": {"1X": "x"}}, ["body", "environment"], "not a shell name"),
+    ({"environment": {"PÄTH": "x"}}, ["body", "environment"], "not a shell name"),
     ({"environment": {"A": "x\x00y"}}, ["body", "environment"], "NUL"),
     ({"resources": {"duration": -5}}, ["body", "resources", "duration"], "at least 1"),
     ({"resources": {"duration": 0}}, ["body", "resources", "duration"], "at least 1"),

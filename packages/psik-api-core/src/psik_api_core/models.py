@@ -58,6 +58,8 @@ def _strict(info: ValidationInfo) -> bool:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What a shell can name: a job's environment variables must be reachable from its script.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 def _refuse(why: str) -> PydanticCustomError:
@@ -166,8 +168,8 @@ class JobSpec(_Model):
     def _check_environment(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         if _strict(info):
             for key, val in value.items():
-                if not key or "=" in key or "\x00" in key:
-                    raise _refuse(f"variable name {key[:64]!r} must be non-empty, without '=' or NUL")
+                if not _ENV_NAME.fullmatch(key):
+                    raise _refuse(f"variable name {key[:64]!r} is not a shell name ([A-Za-z_][A-Za-z0-9_]*)")
                 if "\x00" in val:
                     raise _refuse(f"value of {key[:64]!r} must not contain NUL")
         return value
