@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import h11._headers as h11_headers
 import httpx
 import pydantic
 import pytest
@@ -18,6 +19,7 @@ import pytest
 import psik_api_client as pac
 from client.fakes import Api, job_json
 from psik_api_client._base import DEFAULT_URL, Target, resolve_target
+from psik_api_client._inputs import checked_headers
 from psik_api_core import LIMITS
 
 pytestmark = pytest.mark.anyio
@@ -128,6 +130,58 @@ async def test_headers_are_sent_with_every_request(connect: Callable[..., Api]) 
     assert headers["Authorization"] == "Bearer t0k"
     assert headers["User-Agent"] == f"psik-api-client/{pac.__version__}"
     assert headers["Accept"] == "application/json"
+
+
+SECRET = "s3cr3t"
+
+
+@pytest.mark.parametrize(
+    ("headers", "fault"),
+    [
+        ({"X-A": "a\nb"}, "X-A's value holds a line break"),
+        ({"Authorization": f"Bearer {SECRET}\r\n"}, "Authorization's value holds a line break"),
+        ({"X-A": "a\x00b"}, "X-A's value holds a control character"),
+        ({"X-A": "a\x7fb"}, "X-A's value holds a control character"),
+        ({"X-A": "clé"}, "X-A's value holds a non-ASCII character"),
+        ({"X-A": " a"}, "X-A's value begins or ends with whitespace"),
+        ({"X-A": "a\t"}, "X-A's value begins or ends with whitespace"),
+        ({"X A": "a"}, "not an HTTP header name: 'X A'"),
+        ({"X-A:": "a"}, "not an HTTP header name: 'X-A:'"),
+        ({"X\nA": "a"}, "not an HTTP header name"),
+        ({"": "a"}, "not an HTTP header name: ''"),
+        ({"Ä": "a"}, "not an HTTP header name"),
+    ],
+)
+async def test_unsendable_headers_fail_before_sending(
+    connect: Callable[..., Api], headers: dict[str, str], fault: str
+) -> None:
+    # httpx would refuse them only as the request goes out, as a "connection" error.
+    api = connect(lambda req: httpx.Response(200, json=job_json()))
+    with pytest.raises(pac.InvalidRequestError, match=f"^extra_headers=: .*{fault}") as info:
+        await api.get(JOBID, extra_headers=headers)
+    assert isinstance(info.value, ValueError)
+    assert SECRET not in str(info.value)  # a value may be a credential: never shown
+    with pytest.raises(pac.InvalidRequestError, match=f"^headers=: .*{fault}"):
+        connect(lambda req: httpx.Response(200, json=job_json()), headers=headers)
+    assert api.requests == []
+
+
+async def test_headers_h11_accepts_are_sent(connect: Callable[..., Api]) -> None:
+    headers = {"X-Odd_Name!#$%&'*+.^`|~": "a  b\tc", "X-Empty": "", "X-Json": '{"a": [1, 2]}'}
+    api = connect(lambda req: httpx.Response(200, json=job_json()), headers={"X-Empty": ""})
+    await api.get(JOBID, extra_headers=headers)
+    sent = api.requests[0].headers
+    assert [sent[name] for name in headers] == list(headers.values())
+
+
+def test_every_header_value_the_client_lets_through_h11_sends() -> None:
+    for code in range(0x80):
+        for value in (f"a{chr(code)}b", f"{chr(code)}b", f"a{chr(code)}"):
+            try:
+                checked_headers({"X-A": value}, argument="extra_headers=")
+            except pac.InvalidRequestError:
+                continue
+            h11_headers.normalize_and_validate([("X-A", value)])  # raises if h11 refuses
 
 
 def test_clients_close_on_exit() -> None:

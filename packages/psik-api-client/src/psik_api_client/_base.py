@@ -58,7 +58,7 @@ from ._exceptions import (
     error_from_response,
     error_from_transport,
 )
-from ._inputs import idempotency_key, path_jobid, spec_body
+from ._inputs import checked_headers, idempotency_key, path_jobid, spec_body
 from ._pagination import Pager, Params
 from ._retry import RetryPolicy
 from ._types import DEFAULT_OPTIONS, RequestOptions, TimeoutArg
@@ -203,7 +203,7 @@ class BaseClient:
         self._headers = httpx.Headers(
             {"Accept": "application/json", "User-Agent": f"psik-api-client/{__version__}"}
         )
-        self._headers.update(headers or {})
+        self._headers.update(checked_headers(headers, argument="headers="))
         # Every request carries its timeout (see _build_request): this one unless the
         # call gives its own.
         self._timeout = httpx.Timeout(timeout)

@@ -73,7 +73,8 @@ class APIResponseValidationError(PsikApiError):
 class InvalidRequestError(PsikApiError, ValueError):
     """The client refused to send a request because its input is bad: a malformed job
     id, an invalid job spec, a bad ``Idempotency-Key``, page size, id list or backend
-    name. Nothing was sent. It is also a ``ValueError``.
+    name, a header HTTP cannot carry (a line break in a value, ...). Nothing was sent.
+    It is also a ``ValueError``.
 
     For a job spec given as a mapping, ``errors`` holds pydantic's error details (and
     the ``pydantic.ValidationError`` is the ``__cause__``); it is empty otherwise.

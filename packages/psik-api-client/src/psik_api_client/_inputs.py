@@ -7,6 +7,7 @@ same the server enforces.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,48 @@ def path_jobid(jobid: str) -> str:
             f"not a job id: {jobid!r} (a job id is digits with an optional fraction, e.g. 1693992878.203)"
         )
     return jobid
+
+
+#: An HTTP header name is a token (RFC 9110 5.1): h11 refuses any other name.
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+#: A header value: visible ASCII, with spaces and tabs between, none at either end.
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[ \t]*[\x21-\x7e])*)?")
+
+
+def checked_headers(given: Mapping[str, str] | None, *, argument: str) -> dict[str, str]:
+    """The headers ``given`` through ``argument`` (e.g. ``extra_headers=``), checked to
+    be sendable: each name an HTTP token, each value printable ASCII (tabs allowed)
+    without a line break, a control character or whitespace at either end. httpx would
+    refuse the rest only as the request goes out, looking like a connection error.
+    A message never shows a value: it may be a credential."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        kind = type(given).__name__
+        raise InvalidRequestError(f"{argument} is a mapping of header names to values, not {kind}")
+    for name, value in given.items():
+        if not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+            raise InvalidRequestError(
+                f"{argument}: not an HTTP header name: {name!r} "
+                "(letters, digits and !#$%&'*+-.^_`|~, no spaces or colons)"
+            )
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            raise InvalidRequestError(f"{argument}: header {name}'s value is a str, not {kind}")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise InvalidRequestError(f"{argument}: header {name}'s value {_value_fault(value)}")
+    return dict(given)
+
+
+def _value_fault(value: str) -> str:
+    """What makes ``value`` unsendable, without showing it."""
+    if "\r" in value or "\n" in value:
+        return "holds a line break (CR or LF)"
+    if not value.isascii():
+        return "holds a non-ASCII character"
+    if value != value.strip(" \t"):
+        return "begins or ends with whitespace"
+    return "holds a control character (NUL, DEL, ...)"
 
 
 def validate_spec(data: Mapping[str, Any]) -> JobSpec:

@@ -15,6 +15,7 @@ from typing import Final, Literal
 import httpx
 
 from ._exceptions import InvalidRequestError
+from ._inputs import checked_headers
 
 
 class NotGiven:
@@ -43,6 +44,7 @@ class RequestOptions:
     extra_headers: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
+        checked_headers(self.extra_headers, argument="extra_headers=")
         timeout = self.timeout
         if isinstance(timeout, NotGiven | httpx.Timeout) or timeout is None:
             return
