@@ -4,6 +4,7 @@ and what it refuses to send."""
 from __future__ import annotations
 
 import json
+import re
 import socketserver
 import threading
 from collections.abc import Callable, Iterator
@@ -219,14 +220,25 @@ async def test_wait_all_checks_every_id_first(connect: Callable[..., Api]) -> No
 
 
 async def test_backend_names_are_quoted(connect: Callable[..., Api]) -> None:
-    info = {"name": "a/b", "type": "slurm"}
+    info = {"name": "a b?#%", "type": "slurm"}
     api = connect(lambda req: httpx.Response(200, json=info))
-    assert (await api.backend("a/b")).type == "slurm"
-    assert api.requests[0].url.raw_path == b"/v1/backends/a%2Fb"
-    for bad in ("..", ".", ""):
+    assert (await api.backend("a b?#%")).type == "slurm"
+    assert api.requests[0].url.raw_path == b"/v1/backends/a%20b%3F%23%25"
+    # The server decodes %2F before routing: a name with "/" would be "no such route".
+    for bad in ("..", ".", "", "a/b", "../x", "/"):
         with pytest.raises(pac.InvalidRequestError, match="not a backend name"):
             await api.backend(bad)
     assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("method", ["list", "list_page"])
+async def test_a_list_checks_every_id_first(connect: Callable[..., Api], method: str) -> None:
+    api = connect(lambda req: httpx.Response(200, json={"items": [], "next_cursor": None}))
+    for bad in ["..", "1.2/state", "", "abc"]:
+        with pytest.raises(pac.InvalidRequestError, match=re.escape(f"not a job id: {bad!r}")) as info:
+            await getattr(api, method)(ids=["1.0", bad])
+        assert isinstance(info.value, ValueError)
+    assert api.requests == []
 
 
 async def test_submit_sends_the_spec_with_an_idempotency_key(connect: Callable[..., Api]) -> None:

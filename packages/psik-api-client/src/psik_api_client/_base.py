@@ -359,8 +359,12 @@ class BaseClient:
 
     def _backend_flow(self, name: str, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[BackendInfo]:
         """GET ``/v1/backends/{name}``."""
-        if not isinstance(name, str) or name in ("", ".", ".."):
-            raise InvalidRequestError(f"not a backend name: {name!r}")
+        # Even quoted, a "/" reaches the server's router as a path separator, and "."
+        # or ".." as a path step: no such name can be asked for (it is in backends()).
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
+            raise InvalidRequestError(
+                f"not a backend name: {name!r} (GET /v1/backends/NAME takes no '/', '.' or '..')"
+            )
         path = f"/v1/backends/{quote(name, safe='')}"
         return self._fetch_flow(_BACKEND, self._build_request("GET", path, options=options))
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from psik_api_core import LIMITS, JobState, JobSummary, Page
 
 from ._exceptions import InvalidRequestError
+from ._inputs import path_jobid
 
 #: ``state=`` accepts one state or several (sent as a repeated query parameter).
 StateFilter = JobState | str | Iterable[JobState | str] | None
@@ -38,7 +39,8 @@ def job_query(
     if ids is not None:
         if isinstance(ids, str):  # one id is not an iterable of one-character ids
             raise InvalidRequestError(f"ids= takes a list of job ids, not the string {ids!r}")
-        id_params = [("id", jobid) for jobid in ids]
+        # Checked as a path id is: the server refuses a list with a malformed one.
+        id_params = [("id", path_jobid(jobid)) for jobid in ids]
         if len(id_params) > LIMITS.max_ids:
             raise InvalidRequestError(
                 f"a list filters by at most {LIMITS.max_ids} ids, not {len(id_params)} "
