@@ -301,13 +301,24 @@ async def test_a_spec_that_is_not_a_mapping_is_refused(connect: Callable[..., Ap
     assert api.requests == []
 
 
-@pytest.mark.parametrize("key", ["", "k" * (LIMITS.max_idempotency_key + 1), "a\nb", "clé"])
+@pytest.mark.parametrize(
+    "key", ["", "k" * (LIMITS.max_idempotency_key + 1), "a\nb", "clé", "a\tb", "a\x7f", " ", " key", "key "]
+)
 async def test_bad_idempotency_keys_fail_before_sending(connect: Callable[..., Api], key: str) -> None:
     api = connect(lambda req: httpx.Response(201, json=job_json()))
     with pytest.raises(pac.InvalidRequestError, match="Idempotency-Key") as info:
         await api.submit({"script": "true"}, idempotency_key=key)
     assert isinstance(info.value, ValueError)
     assert api.requests == []
+
+
+async def test_every_printable_ascii_character_can_be_in_an_idempotency_key(
+    connect: Callable[..., Api],
+) -> None:
+    key = "<" + "".join(chr(code) for code in range(0x20, 0x7F)) + ">"  # " " to "~", inside
+    api = connect(lambda req: httpx.Response(201, json=job_json()))
+    await api.submit({"script": "true"}, idempotency_key=key)
+    assert api.requests[0].headers["Idempotency-Key"] == key
 
 
 async def test_the_longest_idempotency_key_is_the_server_limit(connect: Callable[..., Api]) -> None:

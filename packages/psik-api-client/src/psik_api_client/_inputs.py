@@ -106,4 +106,7 @@ def idempotency_key(key: str | None) -> str:
     longest = LIMITS.max_idempotency_key
     if not (isinstance(key, str) and 0 < len(key) <= longest and key.isascii() and key.isprintable()):
         raise InvalidRequestError(f"an Idempotency-Key is 1 to {longest} printable ASCII characters")
+    if key != key.strip(" "):
+        # HTTP drops the spaces around a header value: the server would see another key.
+        raise InvalidRequestError("an Idempotency-Key cannot begin or end with a space")
     return key
