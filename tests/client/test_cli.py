@@ -193,6 +193,30 @@ def test_usage_errors_exit_2(
     assert len(server.calls) == 0
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ls", "--limit", "-1"], "argument --limit: a count of jobs is >= 0 (0: all), not -1"),
+        (["wait", JOBID, "--timeout", "-5"], "argument --timeout: seconds are >= 0 (0: look once), not -5"),
+        (["wait", JOBID, "--timeout", "nan"], "argument --timeout: seconds are >= 0"),
+        (["submit", "--wait", "--timeout", "-5", "SPEC"], "argument --timeout: seconds are >= 0"),
+        (["submit", "--timeout", "-0.5", "SPEC"], "argument --timeout: seconds are >= 0"),
+    ],
+)
+def test_negative_limits_and_timeouts_are_usage_errors(
+    server: respx.MockRouter,
+    spec_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    argv = [str(spec_file) if arg == "SPEC" else arg for arg in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
+    assert len(server.calls) == 0  # nothing submitted, nothing waited for
+
+
 def test_a_malformed_job_id_exits_2_without_a_request(
     server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,8 @@
     ls [--state S]... [--backend B] [--name N] [--limit N]
     backends
 
+``--timeout`` is seconds >= 0 (0: look once); ``--limit`` is a count >= 0 (0: all).
+
 Errors are one line on stderr. The exit status says what happened::
 
       0  success (for wait and submit --wait: the job completed)
@@ -250,6 +252,28 @@ def _backends(api: Client, args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: seconds >= 0 (0: look once, then give up)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"seconds are >= 0 (0: look once), not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    """``--limit``: a count of jobs >= 0 (0: all of them)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a count of jobs is >= 0 (0: all), not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -273,7 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("submit", _submit, "create a job and submit it; print its id")
     sub.add_argument("file", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
     sub.add_argument("--wait", action="store_true", help="wait until it is final; print its state")
-    sub.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    sub.add_argument(
+        "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
+    )
     sub = command("create", _create, "create a job without submitting it; print its id")
     sub.add_argument("file", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
     for name, run, text in [
@@ -285,14 +311,14 @@ def _parser() -> argparse.ArgumentParser:
         command(name, run, text).add_argument("jobid", metavar="ID")
     sub = command("wait", _wait, "wait until a job is final (never cancels it)")
     sub.add_argument("jobid", metavar="ID")
-    sub.add_argument("--timeout", type=float, help="give up after this many seconds")
+    sub.add_argument("--timeout", type=_seconds, help="give up after this many seconds (0: look once)")
     sub = command("ls", _ls, "list jobs, newest first")
     sub.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     sub.add_argument("--backend", help="only jobs of this backend")
     sub.add_argument("--name", help="only jobs with this name")
     sub.add_argument(
         "--limit",
-        type=int,
+        type=_count,
         default=LIMITS.default_page_size,
         help=f"at most this many (0: all; default {LIMITS.default_page_size})",
     )
