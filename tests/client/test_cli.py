@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -310,6 +311,53 @@ def test_get_never_prints_the_callback_secret(
     assert "cb_secret" not in out
 
 
+class FullDisk(io.StringIO):
+    """A stdout on a full disk: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDiskOnFlush(io.StringIO):
+    """A buffered stdout on a full disk: writes are kept, the flush fails."""
+
+    def flush(self) -> None:
+        if self.getvalue():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("stdout", [FullDisk, FullDiskOnFlush])
+@pytest.mark.parametrize(
+    "argv", [["get", JOBID], ["state", JOBID], ["ls"], ["wait", JOBID], ["submit", "SPEC"]]
+)
+def test_output_that_cannot_be_written_exits_6(
+    server: respx.MockRouter,
+    spec_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stdout: type[io.StringIO],
+    argv: list[str],
+) -> None:
+    server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "failed"))
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "failed"))
+    server.get("/v1/jobs").respond(200, json={"items": [summary_json(JOBID)], "next_cursor": None})
+    monkeypatch.setattr("sys.stdout", stdout())
+    argv = [str(spec_file) if arg == "SPEC" else arg for arg in argv]
+    # Not 1 ("the job failed"), even for wait on a failed job: the output is lost.
+    assert cli.main(argv) == 6
+    assert capsys.readouterr().err == "psik-api: error: cannot write the output: No space left on device\n"
+
+
+def test_a_closed_stdout_descriptor_exits_6(
+    server: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "failed"))
+    monkeypatch.setattr("sys.stdout", None)  # psik-api state ID >&-
+    assert cli.main(["state", JOBID]) == 6
+    assert capsys.readouterr().err == "psik-api: error: cannot write the output: stdout is closed\n"
+
+
 class ClosedPipe(io.StringIO):
     """A stdout whose reader has gone: every write fails as it would on a closed pipe."""
 
@@ -370,6 +418,29 @@ def test_ls_piped_into_head_ends_quietly(tmp_path: Path) -> None:
     assert out.decode().split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"]
     assert err == ""  # no BrokenPipeError traceback
     assert status == 141
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+# 3000 lines fail as they are printed; 2 lines sit in the buffer and fail at the flush.
+@pytest.mark.parametrize("args", [["ls", "--limit", "0"], ["ls", "--limit", "1"]])
+def test_output_to_a_full_device_exits_6_in_one_line(args: list[str]) -> None:
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _Jobs)
+    thread = threading.Thread(target=http.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        argv = [sys.executable, "-c", "import sys; from psik_api_client.cli import main; sys.exit(main())"]
+        env = {**os.environ, "PSIK_API_URL": f"http://127.0.0.1:{http.server_address[1]}"}
+        env.pop("PSIK_API_UDS", None)
+        # psik-api ls ... > /dev/full: the writes fail with ENOSPC
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*argv, *args], stdout=full, stderr=subprocess.PIPE, env=env, timeout=60)
+    finally:
+        http.shutdown()
+        http.server_close()
+        thread.join()
+    # One line, no traceback, and no "Exception ignored" from the flush at exit.
+    assert done.stderr.decode() == "psik-api: error: cannot write the output: No space left on device\n"
+    assert done.returncode == 6
 
 
 def test_exit_statuses_are_documented_alike(capsys: pytest.CaptureFixture[str]) -> None:

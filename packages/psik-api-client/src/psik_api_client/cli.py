@@ -20,6 +20,7 @@ Errors are one line on stderr. The exit status says what happened::
       3  wait or submit --wait timed out (the job is left running)
       4  the server could not be reached (connection refused, timeout, ...)
       5  the server refused the request (an error answer, e.g. no such job)
+      6  the output could not be written (e.g. a full disk)
     130  interrupted (Ctrl-C)
     141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly
 """
@@ -55,6 +56,7 @@ class ExitStatus(IntEnum):
     WAIT_TIMEOUT = 3
     UNREACHABLE = 4
     REFUSED = 5
+    OUTPUT_FAILED = 6
     INTERRUPTED = 130
     BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer killed by a closed pipe
 
@@ -66,6 +68,7 @@ EPILOG = """exit status:
     3  wait or submit --wait timed out (the job is left running)
     4  the server could not be reached (connection refused, timeout, ...)
     5  the server refused the request (an error answer, e.g. no such job)
+    6  the output could not be written (e.g. a full disk)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly"""
 
@@ -74,13 +77,22 @@ class InputError(Exception):
     """The job file could not be read or is not a job spec."""
 
 
+class OutputError(Exception):
+    """stdout could not be written (a full disk, a closed descriptor, ...); a reader
+    that went away is a ``BrokenPipeError`` instead, which is not an error."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit
     status (see :class:`ExitStatus`)."""
     try:
         status = _main(argv)
+        _flush()  # output that fails shows here at the latest, whatever the status was
     except BrokenPipeError:
         status = _stdout_gone()
+    except OutputError as exc:
+        _discard_stdout()
+        status = _fail(f"cannot write the output: {exc}", ExitStatus.OUTPUT_FAILED)
     except KeyboardInterrupt:
         status = ExitStatus.INTERRUPTED
     return int(status)
@@ -99,9 +111,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(exc), ExitStatus.USAGE)
     try:
         with api:
-            status = command(api, args)
-        sys.stdout.flush()  # a reader that went away shows here at the latest
-        return status
+            return command(api, args)
     except (InputError, InvalidRequestError) as exc:  # refused before any request
         return _fail(str(exc), ExitStatus.USAGE)
     except WaitTimeout as exc:
@@ -117,20 +127,50 @@ def _fail(message: str, status: ExitStatus) -> int:
     return status
 
 
+def _out(*values: object) -> None:
+    """``print`` to stdout; a write that fails raises :class:`OutputError` (a closed
+    pipe passes as the ``BrokenPipeError`` it is)."""
+    if sys.stdout is None:  # started with stdout closed (psik-api ... >&-)
+        raise OutputError("stdout is closed")
+    try:
+        print(*values)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc)) from exc
+
+
+def _flush() -> None:
+    """Flush stdout: buffered output to a file fails here rather than at exit."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc)) from exc
+
+
 def _stdout_gone() -> int:
     """Whoever read stdout has gone (``psik-api ls | head -1``): that is not an error,
-    so no traceback. Python flushes stdout once more at exit, which would fail again:
-    point the descriptor at /dev/null first."""
+    so no traceback."""
+    _discard_stdout()
+    return ExitStatus.BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Python flushes stdout once more at exit, which would fail again and print a
+    traceback-like warning: point the descriptor at /dev/null first."""
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # not a real file: nothing to flush into
-        return ExitStatus.BROKEN_PIPE
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    return ExitStatus.BROKEN_PIPE
 
 
 def load_spec(name: str) -> JobSpec:
@@ -187,7 +227,7 @@ def _load_yaml(label: str, text: str) -> Any:
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 # ---- commands: each takes the client and the parsed arguments, returns the status ----
@@ -196,25 +236,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def _submit(api: Client, args: argparse.Namespace) -> int:
     job = api.submit(load_spec(args.file))
     if not args.wait:
-        print(job.jobid)
+        _out(job.jobid)
         return ExitStatus.OK
     return _final(api.wait(job.jobid, timeout=args.timeout))
 
 
 def _final(job: Job) -> int:
     """Print a final job's id and state; its status says whether it completed."""
-    print(job.jobid, job.state.value)
+    _out(job.jobid, job.state.value)
     return ExitStatus.OK if job.state is JobState.completed else ExitStatus.JOB_NOT_COMPLETED
 
 
 def _create(api: Client, args: argparse.Namespace) -> int:
-    print(api.create(load_spec(args.file)).jobid)
+    _out(api.create(load_spec(args.file)).jobid)
     return ExitStatus.OK
 
 
 def _start(api: Client, args: argparse.Namespace) -> int:
     job = api.start(args.jobid)
-    print(job.jobid, job.state.value)
+    _out(job.jobid, job.state.value)
     return ExitStatus.OK
 
 
@@ -227,18 +267,18 @@ def _ls(api: Client, args: argparse.Namespace) -> int:
 
 def _get(api: Client, args: argparse.Namespace) -> int:
     # cb_secret is write-only: never shown, even if a server sent it back by mistake.
-    print(api.get(args.jobid).model_dump_json(indent=2, exclude={"spec": {"cb_secret"}}))
+    _out(api.get(args.jobid).model_dump_json(indent=2, exclude={"spec": {"cb_secret"}}))
     return ExitStatus.OK
 
 
 def _state(api: Client, args: argparse.Namespace) -> int:
-    print(api.state(args.jobid).state.value)
+    _out(api.state(args.jobid).state.value)
     return ExitStatus.OK
 
 
 def _cancel(api: Client, args: argparse.Namespace) -> int:
     job = api.cancel(args.jobid)
-    print(job.jobid, job.state.value)
+    _out(job.jobid, job.state.value)
     return ExitStatus.OK
 
 
