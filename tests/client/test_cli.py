@@ -218,6 +218,26 @@ def test_negative_limits_and_timeouts_are_usage_errors(
     assert len(server.calls) == 0  # nothing submitted, nothing waited for
 
 
+def test_submit_refused_by_the_backend_exits_5_and_names_the_job(
+    server: respx.MockRouter, spec_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The job was created, then its backend refused it (502 submit_failed): it exists,
+    # failed. The detail need not name it; the error line does, and nothing waits.
+    refused = problem(502, "submit_failed", "the backend refused the job: sbatch: not found", jobid=JOBID)
+    post = server.post("/v1/jobs").mock(return_value=refused)
+    state = server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "failed"))
+    for argv in (["submit", str(spec_file)], ["submit", "--wait", str(spec_file)]):
+        assert cli.main(argv) == 5
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            "psik-api: error: the backend refused the job: sbatch: not found "
+            f"(job {JOBID} exists, failed: psik-api get {JOBID})\n"
+        )
+    assert post.call_count == 2  # once per run: never retried
+    assert not state.called
+
+
 def test_a_malformed_job_id_exits_2_without_a_request(
     server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
 ) -> None:

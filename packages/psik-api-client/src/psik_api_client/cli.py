@@ -19,10 +19,14 @@ Errors are one line on stderr. The exit status says what happened::
       2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
       3  wait or submit --wait timed out (the job is left running)
       4  the server could not be reached (connection refused, timeout, ...)
-      5  the server refused the request (an error answer, e.g. no such job)
+      5  the server refused the request (e.g. no such job, or the backend refused the job)
       6  the output could not be written (e.g. a full disk)
     130  interrupted (Ctrl-C)
     141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly
+
+When the backend refuses a submitted job (``submit``, with or without ``--wait``; the
+server's 502 ``submit_failed``), the job exists, in state ``failed``: the status is 5
+and the error line names the job, for ``psik-api get ID``. Nothing is waited for.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ from typing import Any
 from psik_api_core import LIMITS, Job, JobSpec, JobState
 
 from ._client import Client
-from ._exceptions import APIConnectionError, InvalidRequestError, PsikApiError, WaitTimeout
+from ._exceptions import (
+    APIConnectionError,
+    InvalidRequestError,
+    PsikApiError,
+    SubmitFailedError,
+    WaitTimeout,
+)
 from ._inputs import validate_spec
 from ._version import __version__
 
@@ -67,7 +77,7 @@ EPILOG = """exit status:
     2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
     3  wait or submit --wait timed out (the job is left running)
     4  the server could not be reached (connection refused, timeout, ...)
-    5  the server refused the request (an error answer, e.g. no such job)
+    5  the server refused the request (e.g. no such job, or the backend refused the job)
     6  the output could not be written (e.g. a full disk)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly"""
@@ -118,6 +128,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(exc), ExitStatus.WAIT_TIMEOUT)
     except APIConnectionError as exc:
         return _fail(str(exc), ExitStatus.UNREACHABLE)
+    except SubmitFailedError as exc:  # the job was created, and is failed: say which
+        jobid = f" (job {exc.jobid} exists, failed: psik-api get {exc.jobid})" if exc.jobid else ""
+        return _fail(f"{exc}{jobid}", ExitStatus.REFUSED)
     except PsikApiError as exc:  # an error answer, or an answer that is not the API's
         return _fail(str(exc), ExitStatus.REFUSED)
 
