@@ -25,13 +25,13 @@ BAD_SPECS = [
     ({"environment": {"1X": "x"}}, ["body", "environment"], "not a shell name"),
     ({"environment": {"PÄTH": "x"}}, ["body", "environment"], "not a shell name"),
     ({"environment": {"A": "x\x00y"}}, ["body", "environment"], "NUL"),
-    ({"resources": {"duration": -5}}, ["body", "resources", "duration"], "at least 1"),
-    ({"resources": {"duration": 0}}, ["body", "resources", "duration"], "at least 1"),
-    ({"resources": {"process_count": 0}}, ["body", "resources", "process_count"], "at least 1"),
+    ({"resources": {"duration": -5}}, ["body", "resources", "duration"], "from 1 to"),
+    ({"resources": {"duration": 0}}, ["body", "resources", "duration"], "from 1 to"),
+    ({"resources": {"process_count": 0}}, ["body", "resources", "process_count"], "from 1 to"),
     (
         {"resources": {"gpu_cores_per_process": -1}},
         ["body", "resources", "gpu_cores_per_process"],
-        "negative",
+        "from 0 to",
     ),
     ({"name": "two\nlines"}, ["body", "name"], "control"),
     ({"name": "x" * 257}, ["body", "name"], "longer than 256"),
@@ -122,3 +122,43 @@ def test_an_unusable_prefix_or_index_stops_start_up_in_one_line(tmp_path: Path, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("psik-api-server: cannot start: ") and str(afile) in last, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+RAW_BODIES = [
+    ('{"script": "t", "resources": {"duration": "3"}}', ["body", "resources", "duration"]),
+    ('{"script": "t", "resources": {"duration": 3.0}}', ["body", "resources", "duration"]),
+    ('{"script": "t", "resources": {"exclusive_node_use": 0}}', ["body", "resources", "exclusive_node_use"]),
+    ('{"script": "t", "inherit_environment": "false"}', ["body", "inherit_environment"]),
+    ('{"script": 7}', ["body", "script"]),
+    ('{"script": "t", "environment": {"A": 1}}', ["body", "environment", "A"]),
+    ('{"script": "t", "resources": {"duration": ' + "9" * 40 + "}}", ["body", "resources", "duration"]),
+    ('{"script": "t", "resources": {"node_count": 2147483648}}', ["body", "resources", "node_count"]),
+    ('{"script": "t", "name": "\\ud800"}', ["body"]),  # a lone surrogate: no file can hold it
+]
+
+
+@pytest.mark.parametrize(("body", "loc"), RAW_BODIES)
+async def test_values_are_not_coerced_and_out_of_range_ones_are_422(
+    http: httpx.AsyncClient, body: str, loc: list[str]
+) -> None:
+    """The body is checked as strictly as the published schema says."""
+    r = await http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["loc"] == loc
+    assert (await http.get("/v1/jobs")).json()["items"] == []
+
+
+async def test_the_seed_readme_bodies_still_validate(http: httpx.AsyncClient) -> None:
+    body = {
+        "name": "show system info",
+        "script": "cat /proc/cpuinfo; hostname",
+        "resources": {"process_count": 8, "cpu_cores_per_process": 7, "duration": 2},
+    }
+    r = await http.post("/v1/jobs/new", json=body)
+    assert r.status_code == 201 and r.json()["spec"]["resources"]["process_count"] == 8
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/1.2%00", "/v1/jobs/%00", "/v1/jobs/1.2%00/state"])
+async def test_nul_in_a_path_is_refused(http: httpx.AsyncClient, path: str) -> None:
+    r = await http.get(path)
+    assert r.status_code in {404, 422} and r.headers["content-type"] == "application/problem+json"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pydantic
 
-from psik_api_core import LIMITS, STRICT_INPUT, JobSpec, is_jobid
+from psik_api_core import LIMITS, JobSpec, is_jobid
 
 from ._exceptions import InvalidRequestError
 
@@ -75,7 +75,7 @@ def validate_spec(data: Mapping[str, Any]) -> JobSpec:
     are errors). Raises :class:`InvalidRequestError` naming every field at fault, with
     pydantic's details in ``.errors``."""
     try:
-        return JobSpec.model_validate(dict(data), context=STRICT_INPUT)
+        return JobSpec.validate_input(data)
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()

@@ -9,6 +9,7 @@ survives a newer server's answers. The server validates request bodies with
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -33,8 +34,12 @@ from .states import JobState
 JOBID_PATTERN = r"[0-9]{1,20}(?:\.[0-9]{1,9})?"
 _JOBID_RE = re.compile(JOBID_PATTERN, re.ASCII)
 
-#: Validation context under which unknown input fields are errors (used by the server).
+#: Validation context under which unknown input fields are errors and the input checks
+#: apply (what a backend could not run); see :meth:`JobSpec.validate_input`.
 STRICT_INPUT: dict[str, Any] = {"strict_input": True}
+
+#: The largest count or duration a JobSpec may ask for (schedulers keep them in 32 bits).
+MAX_COUNT = 2**31 - 1
 
 
 def is_jobid(value: str) -> bool:
@@ -113,15 +118,15 @@ class ResourceSpec(_Model):
     @field_validator("duration", "node_count", "process_count", "processes_per_node", "cpu_cores_per_process")
     @classmethod
     def _at_least_one(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1 and _strict(info):
-            raise _refuse("must be at least 1")
+        if value is not None and _strict(info) and not 1 <= value <= MAX_COUNT:
+            raise _refuse(f"must be from 1 to {MAX_COUNT}")
         return value
 
     @field_validator("gpu_cores_per_process")
     @classmethod
     def _not_negative(cls, value: int, info: ValidationInfo) -> int:
-        if value < 0 and _strict(info):
-            raise _refuse("must not be negative")
+        if _strict(info) and not 0 <= value <= MAX_COUNT:
+            raise _refuse(f"must be from 0 to {MAX_COUNT}")
         return value
 
 
@@ -143,6 +148,18 @@ class JobSpec(_Model):
     cb_secret: SecretStr | None = Field(
         default=None, title="hmac256 secret to sign updates sent to 'callback'"
     )
+
+    @classmethod
+    def validate_input(cls, data: bytes | str | Mapping[str, Any]) -> JobSpec:
+        """A spec as a request gives it (JSON text, or a mapping), checked as the server
+        checks it: unknown fields, the input checks below, and no coercion (``"3"`` is
+        not an integer, ``0`` not a boolean), as the published schema says. Raises
+        pydantic's ``ValidationError``."""
+        if isinstance(data, bytes | str):
+            # pydantic's own JSON parser: it also refuses lone surrogates, which could
+            # not be written to the job's spec.json.
+            return cls.model_validate_json(data, strict=True, context=STRICT_INPUT)
+        return cls.model_validate(dict(data), strict=True, context=STRICT_INPUT)
 
     # Input checks (see ResourceSpec): each names what a backend, a shell or an HTTP
     # header would choke on, instead of a job that "fails" without running.

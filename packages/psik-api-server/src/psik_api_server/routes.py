@@ -20,7 +20,6 @@ from starlette.types import Receive, Scope, Send
 
 from psik_api_core import (
     LIMITS,
-    STRICT_INPUT,
     Job,
     JobSpec,
     JobState,
@@ -123,7 +122,7 @@ async def _spec(request: Request) -> JobSpec:
             errors=[field_error(["body"], "must be an object")],
         )
     try:
-        return JobSpec.model_validate(data, context=STRICT_INPUT)
+        return JobSpec.validate_input(bytes(body))
     except ValidationError as e:
         raise validation_problem(e) from None
 
