@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from psik_api_core import JobState
 
 from . import jobdir
+from .proctree import PROC, boot_time, has_proc, parse_stat
 from .store import JobStore
+
+__all__ = ["PROC", "Vanished", "has_proc", "local_pid", "process_running", "started_by", "vanished_jobs"]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,24 +38,11 @@ _logger = logging.getLogger(__name__)
 #: failing a live job would be far worse than noticing a reused PID late.
 _START_SLACK = 30.0
 
-PROC = Path("/proc")
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _boot_time(proc: Path) -> float | None:
-    """Boot time on the wall clock *now*: ``btime`` is whole seconds and the wall clock
-    may have been stepped since boot, so it is derived from the uptime instead."""
-    try:
-        uptime = float((proc / "uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.time() - uptime
-
-
-def has_proc(proc: Path = PROC) -> bool:
-    """True if ``proc`` is a procfs (Linux): this process's own entry is there."""
-    return (proc / str(os.getpid()) / "stat").exists()
+def started_by(started: float, since: float) -> bool:
+    """True if a process that started at ``started`` may be the one psik recorded at
+    ``since`` (the job's queued row): it did not start well after."""
+    return started <= since + _START_SLACK
 
 
 def process_running(pid: int, since: float, *, proc: Path = PROC) -> bool:
@@ -68,16 +57,13 @@ def process_running(pid: int, since: float, *, proc: Path = PROC) -> bool:
         return False
     except OSError:
         return _signal_zero(pid)
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    state, start_ticks = fields[0], int(fields[19])
-    if state in {"Z", "X"}:  # exited, not yet reaped
+    p = parse_stat(pid, stat)
+    if not p.alive:  # exited, not yet reaped
         return False
-    boot = _boot_time(proc)
+    boot = boot_time(proc)
     if boot is None:
         return True
-    started = boot + start_ticks / _TICKS
-    return started <= since + _START_SLACK
+    return started_by(p.started(boot), since)
 
 
 def _signal_zero(pid: int) -> bool:
