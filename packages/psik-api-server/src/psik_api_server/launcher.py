@@ -10,6 +10,11 @@ forking. The launcher:
   which point at /dev/null) and a log file as stderr;
 * closes its end of those pipes in every child it forks, so jobs hold nothing of the
   server's;
+* never lets a process psik forked come back: psik's job process is meant to end in
+  ``os._exit``, but if psik's code in it raises or returns, it would unwind through
+  ``job.submit()`` (sharing its lock on status.csv) into the request loop and serve
+  requests as a second launcher. psik's ``fork_job`` is wrapped so that the forked
+  process logs why and calls ``os._exit`` in a ``finally``, and the loop checks its PID too;
 * answers one JSON line per request: ``{"id", "base"}`` -> ``{"id", "jobndx",
   "native_id"}`` or ``{"id", "error"}``;
 * exits when the server closes the pipe. Jobs are detached by psik (setsid + double
@@ -37,10 +42,16 @@ class LaunchError(Exception):
 
 
 def _open_log(path: Path | None) -> IO[bytes] | int:
+    """The launcher's log, for appending; the owner's alone (job names, paths, errors)."""
     if path is None:
         return asyncio.subprocess.DEVNULL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "ab")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a log an older version left readable by others
+    except OSError as e:
+        _logger.warning("cannot make %s owner-only: %s", path, e)
+    return os.fdopen(fd, "ab")
 
 
 class LocalLauncher:
@@ -157,6 +168,36 @@ class LocalLauncher:
 
 # ---- the launcher process itself ----
 
+#: The exit status of a forked job process whose psik code raised or returned (EX_SOFTWARE).
+ESCAPED = 70
+
+
+def _contain_forks(launcher_pid: int) -> None:
+    """Make psik's ``fork_job`` end every process it runs in, whatever happens there.
+
+    psik's local ``submit()`` forks; the child calls ``fork_job()``, which setsid()s,
+    forks the job's process and exits; the job's process runs the job and is meant to
+    ``os._exit``. An exception (or a return) in either would unwind into ``submit()``
+    and the launcher's loop in a process that is not the launcher."""
+    from psik.backends import local
+
+    fork_job = local.fork_job
+
+    def contained(write_fd: int, job: Any, jobndx: int) -> None:
+        if os.getpid() == launcher_pid:
+            # psik calls fork_job() in its caller when its first fork failed: that would
+            # setsid() the launcher and run the job inside it.
+            raise OSError("psik could not fork the job's process")
+        try:
+            fork_job(write_fd, job, jobndx)
+            _logger.error("job %s: psik's job process %d returned; it exits", job.stamp, os.getpid())
+        except BaseException as e:
+            _logger.exception("job %s: psik's job process %d raised %s; it exits", job.stamp, os.getpid(), e)
+        finally:
+            os._exit(ESCAPED)
+
+    local.fork_job = contained
+
 
 def _post_later(send: Any, jobid: str, jobndx: int, state: Any, info: str) -> None:
     async def post() -> None:
@@ -172,6 +213,7 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
     from psik.job import Job  # imported once, here, not in the server's process
 
     launcher_pid = os.getpid()
+    _contain_forks(launcher_pid)
 
     async def submit(base: str) -> tuple[int, str]:
         job = await Job(base)
@@ -200,6 +242,10 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
             reply: dict[str, Any] = {"id": rid, "jobndx": jobndx, "native_id": native_id}
         except Exception as e:
             reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            if os.getpid() != launcher_pid:  # a forked process got past _contain_forks
+                _logger.error("a process psik forked (%d) returned into the launcher; it exits", os.getpid())
+                os._exit(ESCAPED)
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 
