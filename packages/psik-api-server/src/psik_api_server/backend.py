@@ -1,11 +1,12 @@
 """The adapter between the server and psik: create, submit, cancel and remove jobs.
 
 psik does the job work (directories, status.csv, backends); its own file I/O goes
-through ``anyio.Path``, i.e. worker threads, and what is added here does the same. Two
-things are added:
-local submissions go through the :class:`~psik_api_server.launcher.LocalLauncher`, and a
+through ``anyio.Path``, i.e. worker threads, and what is added here does the same. Added:
+local submissions go through the :class:`~psik_api_server.launcher.LocalLauncher`; a
 submission that cannot work (a missing interpreter, a backend error) is refused with a
-reason *and* recorded in the job's history as ``failed``, so no job is left in ``new``.
+reason *and* recorded in the job's history as ``failed``, so no job is left in ``new``;
+local jobs are contained (:mod:`.containment`): a cancel ends the job's whole process
+tree, and what a finished job left running is ended; job directories are owner-only.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import anyio.to_thread
 
 from psik_api_core import BackendInfo, JobSpec
 
+from . import jobdir
+from .containment import Containment
 from .jobdir import job_path
 from .launcher import LaunchError, LocalLauncher
+from .liveness import local_pid
 from .settings import BackendSettings
 
 _logger = logging.getLogger(__name__)
@@ -102,6 +106,9 @@ class PsikBackend:
         self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
         self._warm_up: asyncio.Task[object] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
+        self.containment = Containment(
+            self.prefix, {name for name, cfg in self.settings.items() if cfg.type == "local"}
+        )
 
     def open(self) -> None:
         """Create the prefix (owner-only), load psik and each backend type. Blocking:
@@ -116,7 +123,7 @@ class PsikBackend:
         # Job directories hold scripts, outputs and psik's spec.json (with any callback
         # secret in clear): a prefix we create is the owner's alone.
         self.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.prefix = self.prefix.resolve()
+        self.prefix = self.containment.prefix = self.prefix.resolve()
         usable: dict[str, BackendConfig] = {}
         for name, cfg in self.settings.items():
             try:
@@ -130,13 +137,15 @@ class PsikBackend:
         self._manager = JobManager(Config(prefix=self.prefix, backends=usable))
 
     def warm_up(self) -> None:
-        """Start the launcher now (unless it is a lazy one), so that the first local
-        submit does not wait for it."""
-        if (
-            self._warm_up is None
-            and self._launcher.eager
-            and any(cfg.type == "local" and self.usable(name) for name, cfg in self.settings.items())
-        ):
+        """Start the background work of local jobs: the launcher now (unless it is a lazy
+        one), so that the first local submit does not wait for it, and the sweep that
+        ends what finished jobs leave running (also the leftovers of jobs that ended
+        while the server was down)."""
+        if not any(cfg.type == "local" and self.usable(name) for name, cfg in self.settings.items()):
+            return
+        if self.containment.supported:
+            self.containment.start()
+        if self._warm_up is None and self._launcher.eager:
             self._warm_up = asyncio.get_running_loop().create_task(self._launcher.start())
 
     def info(self, name: str) -> BackendInfo:
@@ -166,6 +175,8 @@ class PsikBackend:
 
         pspec = PsikJobSpec.model_validate(spec.model_dump())
         job = await self._manager.create(pspec)
+        # psik makes it with the umask's mode: the job's files are the owner's alone.
+        await anyio.to_thread.run_sync(os.chmod, self.path(str(job.stamp)), 0o700)
         return str(job.stamp)
 
     async def submit(self, jobid: str) -> tuple[int, str]:
@@ -200,12 +211,28 @@ class PsikBackend:
         await job.reached(jobndx, PsikJobState.failed, _one_line(reason), backdate=time.time())
 
     async def cancel(self, jobid: str) -> None:
-        """Ask the backend to stop the job; psik records ``canceled`` first."""
+        """Ask the backend to stop the job; ``canceled`` is recorded first.
+
+        A local job's whole process tree gets SIGTERM now and SIGKILL after the grace
+        period (:mod:`.containment`), instead of psik's SIGTERM to its runner alone.
+        Returns once SIGTERM is sent: the SIGKILL does not hold up the caller."""
         from psik.job import Job as PsikJob
+        from psik.models import JobState as PsikJobState
 
         job = await PsikJob(self.path(jobid))
         self._defer_callbacks(job)
-        await job.cancel()
+        if job.info.backend.type != "local" or not self.containment.supported:
+            await job.cancel()
+            return
+        with self.containment.hold(jobid):  # the sweep would see it final and race us
+            files = await anyio.to_thread.run_sync(jobdir.read_job, self.path(jobid))
+            run, runner = files.state[1], local_pid(files)
+            # As psik's cancel does, `canceled` before any signal: whatever the job's
+            # processes record as they die comes after it and changes nothing.
+            await job.reached(0, PsikJobState.canceled)
+            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
+        self.containment.start()
+        self.containment.wake()
 
     def _defer_callbacks(self, job: Any) -> None:
         """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's
@@ -232,6 +259,7 @@ class PsikBackend:
     async def aclose(self) -> None:
         for task in list(self._callbacks):
             task.cancel()
+        await self.containment.aclose()
         if self._warm_up is not None:
             with contextlib.suppress(Exception):
                 await self._warm_up
