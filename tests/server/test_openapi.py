@@ -192,8 +192,8 @@ def test_job_creation_takes_jobspec_and_idempotency_key(doc: dict[str, Any], pat
 @pytest.mark.parametrize(
     ("method", "path", "statuses"),
     [
-        ("post", "/v1/jobs", {"400", "409", "413", "422", "502"}),
-        ("post", "/v1/jobs/new", {"400", "409", "413", "422"}),
+        ("post", "/v1/jobs", {"400", "409", "413", "415", "422", "502"}),
+        ("post", "/v1/jobs/new", {"400", "409", "413", "415", "422"}),
         ("post", "/v1/jobs/{jobid}/start", {"404", "409", "422", "502"}),
         ("get", "/v1/jobs", {"422"}),
         ("get", "/v1/jobs/{jobid}", {"404", "422"}),

@@ -50,6 +50,7 @@ from ._exceptions import (
     SubmitFailedError,
     UnknownBackendError,
     UnprocessableEntityError,
+    UnsupportedMediaTypeError,
     WaitTimeout,
 )
 from ._types import NOT_GIVEN, NotGiven
@@ -90,6 +91,7 @@ __all__ = [
     "SubmitFailedError",
     "UnknownBackendError",
     "UnprocessableEntityError",
+    "UnsupportedMediaTypeError",
     "WaitTimeout",
     "__version__",
 ]

@@ -15,6 +15,7 @@
      │    ├── ConflictError                409 conflict
      │    │    └── IdempotencyInFlightError    409 idempotency_in_flight
      │    ├── RequestTooLargeError         413 too_large
+     │    ├── UnsupportedMediaTypeError    415 unsupported_media_type
      │    ├── UnprocessableEntityError     422 validation_error
      │    │    ├── UnknownBackendError         422 unknown_backend
      │    │    └── IdempotencyMismatchError    422 idempotency_mismatch
@@ -173,6 +174,14 @@ class RequestTooLargeError(APIStatusError):
     status_code = 413
 
 
+class UnsupportedMediaTypeError(APIStatusError):
+    """415: the body is not JSON (the server takes ``application/json`` and nothing a
+    browser form can send); the client always sends JSON, so this comes from a
+    hand-built request."""
+
+    status_code = 415
+
+
 class UnprocessableEntityError(APIStatusError):
     """422: the request is well-formed but invalid; ``problem.errors`` says where."""
 
@@ -251,6 +260,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.conflict: ConflictError,
     ProblemCode.idempotency_in_flight: IdempotencyInFlightError,
     ProblemCode.too_large: RequestTooLargeError,
+    ProblemCode.unsupported_media_type: UnsupportedMediaTypeError,
     ProblemCode.validation_error: UnprocessableEntityError,
     ProblemCode.unknown_backend: UnknownBackendError,
     ProblemCode.idempotency_mismatch: IdempotencyMismatchError,
@@ -270,6 +280,7 @@ BY_STATUS: dict[int, type[APIStatusError]] = {
         MethodNotAllowedError,
         ConflictError,
         RequestTooLargeError,
+        UnsupportedMediaTypeError,
         UnprocessableEntityError,
         RateLimitError,
         InternalServerError,

@@ -20,6 +20,7 @@ class ProblemCode(StrEnum):
     method_not_allowed = "method_not_allowed"
     conflict = "conflict"
     too_large = "too_large"
+    unsupported_media_type = "unsupported_media_type"
     idempotency_mismatch = "idempotency_mismatch"
     idempotency_in_flight = "idempotency_in_flight"
     submit_failed = "submit_failed"
@@ -45,6 +46,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.method_not_allowed: 405,
     ProblemCode.conflict: 409,
     ProblemCode.too_large: 413,
+    ProblemCode.unsupported_media_type: 415,
     ProblemCode.idempotency_mismatch: 422,
     ProblemCode.idempotency_in_flight: 409,
     ProblemCode.submit_failed: 502,
@@ -62,6 +64,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.method_not_allowed: "Method not allowed",
     ProblemCode.conflict: "Conflict with the job's state",
     ProblemCode.too_large: "Request too large",
+    ProblemCode.unsupported_media_type: "Unsupported body type",
     ProblemCode.idempotency_mismatch: "Idempotency-Key reused with another request",
     ProblemCode.idempotency_in_flight: "A request with this Idempotency-Key is in progress",
     ProblemCode.submit_failed: "The backend did not accept the job",

@@ -146,6 +146,10 @@ _NO_JOB = Failure(ProblemCode.not_found, "no such job, or it is not the caller's
 _BODY_FAILURES = (
     Failure(ProblemCode.bad_request, "the body is not JSON"),
     Failure(ProblemCode.too_large, f"the body is over {byte_size(LIMITS.max_body_bytes)}"),
+    Failure(
+        ProblemCode.unsupported_media_type,
+        "the body's `Content-Type` is not `application/json` (or `*/*+json`), or is missing",
+    ),
     Failure(ProblemCode.validation_error, "the body is not a valid JobSpec; `errors` name the fields"),
     Failure(ProblemCode.unknown_backend, "`backend` names no configured backend"),
     Failure(ProblemCode.idempotency_mismatch, "the `Idempotency-Key` was used with another body"),

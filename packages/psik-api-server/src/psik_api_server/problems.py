@@ -59,6 +59,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         404: ProblemCode.not_found,
         405: ProblemCode.method_not_allowed,
         413: ProblemCode.too_large,
+        415: ProblemCode.unsupported_media_type,
     }.get(exc.status_code, ProblemCode.bad_request)
     detail = exc.detail if isinstance(exc.detail, str) else code.problem_title
     if exc.status_code == 404:
