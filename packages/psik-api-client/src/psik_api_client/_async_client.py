@@ -78,7 +78,7 @@ class AsyncClient(BaseClient):
         )
         if transport is None and self.uds is not None:
             transport = httpx.AsyncHTTPTransport(uds=self.uds)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout, auth=self._auth)
         self._sleep = sleep or anyio.sleep
 
     async def _run(

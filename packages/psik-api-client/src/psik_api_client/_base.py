@@ -59,6 +59,7 @@ from ._exceptions import (
     error_from_transport,
 )
 from ._inputs import checked_headers, idempotency_key, path_jobid, spec_body
+from ._local_secret import LocalSecretAuth
 from ._pagination import Pager, Params
 from ._retry import RetryPolicy
 from ._types import DEFAULT_OPTIONS, RequestOptions, TimeoutArg
@@ -210,6 +211,9 @@ class BaseClient:
         self._retry = RetryPolicy(max_retries=max_retries, rng=rng or random.random)
         # The clock ``wait`` measures its timeout with.
         self._clock = clock or time.monotonic
+        # Both bodies hand this to their httpx client: the local secret, sent to a
+        # loopback server that cannot tell our uid (never over a UNIX socket).
+        self._auth = LocalSecretAuth() if self._target.uds is None else None
 
     @property
     def base_url(self) -> str:

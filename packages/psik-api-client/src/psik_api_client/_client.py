@@ -79,7 +79,7 @@ class Client(BaseClient):
         )
         if transport is None and self.uds is not None:
             transport = httpx.HTTPTransport(uds=self.uds)
-        self._http = httpx.Client(transport=transport, timeout=timeout)
+        self._http = httpx.Client(transport=transport, timeout=timeout, auth=self._auth)
         self._sleep = sleep or time.sleep
 
     def _run(self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]) -> Generator[E, None, None]:

@@ -1,0 +1,96 @@
+"""The local secret: how the client shows it is the server's owner where the server
+cannot tell a caller's uid (``authz: local`` over TCP on a system without Linux's socket
+tables, e.g. macOS). Jupyter's way, with nothing for the user to do.
+
+Such a server keeps a secret for each port it listens on in ``local-PORT.json``
+(``{"secret": ...}``, mode 0600) under ``$XDG_RUNTIME_DIR/psik_api``, else
+``$XDG_DATA_HOME/psik_api/runtime`` (``~/.local/share/psik_api/runtime``), where only
+the user can read it. :class:`LocalSecretAuth` sends it as the ``Psik-Local-Secret``
+header, only to a loopback URL (``localhost``, ``127.0.0.0/8``, ``[::1]``) and never
+over a UNIX socket (whose peer the kernel names). The server makes a new secret at each
+start, and asks for it with 401 ``WWW-Authenticate: Psik-Local-Secret``: the client then
+reads the file again and repeats the request once (the server refused it before doing
+anything). A caller that sets the header itself is left alone.
+
+The server's side is ``psik_api_server.security``: the header name and the two
+directories must match (a test checks they do).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Generator, Mapping
+from pathlib import Path
+
+import httpx
+
+HEADER = "Psik-Local-Secret"
+
+
+def secret_files(port: int, environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where the secret of a local server on ``port`` may be, in the order looked at."""
+    name = f"local-{port}.json"
+    found: list[Path] = []
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        found.append(Path(runtime) / "psik_api" / name)
+    data = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "share")
+    found.append(Path(data).expanduser() / "psik_api" / "runtime" / name)
+    return found
+
+
+def read_secret(port: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The secret in the first readable file of :func:`secret_files`, or None."""
+    for path in secret_files(port, environ):
+        try:
+            secret = json.loads(path.read_text(encoding="utf-8")).get("secret")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(secret, str) and secret:
+            return secret
+    return None
+
+
+def loopback_port(url: httpx.URL) -> int | None:
+    """The port of an ``http://`` URL naming this machine's loopback, else None."""
+    if url.scheme != "http":
+        return None
+    host = url.host.lower()
+    if host != "localhost":
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return None
+        except ValueError:
+            return None
+    return url.port or 80
+
+
+class LocalSecretAuth(httpx.Auth):
+    """Adds the local secret to requests for a loopback server (see the module doc).
+    One instance serves the sync and the async client alike: it reads small files only."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self._environ = environ
+        self._known: dict[int, str | None] = {}
+
+    def _read(self, port: int) -> str | None:
+        self._known[port] = read_secret(port, self._environ)
+        return self._known[port]
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        port = loopback_port(request.url)
+        if port is None or HEADER in request.headers:
+            yield request
+            return
+        sent = self._known[port] if port in self._known else self._read(port)
+        if sent is not None:
+            request.headers[HEADER] = sent
+        response = yield request
+        if response.status_code != 401 or not response.headers.get("www-authenticate", "").startswith(HEADER):
+            return
+        fresh = self._read(port)
+        if fresh is not None and fresh != sent:
+            request.headers[HEADER] = fresh
+            yield request
