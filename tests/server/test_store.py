@@ -113,3 +113,78 @@ def test_a_transaction_is_all_or_nothing(store: JobStore) -> None:
     store.set_states([(_row(2).jobid, JobState.active, 1, 5.0)])
     got = store.get(_row(2).jobid)
     assert got is not None and (got.state, got.jobndx, got.updated) == (JobState.active, 1, 5.0)
+
+
+def test_a_key_is_linked_to_its_job_before_it_is_settled(store: JobStore) -> None:
+    assert store.claim_key("u", "k", "h", 1.0, submit=True, fingerprint="f") is None
+    assert store.claim_key("u", "other", "h", 1.0) is None
+    (claimed, _) = sorted(store.open_keys(), key=lambda k: k.key)
+    assert (claimed.key, claimed.jobid, claimed.submit, claimed.fingerprint) == ("k", None, True, "f")
+    store.link_key("u", "k", "1.1")
+    seen = store.claim_key("u", "k", "h", 2.0)
+    assert seen is not None and seen.jobid == "1.1" and not seen.settled
+    assert store.release_claims() == 1  # only the claim that has no job
+    assert [(k.key, k.jobid) for k in store.open_keys()] == [("k", "1.1")]
+    store.settle_key("u", "k", "1.1")
+    seen = store.claim_key("u", "k", "h", 3.0)
+    assert seen is not None and seen.settled and store.open_keys() == []
+
+
+def test_a_run_never_goes_back(store: JobStore) -> None:
+    """A state read before the next run was recorded, written last, changes nothing."""
+    store.put(_row(1))
+    jobid = _row(1).jobid
+    assert store.set_state(jobid, JobState.queued, 2, 5.0)
+    assert not store.set_state(jobid, JobState.completed, 1, 4.0)
+    row = store.get(jobid)
+    assert row is not None and (row.state, row.jobndx) == (JobState.queued, 2)
+
+
+def test_start_claims_are_cleared_with_their_holder(store: JobStore) -> None:
+    store.put(_row(1), claim=True)  # a create-and-submit's job is born claimed
+    assert store.claimed(_row(1).jobid) and not store.claim_start(_row(1).jobid, 0)
+    assert store.clear_claims() == 1
+    assert store.claim_start(_row(1).jobid, 0)
+
+
+_FIRST_SCHEMA = """
+CREATE TABLE jobs (jobid TEXT PRIMARY KEY, backend TEXT NOT NULL, owner TEXT NOT NULL, name TEXT,
+    state TEXT NOT NULL, jobndx INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE idempotency (owner TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, jobid TEXT,
+    created REAL NOT NULL, PRIMARY KEY (owner, key));
+INSERT INTO jobs VALUES ('1700000001.001', 'default', 'u', 'n', 'completed', 1, 1.0, 2.0);
+INSERT INTO idempotency VALUES ('u', 'k', 'h', '1700000001.001', 1.0);
+"""
+
+
+def test_an_index_of_the_first_release_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(_FIRST_SCHEMA)
+    store = JobStore(path).open()
+    row = store.get("1700000001.001")
+    assert row is not None and row.state is JobState.completed
+    seen = store.claim_key("u", "k", "h", 5.0)
+    assert seen is not None and seen.jobid == "1700000001.001" and seen.settled  # answered back then
+    assert store.open_keys() == []
+    assert store.claim_start("1700000001.001", 1)
+
+
+@pytest.mark.parametrize("content", [b"not an index\n" * 500, b"SQLite format 3\x00" + b"\xff" * 8000])
+def test_a_corrupt_index_is_told_apart_and_moved_aside_with_its_wal(tmp_path: Path, content: bytes) -> None:
+    from psik_api_server.store import CorruptIndex
+
+    path = tmp_path / "index.sqlite"
+    path.write_bytes(content)
+    store = JobStore(path)
+    with pytest.raises(CorruptIndex):
+        store.open()
+    Path(f"{path}-wal").write_bytes(b"old wal")  # left over: replayed into a new index, it would harm
+    aside = store.move_aside(0.0)
+    assert aside.name.startswith("index.sqlite.corrupt-") and aside.read_bytes() == content
+    assert Path(f"{aside}-wal").read_bytes() == b"old wal"
+    assert not path.exists() and not Path(f"{path}-wal").exists()
+    store.open().put(_row(1))  # a new, empty index
+    assert store.count() == 1

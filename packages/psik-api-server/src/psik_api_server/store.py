@@ -2,7 +2,12 @@
 
 The job directories stay the source of truth (see ``reconcile``); the index only makes
 ``GET /v1/jobs`` cost O(page) instead of reading every job, and holds what psik has no
-place for: each job's owner and the Idempotency-Keys seen.
+place for: each job's owner, the Idempotency-Keys seen, and who is starting a job now.
+
+Changes that must happen once are conditional updates, atomic in SQLite even between
+processes sharing the file: taking a key (``claim_key``), taking a job's start
+(``claim_start``), and a state that only moves forward (``set_state`` never goes back
+to an earlier run).
 
 Every method is blocking: the JobService calls them from worker threads (one hop per
 request), never on the event loop. One connection serves all threads, behind a lock;
@@ -13,9 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import json
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state   TEXT NOT NULL,
     jobndx  INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    claim   TEXT  -- 'start' while a request submits the job (see claim_start)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (owner, state, created DESC, jobid DESC);
@@ -41,14 +50,37 @@ CREATE INDEX IF NOT EXISTS jobs_by_backend ON jobs (owner, backend, created DESC
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (owner, name, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_live ON jobs (state) WHERE state IN ('new', 'queued', 'active');
 CREATE TABLE IF NOT EXISTS idempotency (
-    owner     TEXT NOT NULL,
-    key       TEXT NOT NULL,
-    body_hash TEXT NOT NULL,
-    jobid     TEXT,
-    created   REAL NOT NULL,
+    owner       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    body_hash   TEXT NOT NULL,
+    jobid       TEXT,                       -- NULL until psik made the job
+    created     REAL NOT NULL,
+    settled     INTEGER NOT NULL DEFAULT 1, -- 0 until the request has been answered
+    submit      INTEGER NOT NULL DEFAULT 0, -- the request also submits the job
+    fingerprint TEXT,                       -- the spec psik will write (jobdir.fingerprint)
     PRIMARY KEY (owner, key)
 );
 """
+
+#: Columns added since the first release: an older index gets them at open. Rows it
+#: already has were settled when they got their job (the old servers settled at once).
+_ADDED = {
+    "jobs": {"claim": "TEXT"},
+    "idempotency": {
+        "settled": "INTEGER NOT NULL DEFAULT 1",
+        "submit": "INTEGER NOT NULL DEFAULT 0",
+        "fingerprint": "TEXT",
+    },
+}
+
+
+class CorruptIndex(sqlite3.DatabaseError):
+    """The index file is not a SQLite database, or SQLite finds it malformed."""
+
+
+def _is_corruption(e: sqlite3.DatabaseError) -> bool:
+    name = getattr(e, "sqlite_errorname", "")
+    return name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT")
 
 
 class BadCursor(ValueError):
@@ -82,8 +114,21 @@ class JobRow:
 @dataclass(frozen=True)
 class IdempotencyRecord:
     body_hash: str
-    jobid: str | None  # None while the first request is still being handled
+    jobid: str | None  # None until the first request has made its job
     created: float
+    settled: bool = True  # False until the first request has been answered
+
+
+@dataclass(frozen=True)
+class OpenKey:
+    """A key whose request was not answered: what a server that died left of it."""
+
+    owner: str
+    key: str
+    jobid: str | None
+    created: float
+    submit: bool
+    fingerprint: str | None
 
 
 def encode_cursor(row: JobRow) -> str:
@@ -126,7 +171,11 @@ class JobStore:
         self._lock = threading.RLock()
 
     def open(self) -> JobStore:
-        """Create (owner-only) or open the index file; idempotent. Returns self."""
+        """Create (owner-only) or open the index file; idempotent. Returns self.
+
+        Raises :class:`CorruptIndex` if the file is not a SQLite database or SQLite
+        finds it malformed (see :meth:`move_aside`); OSError or another sqlite3 error
+        if it cannot be opened at all."""
         with self._lock:
             if self._conn is not None:
                 return self
@@ -136,12 +185,48 @@ class JobStore:
                 # The index says who owns what: readable by the server's user only.
                 Path(path).touch(mode=0o600, exist_ok=True)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                # quick_check reads every page once (milliseconds for thousands of
+                # jobs): damage is found here, not by some request later.
+                verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if verdict != "ok":
+                    raise CorruptIndex("database disk image is malformed: " + " ".join(str(verdict).split())[:200])
+                conn.executescript(_SCHEMA)
+                _add_columns(conn)
+            except CorruptIndex:
+                conn.close()
+                raise
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                if _is_corruption(e):
+                    raise CorruptIndex(str(e)) from e
+                raise
             self._conn = conn
             return self
+
+    def move_aside(self, now: float | None = None) -> Path:
+        """Rename the (closed, corrupt) index file to ``<name>.corrupt-<time>``, with its
+        ``-wal``/``-shm`` files, so that :meth:`open` starts a new one. Returns the new name."""
+        with self._lock:
+            if self._conn is not None:
+                raise RuntimeError("close the index before moving it aside")
+            path = Path(self.path)
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(time.time() if now is None else now))
+            aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+            # The WAL goes with its file: left behind, it would be replayed into the new one.
+            for suffix in ("-wal", "-shm"):
+                side = Path(f"{path}{suffix}")
+                if side.exists():
+                    os.replace(side, f"{aside}{suffix}")
+            os.replace(path, aside)
+            return aside
 
     def close(self) -> None:
         with self._lock:
@@ -176,10 +261,11 @@ class JobStore:
 
     # ---- jobs ----
 
-    def put(self, row: JobRow) -> None:
-        """Insert or replace the row of ``row.jobid``."""
+    def put(self, row: JobRow, *, claim: bool = False) -> None:
+        """Insert or replace the row of ``row.jobid``; ``claim``: born with its start
+        claimed (see :meth:`claim_start`) by the request that creates and submits it."""
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.jobid,
                 row.backend,
@@ -189,6 +275,7 @@ class JobStore:
                 row.jobndx,
                 row.created,
                 row.updated,
+                "start" if claim else None,
             ),
         )
 
@@ -198,13 +285,46 @@ class JobStore:
         return None if r is None else _row(r)
 
     def set_state(self, jobid: str, state: JobState, jobndx: int, updated: float) -> bool:
-        """Record a job's derived state; True if anything changed."""
+        """Record a job's derived state; True if anything changed. A state read before
+        a later run was recorded (an older read finishing last) changes nothing: runs
+        only ever go forward, and a start claim relies on it."""
         cur = self._db.execute(
             "UPDATE jobs SET state = ?, jobndx = ?, updated = ? "
-            "WHERE jobid = ? AND (state != ? OR jobndx != ? OR updated != ?)",
-            (state.value, jobndx, updated, jobid, state.value, jobndx, updated),
+            "WHERE jobid = ? AND jobndx <= ? AND (state != ? OR jobndx != ? OR updated != ?)",
+            (state.value, jobndx, updated, jobid, jobndx, state.value, jobndx, updated),
         )
         return cur.rowcount > 0
+
+    # ---- start claims ----
+
+    def claim_start(self, jobid: str, jobndx: int) -> bool:
+        """Take the right to submit run ``jobndx + 1`` of a job that is new or final at run
+        ``jobndx`` in the index; False if another request holds it or the job moved on.
+        One UPDATE: of two starts, even from two processes, exactly one gets True."""
+        cur = self._db.execute(
+            "UPDATE jobs SET claim = 'start' WHERE jobid = ? AND claim IS NULL AND jobndx = ? "
+            "AND state IN ('new', 'completed', 'failed', 'canceled')",
+            (jobid, jobndx),
+        )
+        return cur.rowcount > 0
+
+    def release_start(
+        self, jobid: str, state: JobState | None = None, jobndx: int = 0, updated: float = 0.0
+    ) -> None:
+        """Give the claim back, recording the state the start left (one step, so no
+        other start sees the job startable between the two); ``state`` None: unknown."""
+        with self.transaction():
+            if state is not None:
+                self.set_state(jobid, state, jobndx, updated)
+            self._db.execute("UPDATE jobs SET claim = NULL WHERE jobid = ?", (jobid,))
+
+    def claimed(self, jobid: str) -> bool:
+        r = self._db.execute("SELECT claim FROM jobs WHERE jobid = ?", (jobid,)).fetchone()
+        return r is not None and r[0] is not None
+
+    def clear_claims(self) -> int:
+        """Forget every start claim (at start-up: their holder is dead); how many."""
+        return self._db.execute("UPDATE jobs SET claim = NULL WHERE claim IS NOT NULL").rowcount
 
     def delete(self, jobid: str) -> None:
         self._db.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
@@ -264,31 +384,90 @@ class JobStore:
 
     # ---- idempotency keys ----
 
-    def claim_key(self, owner: str, key: str, body_hash: str, now: float) -> IdempotencyRecord | None:
+    #
+    # A key goes: claimed (no job yet) -> linked to its job (``link_key``, in the same
+    # transaction as the job's row, before anything is submitted) -> settled once the
+    # request has its answer. A replay finds the job from the link on.
+
+    def claim_key(
+        self,
+        owner: str,
+        key: str,
+        body_hash: str,
+        now: float,
+        *,
+        submit: bool = False,
+        fingerprint: str | None = None,
+    ) -> IdempotencyRecord | None:
         """Claim ``key`` for a new request; the earlier record if it was seen before."""
         try:
             self._db.execute(
-                "INSERT INTO idempotency (owner, key, body_hash, jobid, created) VALUES (?, ?, ?, NULL, ?)",
-                (owner, key, body_hash, now),
+                "INSERT INTO idempotency (owner, key, body_hash, jobid, created, settled, submit, "
+                "fingerprint) VALUES (?, ?, ?, NULL, ?, 0, ?, ?)",
+                (owner, key, body_hash, now, int(submit), fingerprint),
             )
             return None
         except sqlite3.IntegrityError:
             r = self._db.execute(
-                "SELECT body_hash, jobid, created FROM idempotency WHERE owner = ? AND key = ?",
+                "SELECT body_hash, jobid, created, settled FROM idempotency WHERE owner = ? AND key = ?",
                 (owner, key),
             ).fetchone()
             return IdempotencyRecord(
-                body_hash=str(r[0]), jobid=None if r[1] is None else str(r[1]), created=float(r[2])
+                body_hash=str(r[0]),
+                jobid=None if r[1] is None else str(r[1]),
+                created=float(r[2]),
+                settled=bool(r[3]),
             )
 
-    def settle_key(self, owner: str, key: str, jobid: str) -> None:
+    def link_key(self, owner: str, key: str, jobid: str) -> None:
+        """Record the job ``key``'s request made (not settled: it has no answer yet)."""
         self._db.execute("UPDATE idempotency SET jobid = ? WHERE owner = ? AND key = ?", (jobid, owner, key))
+
+    def settle_key(self, owner: str, key: str, jobid: str) -> None:
+        """The request with ``key`` has its answer: ``jobid``."""
+        self._db.execute(
+            "UPDATE idempotency SET jobid = ?, settled = 1 WHERE owner = ? AND key = ?", (jobid, owner, key)
+        )
 
     def release_key(self, owner: str, key: str) -> None:
         """Forget a claim whose request made no job, so the client may retry it."""
         self._db.execute(
             "DELETE FROM idempotency WHERE owner = ? AND key = ? AND jobid IS NULL", (owner, key)
         )
+
+    def open_keys(self) -> builtins.list[OpenKey]:  # `list` here is the method above
+        """Keys whose request was not answered (at start-up: left by a server that died)."""
+        cur = self._db.execute(
+            "SELECT owner, key, jobid, created, submit, fingerprint FROM idempotency "
+            "WHERE settled = 0 OR jobid IS NULL"
+        )
+        return [
+            OpenKey(
+                owner=str(r[0]),
+                key=str(r[1]),
+                jobid=None if r[2] is None else str(r[2]),
+                created=float(r[3]),
+                submit=bool(r[4]),
+                fingerprint=None if r[5] is None else str(r[5]),
+            )
+            for r in cur
+        ]
+
+    def release_claims(self) -> int:
+        """Forget every claim that has no job yet (at start-up: its request is dead)."""
+        return self._db.execute("DELETE FROM idempotency WHERE jobid IS NULL").rowcount
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in _ADDED.items():
+        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns.items():
+            if name not in have:
+                try:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                except sqlite3.OperationalError as e:  # another process added it just now
+                    if "duplicate column" not in str(e):
+                        raise
 
 
 class _Locked:
