@@ -82,12 +82,16 @@ async def test_bad_bodies_are_422_naming_the_field(
     assert (await http.get("/v1/jobs")).json()["items"] == []  # nothing was created
 
 
+#: A body without a JSON Content-Type is refused (415) before it is read.
+JSON = {"Content-Type": "application/json"}
+
+
 async def test_unparseable_and_non_object_bodies(http: httpx.AsyncClient) -> None:
     # The seed README's own example had a trailing comma.
-    r = await http.post("/v1/jobs/new", content=b'{"script": "cat data.txt",}')
+    r = await http.post("/v1/jobs/new", content=b'{"script": "cat data.txt",}', headers=JSON)
     assert "JSON" in str(_problem(r, 400, "bad_request")["detail"])
-    _problem(await http.post("/v1/jobs", content=b"[1, 2]"), 422, "validation_error")
-    _problem(await http.post("/v1/jobs", content=b"\xff\xfe"), 400, "bad_request")
+    _problem(await http.post("/v1/jobs", content=b"[1, 2]", headers=JSON), 422, "validation_error")
+    _problem(await http.post("/v1/jobs", content=b"\xff\xfe", headers=JSON), 400, "bad_request")
 
 
 async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
@@ -100,11 +104,11 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
         yield body[:1000]
         yield body[1000:]
 
-    r = await http.post("/v1/jobs", content=chunks())
+    r = await http.post("/v1/jobs", content=chunks(), headers=JSON)
     _problem(r, 413, "too_large")
     fits = json.dumps({"script": "x" * (LIMITS.max_body_bytes - 100)}).encode()
     assert len(fits) <= LIMITS.max_body_bytes
-    assert (await http.post("/v1/jobs/new", content=fits)).status_code == 201
+    assert (await http.post("/v1/jobs/new", content=fits, headers=JSON)).status_code == 201
 
 
 async def test_list_limits_are_cores(http: httpx.AsyncClient) -> None:

@@ -60,7 +60,8 @@ async def test_responses_match_the_document(http: httpx.AsyncClient) -> None:
         await http.get("/v1/jobs/x.y"),  # 422
         await http.get("/v1/jobs", params={"limit": 0}),  # 422
         await http.post("/v1/jobs", json={"script": "true", "backend": "nope"}),  # 422
-        await http.post("/v1/jobs", content=b"{"),  # 400
+        await http.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"}),  # 400
+        await http.post("/v1/jobs", content=b"{}", headers={"Content-Type": "text/plain"}),  # 415
         await http.post("/v1/jobs", json={"script": "#!/no/such/shell\n"}),  # 502
         await http.get("/v1/backends"),
         await http.get("/v1/backends/default"),
@@ -68,7 +69,7 @@ async def test_responses_match_the_document(http: httpx.AsyncClient) -> None:
         await http.get("/healthz"),
     ]
     assert [r.status_code for r in responses] == [
-        201, 201, 409, 200, 200, 200, 200, 200, 204, 404, 422, 422, 422, 400, 502, 200, 200, 404, 200,
+        201, 201, 409, 200, 200, 200, 200, 200, 204, 404, 422, 422, 422, 400, 415, 502, 200, 200, 404, 200,
     ]  # fmt: skip
     for r in responses:
         _check(doc, r)

@@ -25,9 +25,10 @@ from .docs import docs_html
 from .errors import StartupError
 from .launcher import LocalLauncher
 from .openapi import build_openapi
+from .peer import PeerLookup
 from .problems import EXCEPTION_HANDLERS, CatchAll
 from .routes import build_routes
-from .security import LocalOnly
+from .security import LocalLifespan, LocalOnly, LocalSecrets
 from .service import JobService
 from .settings import Settings
 from .store import JobStore
@@ -80,11 +81,19 @@ def create_app(
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
-        middleware=[Middleware(LocalOnly), Middleware(CatchAll)],
+        # LocalLifespan: the prefix is private before start-up, secrets go at shutdown;
+        # CatchAll outside LocalOnly, so that a failing check is a 500 problem too.
+        middleware=[
+            Middleware(LocalLifespan, settings=settings),
+            Middleware(CatchAll),
+            Middleware(LocalOnly),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.service = service
     app.state.startup_error = None
+    app.state.peer_lookup = PeerLookup()  # who is calling (security.LocalOnly)
+    app.state.local_secrets = LocalSecrets()  # where no uid can be told
     return app

@@ -1,25 +1,65 @@
-"""Who is calling: authentication for ``authz: local``.
+"""Who may call: ``authz: local``, the server that is the user's own.
 
-In local mode the server is the user's own: it answers only connections from the
-loopback interface or a UNIX socket, and every caller is ``local:psik_api``. The peer
-address comes from the connection (``scope["client"]``) alone; ``X-Forwarded-For``,
-``Forwarded`` and ``X-Real-IP`` are never read, so no header can make a remote caller
-look local.
+Every request passes :class:`LocalOnly`, which refuses, in this order:
+
+1. a request that reached a socket listening on a public address (403; ``psik-api-server
+   serve`` refuses to listen there at all, ``uvicorn --host 0.0.0.0`` is refused here)
+   or that comes from another host (403);
+2. a ``Host`` that is not a loopback name: ``localhost``, ``127.0.0.0/8`` or ``[::1]``,
+   any port (403: DNS rebinding), and an ``Origin`` that is not the server's own
+   ``scheme://Host`` (403: a page in the user's browser);
+3. a caller that is another user (403). Over a UNIX socket the kernel says who it is
+   (``SO_PEERCRED``); over loopback TCP, the owner of the client's socket (see
+   ``peer``). Where that cannot be told (a system without those tables, e.g. macOS),
+   the request must carry the local secret (401 otherwise; see :class:`LocalSecrets`);
+4. a body a browser form could send without a preflight (``text/plain``, urlencoded,
+   multipart) on any route, and any body that is not JSON (``application/json`` or
+   ``*/*+json``): 415. Every route takes JSON or nothing (file uploads will add theirs).
+
+No CORS headers are ever sent. Forwarded headers (``X-Forwarded-For``, ``Forwarded``,
+``X-Real-IP``) are never read: the peer is the connection's own.
+
+Which connections: uvicorn's connections carry their socket (see
+``peer.install_uvicorn_hook``) and get every check. A request with no socket behind it
+comes from an in-process ASGI transport (``httpx.ASGITransport``, starlette's
+``TestClient``): code already running in the server's own process, as its owner, so
+it gets no uid and no Host check (its Host is a made-up name like ``testserver``); the
+other checks apply. A request is taken as in-process only when it carries no connection
+*and* its ``scope["server"]`` is a host name: a real socket reports an IP address or a
+socket path there, and such a request without a connection (another ASGI server) is
+checked as a real one: a lookup per request over TCP, refused over a UNIX socket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import ipaddress
+import json
+import logging
+import os
+import pwd
+import re
+import secrets
+import stat
+from pathlib import Path
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psik_api_core import LOCAL_USER, Principal, ProblemCode
 
-from .errors import ApiError
+from .errors import ApiError, StartupError
+from .peer import Connection, PeerLookup, connection_of, install_uvicorn_hook
 from .problems import problem_response
+from .settings import Settings, default_data_dir
+
+_logger = logging.getLogger(__name__)
 
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER)
+
+#: The request header carrying the local secret (not Authorization: tokens will use it).
+SECRET_HEADER = "Psik-Local-Secret"  # noqa: S105 - a header's name, not a secret
 
 
 def is_loopback_host(host: str) -> bool:
@@ -41,24 +81,401 @@ def is_local_connection(scope: Scope) -> bool:
     return is_loopback_host(str(client[0]))
 
 
+_PORT = re.compile(r"(:[0-9]{1,5})?")
+
+
+def is_loopback_authority(host: str) -> bool:
+    """A ``Host`` header naming this machine by a name no DNS answer can change:
+    ``localhost``, an IPv4 loopback address, ``[::1]``; with any port or none."""
+    host = host.lower()
+    if host.startswith("["):
+        name, bracket, port = host[1:].partition("]")
+        if not bracket or not _PORT.fullmatch(port):
+            return False
+        try:
+            return ipaddress.IPv6Address(name).is_loopback
+        except ValueError:
+            return False
+    name, _, port = host.partition(":")
+    if not _PORT.fullmatch(host[len(name) :]):
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _made_up(server: object) -> bool:
+    """Whether ``scope["server"]`` names no socket: a host name (``testserver``), where a
+    real socket reports an IP address, a UNIX socket's path, or nothing."""
+    if not isinstance(server, tuple | list) or not server:
+        return False
+    host = str(server[0])
+    return _ip(host) is None and not host.startswith("/")
+
+
+# ---- the local secret: who the caller is, where the uid cannot be told ----
+
+
+def runtime_dir() -> Path:
+    """Where local secrets live: ``$XDG_RUNTIME_DIR/psik_api``, else
+    ``$XDG_DATA_HOME/psik_api/runtime`` (``~/.local/share/psik_api/runtime``). The
+    client looks in both (``psik_api_client._local_secret``)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "psik_api"
+    return default_data_dir() / "runtime"
+
+
+class LocalSecrets:
+    """The secret a caller over loopback TCP shows when its uid cannot be told
+    (Jupyter's way, made invisible: the client finds it by itself).
+
+    One secret per listening port, made at the first request that needs it, as
+    ``local-PORT.json`` (``{"port", "pid", "secret"}``, mode 0600, in a 0700
+    directory); it is a new random secret for every server run, so the file a killed
+    server left behind is worthless to whoever listens on that port next, and it is
+    removed when the server stops.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or runtime_dir()
+        self._secrets: dict[int, str] = {}
+
+    def path(self, port: int) -> Path:
+        return self.directory / f"local-{port}.json"
+
+    def secret(self, port: int) -> str:
+        """This run's secret for ``port``, written to :meth:`path` the first time."""
+        if port not in self._secrets:
+            secret = secrets.token_urlsafe(32)
+            self._write(port, secret)
+            self._secrets[port] = secret
+        return self._secrets[port]
+
+    def check(self, port: int, given: bytes | None) -> bool:
+        """Whether ``given`` is the secret for ``port`` (a constant-time compare)."""
+        expected = self.secret(port).encode()
+        return given is not None and hmac.compare_digest(given, expected)
+
+    def _write(self, port: int, secret: str) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.path(port)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, json.dumps({"port": port, "pid": os.getpid(), "secret": secret}).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def remove_all(self) -> None:
+        """Remove the files this run wrote (those still holding its secret)."""
+        for port, secret in self._secrets.items():
+            with contextlib.suppress(OSError, ValueError):
+                path = self.path(port)
+                if json.loads(path.read_text(encoding="utf-8")).get("secret") == secret:
+                    path.unlink()
+        self._secrets.clear()
+
+
+# ---- the checks ----
+
+_FORM_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+_NAME = r"[a-z0-9!#$&^_.+-]+"  # RFC 6838 type and subtype names
+_JSON_TYPE = re.compile(rf"application/json|{_NAME}/{_NAME}\+json")
+
+
+def _media_type(value: str | None) -> str | None:
+    return None if value is None else value.split(";", 1)[0].strip().lower()
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    length = headers.get("content-length")
+    return "transfer-encoding" in headers or (length is not None and length.strip() not in ("", "0"))
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class LocalOnly:
-    """Pure ASGI middleware refusing every request that does not come from this host."""
+    """Pure ASGI middleware: the checks of the module doc, before anything else runs.
+
+    The peer lookup and the local secrets are the app's (``app.state.peer_lookup``,
+    ``app.state.local_secrets``; tests swap them). Building it hooks uvicorn's
+    protocols (idempotent), so every connection uvicorn accepts carries its socket."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        install_uvicorn_hook()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not is_local_connection(scope):
-            client = scope.get("client")
-            who = client[0] if client else "?"
-            err = ApiError(
-                ProblemCode.forbidden, f"this server (authz: local) serves only this host; {who} is not local"
-            )
-            await problem_response(err, scope.get("path"))(scope, receive, send)
+        if scope["type"] == "websocket":  # there are no websocket routes
+            await send({"type": "websocket.close", "code": 1008})
             return
+        if scope["type"] == "http":
+            error = self.refusal(scope)
+            if error is not None:
+                await problem_response(error, scope.get("path"))(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> ApiError | None:
+        """Why this request is refused, or None."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        conn = connection_of(scope)
+        in_process = conn is None and _made_up(scope.get("server"))
+        if in_process:
+            error = self._peer_address(scope.get("client"))
+        else:
+            error = self._socket(conn, scope) or self._host(headers.get("host"))
+        error = error or self._origin(scope, headers)
+        if error is None and not in_process:
+            error = self._caller(conn, scope, headers)
+        return error or self._body(scope, headers)
+
+    @staticmethod
+    def _peer_address(client: tuple[str, int] | None) -> ApiError | None:
+        if client is None or is_loopback_host(str(client[0])):
+            return None
+        return ApiError(
+            ProblemCode.forbidden,
+            f"this server (authz: local) serves only this host; {client[0]} is not local",
+        )
+
+    def _socket(self, conn: Connection | None, scope: Scope) -> ApiError | None:
+        """The socket's own ends: it must listen on loopback (or be a UNIX socket) and
+        the peer must be on this host. Forwarded headers change neither."""
+        if conn is not None:
+            local, peer = conn.local, conn.peer
+            if conn.is_unix:
+                return None
+        else:
+            local, peer = scope.get("server"), scope.get("client")
+        ip = _ip(str(local[0])) if isinstance(local, tuple | list) and local else None
+        if ip is not None and not ip.is_loopback:
+            return ApiError(
+                ProblemCode.forbidden,
+                f"this server (authz: local) listens on {ip}, which is not loopback; "
+                "it serves only 127.0.0.1, ::1 or a UNIX socket (run `psik-api-server serve`)",
+            )
+        if isinstance(peer, tuple | list) and peer:
+            return self._peer_address((str(peer[0]), int(peer[1])))
+        return None
+
+    @staticmethod
+    def _host(host: str | None) -> ApiError | None:
+        if host is not None and is_loopback_authority(host):
+            return None
+        said = "no Host header" if host is None else f"Host {host!r}"
+        return ApiError(
+            ProblemCode.forbidden,
+            f"{said} is not this machine's loopback name; this server (authz: local) answers "
+            "only requests for localhost, 127.0.0.1 or [::1]",
+        )
+
+    @staticmethod
+    def _origin(scope: Scope, headers: dict[str, str]) -> ApiError | None:
+        origin = headers.get("origin")
+        if origin is None:
+            return None
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()
+        if origin.lower() == own:
+            return None
+        return ApiError(
+            ProblemCode.forbidden,
+            f"a request from the web page at Origin {origin!r} is refused: this server "
+            "(authz: local) answers only its own pages and non-browser clients",
+        )
+
+    def _caller(self, conn: Connection | None, scope: Scope, headers: dict[str, str]) -> ApiError | None:
+        """The caller must be the server's own uid (or show the secret where no uid can
+        be told over TCP)."""
+        state = scope["app"].state
+        lookup: PeerLookup = state.peer_lookup
+        me = os.geteuid()
+        if conn is not None:
+            uid = conn.peer_uid(lookup)
+            unix = conn.is_unix
+            local = conn.local
+        else:  # a server that does not tell us its connection: one lookup per request
+            local, client = scope.get("server"), scope.get("client")
+            unix = not (isinstance(local, tuple | list) and _ip(str(local[0])) is not None)
+            tcp = not unix and isinstance(client, tuple | list) and isinstance(local, tuple | list)
+            uid = lookup.tcp_uid(tuple(client), tuple(local)) if tcp else None  # type: ignore[arg-type]
+        if uid == me:
+            return None
+        if uid is not None:
+            return ApiError(
+                ProblemCode.forbidden,
+                f"this server (authz: local) serves only its owner, {_user(me)}; the caller is {_user(uid)}",
+            )
+        if unix or not isinstance(local, tuple | list):
+            return ApiError(
+                ProblemCode.forbidden,
+                "this server (authz: local) cannot tell which user is calling over this socket; "
+                "serve it with `psik-api-server serve --uds PATH`",
+            )
+        secrets_: LocalSecrets = state.local_secrets
+        port = int(local[1])
+        given = headers.get(SECRET_HEADER.lower())
+        try:
+            if secrets_.check(port, None if given is None else given.encode("latin-1")):
+                return None
+        except OSError as e:
+            return ApiError(
+                ProblemCode.forbidden,
+                "this server (authz: local) cannot tell which user is calling here, and cannot write "
+                f"the local secret to {secrets_.path(port)}: {e.strerror}",
+            )
+        return ApiError(
+            ProblemCode.unauthorized,
+            f"this server (authz: local) cannot tell which user is calling here; send the secret "
+            f"in {secrets_.path(port)} as the {SECRET_HEADER} header (psik-api-client does this by itself)",
+            headers={"WWW-Authenticate": f'{SECRET_HEADER} realm="psik-api"'},
+        )
+
+    @staticmethod
+    def _body(scope: Scope, headers: dict[str, str]) -> ApiError | None:
+        media = _media_type(headers.get("content-type"))
+        if media in _FORM_TYPES:  # what a browser form sends without a preflight
+            said = f"a {media} body"
+        elif _has_body(headers) and (media is None or not _JSON_TYPE.fullmatch(media)):
+            said = f"a {media} body" if media else "a body with no Content-Type"
+        else:
+            return None
+        return ApiError(
+            ProblemCode.unsupported_media_type,
+            f"{scope.get('method')} {scope.get('path')} takes JSON "
+            f"(Content-Type: application/json), not {said}",
+        )
 
 
 def principal(request: Request) -> Principal:
     """The caller. Local mode: everyone who got past :class:`LocalOnly` is the user."""
     return LOCAL_PRINCIPAL
+
+
+# ---- the prefix is the owner's alone ----
+
+
+def _access(mode: int) -> str:
+    who = [name for bits, name in ((0o070, "your group"), (0o007, "other users")) if mode & bits]
+    return " and ".join(who)
+
+
+def check_private_dir(path: Path, what: str = "prefix") -> None:
+    """Refuse (:class:`StartupError`) a directory that is not the owner's alone, as ssh's
+    StrictModes does: ``path`` must belong to this uid with no group or other access,
+    and no directory above it may be writable by every user (who could swap it for
+    their own) unless it is sticky (``/tmp``). A directory above that only a group may
+    write, or that belongs to another user (a project directory, often), is logged as a
+    warning: its members could do the same. Nothing is checked if ``path`` does not exist
+    yet (the backend creates it 0700). The message names the mode and the fix."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StartupError(f"{what} {path}: cannot be read: {e.strerror}") from None
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise StartupError(
+            f"{what} {path} belongs to {_user(st.st_uid)}, not to you ({_user(me)}): "
+            "its owner controls your jobs' scripts; use a prefix of your own"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StartupError(
+            f"{what} {path} is mode {mode:04o}: {_access(mode)} can reach your jobs' scripts and "
+            f"secrets; chmod 700 {path}"
+        )
+    for parent in path.resolve().parents:
+        try:
+            pst = parent.stat()
+        except OSError:
+            continue
+        pmode = stat.S_IMODE(pst.st_mode)
+        if pmode & stat.S_ISVTX:
+            continue  # only a file's owner may rename it there
+        if pmode & 0o002:
+            raise StartupError(
+                f"{what} {path} is inside {parent}, which is mode {pmode:04o}: any user could "
+                f"replace your {what}; chmod o-w {parent}, or use a {what} in a directory only you can write"
+            )
+        if pmode & 0o020 or pst.st_uid not in (me, 0):
+            who = "its group" if pmode & 0o020 else _user(pst.st_uid)
+            _logger.warning(
+                "%s %s is inside %s (mode %04o, %s): %s could replace your %s",
+                what, path, parent, pmode, _user(pst.st_uid), who, what,
+            )  # fmt: skip
+            return  # one warning: the directories above it matter no more
+
+
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a file (the index) that others can read: the mode and the fix."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise StartupError(f"{what} {path} is mode {mode:04o}: {_access(mode)} can read it; chmod 600 {path}")
+
+
+class LocalLifespan:
+    """Pure ASGI middleware on the lifespan: before the app starts, the prefix and the
+    index must be the owner's alone (:func:`check_private_dir`), so that also
+    ``uvicorn psik_api_server.main:app`` refuses a shared prefix; when the app stops,
+    the local secrets it wrote are removed. A refusal is ``lifespan.startup.failed``
+    with the one-line reason (also kept in ``app.state.startup_error``) and the
+    :class:`StartupError` raised."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        first = await receive()
+        if first["type"] == "lifespan.startup":
+            try:
+                check_private_dir(self.settings.prefix)
+                check_private_file(self.settings.database_path, "index")
+            except StartupError as e:
+                scope["app"].state.startup_error = e
+                # As starlette's own lifespan: say it failed, then raise (uvicorn stops
+                # on the first, asgi_lifespan on the second).
+                await send({"type": "lifespan.startup.failed", "message": str(e)})
+                raise
+        pending: list[Message] = [first]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        async def cleanup(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                with contextlib.suppress(AttributeError):
+                    scope["app"].state.local_secrets.remove_all()
+            await send(message)
+
+        await self.app(scope, replay, cleanup)
