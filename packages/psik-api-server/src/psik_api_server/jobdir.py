@@ -3,12 +3,20 @@
 A job directory (``prefix/<jobid>/``) holds ``spec.json`` and ``status.csv`` (rows of
 ``time,jobndx,state,info``). These readers never raise on a malformed row: psik writes
 without validation, so a bad row is skipped and logged, never a 500.
+
+psik's create is not atomic: it makes ``<jobid>/``, ``work/``, ``log/``, writes
+``spec.json`` and then the first row of ``status.csv``. A server killed part-way leaves
+a directory that is no job yet (:func:`half_created`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +107,82 @@ def list_jobids(prefix: Path) -> set[str]:
             return {e.name for e in it if is_jobid(e.name) and e.is_dir(follow_symlinks=False)}
     except FileNotFoundError:
         return set()
+
+
+def read_job_settled(base: Path, timeout: float = 10.0) -> JobFiles:
+    """:func:`read_job`, once no psik submit of this job is under way: psik holds an
+    exclusive flock on status.csv from before it runs the backend until the ``queued``
+    row is written, so a job read ``new`` here was not being submitted. TimeoutError
+    (an OSError) if a submit holds it longer than ``timeout`` seconds."""
+    with open(base / "status.csv", "rb") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{base.name}: status.csv stays locked by a submit") from None
+                time.sleep(0.05)
+        try:
+            return read_job(base)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fingerprint(spec: JobSpec, base: Path | None = None) -> str:
+    """A digest of the spec psik writes to a job's spec.json, equal whether it is taken
+    from a request (with the backend's attributes merged in, as psik merges them) or read
+    back from the job directory ``base`` (where the default ``base/work`` stands for no
+    directory given). It lets start-up recognise the directory of a request that died
+    before the index knew its jobid."""
+    if base is not None and spec.directory == str(base / "work"):
+        spec = spec.model_copy(update={"directory": None})
+    doc = spec.model_dump(mode="json")
+    doc["cb_secret"] = spec.cb_secret.get_secret_value() if spec.cb_secret else None
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+#: What psik's create puts in a job directory before its first status row.
+_CREATE_MAKES = frozenset({"spec.json", "status.csv", "work", "log"})
+
+
+def half_created(base: Path) -> bool:
+    """True if ``base`` is a directory psik's create was stopped in: no complete status
+    row, and nothing but what create makes (empty ``work/`` and ``log/``, a spec.json).
+    A directory holding anything of a job's own is never one, whatever it lacks."""
+    try:
+        status = (base / "status.csv").read_bytes()
+    except FileNotFoundError:
+        status = b""
+    except OSError:
+        return False
+    if b"\n" in status:  # psik writes its first row, newline included, in one write
+        return False
+    try:
+        with os.scandir(base) as it:
+            entries = list(it)
+        if any(e.name not in _CREATE_MAKES for e in entries):
+            return False
+        for e in entries:
+            if e.name in {"work", "log"}:
+                if not e.is_dir(follow_symlinks=False):
+                    return False
+                with os.scandir(e.path) as inner:
+                    if next(inner, None) is not None:
+                        return False
+    except OSError:
+        return False
+    return True
+
+
+def age(base: Path) -> float:
+    """Seconds since anything in ``base`` (one level deep) last changed."""
+    newest = base.stat().st_mtime
+    with os.scandir(base) as it:
+        for e in it:
+            try:
+                newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                continue
+    return time.time() - newest
