@@ -4,6 +4,19 @@ It ties the index (:class:`JobStore`), psik (:class:`PsikBackend`) and the
 :class:`StatusWatcher` together, and enforces what psik does not: legal transitions
 (no double start, a final job stays final), ownership, and idempotent creation.
 
+Never lose a job, never run one twice:
+
+* a job is submitted only under a start claim taken in the index by one conditional
+  UPDATE (``JobStore.claim_start``), so two starts never both run, even from two
+  processes; a create-and-submit's job is born claimed;
+* an Idempotency-Key is claimed first, linked to its job in the same transaction as the
+  job's index row (before any submit), and settled only once the answer is ready. A
+  replay finds the job from the link on; while the first request still runs (this
+  process knows which do) it is told to retry; a replay of a submit whose job is still
+  ``new`` (its request stopped short) submits it;
+* at start-up (``reconcile``) what a dead server left is finished: a keyed
+  create-and-submit whose job is still ``new`` is submitted, claims are released.
+
 Its life is the app's lifespan: :meth:`open` opens the index and psik, reconciles the
 index with the job directories, and starts the watcher, the liveness loop and the
 launcher; :meth:`aclose` stops them. Nothing here blocks the event loop: the index,
@@ -55,7 +68,7 @@ from .backend import PsikBackend, SubmitError
 from .errors import ApiError, StartupError
 from .liveness import vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
-from .store import BadCursor, JobRow, JobStore
+from .store import BadCursor, CorruptIndex, IdempotencyRecord, JobRow, JobStore, OpenKey
 from .watcher import Change, StatusWatcher
 
 _logger = logging.getLogger(__name__)
@@ -63,8 +76,9 @@ _logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: An Idempotency-Key claimed this long ago by a request that never finished (a crashed
-#: server) no longer blocks retries.
+#: An Idempotency-Key claimed this long ago, by a request that is not one of this
+#: server's (its claims are released at start-up, but the index may be shared), no
+#: longer blocks retries.
 STALE_CLAIM_SECONDS = 300.0
 
 
@@ -107,12 +121,16 @@ class JobService:
         # One lock per job being started/cancelled/purged; weak, so that locks of jobs
         # nobody is touching do not pile up in a long-running server.
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # (owner, key) of the keyed requests this process is handling now: a replay of
+        # one of them is told to retry; any other unanswered key was abandoned.
+        self._inflight: set[tuple[str, str]] = set()
 
     # ---- lifecycle (the app's lifespan) ----
 
     async def open(self) -> None:
-        """Open the index and psik, reconcile, and start following jobs."""
-        done = await in_thread(self._open_sync)
+        """Open the index and psik, reconcile, finish what a dead server left, and start
+        following jobs."""
+        done, corrupt = await in_thread(self._open_sync)
         _logger.info(
             "index: %d jobs (%d imported from %s, %d removed, %d refreshed)",
             await in_thread(self.store.count),
@@ -121,23 +139,70 @@ class JobService:
             done.removed,
             done.refreshed,
         )
+        if corrupt is not None:
+            why, aside = corrupt
+            _logger.warning(
+                "the job index was corrupt (%s): moved it to %s and rebuilt it from the %d job "
+                "directories; lost: job owners (every job now belongs to %s) and Idempotency-Keys "
+                "(a retried request with an old key makes a new job)",
+                why,
+                aside,
+                done.imported,
+                self.import_owner,
+            )
         for jobid, status_csv in done.live:
             self.watcher.follow(jobid, status_csv)
         self.watcher.start()
         self.backend.warm_up()
+        await self._resume(done.pending)
         self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop(), name="liveness")
 
-    def _open_sync(self) -> Reconciled:
+    def _open_sync(self) -> tuple[Reconciled, tuple[str, Path] | None]:
+        """Open psik and the index and reconcile; also what a corrupt index was and
+        where it went, if it had to be rebuilt."""
         try:
             self.backend.open()
         except OSError as e:
             raise StartupError(f"cannot use the job prefix {self.backend.prefix}: {e}") from e
+        corrupt: tuple[str, Path] | None = None
         try:
-            self.store.open()
+            try:
+                self.store.open()
+            except CorruptIndex as e:
+                # The job directories are the truth: rebuild from them rather than refuse
+                # to start (what only the index knew is said in the warning).
+                corrupt = (str(e), self.store.move_aside(self.clock()))
+                self.store.open()
         except (OSError, sqlite3.Error) as e:
             raise StartupError(f"cannot open the job index {self.store.path}: {e}") from e
         self.directory_roots = [Path(p).expanduser().resolve() for p in self._roots]
-        return reconcile(self.store, self.backend.prefix, self.import_owner)
+        return reconcile(self.store, self.backend.prefix, self.import_owner), corrupt
+
+    async def _resume(self, pending: list[OpenKey]) -> None:
+        """Finish the keyed requests a dead server left unanswered: submit the job of a
+        create-and-submit that is still ``new``, then settle the key.
+
+        Such a job never ran: psik writes its ``queued`` row under a flock on status.csv
+        as it submits, and the job is read under that flock (``read_job_settled``), so a
+        submit the dead server's launcher was still making is seen, not repeated. Its
+        client gets this job on retry, and it runs once even if the client never retries.
+        A job of a request *without* a key is left as it is (``new``): its client has no
+        way to tell it from the one its retry makes, so running it could run the work twice."""
+        submitted: list[str] = []
+        for k in pending:
+            assert k.jobid is not None
+            try:
+                if k.submit and await self._submit_if_new(k.jobid):
+                    submitted.append(k.jobid)
+            except Exception as e:  # one job must not keep the others (or the server) down
+                _logger.warning("job %s: not submitted at start-up: %s", k.jobid, e)
+            await in_thread(self.store.settle_key, k.owner, k.key, k.jobid)
+        if submitted:
+            _logger.info(
+                "submitted %d job(s) a stopped server had created but not yet submitted: %s",
+                len(submitted),
+                ", ".join(submitted),
+            )
 
     async def aclose(self) -> None:
         """Stop the liveness loop, the watcher and the launcher; close the index."""
@@ -199,19 +264,56 @@ class JobService:
             raise ApiError(ProblemCode.forbidden, f"not allowed to {action.value} job {jobid}")
         return row
 
-    def _refresh(self, jobid: str) -> jobdir.JobFiles | None:
+    def _refresh(
+        self, jobid: str, read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job
+    ) -> jobdir.JobFiles | None:
         """Re-read a job's directory and update its index row."""
         try:
-            files = jobdir.read_job(self.backend.path(jobid))
+            files = read(self.backend.path(jobid))
         except (OSError, ValueError):
             return None
         state, jobndx = files.state
         self.store.set_state(jobid, state, jobndx, files.updated)
         return files
 
-    def _owned_refreshed(self, principal: Principal, jobid: str) -> jobdir.JobFiles | None:
-        self._owned(principal, jobid, Action.write)
-        return self._refresh(jobid)
+    def _release_start_sync(self, jobid: str) -> None:
+        """Give back a start claim, with the state the start left."""
+        try:
+            files = jobdir.read_job(self.backend.path(jobid))
+        except (OSError, ValueError):
+            self.store.release_start(jobid)
+            return
+        state, jobndx = files.state
+        self.store.release_start(jobid, state, jobndx, files.updated)
+
+    def _purgeable_sync(self, principal: Principal, jobid: str) -> bool:
+        """Whether a purge has a directory to remove (False: only the index row is
+        left); a 409 unless the job is final and nobody is starting it."""
+        row = self._owned(principal, jobid, Action.write)
+        if not os.path.lexists(self.backend.path(jobid)):
+            return False
+        files = self._refresh(jobid)
+        if files is None:
+            # Unreadable is not final: the job may still run, and purging would lose it.
+            raise ApiError(
+                ProblemCode.conflict,
+                f"job {jobid}'s state cannot be read from its directory; not purging it",
+                jobid=jobid,
+                state=row.state.value,
+            )
+        state = files.state[0]
+        if not state.is_final:
+            raise ApiError(
+                ProblemCode.conflict,
+                f"job {jobid} is {state.value}; cancel it before purging it",
+                jobid=jobid,
+                state=state.value,
+            )
+        if self.store.claimed(jobid):
+            raise ApiError(
+                ProblemCode.conflict, f"job {jobid} is being started", jobid=jobid, state=state.value
+            )
+        return True
 
     def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
         """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable."""
@@ -220,6 +322,11 @@ class JobService:
         if files is None:
             raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
         return owner, files
+
+    def _fingerprint(self, spec: JobSpec) -> str:
+        """``jobdir.fingerprint`` of the spec.json psik will write for ``spec``."""
+        attributes = {**self.backend.settings[spec.backend].attributes, **spec.attributes}
+        return jobdir.fingerprint(spec.model_copy(update={"attributes": attributes}))
 
     def _check_spec(self, spec: JobSpec) -> JobSpec:
         """``spec`` if this server can run it (with ``directory`` resolved), else a 4xx.
@@ -289,35 +396,45 @@ class JobService:
         (False when an Idempotency-Key replays an earlier request)."""
         if not self.policy.allows(principal, Action.create, None, None):
             raise ApiError(ProblemCode.forbidden, "not allowed to create jobs")
-        spec, replay = await in_thread(self._prepare_sync, principal, spec, submit, idempotency_key)
+        key = idempotency_key
+        spec, replay = await in_thread(self._prepare_sync, principal, spec, submit, key)
         if replay is not None:
-            return await self.get(principal, replay), False
+            assert key is not None
+            return await self._replay(principal, replay, submit, key), False
         try:
-            job = await self._create(principal, spec, submit, idempotency_key)
-        except SubmitError:
-            raise  # the job exists (failed) and the key is settled to it
-        except BaseException:
-            if idempotency_key is not None:
-                with anyio.CancelScope(shield=True):
-                    await in_thread(self.store.release_key, principal.user, idempotency_key)
-            raise
-        return job, True
+            return await self._create(principal, spec, submit, key), True
+        finally:
+            if key is not None:
+                self._inflight.discard((principal.user, key))
 
     def _prepare_sync(
         self, principal: Principal, spec: JobSpec, submit: bool, key: str | None
     ) -> tuple[JobSpec, str | None]:
         """The checked spec, and the job an earlier request with ``key`` made (if any);
-        claims ``key`` for this request otherwise."""
+        claims ``key`` for this request otherwise (and counts it in flight)."""
         spec = self._check_spec(spec)
         if key is None:
             return spec, None
         digest = body_hash(spec, submit)
+        mine = (principal.user, key)
         now = self.clock()
-        seen = self.store.claim_key(principal.user, key, digest, now)
-        if seen is not None and seen.jobid is None and now - seen.created > STALE_CLAIM_SECONDS:
+
+        def claim() -> IdempotencyRecord | None:
+            return self.store.claim_key(
+                principal.user, key, digest, now, submit=submit, fingerprint=self._fingerprint(spec)
+            )
+
+        seen = claim()
+        if (
+            seen is not None
+            and seen.jobid is None
+            and mine not in self._inflight
+            and now - seen.created > STALE_CLAIM_SECONDS
+        ):
             self.store.release_key(principal.user, key)
-            seen = self.store.claim_key(principal.user, key, digest, now)
+            seen = claim()
         if seen is None:
+            self._inflight.add(mine)  # before the key is linked, so a replay sees it
             return spec, None
         if seen.body_hash != digest:
             raise ApiError(
@@ -325,7 +442,7 @@ class JobService:
                 "this Idempotency-Key was used for a different request; use a new key",
                 errors=[field_error(["header", "Idempotency-Key"], "reused with another body")],
             )
-        if seen.jobid is None:
+        if seen.jobid is None or mine in self._inflight:
             raise ApiError(
                 ProblemCode.idempotency_in_flight,
                 "a request with this Idempotency-Key is still being handled; retry shortly",
@@ -334,19 +451,86 @@ class JobService:
         return spec, seen.jobid
 
     async def _create(self, principal: Principal, spec: JobSpec, submit: bool, key: str | None) -> Job:
-        jobid = await self.backend.create(spec)
-        await in_thread(self._index_new_sync, principal.user, jobid, key)
+        owner = principal.user
+        try:
+            jobid = await self.backend.create(spec)
+        except BaseException:
+            if key is not None:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(self.store.release_key, owner, key)
+            raise
+        try:
+            await in_thread(self._index_new_sync, owner, jobid, key, submit)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._forget_unindexed(owner, jobid, key)
+            raise
         if submit:
-            async with self._lock(jobid):
-                await self._submit(jobid)
-        return await self.get(principal, jobid)
+            try:
+                async with self._lock(jobid):
+                    try:
+                        await self._submit(jobid)
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await in_thread(self._release_start_sync, jobid)
+            except ApiError:  # refused: the job is failed, and that is this request's answer
+                if key is not None:
+                    await in_thread(self.store.settle_key, owner, key, jobid)
+                raise
+        return await in_thread(self._answer_sync, principal, jobid, key)
 
-    def _index_new_sync(self, owner: str, jobid: str, key: str | None) -> None:
+    def _answer_sync(self, principal: Principal, jobid: str, key: str | None) -> Job:
+        """The job, as the answer to a request with ``key``, which is settled with it."""
+        job = self._get_sync(principal, jobid)
+        if key is not None:
+            self.store.settle_key(principal.user, key, jobid)
+        return job
+
+    def _index_new_sync(self, owner: str, jobid: str, key: str | None, submit: bool) -> None:
+        """The job's row (its start claimed if this request submits it) and the key's
+        link to it, in one step: from here a replay, or the next start-up, finds it."""
         files = jobdir.read_job(self.backend.path(jobid))
         with self.store.transaction():
-            self.store.put(index_row(files, owner))
+            self.store.put(index_row(files, owner), claim=submit)
             if key is not None:
-                self.store.settle_key(owner, key, jobid)
+                self.store.link_key(owner, key, jobid)
+
+    async def _forget_unindexed(self, owner: str, jobid: str, key: str | None) -> None:
+        """A job psik made that the index could not take: nobody can know it, so its
+        directory goes and the key is free for a retry."""
+        if await in_thread(self.store.get, jobid) is not None:
+            return  # recorded after all (cancelled while the write finished)
+        await self.backend.remove(jobid)
+        if key is not None:
+            await in_thread(self.store.release_key, owner, key)
+
+    async def _replay(self, principal: Principal, jobid: str, submit: bool, key: str) -> Job:
+        """The answer to a repeated keyed request: its job, submitted first if the
+        request was to submit it and it is still ``new`` (the first request stopped
+        between creating and submitting it)."""
+        try:
+            if submit:
+                await self._submit_if_new(jobid)
+        except ApiError:
+            await in_thread(self.store.settle_key, principal.user, key, jobid)
+            raise
+        return await in_thread(self._answer_sync, principal, jobid, key)
+
+    async def _submit_if_new(self, jobid: str) -> bool:
+        """Submit ``jobid`` if it is still ``new`` and nobody else is starting it; True
+        if this call submitted it."""
+        async with self._lock(jobid):
+            files = await in_thread(self._refresh, jobid, jobdir.read_job_settled)
+            if files is None or files.state != (JobState.new, 0):
+                return False
+            if not await in_thread(self.store.claim_start, jobid, 0):
+                return False
+            try:
+                await self._submit(jobid)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(self._release_start_sync, jobid)
+            return True
 
     async def _submit(self, jobid: str) -> None:
         """Submit and follow the job; callers answer with ``get``, which refreshes the index."""
@@ -362,7 +546,7 @@ class JobService:
     async def start(self, principal: Principal, jobid: str) -> Job:
         async with self._lock(jobid):
             _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
-            state, _ = files.state
+            state, jobndx = files.state
             if not can_start(state):
                 raise ApiError(
                     ProblemCode.conflict,
@@ -370,7 +554,18 @@ class JobService:
                     jobid=jobid,
                     state=state.value,
                 )
-            await self._submit(jobid)
+            if not await in_thread(self.store.claim_start, jobid, jobndx):
+                raise ApiError(
+                    ProblemCode.conflict,
+                    f"job {jobid} is being started by another request",
+                    jobid=jobid,
+                    state=state.value,
+                )
+            try:
+                await self._submit(jobid)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(self._release_start_sync, jobid)
         return await self.get(principal, jobid)
 
     async def get(self, principal: Principal, jobid: str) -> Job:
@@ -447,16 +642,11 @@ class JobService:
         return await self.get(principal, jobid)
 
     async def purge(self, principal: Principal, jobid: str) -> None:
-        """Remove a final job and its directory."""
+        """Remove a final job and its directory (a job whose directory is already gone:
+        its index row)."""
         async with self._lock(jobid):
-            files = await in_thread(self._owned_refreshed, principal, jobid)
-            if files is not None and not files.state[0].is_final:
-                raise ApiError(
-                    ProblemCode.conflict,
-                    f"job {jobid} is {files.state[0].value}; cancel it before purging it",
-                    jobid=jobid,
-                    state=files.state[0].value,
-                )
+            has_directory = await in_thread(self._purgeable_sync, principal, jobid)
             self.watcher.forget(jobid)
-            await self.backend.remove(jobid)
+            if has_directory:
+                await self.backend.remove(jobid)
             await in_thread(self.store.delete, jobid)
