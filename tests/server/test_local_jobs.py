@@ -97,7 +97,7 @@ async def test_jobs_outlive_a_server_restart_and_nothing_is_lost(settings: Setti
 async def test_jobs_made_by_the_psik_cli_appear_and_removed_ones_go(
     settings: Settings, tmp_path: Path
 ) -> None:
-    settings.prefix.mkdir(parents=True)
+    settings.prefix.mkdir(mode=0o700, parents=True)  # a prefix others can reach is refused
     cfg = tmp_path / "psik.json"
     cfg.write_text(json.dumps({"prefix": str(settings.prefix), "backends": {"default": {"type": "local"}}}))
     spec = tmp_path / "job.json"
