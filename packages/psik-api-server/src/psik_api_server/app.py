@@ -2,8 +2,9 @@
 
 Everything the app needs is built here (or passed in by tests) and hangs off
 ``app.state``; nothing lives in module globals. Building does no I/O: the lifespan
-opens the index, reconciles it with the job directories, starts the watcher, the
-liveness loop and the launcher, and stops them again. An ASGI server runs the lifespan;
+takes the prefix lock (one server per prefix), opens the index, reconciles it with the
+job directories, starts the watcher, the liveness loop and the launcher, and stops them
+again. An ASGI server runs the lifespan;
 tests wrap the app in ``asgi_lifespan.LifespanManager``.
 """
 
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -24,12 +26,13 @@ from .backend import PsikBackend
 from .docs import docs_html
 from .errors import StartupError
 from .launcher import LocalLauncher
+from .lock import PrefixLock
 from .openapi import build_openapi
 from .peer import PeerLookup
 from .problems import EXCEPTION_HANDLERS, CatchAll
 from .routes import build_routes
 from .security import LocalLifespan, LocalOnly, LocalSecrets
-from .service import JobService
+from .service import JobService, in_thread
 from .settings import Settings
 from .store import JobStore
 
@@ -69,15 +72,28 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if (notes := settings.notes_line()) is not None:
             _logger.warning("%s", notes)
+        lock = PrefixLock(settings.prefix)
         try:
-            await service.open()
+            # Before anything touches the prefix: start-up clean-up takes every claim it
+            # finds for a dead server's, which holds only while no other server runs.
+            await in_thread(lock.acquire)
+            try:
+                await service.open()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(lock.release)
+                raise
         except StartupError as e:
             app.state.startup_error = e  # for `psik-api-server serve` to say in one line
             raise
         try:
             yield
         finally:
-            await service.aclose()
+            try:
+                await service.aclose()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await in_thread(lock.release)
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
