@@ -255,9 +255,10 @@ def test_a_tag_is_read_from_the_environment_a_process_started_with(tmp_path: Pat
     from psik_api_server.proctree import read_tag
 
     env = {"PATH": os.environ.get("PATH", ""), "base": str(tmp_path / "1693992878.203"), "jobndx": "3"}
-    child = subprocess.Popen(["sh", "-c", "echo; exec sleep 300"], env=env, stdout=subprocess.PIPE)
+    code = "import time; print(flush=True); time.sleep(300)"
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
     try:
-        assert child.stdout is not None and child.stdout.readline()  # started with env
+        assert child.stdout is not None and child.stdout.readline()  # running, exec() long done
         assert read_tag(child.pid) == (str(tmp_path / "1693992878.203"), 3)
     finally:
         child.kill()
