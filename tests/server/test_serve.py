@@ -129,3 +129,98 @@ def test_cli_help(flag: str) -> None:
         [str(BIN / "psik-api-server"), "serve", flag], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "--uds" in out.stdout
+
+
+def test_a_port_in_use_fails_start_up_before_anything_is_on_disk(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [str(BIN / "psik-api-server"), "serve", "--port", str(port)],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 3, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists(), list((tmp_path / "data").rglob("*"))
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701])
+def test_a_prefix_others_can_enter_stops_start_up(tmp_path: Path, mode: int) -> None:
+    prefix = tmp_path / "data" / "psik_api" / "jobs"
+    prefix.mkdir(parents=True)
+    prefix.chmod(mode)
+    proc = subprocess.run(
+        [str(BIN / "psik-api-server"), "serve", "--port", str(_free_port())],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "cannot start" in line]
+    assert len(lines) == 1, proc.stderr
+    assert f"mode {mode:04o}" in lines[0] and f"chmod 700 {prefix}" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert stat.S_IMODE(prefix.stat().st_mode) == mode  # not "fixed" behind the user's back
+    assert not (prefix.parent / "index.sqlite").exists()
+
+
+def test_uvicorn_main_app_refuses_a_group_readable_prefix(tmp_path: Path) -> None:
+    prefix = tmp_path / "psik_jobs"
+    prefix.mkdir(mode=0o750)
+    prefix.chmod(0o750)
+    cfg = tmp_path / "psik_api.json"
+    cfg.write_text(json.dumps({"prefix": str(prefix), "backends": {"default": {"type": "local"}}}))
+    argv = [str(BIN / "uvicorn"), "psik_api_server.main:app", "--port", str(_free_port())]
+    proc = subprocess.run(
+        argv, env=_env(tmp_path, PSIK_API_CONFIG=str(cfg)), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "mode 0750" in proc.stderr and f"chmod 700 {prefix}" in proc.stderr, proc.stderr
+
+
+def _public_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        except OSError:
+            return None
+        addr = str(s.getsockname()[0])
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_uvicorn_main_app_on_all_interfaces_answers_only_loopback(tmp_path: Path) -> None:
+    # The app itself refuses a request that arrives on a public address, even when
+    # uvicorn is told to believe X-Forwarded-For from anyone.
+    public = _public_address()
+    if public is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true: this machine has no non-loopback address to test with")
+        pytest.skip("this machine has no non-loopback address to connect to")
+    cfg = tmp_path / "psik_api.json"
+    cfg.write_text(json.dumps({"prefix": str(tmp_path / "jobs"), "backends": {"default": {"type": "local"}}}))
+    port = _free_port()
+    argv = [
+        str(BIN / "uvicorn"),
+        "psik_api_server.main:app",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--forwarded-allow-ips",
+        "*",
+        "--log-level",
+        "warning",
+    ]
+    with _running(argv, _env(tmp_path, PSIK_API_CONFIG=str(cfg)), f"http://127.0.0.1:{port}"):
+        for headers in [{}, {"X-Forwarded-For": "127.0.0.1", "Host": f"127.0.0.1:{port}"}]:
+            r = httpx.post(f"http://{public}:{port}/v1/jobs", json={"script": "true"}, headers=headers)
+            assert r.status_code == 403, r.text
+            assert r.json()["code"] == "forbidden"
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs").json()["items"] == []

@@ -3,20 +3,25 @@
 Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``). In
 ``authz: local`` mode it refuses to listen anywhere but loopback or a UNIX socket, and
 the socket is created readable and writable by its owner only (uvicorn's own is 0666).
+The listening socket is made before anything else, so that a port already in use stops
+start-up before the prefix or the index is created.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import StartupError
+from .peer import install_uvicorn_hook
 from .security import is_loopback_host
 from .settings import ConfigError, load_settings
 
@@ -53,16 +58,43 @@ def _unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn binds one (it listens once uvicorn
+    starts), or :class:`StartupError` saying why not: the port is in use, say."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        where = f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise StartupError(f"cannot listen on {where}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 _STARTUP_ERROR = f"{StartupError.__module__}.{StartupError.__qualname__}"
 
 
 class _QuietStartupError(logging.Filter):
-    """Drops uvicorn's traceback of a :class:`StartupError`: ``serve`` says it in one line."""
+    """Drops uvicorn's traceback of a :class:`StartupError` and its log of the same
+    reason (from ``lifespan.startup.failed``): ``serve`` says it in one line."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self.state = state
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        said = self.state.startup_error
         # starlette hands the lifespan's traceback to uvicorn as the failure's message.
-        return not isinstance(exc, StartupError) and _STARTUP_ERROR not in record.getMessage()
+        return (
+            not isinstance(exc, StartupError)
+            and _STARTUP_ERROR not in message
+            and (said is None or message != str(said))
+        )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -85,6 +117,16 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    path = Path(args.uds).expanduser() if args.uds else None
+    try:
+        # The socket first: a port in use must stop us before anything is on disk.
+        sockets = [_unix_socket(path) if path else _tcp_socket(host, port)]
+    except StartupError as e:
+        print(f"psik-api-server: cannot start: {e}", file=sys.stderr)
+        return 3
+    if path is None:
+        port = sockets[0].getsockname()[1]  # --port 0 picked one
+    install_uvicorn_hook()  # every connection carries its socket, for the uid check
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -96,11 +138,10 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
-    where = f"unix:{args.uds}" if args.uds else f"http://{host}:{port}"
+    bracketed = f"[{host.strip('[]')}]" if ":" in host else host
+    where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
     print(f"psik-api-server: starting on {where}; jobs in {settings.prefix}", file=sys.stderr)
-    path = Path(args.uds).expanduser() if args.uds else None
-    sockets = [_unix_socket(path)] if path else None  # refuses to replace what is not a socket
-    quiet = _QuietStartupError()
+    quiet = _QuietStartupError(app.state)
     logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets=sockets)
@@ -109,6 +150,8 @@ def serve(args: argparse.Namespace) -> int:
             raise
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
+        for sock in sockets:
+            sock.close()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
