@@ -193,7 +193,8 @@ class JobStore:
                 # jobs): damage is found here, not by some request later.
                 verdict = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
                 if verdict != "ok":
-                    raise CorruptIndex("database disk image is malformed: " + " ".join(str(verdict).split())[:200])
+                    found = " ".join(str(verdict).split())[:200]  # SQLite's report spans lines
+                    raise CorruptIndex(f"database disk image is malformed: {found}")
                 conn.executescript(_SCHEMA)
                 _add_columns(conn)
             except CorruptIndex:
