@@ -28,9 +28,10 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _write(directory: Path, port: int, secret: str) -> None:
+def _write(directory: Path, port: int, secret: str, host: str = "127.0.0.1") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"local-{port}.json").write_text(json.dumps({"port": port, "secret": secret}))
+    doc = {"port": port, "host": host, "secret": secret}
+    (directory / f"local-{port}.json").write_text(json.dumps(doc))
 
 
 def _ok(request: httpx.Request) -> httpx.Response:
@@ -43,10 +44,21 @@ def _ok(request: httpx.Request) -> httpx.Response:
 async def test_the_secret_goes_to_a_loopback_server(
     connect: Callable[..., Api], runtime: Path, url: str
 ) -> None:
-    _write(runtime, 8123, "s3cret")
+    _write(runtime, 8123, "s3cret", host=httpx.URL(url).host)  # the server listens there
     api = connect(_ok, base_url=url)
     await api.get("1.2")
     assert api.requests[0].headers[HEADER] == "s3cret"
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8123", "http://localhost:8123", "http://127.0.0.2:8123"])
+async def test_the_secret_goes_only_to_the_address_the_server_listens_on(
+    connect: Callable[..., Api], runtime: Path, url: str
+) -> None:
+    """Another user may listen on the same port of another loopback address."""
+    _write(runtime, 8123, "s3cret", host="127.0.0.1")
+    api = connect(_ok, base_url=url)
+    await api.get("1.2")
+    assert HEADER not in api.requests[0].headers
 
 
 @pytest.mark.parametrize(
@@ -122,7 +134,7 @@ def test_the_data_directory_is_the_fallback(tmp_path: Path) -> None:
     ]
     _write(tmp_path / "d" / "psik_api" / "runtime", 9, "fallback")
     auth = LocalSecretAuth({"XDG_RUNTIME_DIR": str(tmp_path / "r"), "XDG_DATA_HOME": str(tmp_path / "d")})
-    request = httpx.Request("GET", "http://localhost:9/v1/jobs")
+    request = httpx.Request("GET", "http://127.0.0.1:9/v1/jobs")
     assert next(auth.auth_flow(request)).headers[HEADER] == "fallback"
 
 

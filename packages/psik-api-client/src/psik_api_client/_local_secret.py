@@ -41,16 +41,29 @@ def secret_files(port: int, environ: Mapping[str, str] = os.environ) -> list[Pat
     return found
 
 
-def read_secret(port: int, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The secret in the first readable file of :func:`secret_files`, or None."""
+def read_secret(port: int, environ: Mapping[str, str] = os.environ, host: str | None = None) -> str | None:
+    """The secret in the first readable file of :func:`secret_files`, or None. With
+    ``host``, only a secret the server wrote for that very address: another user may
+    listen on the same port of another loopback address (``[::1]`` beside
+    ``127.0.0.1``), and must not be handed the secret."""
     for path in secret_files(port, environ):
         try:
-            secret = json.loads(path.read_text(encoding="utf-8")).get("secret")
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            secret, served = doc.get("secret"), doc.get("host")
         except (OSError, ValueError, AttributeError):
+            continue
+        if host is not None and not (isinstance(served, str) and _same_host(served, host)):
             continue
         if isinstance(secret, str) and secret:
             return secret
     return None
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
 
 
 def loopback_port(url: httpx.URL) -> int | None:
@@ -73,24 +86,25 @@ class LocalSecretAuth(httpx.Auth):
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         self._environ = environ
-        self._known: dict[int, str | None] = {}
+        self._known: dict[tuple[str, int], str | None] = {}
 
-    def _read(self, port: int) -> str | None:
-        self._known[port] = read_secret(port, self._environ)
-        return self._known[port]
+    def _read(self, host: str, port: int) -> str | None:
+        self._known[host, port] = read_secret(port, self._environ, host)
+        return self._known[host, port]
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         port = loopback_port(request.url)
         if port is None or HEADER in request.headers:
             yield request
             return
-        sent = self._known[port] if port in self._known else self._read(port)
+        host = request.url.host
+        sent = self._known[host, port] if (host, port) in self._known else self._read(host, port)
         if sent is not None:
             request.headers[HEADER] = sent
         response = yield request
         if response.status_code != 401 or not response.headers.get("www-authenticate", "").startswith(HEADER):
             return
-        fresh = self._read(port)
+        fresh = self._read(host, port)
         if fresh is not None and fresh != sent:
             request.headers[HEADER] = fresh
             yield request

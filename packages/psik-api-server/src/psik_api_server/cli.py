@@ -40,10 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _answers(path: Path) -> bool:
+    """True if something listens on the UNIX socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _unix_socket(path: Path) -> socket.socket:
     """A listening UNIX socket at ``path`` that only its owner may connect to."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
+            if _answers(path):
+                raise SystemExit(f"psik-api-server: {path} is in use by a running server; not taking it over")
             path.unlink()  # a stale socket from an earlier run
         else:
             raise SystemExit(f"psik-api-server: {path} exists and is not a socket; not replacing it")

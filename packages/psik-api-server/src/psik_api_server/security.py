@@ -157,27 +157,36 @@ class LocalSecrets:
     def path(self, port: int) -> Path:
         return self.directory / f"local-{port}.json"
 
-    def secret(self, port: int) -> str:
-        """This run's secret for ``port``, written to :meth:`path` the first time."""
+    def secret(self, port: int, host: str = "127.0.0.1") -> str:
+        """This run's secret for ``port``, written to :meth:`path` the first time, with
+        the address the server listens on: the client sends it to that address only,
+        never to whoever else may listen on the same port of another loopback address."""
         if port not in self._secrets:
             secret = secrets.token_urlsafe(32)
-            self._write(port, secret)
+            self._write(port, host, secret)
             self._secrets[port] = secret
         return self._secrets[port]
 
-    def check(self, port: int, given: bytes | None) -> bool:
+    def check(self, port: int, given: bytes | None, host: str = "127.0.0.1") -> bool:
         """Whether ``given`` is the secret for ``port`` (a constant-time compare)."""
-        expected = self.secret(port).encode()
+        expected = self.secret(port, host).encode()
         return given is not None and hmac.compare_digest(given, expected)
 
-    def _write(self, port: int, secret: str) -> None:
+    def _write(self, port: int, host: str, secret: str) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A directory someone else owns or can write to (a shared XDG_RUNTIME_DIR) could
+        # swap or hold open the file: refuse it rather than hand them the secret.
+        st = os.lstat(self.directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(
+                13, f"{self.directory} must be a directory of yours with mode 0700 (chmod 700 it)"
+            )
         path = self.path(port)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, json.dumps({"port": port, "pid": os.getpid(), "secret": secret}).encode())
+            doc = {"port": port, "host": host, "pid": os.getpid(), "secret": secret}
+            os.write(fd, json.dumps(doc).encode())
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -337,7 +346,7 @@ class LocalOnly:
         port = int(local[1])
         given = headers.get(SECRET_HEADER.lower())
         try:
-            if secrets_.check(port, None if given is None else given.encode("latin-1")):
+            if secrets_.check(port, None if given is None else given.encode("latin-1"), str(local[0])):
                 return None
         except OSError as e:
             return ApiError(
