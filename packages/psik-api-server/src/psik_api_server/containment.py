@@ -60,6 +60,8 @@ from .proctree import PROC, ProcessTable, boot_time, has_proc, send
 _logger = logging.getLogger(__name__)
 
 #: Seconds between a job's SIGTERM and the SIGKILL of what is left (Slurm's KillWait is 30 s).
+#: What is left of a grace period when the server stops (seconds).
+SHUTDOWN_GRACE = 1.0
 GRACE = 5.0
 #: Seconds between two looks for the leftovers of ended runs.
 SWEEP_INTERVAL = 1.0
@@ -321,14 +323,20 @@ class Containment:
         return max(delay, 0.01)
 
     async def aclose(self) -> None:
-        """Stop sweeping, after seeing through the endings under way (each at most its
-        grace period: a SIGKILL is not skipped because the server stops)."""
+        """Stop sweeping, after seeing through the endings under way (their grace cut to
+        ``SHUTDOWN_GRACE``: a SIGKILL is not skipped because the server stops)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        limit = self._clock() + self.grace + 2.0
+        # A stopping server cannot wait out a whole grace period (uvicorn and test
+        # harnesses give shutdown a few seconds): what got SIGTERM has SHUTDOWN_GRACE
+        # left, then SIGKILL, rather than being left running.
+        now = self._clock()
+        for ending in self._endings:
+            ending.deadline = min(ending.deadline, now + SHUTDOWN_GRACE)
+        limit = now + SHUTDOWN_GRACE + 1.5
         while self._endings and self._clock() < limit:
             await anyio.to_thread.run_sync(lambda: self.sweep(leftovers=False))
             if self._endings:
