@@ -26,6 +26,7 @@ from .backend import PsikBackend
 from .docs import docs_html
 from .errors import StartupError
 from .launcher import LocalLauncher
+from .limits import flush_repeats
 from .lock import PrefixLock
 from .openapi import build_openapi
 from .peer import PeerLookup
@@ -94,6 +95,7 @@ def create_app(
             finally:
                 with anyio.CancelScope(shield=True):
                     await in_thread(lock.release)
+                flush_repeats()  # uvicorn ends on the signal it caught: no atexit
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),

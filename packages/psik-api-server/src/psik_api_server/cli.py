@@ -17,9 +17,11 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import limits
 from .errors import StartupError
 from .peer import install_uvicorn_hook
 from .security import is_loopback_host
@@ -37,7 +39,36 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     serve.add_argument("--uds", help="listen on this UNIX socket instead of TCP")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        help="open connections at most; at the limit the one idle longest is closed (default 1000)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        help="seconds a connection has to send its request head (default 10)",
+    )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=_positive(int),
+        help="seconds an idle keep-alive connection stays open (default 5)",
+    )
     return p
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 def _answers(path: Path) -> bool:
@@ -86,6 +117,9 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: The listen backlog asked for (uvicorn's default); limits.fit may lower it.
+_BACKLOG = 2048
+
 _STARTUP_ERROR = f"{StartupError.__module__}.{StartupError.__qualname__}"
 
 
@@ -120,6 +154,12 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"psik-api-server: config error: {e}", file=sys.stderr)
         return 2
+    overrides = {
+        "max_connections": args.max_connections,
+        "header_timeout": args.header_timeout,
+        "keep_alive_timeout": args.keep_alive_timeout,
+    }
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     if settings.authz == "local" and not args.uds and not is_loopback_host(host):
@@ -139,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
     if path is None:
         port = sockets[0].getsockname()[1]  # --port 0 picked one
     install_uvicorn_hook()  # every connection carries its socket, for the uid check
+    _cap, backlog = limits.start(settings, backlog=_BACKLOG)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -148,8 +189,13 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        backlog=backlog,
+        # No limit_concurrency: it counts idle connections and answers 503 past it, so
+        # idle sockets would shut real clients out. limits.install caps connections.
     )
     server = uvicorn.Server(config)
+    repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
     print(f"psik-api-server: starting on {where}; jobs in {settings.prefix}", file=sys.stderr)
@@ -162,6 +208,7 @@ def serve(args: argparse.Namespace) -> int:
             raise
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
+        repeats.flush()
         for sock in sockets:
             sock.close()
         if path is not None:

@@ -38,6 +38,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .limits import is_wrapped
+
 _logger = logging.getLogger(__name__)
 
 #: The key of a request's :class:`Connection` in ``scope["extensions"]``.
@@ -279,7 +281,8 @@ def install_uvicorn_hook() -> list[str]:
         original = cls.__dict__.get("connection_made")
         if original is None:
             continue
-        if not getattr(original, "_psik_api_hook", False):
+        # limits.install wraps connection_made too: look through its wrapper.
+        if not is_wrapped(original, "_psik_api_hook"):
             cls.connection_made = _hooked(original)
         hooked.append(f"{module_name}.{class_name}")
     return hooked

@@ -70,6 +70,15 @@ class Settings(BaseModel):
     watch_interval: float = Field(default=0.05, gt=0, le=60)
     #: How often local jobs' processes are checked for having vanished (seconds).
     liveness_interval: float = Field(default=2.0, gt=0, le=3600)
+    #: Open connections at most; at the limit a new connection closes the one that has
+    #: waited longest for a request (idle, keep-alive or slow). Fitted under the open-file
+    #: limit at start. See limits.py.
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    #: Seconds a connection has to send a complete request head (slowloris).
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    #: Seconds an idle keep-alive connection stays open (``serve``; under ``uvicorn``
+    #: itself, its ``--timeout-keep-alive``).
+    keep_alive_timeout: int = Field(default=5, ge=1, le=3600)
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).
@@ -141,6 +150,9 @@ _SERVER_KEYS = {
     "directory_roots",
     "watch_interval",
     "liveness_interval",
+    "max_connections",
+    "header_timeout",
+    "keep_alive_timeout",
 }
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",
