@@ -35,6 +35,7 @@ JOBID = "1693992878.203"
         (500, "internal_error", pac.InternalServerError),
         (502, "submit_failed", pac.SubmitFailedError),
         (503, "backend_unavailable", pac.ServiceUnavailableError),
+        (507, "insufficient_storage", pac.InsufficientStorageError),
         # The code wins over the status: a 400 that says not_found is a NotFoundError.
         (400, "not_found", pac.NotFoundError),
     ],

@@ -22,7 +22,8 @@
      │    ├── RateLimitError               429
      │    ├── InternalServerError          500 internal_error, and any other 5xx
      │    ├── SubmitFailedError            502 submit_failed (the job exists, failed)
-     │    └── ServiceUnavailableError      503 backend_unavailable
+     │    ├── ServiceUnavailableError      503 backend_unavailable
+     │    └── InsufficientStorageError     507 insufficient_storage (nothing was made)
      ├── InvalidRequestError           refused before sending (bad id, spec, key, ...);
      │                                 also a ValueError
      └── WaitTimeout                   wait() gave up; also a TimeoutError
@@ -227,6 +228,14 @@ class ServiceUnavailableError(APIStatusError):
     status_code = 503
 
 
+class InsufficientStorageError(APIStatusError):
+    """507: the server's disk (the job prefix or its index) is full, so it could not
+    record the request; nothing was made, and an ``Idempotency-Key`` is free again.
+    Reads still work; retry once space has been freed."""
+
+    status_code = 507
+
+
 class WaitTimeout(PsikApiError, TimeoutError):
     """``wait``/``wait_all`` gave up before the job(s) became final.
 
@@ -267,6 +276,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.internal_error: InternalServerError,
     ProblemCode.submit_failed: SubmitFailedError,
     ProblemCode.backend_unavailable: ServiceUnavailableError,
+    ProblemCode.insufficient_storage: InsufficientStorageError,
 }
 
 #: Without a known code (a proxy's error page, an older server), the status decides.
@@ -285,6 +295,7 @@ BY_STATUS: dict[int, type[APIStatusError]] = {
         RateLimitError,
         InternalServerError,
         ServiceUnavailableError,
+        InsufficientStorageError,
     )
 }
 

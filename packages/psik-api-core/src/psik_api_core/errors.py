@@ -27,6 +27,7 @@ class ProblemCode(StrEnum):
     unauthorized = "unauthorized"
     forbidden = "forbidden"
     backend_unavailable = "backend_unavailable"
+    insufficient_storage = "insufficient_storage"
     internal_error = "internal_error"
 
     @property
@@ -53,6 +54,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.unauthorized: 401,
     ProblemCode.forbidden: 403,
     ProblemCode.backend_unavailable: 503,
+    ProblemCode.insufficient_storage: 507,
     ProblemCode.internal_error: 500,
 }
 
@@ -71,6 +73,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.unauthorized: "Not authenticated",
     ProblemCode.forbidden: "Not allowed",
     ProblemCode.backend_unavailable: "Backend unavailable",
+    ProblemCode.insufficient_storage: "The server's disk is full",
     ProblemCode.internal_error: "Internal server error",
 }
 
