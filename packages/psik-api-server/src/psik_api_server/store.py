@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,15 +250,28 @@ class JobStore:
             try:
                 yield
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (SQLITE_FULL, ...): a
+                # second ROLLBACK would fail and hide the error that matters.
+                if self._conn is not None and self._conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._conn is not None and self._conn.in_transaction:  # e.g. SQLITE_FULL
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
 
-    def set_states(self, changes: Iterable[tuple[str, JobState, int, float]]) -> None:
-        """Several :meth:`set_state` calls in one transaction."""
+    def set_states(self, changes: Iterable[tuple[str, JobState, int, float]]) -> int:
+        """Several :meth:`set_state` calls in one transaction; how many rows changed.
+        All or nothing: on an error (a full disk: SQLITE_FULL) none is recorded."""
+        changed = 0
         with self.transaction():
             for jobid, state, jobndx, updated in changes:
-                self.set_state(jobid, state, jobndx, updated)
+                changed += self.set_state(jobid, state, jobndx, updated)
+        return changed
 
     # ---- jobs ----
 
