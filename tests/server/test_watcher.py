@@ -112,3 +112,69 @@ async def test_the_tick_alone_works_without_notifications(tmp_path: Path) -> Non
         assert [r.state for r in await seen.next()] == [JobState.queued, JobState.failed]
     finally:
         await w.stop()
+
+
+class Flaky:
+    """An on_change that fails with ``error`` ``times`` times, then records."""
+
+    def __init__(self, error: Exception, times: int) -> None:
+        self.error = error
+        self.left = times
+        self.tries = 0
+        self.recorded: list[Change] = []
+
+    async def __call__(self, changes: list[Change]) -> None:
+        self.tries += 1
+        if self.left > 0:
+            self.left -= 1
+            raise self.error
+        self.recorded.extend(changes)
+
+
+async def test_changes_a_full_disk_kept_out_of_the_index_are_given_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\n1.1,1,queued,7\n")
+    flaky = Flaky(sqlite3.OperationalError("database or disk is full"), times=3)
+    w = StatusWatcher(flaky, interval=0.01, notify=False)
+    w.follow("1.0", status)
+    await w.check_all()  # read once, not recorded
+    assert (flaky.tries, w.unrecorded) == (1, 1)
+    with status.open("a") as f:
+        f.write("1.2,1,active,\n1.3,1,completed,\n")
+    await w.check_all()  # the job is final (no longer followed), its change kept
+    assert len(w) == 0 and w.unrecorded == 1
+    w.start()
+    try:
+        with anyio.fail_after(5):
+            while not flaky.recorded:
+                await anyio.sleep(0.01)
+    finally:
+        await w.stop()
+    [change] = flaky.recorded
+    assert derive_state(change.rows) == (JobState.completed, 1)
+    assert [r.state for r in change.new] == [
+        JobState.new,
+        JobState.queued,
+        JobState.active,
+        JobState.completed,
+    ]
+    assert w.unrecorded == 0
+    assert not [r for r in caplog.records if r.exc_info]  # the service says a full disk, once
+
+
+async def test_a_change_that_cannot_be_recorded_for_another_reason_is_not_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    status = tmp_path / "status.csv"
+    status.write_text("1.0,0,new,{}\n")
+    flaky = Flaky(ValueError("a bug"), times=1)
+    w = StatusWatcher(flaky, interval=0.01, notify=False)
+    w.follow("1.0", status)
+    await w.check_all()
+    await w.check_all()
+    assert (flaky.tries, w.unrecorded, flaky.recorded) == (1, 0, [])
+    assert [r for r in caplog.records if r.exc_info]  # logged with its traceback, as before

@@ -16,6 +16,11 @@ parallel filesystem can take seconds) stalls the watcher, never the event loop. 
 new complete rows are parsed on the loop, each job's state is derived from its whole
 history, and ``on_change`` gets every job that changed in that look as one list of
 :class:`Change`; a job that reaches a final state is dropped (``follow`` re-adds it).
+
+A change is read only once, so one ``on_change`` could not record (a full disk, a busy
+index: :func:`~.diskfull.retryable_write_error`) is kept and given again, merged with
+anything newer, at the next looks (backing off to a second) until it is recorded: the
+index catches up by itself once space is back. The failure is logged once, not per look.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import anyio.to_thread
 
 from psik_api_core import derive_state
 
+from .diskfull import is_disk_full, retryable_write_error
 from .jobdir import Row, parse_rows
 
 _logger = logging.getLogger(__name__)
@@ -50,6 +56,9 @@ OnChange = Callable[[list[Change]], Awaitable[None]]
 
 #: Seconds of tick per followed job, so 1000 live jobs are looked at every 0.1 s.
 _PER_JOB = 0.0001
+
+#: Longest wait between two tries at recording changes ``on_change`` failed to record.
+_RETRY_MAX = 1.0
 
 
 @dataclass
@@ -161,6 +170,10 @@ class StatusWatcher:
         self._notifier: _Notifier | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Changes on_change could not record yet, by job, and when to try again.
+        self._unrecorded: dict[str, Change] = {}
+        self._failures = 0
+        self._retry_at = 0.0
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -218,26 +231,65 @@ class StatusWatcher:
         """One pass over every followed job."""
         await self._check_some(list(self._jobs))
 
+    @property
+    def unrecorded(self) -> int:
+        """How many jobs have changes waiting to be recorded again."""
+        return len(self._unrecorded)
+
     async def _check_some(self, jobids: Iterable[str]) -> None:
         wanted = [(j, f, f.path, f.offset, f.stamp) for j in jobids if (f := self._jobs.get(j)) is not None]
-        if not wanted:
-            return
         changes: list[Change] = []
-        for look in await anyio.to_thread.run_sync(_look, wanted):
-            if self._jobs.get(look.jobid) is not look.followed:
-                continue  # forgotten, or followed afresh, while we looked
-            try:
-                change = self._apply(look)
-            except Exception:  # a bad job must not stop the watcher
-                _logger.exception("watching job %s", look.jobid)
-                continue
-            if change is not None:
-                changes.append(change)
-        if changes:
-            try:
-                await self._on_change(changes)
-            except Exception:
-                _logger.exception("recording status changes of %d jobs", len(changes))
+        if wanted:
+            for look in await anyio.to_thread.run_sync(_look, wanted):
+                if self._jobs.get(look.jobid) is not look.followed:
+                    continue  # forgotten, or followed afresh, while we looked
+                try:
+                    change = self._apply(look)
+                except Exception:  # a bad job must not stop the watcher
+                    _logger.exception("watching job %s", look.jobid)
+                    continue
+                if change is not None:
+                    changes.append(change)
+        await self._record(changes)
+
+    async def _record(self, changes: list[Change]) -> None:
+        """Give ``changes``, and those not recorded before, to ``on_change``; keep them
+        all for a later look if it fails in a way that may pass."""
+        for c in changes:
+            old = self._unrecorded.pop(c.jobid, None)
+            if old is not None:  # rows: the newer has them all; new: both were unseen
+                self._unrecorded[c.jobid] = Change(c.jobid, c.rows, [*old.new, *c.new])
+            else:
+                self._unrecorded[c.jobid] = c
+        if not self._unrecorded:
+            return
+        loop = asyncio.get_running_loop()
+        if not changes and loop.time() < self._retry_at:
+            return
+        batch = list(self._unrecorded.values())
+        try:
+            await self._on_change(batch)
+        except Exception as e:
+            if not retryable_write_error(e):
+                _logger.exception("recording status changes of %d jobs", len(batch))
+                self._unrecorded.clear()
+                self._failures = 0
+                return
+            self._failures += 1
+            self._retry_at = loop.time() + min(_RETRY_MAX, self._interval * 2**self._failures)
+            if self._failures == 1 and not is_disk_full(e):  # on_change says a full disk itself
+                _logger.warning(
+                    "cannot record status changes of %d jobs yet (%s); trying again", len(batch), e
+                )
+            return
+        for c in batch:
+            if self._unrecorded.get(c.jobid) is c:
+                del self._unrecorded[c.jobid]
+        if self._failures:
+            _logger.info(
+                "recorded the status changes of %d jobs after %d failed tries", len(batch), self._failures
+            )
+            self._failures = 0
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
