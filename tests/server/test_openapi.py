@@ -187,17 +187,18 @@ def test_job_creation_takes_jobspec_and_idempotency_key(doc: dict[str, Any], pat
     assert f"over {byte_size(LIMITS.max_body_bytes)}" in op["responses"]["413"]["description"]
     assert "Retry-After" in op["responses"]["409"]["headers"]
     assert ("502" in op["responses"]) is (path == "/v1/jobs")
+    assert "insufficient_storage" in op["responses"]["507"]["description"]
 
 
 @pytest.mark.parametrize(
     ("method", "path", "statuses"),
     [
-        ("post", "/v1/jobs", {"400", "409", "413", "415", "422", "502"}),
-        ("post", "/v1/jobs/new", {"400", "409", "413", "415", "422"}),
-        ("post", "/v1/jobs/{jobid}/start", {"404", "409", "422", "502"}),
+        ("post", "/v1/jobs", {"400", "409", "413", "415", "422", "502", "507"}),
+        ("post", "/v1/jobs/new", {"400", "409", "413", "415", "422", "507"}),
+        ("post", "/v1/jobs/{jobid}/start", {"404", "409", "422", "502", "507"}),
         ("get", "/v1/jobs", {"422"}),
         ("get", "/v1/jobs/{jobid}", {"404", "422"}),
-        ("delete", "/v1/jobs/{jobid}", {"404", "409", "422"}),
+        ("delete", "/v1/jobs/{jobid}", {"404", "409", "422", "507"}),
         ("get", "/v1/jobs/{jobid}/state", {"404", "422"}),
         ("get", "/v1/backends/{name}", {"404"}),
     ],

@@ -52,7 +52,8 @@ cancel it with `DELETE /v1/jobs/{jobid}`. Job ids are psik's stamps, e.g. `16939
 All bodies are JSON and times are RFC 3339 UTC datetimes. Every error is an RFC 9457
 `application/problem+json` document whose `code` is stable: match on it, not on `title`.
 Unknown routes are 404 `not_found`, wrong methods 405 `method_not_allowed`, unknown
-query parameters and body fields 422 `validation_error` naming them."""
+query parameters and body fields 422 `validation_error` naming them. When the server's disk
+is full, requests that must write are 507 `insufficient_storage`; reads keep working."""
 
 _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
@@ -162,6 +163,12 @@ _SUBMIT_FAILED = Failure(
     ProblemCode.submit_failed,
     "the backend refused the job; the job exists in state `failed` and the problem has `jobid`",
 )
+_DISK_FULL = Failure(
+    ProblemCode.insufficient_storage,
+    "the filesystem of the job prefix or of the index is full (the detail says which): nothing"
+    " was made or changed and an `Idempotency-Key` is free again; retry once space is freed."
+    " Reads keep working",
+)
 
 # ---- the table ----
 # The router matches paths in the order they first appear here, first match wins: a
@@ -187,13 +194,14 @@ OPERATIONS: tuple[Operation, ...] = (
         "Creates a job from a `JobSpec` and submits it to its backend. The job is `queued`,"
         " or already final if it ended at once. Only `script` is required.",
         {201: Reply("The job, submitted.", Job, headers=("Location",))},
-        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=(*_BODY_FAILURES, _SUBMIT_FAILED),
+        params=(_IDEMPOTENCY_KEY,), request=JobSpec,
+        failures=(*_BODY_FAILURES, _SUBMIT_FAILED, _DISK_FULL),
     ),
     Operation(
         "POST", "/v1/jobs/new", "createJob", "jobs", "Create a job without submitting it",
         "Creates a job in state `new`; start it later with `POST /v1/jobs/{jobid}/start`.",
         {201: Reply("The job, in state `new`.", Job, headers=("Location",))},
-        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=_BODY_FAILURES,
+        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=(*_BODY_FAILURES, _DISK_FULL),
     ),
     Operation(
         "POST", "/v1/jobs/{jobid}/start", "startJob", "jobs", "Start a job",
@@ -203,7 +211,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "the job is queued or active; the problem has `jobid` and `state`"),
-            _SUBMIT_FAILED,
+            _SUBMIT_FAILED, _DISK_FULL,
         ),
     ),
     Operation(
@@ -251,6 +259,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "`purge=true` on a job that is not final; cancel it first"),
+            _DISK_FULL,
         ),
     ),
     Operation(

@@ -1,8 +1,10 @@
 """Every error leaves the server as ``application/problem+json`` (RFC 9457).
 
 ``ApiError`` carries its own code; starlette's HTTP errors and pydantic's validation
-errors are translated; anything else is logged and becomes a 500 ``internal_error``
-that leaks no detail.
+errors are translated; a full disk (ENOSPC, SQLITE_FULL) that reaches here becomes a
+507 ``insufficient_storage`` naming what is full (logged once per episode, see
+``diskfull``); anything else is logged and becomes a 500 ``internal_error`` that leaks
+no detail.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psik_api_core import FieldError, ProblemCode
 
+from .diskfull import is_disk_full
 from .errors import ApiError
 
 _logger = logging.getLogger(__name__)
@@ -97,7 +100,13 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as e:
+            service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+            disk = getattr(service, "disk", None)
+            if is_disk_full(e) and disk is not None and not started:
+                err = disk.error(e)  # logged there, once per episode
+                await problem_response(err, scope.get("path"))(scope, receive, send)
+                return
             _logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
