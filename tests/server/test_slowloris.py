@@ -69,8 +69,10 @@ def _login_node_limit() -> None:  # in the server's process, before it starts
     resource.setrlimit(resource.RLIMIT_NOFILE, (LOGIN_NODE_SOFT_LIMIT, hard))
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(params=["serve", "uvicorn"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """The server started the README way, or the seed README's ``uvicorn
+    psik_api_server.main:app`` (the limits come from the config file either way)."""
     _raise_own_limit(IDLE + SLOW + 200)
     cfg = tmp_path / "psik_api.json"
     cfg.write_text(
@@ -89,8 +91,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with log.open("wb") as out:
+        how = (
+            ["psik_api_server", "serve"]
+            if request.param == "serve"
+            else ["uvicorn", "psik_api_server.main:app"]
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "psik_api_server", "serve", "--port", str(port)],
+            [sys.executable, "-m", *how, "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -112,19 +112,23 @@ def fit(max_connections: int, backlog: int, open_files: int) -> tuple[int, int]:
     return cap, backlog
 
 
-def start(settings: Settings, *, backlog: int, logger: logging.Logger | None = None) -> tuple[int, int]:
+def start(
+    settings: Settings, *, backlog: int, keep_alive: bool = True, logger: logging.Logger | None = None
+) -> tuple[int, int]:
     """At server start: raise the open-file limit, fit the connection cap and backlog
-    under it, :func:`install` the limits and say in one line what they are. Returns the
-    cap and the backlog to listen with."""
+    under it, :func:`install` the limits and say in one line what they are (``keep_alive``:
+    whether the settings' keep-alive timeout is the one uvicorn uses). Returns the cap
+    and the backlog to listen with."""
     before, after = raise_open_file_limit()
     cap, backlog = fit(settings.max_connections, backlog, after)
     install(ConnectionLimits(cap, settings.header_timeout))
     log = logger or _logger
     files = f"{before} -> {after}" if after != before else f"{after}"
+    idle = f"{settings.keep_alive_timeout} s" if keep_alive else "uvicorn's --timeout-keep-alive"
     log.info(
         "limits: open files %s (hard limit), connections at most %d, request head within %g s, "
-        "keep-alive %d s",
-        files, cap, settings.header_timeout, settings.keep_alive_timeout,
+        "keep-alive %s",
+        files, cap, settings.header_timeout, idle,
     )  # fmt: skip
     if cap < settings.max_connections:
         log.warning(

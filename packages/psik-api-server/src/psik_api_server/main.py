@@ -29,7 +29,7 @@ def build() -> Starlette:
     install_uvicorn_hook()
     # uvicorn has configured its logging by now; its backlog (--backlog) is not known
     # here: its default is assumed when fitting the connection cap under the file limit.
-    limits.start(settings, backlog=2048, logger=logging.getLogger("uvicorn.error"))
+    limits.start(settings, backlog=2048, keep_alive=False, logger=logging.getLogger("uvicorn.error"))
     limits.quiet_repeats()
     return create_app(settings)
 
