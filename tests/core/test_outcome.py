@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psik_api_core import JobState, run_outcome
+from psik_api_core import SLOT_WAIT_INFO, JobState, run_outcome, slot_wait
 
 
 @dataclass
@@ -62,3 +62,19 @@ def test_rows_out_of_time_order_are_read_by_time() -> None:
     # psik can write a local job's active/completed rows before its queued row.
     rows = [NEW, R(2.2, 1, JobState.completed), R(2.1, 1, JobState.active), R(2.0, 1, JobState.queued, "5")]
     assert run_outcome(rows) == ("5", 0)
+
+
+def test_a_run_waiting_for_a_job_slot_is_queued_with_no_native_id_yet() -> None:
+    wait = SLOT_WAIT_INFO + ": backend 'default' runs at most 1 job at once"
+    waiting = [NEW, R(2.0, 1, JobState.queued, wait)]
+    assert slot_wait(waiting) == (1, 2.0)
+    assert run_outcome(waiting) == (None, None)
+    started = [*waiting, R(3.0, 1, JobState.queued, "4242")]
+    assert slot_wait(started) is None
+    assert run_outcome([*started, R(4.0, 1, JobState.active), R(5.0, 1, JobState.completed)]) == ("4242", 0)
+    # Cancelled while waiting (psik records a cancel as jobndx 0): not waiting any more.
+    assert slot_wait([*waiting, R(3.0, 0, JobState.canceled)]) is None
+    # A second run that waits, after a first that ran.
+    rerun = [*started, R(5.0, 1, JobState.completed), R(6.0, 2, JobState.queued, wait)]
+    assert slot_wait(rerun) == (2, 6.0)
+    assert slot_wait([NEW]) is None

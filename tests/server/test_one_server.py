@@ -113,13 +113,13 @@ async def test_two_starts_from_two_processes_never_both_submit(settings: Setting
         for side in (one, two):
             real = side.backend.submit
 
-            async def submit(jobid: str, real: Any = real) -> Any:
+            async def submit(jobid: str, *, waited: int | None = None, real: Any = real) -> Any:
                 arrived["n"] += 1
                 if arrived["n"] == 2:
                     both.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(both.wait(), 1.0)
-                return await real(jobid)
+                return await real(jobid, waited=waited)
 
             side.backend.submit = submit  # type: ignore[method-assign]
         results = await asyncio.gather(

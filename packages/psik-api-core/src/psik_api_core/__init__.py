@@ -24,13 +24,16 @@ from .models import (
 )
 from .states import (
     FINAL_STATES,
+    SLOT_WAIT_INFO,
     TRANSITIONS,
     JobState,
     can_cancel,
     can_start,
     can_transition,
     derive_state,
+    is_slot_wait,
     run_outcome,
+    slot_wait,
 )
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "JOBID_PATTERN",
     "LIMITS",
     "LOCAL_USER",
+    "SLOT_WAIT_INFO",
     "STRICT_INPUT",
     "TRANSITIONS",
     "Action",
@@ -65,6 +69,8 @@ __all__ = [
     "derive_state",
     "field_error",
     "is_jobid",
+    "is_slot_wait",
     "run_outcome",
+    "slot_wait",
     "utc",
 ]

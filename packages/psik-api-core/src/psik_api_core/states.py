@@ -114,7 +114,8 @@ def run_outcome(history: Iterable[InfoRow]) -> tuple[str | None, int | None]:
     psik writes the backend's id (a local PID, a Slurm job id) as the info of the run's
     ``queued`` row, and the script's exit status as the info of its ``failed`` row
     (``completed`` means 0). A ``failed`` row whose info is not a number (a refused
-    submission, a vanished process) and a cancelled run have no exit code.
+    submission, a vanished process) and a cancelled run have no exit code. A run still
+    waiting for a job slot has no native id yet.
     """
     rows = list(history)
     state, run = derive_state(rows)
@@ -124,7 +125,10 @@ def run_outcome(history: Iterable[InfoRow]) -> tuple[str | None, int | None]:
         (
             r.info
             for r in sorted(rows, key=lambda r: r.time)
-            if r.jobndx == run and JobState(r.state) is JobState.queued and r.info
+            if r.jobndx == run
+            and JobState(r.state) is JobState.queued
+            and r.info
+            and not is_slot_wait(r.info)
         ),
         None,
     )
@@ -140,3 +144,28 @@ def run_outcome(history: Iterable[InfoRow]) -> tuple[str | None, int | None]:
         if info.lstrip("-").isdigit():
             exit_code = int(info)
     return native_id, exit_code
+
+
+#: The ``info`` of the ``queued`` row the server writes for a run that waits for a free
+#: job slot (a backend's ``max_running``): the run is ``queued``, and nothing is running
+#: yet. When a slot frees, the backend's own ``queued`` row (with the native id) follows
+#: for the same jobndx.
+SLOT_WAIT_INFO = "waiting for a free job slot"
+
+
+def is_slot_wait(info: str) -> bool:
+    """True if ``info`` is that of a slot-wait ``queued`` row (see :data:`SLOT_WAIT_INFO`)."""
+    return info.startswith(SLOT_WAIT_INFO)
+
+
+def slot_wait(history: Iterable[InfoRow]) -> tuple[int, float] | None:
+    """``(jobndx, since)`` if the job's current run is waiting for a job slot: it is
+    ``queued`` and its only ``queued`` rows are slot-wait rows; None otherwise."""
+    rows = list(history)
+    state, run = derive_state(rows)
+    if state is not JobState.queued or run == 0:
+        return None
+    queued = [r for r in rows if r.jobndx == run and JobState(r.state) is JobState.queued]
+    if not queued or not all(is_slot_wait(r.info) for r in queued):
+        return None
+    return run, min(float(r.time) for r in queued)

@@ -28,7 +28,7 @@ from psik_api_core import BackendInfo, JobSpec
 from . import jobdir
 from .containment import Containment
 from .jobdir import job_path
-from .launcher import LaunchError, LocalLauncher
+from .launcher import LaunchError, LocalLauncher, forget_slot_wait
 from .liveness import local_pid
 from .settings import BackendSettings
 
@@ -179,12 +179,15 @@ class PsikBackend:
         await anyio.to_thread.run_sync(os.chmod, self.path(str(job.stamp)), 0o700)
         return str(job.stamp)
 
-    async def submit(self, jobid: str) -> tuple[int, str]:
-        """Submit the job; on failure record ``failed`` in its history and raise SubmitError."""
+    async def submit(self, jobid: str, *, waited: int | None = None) -> tuple[int, str]:
+        """Submit the job; on failure record ``failed`` in its history and raise SubmitError.
+        ``waited``: start that run, which has waited for a job slot (:meth:`wait_for_slot`)."""
         from psik.job import Job as PsikJob
 
         base = self.path(jobid)
         job = await PsikJob(base)
+        if waited is not None:
+            forget_slot_wait(job, waited)
         jobndx = job.summarize()[0]
         btype = job.info.backend.type
         spec = JobSpec.model_validate(job.spec.model_dump())
@@ -192,7 +195,7 @@ class PsikBackend:
         if reason is None:
             try:
                 if btype == "local":
-                    return await self._launcher.submit(base)
+                    return await self._launcher.submit(base, waited)
                 self._defer_callbacks(job)
                 jobndx, native_id = await job.submit()
                 return int(jobndx), str(native_id)
@@ -200,6 +203,20 @@ class PsikBackend:
                 reason = f"{btype} backend refused the job: {e}"
         await self.record_failure(jobid, jobndx, reason)
         raise SubmitError(jobid, reason)
+
+    async def wait_for_slot(self, jobid: str, why: str) -> tuple[int, float]:
+        """Record the job's next run as ``queued``, waiting for a job slot (``why`` starts
+        with ``SLOT_WAIT_INFO``); nothing is started. Returns the run's jobndx and the
+        row's time."""
+        from psik.job import Job as PsikJob
+        from psik.models import JobState as PsikJobState
+
+        job = await PsikJob(self.path(jobid))
+        jobndx = job.summarize()[0]
+        now = time.time()
+        # backdate: the backend's own `queued` row, when the job starts, fires the callback.
+        await job.reached(jobndx, PsikJobState.queued, _one_line(why), backdate=now)
+        return jobndx, now
 
     async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:
         """Append ``failed`` for run ``jobndx`` to the job's history, with ``reason``."""

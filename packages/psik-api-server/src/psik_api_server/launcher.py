@@ -16,7 +16,9 @@ forking. The launcher:
   requests as a second launcher. psik's ``fork_job`` is wrapped so that the forked
   process logs why and calls ``os._exit`` in a ``finally``, and the loop checks its PID too;
 * answers one JSON line per request: ``{"id", "base"}`` -> ``{"id", "jobndx",
-  "native_id"}`` or ``{"id", "error"}``;
+  "native_id"}`` or ``{"id", "error"}``; with ``"jobndx": n`` in the request it starts
+  run ``n`` of a job whose run ``n`` has waited for a job slot (psik itself would start
+  run ``n + 1``);
 * exits when the server closes the pipe. Jobs are detached by psik (setsid + double
   fork), so they outlive both the launcher and the server.
 """
@@ -122,8 +124,9 @@ class LocalLauncher:
                     fut.set_exception(LaunchError("the job launcher process exited"))
             pending.clear()
 
-    async def submit(self, base: Path) -> tuple[int, str]:
-        """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``.
+    async def submit(self, base: Path, jobndx: int | None = None) -> tuple[int, str]:
+        """Submit the job at ``base`` on psik's local backend: ``(jobndx, pid)``;
+        ``jobndx``: start that run, which has waited for a job slot.
 
         A launcher found dead before the request reached it is restarted once; one
         that dies after is not retried (the job may have started)."""
@@ -135,7 +138,10 @@ class LocalLauncher:
             pending = self._pending
             pending[rid] = fut
             try:
-                proc.stdin.write(json.dumps({"id": rid, "base": str(base)}).encode() + b"\n")
+                request: dict[str, Any] = {"id": rid, "base": str(base)}
+                if jobndx is not None:
+                    request["jobndx"] = jobndx
+                proc.stdin.write(json.dumps(request).encode() + b"\n")
                 await proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as e:
                 pending.pop(rid, None)
@@ -170,6 +176,20 @@ class LocalLauncher:
 
 #: The exit status of a forked job process whose psik code raised or returned (EX_SOFTWARE).
 ESCAPED = 70
+
+
+def forget_slot_wait(job: Any, run: int) -> None:
+    """Make psik's ``job.submit()`` start run ``run`` of ``job`` (a loaded psik Job),
+    which has waited for a job slot.
+
+    The run's only rows are the server's slot-wait ``queued`` rows; with them out of the
+    job's history in memory (the file keeps them), psik's submit(), which takes the
+    largest jobndx seen plus one, starts that run, under its own lock on status.csv."""
+    from psik_api_core import is_slot_wait
+
+    job.history = [t for t in job.history if not (t.jobndx == run and is_slot_wait(t.info))]
+    if job.summarize()[0] != run:
+        raise RuntimeError(f"run {run} of job {job.stamp} is not waiting for a job slot")
 
 
 def _contain_forks(launcher_pid: int) -> None:
@@ -215,8 +235,10 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
     launcher_pid = os.getpid()
     _contain_forks(launcher_pid)
 
-    async def submit(base: str) -> tuple[int, str]:
+    async def submit(base: str, run: int | None) -> tuple[int, str]:
         job = await Job(base)
+        if run is not None:
+            forget_slot_wait(job, run)
         send = job.send_callback
 
         async def send_callback(jobndx: int, state: Any, info: str) -> bool:
@@ -238,7 +260,8 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
         try:
             req = json.loads(line)
             rid = req["id"]
-            jobndx, native_id = asyncio.run(submit(str(req["base"])))
+            run = req.get("jobndx")
+            jobndx, native_id = asyncio.run(submit(str(req["base"]), None if run is None else int(run)))
             reply: dict[str, Any] = {"id": rid, "jobndx": jobndx, "native_id": native_id}
         except Exception as e:
             reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}

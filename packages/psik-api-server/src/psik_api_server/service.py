@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 import weakref
@@ -60,14 +61,17 @@ from psik_api_core import (
     derive_state,
     field_error,
     run_outcome,
+    slot_wait,
     utc,
 )
 
 from . import jobdir
 from .backend import PsikBackend, SubmitError
+from .diskfull import INDEX, PREFIX, Creates, DiskFull, is_disk_full
 from .errors import ApiError, StartupError
 from .liveness import vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
+from .slots import JobSlots
 from .store import BadCursor, CorruptIndex, IdempotencyRecord, JobRow, JobStore, OpenKey
 from .watcher import Change, StatusWatcher
 
@@ -124,6 +128,12 @@ class JobService:
         # (owner, key) of the keyed requests this process is handling now: a replay of
         # one of them is told to retry; any other unanswered key was abandoned.
         self._inflight: set[tuple[str, str]] = set()
+        # A full disk: said once, answered 507, nothing half-made left (see .diskfull).
+        self.disk = DiskFull(backend.prefix, store.path)
+        self._creates = Creates()
+        self.slots = JobSlots({name: cfg.slot_limit() for name, cfg in backend.settings.items()})
+        self._filling: asyncio.Task[None] | None = None
+        self._fill_again = False
 
     # ---- lifecycle (the app's lifespan) ----
 
@@ -154,7 +164,10 @@ class JobService:
             self.watcher.follow(jobid, status_csv)
         self.watcher.start()
         self.backend.warm_up()
+        for backend, jobid, since in await in_thread(self._waiting_sync):
+            self.slots.wait(backend, jobid, since)
         await self._resume(done.pending)
+        self._fill_slots()
         self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop(), name="liveness")
 
     def _open_sync(self) -> tuple[Reconciled, tuple[str, Path] | None]:
@@ -206,6 +219,11 @@ class JobService:
 
     async def aclose(self) -> None:
         """Stop the liveness loop, the watcher and the launcher; close the index."""
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filling
+            self._filling = None
         if self._liveness is not None:
             self._liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,7 +262,14 @@ class JobService:
                 state, jobndx = derive_state(c.rows)
                 yield c.jobid, state, jobndx, max(r.time for r in c.rows)
 
-        await in_thread(self.store.set_states, list(states()))
+        try:
+            changed = await in_thread(self.store.set_states, list(states()))
+        except Exception as e:
+            self.disk.note(e)  # a full disk is said once; the watcher keeps the changes, retries
+            raise
+        if changed:
+            self.disk.cleared(INDEX)
+        self._fill_slots()  # a job that ended frees its slot
 
     # ---- checks (blocking: called from the _sync methods) ----
 
@@ -265,15 +290,25 @@ class JobService:
         return row
 
     def _refresh(
-        self, jobid: str, read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job
+        self, jobid: str, read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job, *, strict: bool = False
     ) -> jobdir.JobFiles | None:
-        """Re-read a job's directory and update its index row."""
+        """Re-read a job's directory and update its index row. A failed update (a full
+        disk) is said once and ignored, unless ``strict`` (a request that changes the
+        job: it must not act on a stale row)."""
         try:
             files = read(self.backend.path(jobid))
         except (OSError, ValueError):
             return None
         state, jobndx = files.state
-        self.store.set_state(jobid, state, jobndx, files.updated)
+        try:
+            if self.store.set_state(jobid, state, jobndx, files.updated):
+                self.disk.cleared(INDEX)
+        except (sqlite3.Error, OSError) as e:
+            if strict:
+                raise
+            # A read must not need a write (the disk may be full): the answer comes from
+            # the directory, and the watcher records the state once it can.
+            self.disk.write_failed(e, f"recording job {jobid}'s state in the index")
         return files
 
     def _release_start_sync(self, jobid: str) -> None:
@@ -318,7 +353,7 @@ class JobService:
     def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
         """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable."""
         owner = self._owned(principal, jobid, action).owner
-        files = self._refresh(jobid)
+        files = self._refresh(jobid, strict=action is not Action.read)
         if files is None:
             raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
         return owner, files
@@ -453,18 +488,26 @@ class JobService:
     async def _create(self, principal: Principal, spec: JobSpec, submit: bool, key: str | None) -> Job:
         owner = principal.user
         try:
-            jobid = await self.backend.create(spec)
-        except BaseException:
+            # A create a full disk stopped leaves no directory (psik's is not atomic).
+            async with self._creates.creating(self.backend.prefix, lambda j: self.store.get(j) is not None):
+                jobid = await self.backend.create(spec)
+        except BaseException as e:
             if key is not None:
                 with anyio.CancelScope(shield=True):
-                    await in_thread(self.store.release_key, owner, key)
+                    await self._release_key(owner, key)
+            if is_disk_full(e):
+                raise self.disk.error(e, "create the job", made=True) from e
             raise
+        self.disk.cleared(PREFIX)
         try:
             await in_thread(self._index_new_sync, owner, jobid, key, submit)
-        except BaseException:
+        except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self._forget_unindexed(owner, jobid, key)
+            if is_disk_full(e):
+                raise self.disk.error(e, "record the job in the index", made=True) from e
             raise
+        self.disk.cleared(INDEX)
         if submit:
             try:
                 async with self._lock(jobid):
@@ -477,13 +520,27 @@ class JobService:
                 if key is not None:
                     await in_thread(self.store.settle_key, owner, key, jobid)
                 raise
+            except Exception as e:
+                if not is_disk_full(e):
+                    raise
+                with anyio.CancelScope(shield=True):
+                    unmade = await in_thread(self._unmake_unsubmitted_sync, jobid)
+                if unmade:
+                    raise self.disk.error(e, "submit the job", made=True) from e
+                self.disk.note(e)  # it was submitted all the same: that is the answer
         return await in_thread(self._answer_sync, principal, jobid, key)
 
     def _answer_sync(self, principal: Principal, jobid: str, key: str | None) -> Job:
         """The job, as the answer to a request with ``key``, which is settled with it."""
         job = self._get_sync(principal, jobid)
         if key is not None:
-            self.store.settle_key(principal.user, key, jobid)
+            try:
+                self.store.settle_key(principal.user, key, jobid)
+            except (sqlite3.Error, OSError) as e:
+                if not is_disk_full(e):
+                    raise
+                # Left linked, unsettled: a replay answers with this job, start-up settles it.
+                self.disk.note(e)
         return job
 
     def _index_new_sync(self, owner: str, jobid: str, key: str | None, submit: bool) -> None:
@@ -502,7 +559,35 @@ class JobService:
             return  # recorded after all (cancelled while the write finished)
         await self.backend.remove(jobid)
         if key is not None:
+            await self._release_key(owner, key)
+
+    async def _release_key(self, owner: str, key: str) -> None:
+        """``release_key``; a failure (a full index) is logged: the claim then blocks
+        the key until it is stale (``STALE_CLAIM_SECONDS``) or the server restarts."""
+        try:
             await in_thread(self.store.release_key, owner, key)
+        except (sqlite3.Error, OSError) as e:
+            self.disk.write_failed(e, f"freeing the Idempotency-Key of a request that made no job ({owner})")
+
+    def _unmake_unsubmitted_sync(self, jobid: str) -> bool:
+        """After a submit a full disk stopped: remove the job (directory, index row, key
+        link) if it never ran, so that a retry makes it afresh; False if it did run
+        (psik recorded it ``queued``), and stays."""
+        base = self.backend.path(jobid)
+        try:
+            files = jobdir.read_job_settled(base)
+        except (OSError, ValueError):
+            files = None
+        if files is not None and files.state != (JobState.new, 0):
+            return False
+        # A process psik forked for it can record nothing either, so it never ran the
+        # script (psik's first step, the ``active`` row, failed), and ends.
+        shutil.rmtree(base, ignore_errors=True)
+        try:
+            self.store.delete(jobid)  # and the keys linked to it
+        except (sqlite3.Error, OSError) as e:
+            self.disk.write_failed(e, f"removing job {jobid} from the index (start-up drops it)")
+        return True
 
     async def _replay(self, principal: Principal, jobid: str, submit: bool, key: str) -> Job:
         """The answer to a repeated keyed request: its job, submitted first if the
@@ -533,15 +618,96 @@ class JobService:
             return True
 
     async def _submit(self, jobid: str) -> None:
-        """Submit and follow the job; callers answer with ``get``, which refreshes the index."""
+        """Submit and follow the job (called holding its lock and start claim). On a
+        backend with a slot limit and no free slot (or others already waiting), the job
+        is recorded ``queued``, waiting for a slot, instead (see :mod:`.slots`)."""
+        row = await in_thread(self.store.get, jobid)
+        backend = row.backend if row is not None else None
+        if backend is None or self.slots.limit(backend) is None:
+            await self._launch(jobid)
+            return
+        async with self.slots.lock(backend):
+            free = await in_thread(self._free_slots_sync, backend)
+            if free > 0 and not self.slots.queue(backend):
+                await self._launch(jobid)
+                return
+            _, since = await self.backend.wait_for_slot(jobid, self.slots.why(backend))
+            self.slots.wait(backend, jobid, since)
+            self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
+        self._fill_slots()  # a slot may have freed while this one was being recorded
+
+    async def _launch(self, jobid: str, waited: int | None = None) -> None:
+        """Submit (``waited``: start that run, which waited for a slot) and follow the
+        job, and record its new state in the index (a slot decision counts it next)."""
         try:
-            await self.backend.submit(jobid)
+            await self.backend.submit(jobid, waited=waited)
         except SubmitError as e:
             await in_thread(self._refresh, jobid)
             raise ApiError(
                 ProblemCode.submit_failed, f"job {jobid} was not submitted: {e.reason}", jobid=jobid
             ) from e
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
+        await in_thread(self._refresh, jobid)
+
+    # ---- job slots ----
+
+    def _free_slots_sync(self, backend: str) -> int:
+        return self.slots.free(backend, self.store.live())
+
+    def _waiting_sync(self) -> list[tuple[str, str, float]]:
+        """``(backend, jobid, since)`` of every job the job directories say is waiting
+        for a slot (at start-up: the waiting list survives a restart)."""
+        found: list[tuple[str, str, float]] = []
+        for row in self.store.live():
+            if row.state is not JobState.queued or self.slots.limit(row.backend) is None:
+                continue
+            try:
+                files = jobdir.read_job(self.backend.path(row.jobid))
+            except (OSError, ValueError):
+                continue
+            wait = slot_wait(files.history)
+            if wait is not None:
+                found.append((row.backend, row.jobid, wait[1]))
+        return found
+
+    def _fill_slots(self) -> None:
+        """Start waiting jobs while slots are free, in the background (one filler at a
+        time; a call while it runs makes it look again when done)."""
+        if not self.slots.backends_waiting():
+            return
+        if self._filling is not None and not self._filling.done():
+            self._fill_again = True
+            return
+        self._filling = asyncio.get_running_loop().create_task(self._fill(), name="job slots")
+
+    async def _fill(self) -> None:
+        while True:
+            self._fill_again = False
+            for backend in self.slots.backends_waiting():
+                for jobid in self.slots.queue(backend):
+                    try:
+                        if not await self._start_waiting(backend, jobid):
+                            break  # no free slot: the next job that ends calls again
+                    except Exception as e:  # one job must not keep the others waiting
+                        _logger.warning("job %s: not started from the slot queue: %s", jobid, e)
+                        self.slots.done(backend, jobid)
+            if not self._fill_again:
+                return
+
+    async def _start_waiting(self, backend: str, jobid: str) -> bool:
+        """Start ``jobid`` if a slot is free and it still waits; False if no slot is free."""
+        async with self._lock(jobid), self.slots.lock(backend):
+            if await in_thread(self._free_slots_sync, backend) <= 0:
+                return False
+            files = await in_thread(self._refresh, jobid, jobdir.read_job_settled)
+            wait = None if files is None else slot_wait(files.history)
+            self.slots.done(backend, jobid)
+            if wait is not None:  # else cancelled (or purged) while it waited
+                try:
+                    await self._launch(jobid, waited=wait[0])
+                except ApiError as e:  # refused: the job is failed, its history says why
+                    _logger.warning("job %s: %s", jobid, e)
+            return True
 
     async def start(self, principal: Principal, jobid: str) -> Job:
         async with self._lock(jobid):

@@ -40,9 +40,20 @@ class BackendSettings(BaseModel):
     project_name: str | None = None
     reservation_id: str | None = None
     attributes: dict[str, str] = Field(default_factory=dict)
+    #: At most this many of the backend's jobs run at once; the others wait ``queued``
+    #: and start in submission order as slots free up. Local default: the CPU count.
+    #: Other backends: no cap here (their scheduler has its own).
+    max_running: int | None = Field(default=None, ge=1, le=100_000)
 
     def psik_fields(self) -> dict[str, Any]:
-        return self.model_dump()
+        """What psik's ``BackendConfig`` takes (the server's own settings left out)."""
+        return self.model_dump(exclude={"max_running"})
+
+    def slot_limit(self) -> int | None:
+        """How many of this backend's jobs may run at once; None: no cap."""
+        if self.max_running is not None:
+            return self.max_running
+        return (os.cpu_count() or 1) if self.type == "local" else None
 
 
 def default_data_dir() -> Path:
