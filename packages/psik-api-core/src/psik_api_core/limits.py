@@ -22,6 +22,9 @@ class Limits:
     max_idempotency_key: int = 200
     #: Longest ``JobSpec.name`` (it becomes e.g. Slurm's ``--job-name``).
     max_job_name: int = 256
+    #: Most bytes of one log in ``GET /v1/jobs/{id}/logs`` (its last ones; the rest is
+    #: marked as left out, and ``GET /v1/jobs/{id}/logs/{name}`` has them all).
+    max_log_bytes_in_logs: int = 1 << 20
 
 
 LIMITS = Limits()

@@ -36,6 +36,7 @@ from psik_api_core import (
 from psik_api_core.limits import byte_size
 
 from ._version import __version__
+from .joblogs import LOG_NAME_REGEX, VALID_NAMES
 
 OPENAPI_VERSION = "3.1.0"
 PROBLEM_JSON = "application/problem+json"
@@ -120,6 +121,10 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "X-Log-Size": {
+        "description": "The log's size in bytes when it was read.",
         "schema": {"type": "integer", "minimum": 0},
     },
 }
@@ -267,6 +272,43 @@ OPERATIONS: tuple[Operation, ...] = (
         "The state alone: cheap to poll.",
         {200: Reply("The job's state.", JobStatus)},
         params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/logs", "getJobLogs", "jobs", "Get a job's logs",
+        "Every log of the job (`console`, `stdout.N`, `stderr.N`; N is the run), decoded as"
+        " UTF-8 with replacement characters. A log over"
+        f" {byte_size(LIMITS.max_log_bytes_in_logs)} keeps its last bytes, after a line saying"
+        " how many were left out; `GET /v1/jobs/{jobid}/logs/{name}` has them all.",
+        {200: Reply("Each log's text, by name.",
+                    {"type": "object", "additionalProperties": {"type": "string"}})},
+        params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/logs/{name}", "getJobLog", "jobs", "Get or follow one log",
+        "The log's bytes as the job wrote them. `offset` or `tail` pick where to start;"
+        " `follow=true` streams on as the job writes, until the job is final and the log is"
+        " read to its end (a log not written yet is waited for while the job runs).",
+        {200: Reply("The log's bytes.", {"type": "string"}, media_type="text/plain",
+                    headers=("X-Log-Size",))},
+        params=(
+            _JOBID,
+            Param("name", "path", f"The log: {VALID_NAMES}.",
+                  {"type": "string", "pattern": LOG_NAME_REGEX}, True),
+            Param("offset", "query", "Start this many bytes into the log.",
+                  {"type": "integer", "minimum": 0, "default": 0}),
+            Param("tail", "query", "Only the last this many lines (not with `offset`).",
+                  {"type": "integer", "minimum": 1}),
+            Param("follow", "query", "Stream new output until the job is final.",
+                  {"type": "boolean", "default": False}),
+        ),
+        failures=(
+            _BAD_JOBID,
+            Failure(ProblemCode.not_found,
+                    "no such job, or it is not the caller's; no log of this name (the detail names"
+                    " the valid ones); without `follow`, a log not written yet"),
+            Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown, or"
+                    " `offset` and `tail` are both given"),
+        ),
     ),
     Operation(
         "GET", "/healthz", "healthz", "service", "Health check", "Answers while the server runs.",

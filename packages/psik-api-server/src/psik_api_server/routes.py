@@ -32,6 +32,7 @@ from psik_api_core.limits import byte_size
 from .errors import ApiError
 from .openapi import OPERATIONS
 from .problems import validation_problem
+from .routes_logs import get_job_log, get_job_logs
 from .security import principal
 from .service import JobService
 
@@ -251,6 +252,8 @@ HANDLERS: Mapping[str, Endpoint] = {
     "getJob": get_job,
     "cancelJob": delete_job,
     "getJobState": get_state,
+    "getJobLogs": get_job_logs,
+    "getJobLog": get_job_log,
     "healthz": healthz,
 }
 
