@@ -224,3 +224,39 @@ def test_uvicorn_main_app_on_all_interfaces_answers_only_loopback(tmp_path: Path
             assert r.status_code == 403, r.text
             assert r.json()["code"] == "forbidden"
         assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs").json()["items"] == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_serve_binds_get_tcp_nodelay(host: str) -> None:
+    """The socket `serve` binds before uvicorn starts must be one asyncio knows for TCP:
+    it sets TCP_NODELAY only then, and without it Nagle holds every response's body
+    until the client's delayed ACK (40 ms per request on a keep-alive connection)."""
+    import asyncio
+
+    from psik_api_server.cli import _tcp_socket
+
+    try:
+        sock = _tcp_socket(host, 0)
+    except Exception as e:  # a machine without IPv6 on loopback
+        pytest.skip(f"cannot bind {host}: {e}")
+    seen: list[int] = []
+
+    async def main() -> None:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+    assert seen and seen[0] != 0, "accepted connections have Nagle on"

@@ -104,7 +104,11 @@ def _unix_socket(path: Path) -> socket.socket:
 def _tcp_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` as uvicorn binds one (it listens once uvicorn
     starts), or :class:`StartupError` saying why not: the port is in use, say."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP, as getaddrinfo gives uvicorn: asyncio sets TCP_NODELAY only on
+    # connections accepted from a socket that says it is TCP. With proto 0, Nagle held
+    # each response's body until the client's delayed ACK: 40 ms per keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
