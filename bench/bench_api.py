@@ -7,7 +7,8 @@ client over a real socket:
    against psik's own in-process create+submit+poll of the same job, in the same run;
 2. GET /v1/jobs?limit=100 with 2,000 jobs in the index, against psik's JobManager.ls()
    (a full read of the prefix, which is what listing cost without an index);
-3. throughput of 100 concurrent submits followed by wait_all.
+3. throughput of 100 concurrent submits followed by wait_all, with the default job slots
+   (local: max_running = the CPU count) and, on a second server, with no practical cap.
 
 Machines here are shared and noisy: compare the ratios within one run, not absolute
 times across runs. Results are printed and written to bench/results/latest.json.
@@ -41,10 +42,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def server(data: Path) -> Iterator[str]:
+def server(data: Path, config: dict[str, object] | None = None) -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV"}}
     env["XDG_DATA_HOME"] = str(data)
+    if config is not None:
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "psik_api.json").write_text(json.dumps(config))
+        env["PSIK_API_CONFIG"] = str(data / "psik_api.json")
     proc = subprocess.Popen(
         [sys.executable, "-m", "psik_api_server", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,
@@ -205,6 +210,10 @@ def main() -> None:
             )
             filtered = bench_list(url, 50, {"state": "new", "name": "fill3"}, expect=None)
             res["list_filtered_median_s"] = statistics.median(filtered)
+        uncapped = {"backends": {"default": {"type": "local", "max_running": 100_000}}}
+        with server(data / "uncapped", uncapped) as url:
+            res["burst_uncapped_seconds"] = asyncio.run(bench_burst(url, args.burst))
+            res["burst_ratio_slots_over_uncapped"] = res["burst_seconds"] / res["burst_uncapped_seconds"]
         res["psik_ls_all_s"] = bench_psik_ls(data / "psik_api" / "jobs")
         res["list_ratio_psik_ls_over_api"] = res["psik_ls_all_s"] / res["list_limit100_median_s"]
 
