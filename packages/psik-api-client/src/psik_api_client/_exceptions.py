@@ -8,12 +8,14 @@
      ├── APIResponseValidationError    a 2xx answer that is not what the API promises
      ├── APIStatusError                the server answered with an error (problem+json)
      │    ├── BadRequestError              400 bad_request
+     │    │    └── InvalidPathError            400 invalid_path
      │    ├── AuthenticationError          401 unauthorized
      │    ├── PermissionDeniedError        403 forbidden
      │    ├── NotFoundError                404 not_found
      │    ├── MethodNotAllowedError        405 method_not_allowed
      │    ├── ConflictError                409 conflict
      │    │    └── IdempotencyInFlightError    409 idempotency_in_flight
+     │    ├── PreconditionFailedError      412 precondition_failed
      │    ├── RequestTooLargeError         413 too_large
      │    ├── UnsupportedMediaTypeError    415 unsupported_media_type
      │    ├── UnprocessableEntityError     422 validation_error
@@ -120,6 +122,11 @@ class BadRequestError(APIStatusError):
     status_code = 400
 
 
+class InvalidPathError(BadRequestError):
+    """400: a job file path the server refuses: a ``..`` or ``.`` segment, an absolute
+    path, a NUL byte, a backslash, an empty segment; the detail says which."""
+
+
 class AuthenticationError(APIStatusError):
     """401: the server does not know who is calling."""
 
@@ -166,6 +173,13 @@ class ConflictError(APIStatusError):
 
 class IdempotencyInFlightError(ConflictError):
     """409: a request with the same Idempotency-Key is still being processed."""
+
+
+class PreconditionFailedError(APIStatusError):
+    """412: a condition of the request does not hold, e.g. an upload that must not
+    overwrite (``If-None-Match: *``) found the file already there; nothing changed."""
+
+    status_code = 412
 
 
 class RequestTooLargeError(APIStatusError):
@@ -262,12 +276,14 @@ class WaitTimeout(PsikApiError, TimeoutError):
 #: The class of each problem code: every member of core's ProblemCode has its own.
 BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.bad_request: BadRequestError,
+    ProblemCode.invalid_path: InvalidPathError,
     ProblemCode.unauthorized: AuthenticationError,
     ProblemCode.forbidden: PermissionDeniedError,
     ProblemCode.not_found: NotFoundError,
     ProblemCode.method_not_allowed: MethodNotAllowedError,
     ProblemCode.conflict: ConflictError,
     ProblemCode.idempotency_in_flight: IdempotencyInFlightError,
+    ProblemCode.precondition_failed: PreconditionFailedError,
     ProblemCode.too_large: RequestTooLargeError,
     ProblemCode.unsupported_media_type: UnsupportedMediaTypeError,
     ProblemCode.validation_error: UnprocessableEntityError,
@@ -289,6 +305,7 @@ BY_STATUS: dict[int, type[APIStatusError]] = {
         NotFoundError,
         MethodNotAllowedError,
         ConflictError,
+        PreconditionFailedError,
         RequestTooLargeError,
         UnsupportedMediaTypeError,
         UnprocessableEntityError,

@@ -14,11 +14,13 @@ from .models import FieldError
 
 class ProblemCode(StrEnum):
     bad_request = "bad_request"
+    invalid_path = "invalid_path"
     validation_error = "validation_error"
     unknown_backend = "unknown_backend"
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     conflict = "conflict"
+    precondition_failed = "precondition_failed"
     too_large = "too_large"
     unsupported_media_type = "unsupported_media_type"
     idempotency_mismatch = "idempotency_mismatch"
@@ -41,11 +43,13 @@ class ProblemCode(StrEnum):
 
 _STATUS: dict[ProblemCode, int] = {
     ProblemCode.bad_request: 400,
+    ProblemCode.invalid_path: 400,
     ProblemCode.validation_error: 422,
     ProblemCode.unknown_backend: 422,
     ProblemCode.not_found: 404,
     ProblemCode.method_not_allowed: 405,
     ProblemCode.conflict: 409,
+    ProblemCode.precondition_failed: 412,
     ProblemCode.too_large: 413,
     ProblemCode.unsupported_media_type: 415,
     ProblemCode.idempotency_mismatch: 422,
@@ -60,11 +64,13 @@ _STATUS: dict[ProblemCode, int] = {
 
 _TITLE: dict[ProblemCode, str] = {
     ProblemCode.bad_request: "Bad request",
+    ProblemCode.invalid_path: "Invalid file path",
     ProblemCode.validation_error: "Invalid request",
     ProblemCode.unknown_backend: "Unknown backend",
     ProblemCode.not_found: "Not found",
     ProblemCode.method_not_allowed: "Method not allowed",
     ProblemCode.conflict: "Conflict with the job's state",
+    ProblemCode.precondition_failed: "Precondition failed",
     ProblemCode.too_large: "Request too large",
     ProblemCode.unsupported_media_type: "Unsupported body type",
     ProblemCode.idempotency_mismatch: "Idempotency-Key reused with another request",

@@ -25,6 +25,11 @@ class Limits:
     #: Most bytes of one log in ``GET /v1/jobs/{id}/logs`` (its last ones; the rest is
     #: marked as left out, and ``GET /v1/jobs/{id}/logs/{name}`` has them all).
     max_log_bytes_in_logs: int = 1 << 20
+    #: Most entries in one listing of a job's files (``GET /v1/jobs/{id}/files``); the
+    #: rest are left out and the listing says ``truncated``.
+    max_list_entries: int = 10_000
+    #: Most files in one multipart upload (``POST /v1/jobs/{id}/files``).
+    max_upload_files: int = 1000
 
 
 LIMITS = Limits()

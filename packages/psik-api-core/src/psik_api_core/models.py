@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -269,6 +269,28 @@ class BackendInfo(_Model):
     project_name: str | None = None
     healthy: bool = True
     detail: str | None = None
+
+
+class FileInfo(_Model):
+    """One entry of a job's files: ``path`` is relative to the job's file root
+    (``/``-separated, no leading ``/``), ``name`` its last component. A symlink is
+    reported as one (listings never follow them); ``size`` is 0 for a directory."""
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mtime: datetime
+
+
+class FileListing(_Model):
+    """A directory of a job's files (``path`` relative, ``""`` for the root), its
+    entries sorted by path. ``truncated``: there were more entries than the server
+    lists at once (``LIMITS.max_list_entries``); the rest are left out."""
+
+    path: str
+    entries: list[FileInfo]
+    truncated: bool = False
 
 
 class FieldError(_Model):
