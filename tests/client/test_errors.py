@@ -29,6 +29,7 @@ JOBID = "1693992878.203"
         (409, "conflict", pac.ConflictError),
         (409, "idempotency_in_flight", pac.IdempotencyInFlightError),
         (412, "precondition_failed", pac.PreconditionFailedError),
+        (416, "range_not_satisfiable", pac.RangeNotSatisfiableError),
         (413, "too_large", pac.RequestTooLargeError),
         (422, "validation_error", pac.UnprocessableEntityError),
         (422, "unknown_backend", pac.UnknownBackendError),

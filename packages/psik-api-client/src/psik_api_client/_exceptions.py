@@ -18,6 +18,7 @@
      │    ├── PreconditionFailedError      412 precondition_failed
      │    ├── RequestTooLargeError         413 too_large
      │    ├── UnsupportedMediaTypeError    415 unsupported_media_type
+     │    ├── RangeNotSatisfiableError     416 range_not_satisfiable
      │    ├── UnprocessableEntityError     422 validation_error
      │    │    ├── UnknownBackendError         422 unknown_backend
      │    │    └── IdempotencyMismatchError    422 idempotency_mismatch
@@ -26,6 +27,7 @@
      │    ├── SubmitFailedError            502 submit_failed (the job exists, failed)
      │    ├── ServiceUnavailableError      503 backend_unavailable
      │    └── InsufficientStorageError     507 insufficient_storage (nothing was made)
+     ├── ChecksumMismatchError         a download's bytes are not the file the server has
      ├── InvalidRequestError           refused before sending (bad id, spec, key, ...);
      │                                 also a ValueError
      └── WaitTimeout                   wait() gave up; also a TimeoutError
@@ -197,6 +199,13 @@ class UnsupportedMediaTypeError(APIStatusError):
     status_code = 415
 
 
+class RangeNotSatisfiableError(APIStatusError):
+    """416: a download's ``Range`` starts past the end of the file (it is shorter than
+    a partial download assumed); the response's ``Content-Range`` says its size."""
+
+    status_code = 416
+
+
 class UnprocessableEntityError(APIStatusError):
     """422: the request is well-formed but invalid; ``problem.errors`` says where."""
 
@@ -250,6 +259,23 @@ class InsufficientStorageError(APIStatusError):
     status_code = 507
 
 
+class ChecksumMismatchError(PsikApiError):
+    """A downloaded file's SHA-256 is not the one the server sent
+    (``X-Checksum-Sha256``): the bytes were damaged on the way, or the file changed
+    while it was read. The partial file was removed and nothing was written at the
+    destination; downloading again starts afresh.
+
+    ``path`` is the job file's path, ``expected`` the server's digest and ``actual``
+    the digest of what arrived (hex).
+    """
+
+    def __init__(self, message: str, *, path: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
 class WaitTimeout(PsikApiError, TimeoutError):
     """``wait``/``wait_all`` gave up before the job(s) became final.
 
@@ -284,6 +310,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.conflict: ConflictError,
     ProblemCode.idempotency_in_flight: IdempotencyInFlightError,
     ProblemCode.precondition_failed: PreconditionFailedError,
+    ProblemCode.range_not_satisfiable: RangeNotSatisfiableError,
     ProblemCode.too_large: RequestTooLargeError,
     ProblemCode.unsupported_media_type: UnsupportedMediaTypeError,
     ProblemCode.validation_error: UnprocessableEntityError,
@@ -306,6 +333,7 @@ BY_STATUS: dict[int, type[APIStatusError]] = {
         MethodNotAllowedError,
         ConflictError,
         PreconditionFailedError,
+        RangeNotSatisfiableError,
         RequestTooLargeError,
         UnsupportedMediaTypeError,
         UnprocessableEntityError,

@@ -21,6 +21,7 @@ class ProblemCode(StrEnum):
     method_not_allowed = "method_not_allowed"
     conflict = "conflict"
     precondition_failed = "precondition_failed"
+    range_not_satisfiable = "range_not_satisfiable"
     too_large = "too_large"
     unsupported_media_type = "unsupported_media_type"
     idempotency_mismatch = "idempotency_mismatch"
@@ -50,6 +51,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.method_not_allowed: 405,
     ProblemCode.conflict: 409,
     ProblemCode.precondition_failed: 412,
+    ProblemCode.range_not_satisfiable: 416,
     ProblemCode.too_large: 413,
     ProblemCode.unsupported_media_type: 415,
     ProblemCode.idempotency_mismatch: 422,
@@ -71,6 +73,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.method_not_allowed: "Method not allowed",
     ProblemCode.conflict: "Conflict with the job's state",
     ProblemCode.precondition_failed: "Precondition failed",
+    ProblemCode.range_not_satisfiable: "Range not satisfiable",
     ProblemCode.too_large: "Request too large",
     ProblemCode.unsupported_media_type: "Unsupported body type",
     ProblemCode.idempotency_mismatch: "Idempotency-Key reused with another request",
