@@ -104,6 +104,13 @@ class Api:
         assert isinstance(items, AsyncIterator)
         return [item async for item in items]
 
+    async def follow_log(self, *args: Any, **kwargs: Any) -> list[bytes]:
+        chunks = self.client.follow_log(*args, **kwargs)
+        if isinstance(chunks, Iterator):
+            return list(chunks)
+        assert isinstance(chunks, AsyncIterator)
+        return [chunk async for chunk in chunks]
+
     def methods(self) -> builtins.list[str]:
         return [f"{r.method} {r.url.path}" for r in self.requests]
 

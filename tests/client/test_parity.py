@@ -81,3 +81,29 @@ def test_every_public_name_has_a_docstring(cls: type) -> None:
     for name, member in vars(cls).items():
         if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)):
             assert member.__doc__, f"{cls.__name__}.{name}"
+
+
+#: Job files and logs (issue 7): each written once as a flow, on both clients.
+FILES_AND_LOGS = [
+    "upload",
+    "upload_dir",
+    "download",
+    "list_files",
+    "delete_file",
+    "logs",
+    "read_log",
+    "follow_log",
+]
+
+
+@pytest.mark.parametrize("name", FILES_AND_LOGS)
+def test_the_file_and_log_methods_are_on_both_clients(name: str) -> None:
+    assert name in SYNC and name in ASYNC
+    # One flow builds the requests of both: neither body holds the logic.
+    assert "_flow(" in inspect.getsource(SYNC[name]) and "_flow(" in inspect.getsource(ASYNC[name])
+
+
+def test_follow_log_is_an_iterator_in_both_worlds() -> None:
+    assert inspect.signature(SYNC["follow_log"]).return_annotation == "Iterator[bytes]"
+    assert inspect.signature(ASYNC["follow_log"]).return_annotation == "AsyncIterator[bytes]"
+    assert not inspect.iscoroutinefunction(ASYNC["follow_log"])

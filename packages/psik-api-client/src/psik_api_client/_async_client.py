@@ -10,21 +10,34 @@ import builtins
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from contextlib import aclosing
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import anyio
 import httpx
 
-from psik_api_core import LIMITS, BackendInfo, Job, JobSpec, JobStatus, JobSummary, Page
+from psik_api_core import (
+    LIMITS,
+    BackendInfo,
+    FileInfo,
+    FileListing,
+    Job,
+    JobSpec,
+    JobStatus,
+    JobSummary,
+    Page,
+)
 
 from ._base import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     BaseClient,
+    Disk,
     Emit,
     EmitFlow,
     Flow,
+    OpenFile,
     Outcome,
     Read,
     ReadChunk,
@@ -32,6 +45,16 @@ from ._base import (
     Step,
     Stream,
 )
+from ._files import (
+    close_files,
+    delete_file_flow,
+    download_flow,
+    list_files_flow,
+    open_binary,
+    upload_dir_flow,
+    upload_flow,
+)
+from ._logs import follow_log_flow, logs_flow, read_log_flow
 from ._pagination import Pager, StateFilter, job_query, page_params
 from ._types import NOT_GIVEN, NotGiven, RequestOptions, TimeoutArg
 from ._wait import Progress, job_ids, wait_all_flow, wait_flow
@@ -85,8 +108,10 @@ class AsyncClient(BaseClient):
         self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]
     ) -> AsyncGenerator[E, None]:
         """The one loop: do each step ``flow`` asks for, yield what it emits, and put
-        its result in ``result``. Closes every response it streamed, however it ends."""
+        its result in ``result``. Closes every response it streamed and every file it
+        opened, however it ends."""
         streams: dict[httpx.Response, AsyncGenerator[bytes, None]] = {}
+        files: builtins.list[BinaryIO] = []
         try:
             step = next(flow)
             while True:
@@ -94,7 +119,7 @@ class AsyncClient(BaseClient):
                     yield step.value
                     step = flow.send(None)
                 else:
-                    step = flow.send(await self._perform(step, streams))
+                    step = flow.send(await self._perform(step, streams, files))
         except StopIteration as stop:
             result.append(stop.value)
         finally:
@@ -103,15 +128,29 @@ class AsyncClient(BaseClient):
             finally:
                 # Shielded: a cancelled caller must still release the connections.
                 with anyio.CancelScope(shield=True):
-                    await self._close_streams(streams)
+                    try:
+                        await self._close_streams(streams)
+                    finally:
+                        if files:
+                            await anyio.to_thread.run_sync(close_files, files)
 
     async def _perform(
-        self, step: Step, streams: dict[httpx.Response, AsyncGenerator[bytes, None]]
+        self,
+        step: Step,
+        streams: dict[httpx.Response, AsyncGenerator[bytes, None]],
+        files: builtins.list[BinaryIO],
     ) -> Outcome:
         """Do the I/O of one step; a transport error is its answer, not raised."""
         if isinstance(step, Sleep):
             await self._sleep(step.seconds)
             return None
+        if isinstance(step, Disk):
+            # A slow (parallel, network) file system must not stall the loop.
+            return await anyio.to_thread.run_sync(step.fn, *step.args)
+        if isinstance(step, OpenFile):
+            file = await anyio.to_thread.run_sync(open_binary, step.path, step.mode)
+            files.append(file)
+            return file
         try:
             if isinstance(step, httpx.Request):
                 return await self._http.send(step)
@@ -357,6 +396,151 @@ class AsyncClient(BaseClient):
     ) -> dict[str, Any]:
         """The server's health document, ``{"status": "ok"}`` when all is well."""
         return await self._drive(self._health_flow(RequestOptions(timeout, extra_headers)))
+
+    async def upload(
+        self,
+        jobid: str,
+        source: str | os.PathLike[str] | bytes | BinaryIO,
+        remote_path: str,
+        *,
+        overwrite: bool = True,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> FileInfo:
+        """Write ``source`` to the job's file ``remote_path`` (relative to the job's
+        directory; parent directories are made) and return what the server stored.
+
+        ``source`` is a local file's path, the bytes themselves, or a binary file
+        object (sent from where it stands); a file is streamed from disk, never held in
+        memory. The server writes it atomically, so a broken upload leaves no half
+        file. With ``overwrite=False`` an existing file is left alone and
+        :class:`PreconditionFailedError` raised. A local file that cannot be read
+        raises its ``OSError``; a path with ``..``, ``.`` or empty segments, or an
+        absolute one, raises :class:`InvalidRequestError`.
+        """
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(
+            upload_flow(self, jobid, source, remote_path, overwrite=overwrite, options=options)
+        )
+
+    async def upload_dir(
+        self,
+        jobid: str,
+        local_dir: str | os.PathLike[str],
+        remote_dir: str = "",
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> builtins.list[FileInfo]:
+        """Upload every regular file under ``local_dir`` into the job's ``remote_dir``
+        (default: the job's directory itself), keeping their relative paths; one
+        :meth:`upload` per file, in path order. Returns what was stored."""
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(upload_dir_flow(self, jobid, local_dir, remote_dir, options=options))
+
+    async def download(
+        self,
+        jobid: str,
+        remote_path: str,
+        local_path: str | os.PathLike[str],
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Save the job's file ``remote_path`` as ``local_path`` (or inside it, under
+        the file's name, if it is a directory); return the path written.
+
+        The bytes are streamed to ``<local_path>.part``, which resumes where it stopped
+        (``Range``) after a dropped connection, now or in a later call, unless the file
+        changed meanwhile. Once whole, its SHA-256 is checked against the server's and
+        the ``.part`` renamed: ``local_path`` never holds a partial or damaged file. A
+        mismatch removes the ``.part`` and raises :class:`ChecksumMismatchError`; a
+        local write that fails raises its ``OSError``.
+        """
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(download_flow(self, jobid, remote_path, local_path, options=options))
+
+    async def list_files(
+        self,
+        jobid: str,
+        path: str = "",
+        *,
+        recursive: bool = False,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> FileListing:
+        """The entries of the job's directory ``path`` (default: the job's directory),
+        sorted by path; ``recursive`` walks its subdirectories (never following
+        symlinks). A ``path`` naming a file gives a listing of that one file, as
+        ``ls FILE`` does. ``truncated`` says the server left entries out."""
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(list_files_flow(self, jobid, path, recursive=recursive, options=options))
+
+    async def delete_file(
+        self,
+        jobid: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Remove the job's file ``path``; a directory only with ``recursive=True``
+        (else :class:`ConflictError`)."""
+        options = RequestOptions(timeout, extra_headers)
+        await self._drive(delete_file_flow(self, jobid, path, recursive=recursive, options=options))
+
+    async def logs(
+        self,
+        jobid: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
+        """Every log of the job as ``{name: text}`` (``console``, ``stdout.N``,
+        ``stderr.N`` for run N), decoded as UTF-8 with replacement. A long log keeps
+        only its end, after a line saying how much was left out: :meth:`read_log`
+        has it all."""
+        return await self._drive(logs_flow(self, jobid, RequestOptions(timeout, extra_headers)))
+
+    async def read_log(
+        self,
+        jobid: str,
+        name: str,
+        *,
+        tail: int | None = None,
+        offset: int | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """One log's bytes, as the job wrote them: all of it, from byte ``offset``, or
+        its last ``tail`` lines (not both). ``name`` is ``console``, ``stdout.N`` or
+        ``stderr.N``; ``stdout`` and ``stderr`` are the current run's. A log not
+        written (yet) raises :class:`NotFoundError`."""
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(read_log_flow(self, jobid, name, tail=tail, offset=offset, options=options))
+
+    def follow_log(
+        self,
+        jobid: str,
+        name: str,
+        *,
+        offset: int = 0,
+        tail: int | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The log's bytes from ``offset`` (or from its last ``tail`` lines) on, chunk
+        by chunk as the job writes them, ending once the job is final and the log read
+        to its end. A log not written yet is waited for.
+
+        A dropped connection is picked up again from the byte after the last chunk
+        handed out (bounded retries, as for any request). Unless ``timeout=`` is
+        given, the wait for the next chunk has no time limit: a job may be quiet for
+        long. Stop early with ``aclose()`` (or leaving an ``async with aclosing(...)``).
+        """
+        options = RequestOptions(timeout, extra_headers)
+        return self._aiter_flow(follow_log_flow(self, jobid, name, offset=offset, tail=tail, options=options))
 
     async def aclose(self) -> None:
         """Close the connections (and the transport)."""

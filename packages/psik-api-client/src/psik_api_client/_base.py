@@ -20,11 +20,20 @@ The steps, and what the driver answers::
     Close(resp)        the streamed response closed early; None
     Emit(value)        ``value`` handed to whoever iterates the flow; None once they
                        ask for the next one
+    OpenFile(path, mode)
+                       the local file opened in binary ``mode``; the driver closes it
+                       when the flow ends, if the flow did not
+    Disk(fn, args)     ``fn(*args)`` called where it cannot block an event loop (a worker
+                       thread in the async client); its result. Its exception (an
+                       ``OSError``, say) is not an answer: it ends the flow and reaches
+                       the caller, as ``open()``'s would.
 
 Transport errors are answers, not exceptions, so that the flow decides (retry, or map
-to :class:`APIConnectionError`). A flow run for its result (``_drive``) must not emit;
-a flow run as an iterator (``_iter_flow``/``_aiter_flow``: lists, and in time log
-follow and downloads) returns nothing and emits what the caller iterates. The driver
+to :class:`APIConnectionError`). Local files are only touched through ``OpenFile`` and
+``Disk``, so that a download to a slow disk never stalls the async client's loop.
+A flow run for its result (``_drive``: downloads too) must not emit; a flow run as an
+iterator (``_iter_flow``/``_aiter_flow``: lists, log follow) returns nothing and emits
+what the caller iterates. The driver
 closes every response it streamed when the flow ends, however it ends: returning,
 raising, or closed early because the caller stopped iterating.
 """
@@ -112,9 +121,25 @@ class Emit(NamedTuple, Generic[E]):
     value: E
 
 
+class OpenFile(NamedTuple):
+    """Step: open the local file ``path`` in binary ``mode`` (``"rb"``, ``"ab"``,
+    ``"wb"``...); the driver closes it when the flow ends, if the flow did not."""
+
+    path: str
+    mode: str
+
+
+class Disk(NamedTuple):
+    """Step: call ``fn(*args)`` (file-system work) off the event loop; answer its result."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
 #: What a flow yields, and what its driver sends back.
-Step = httpx.Request | Sleep | Stream | ReadChunk | Read | Close
-Outcome = httpx.Response | httpx.TransportError | bytes | None
+Step = httpx.Request | Sleep | Stream | ReadChunk | Read | Close | OpenFile | Disk
+#: A Response, a TransportError, bytes, None, a file, or a Disk call's result.
+Outcome = object
 #: A flow run for its result, of type T.
 Flow = Generator[Step, Outcome, T]
 #: A flow run as an iterator of the values of type E it emits.
@@ -235,10 +260,14 @@ class BaseClient:
         *,
         params: Params | None = None,
         json: Any = None,
+        content: bytes | None = None,
+        stream: httpx.SyncByteStream | httpx.AsyncByteStream | None = None,
         headers: Mapping[str, str] | None = None,
         options: RequestOptions = DEFAULT_OPTIONS,
     ) -> httpx.Request:
-        """The request for ``method path`` (path from the API root, e.g. ``/v1/jobs``).
+        """The request for ``method path`` (path from the API root, e.g. ``/v1/jobs``),
+        its body ``json``, raw ``content``, or a ``stream`` that both clients can send
+        (the operation sets its Content-Length or Transfer-Encoding).
 
         Headers are the client's, then the operation's, then the call's
         ``extra_headers`` (each replacing the one before, whatever its case). The
@@ -252,16 +281,21 @@ class BaseClient:
             self._prefix + path,
             params=tuple(params or ()),
             json=json,
+            content=content,
+            stream=stream,
             headers=merged,
             extensions={"timeout": options.timeout_for(self._timeout).as_dict()},
         )
 
     # ---- the flows every operation is made of ----
 
-    def _send_flow(self, request: httpx.Request, *, stream: bool = False) -> Flow[httpx.Response]:
+    def _send_flow(
+        self, request: httpx.Request, *, stream: bool = False, retry: bool = True
+    ) -> Flow[httpx.Response]:
         """Send ``request``, retrying as the policy allows; return a 2xx response or
         raise the mapped error. With ``stream``, the response is returned with its body
-        unread (an error response's body is read: it decides retries and the message)."""
+        unread (an error response's body is read: it decides retries and the message).
+        ``retry=False`` sends it once (a body that cannot be sent twice)."""
         attempt = 0
         while True:
             outcome = yield Stream(request) if stream else request
@@ -271,7 +305,7 @@ class BaseClient:
                 body = yield Read(outcome)
                 if isinstance(body, httpx.TransportError):
                     outcome = body
-            delay = self._retry.delay(request, outcome, attempt)
+            delay = self._retry.delay(request, outcome, attempt) if retry else None
             if delay is None:
                 break
             attempt += 1
@@ -290,6 +324,16 @@ class BaseClient:
             raise error_from_transport(outcome, response.request, self._where()) from outcome
         if outcome is not None and not isinstance(outcome, bytes):
             raise RuntimeError(f"a flow driver answered a chunk read with {outcome!r}")
+        return outcome
+
+    def _read_flow(self, response: httpx.Response) -> Flow[bytes]:
+        """The rest of a streamed response's body (``response.content`` then works); a
+        broken connection raises :class:`APIConnectionError`."""
+        outcome = yield Read(response)
+        if isinstance(outcome, httpx.TransportError):
+            raise error_from_transport(outcome, response.request, self._where()) from outcome
+        if not isinstance(outcome, bytes):
+            raise RuntimeError(f"a flow driver answered a body read with {outcome!r}")
         return outcome
 
     def _fetch_flow(self, into: pydantic.TypeAdapter[T], request: httpx.Request) -> Flow[T]:

@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import pydantic
 
@@ -110,3 +111,74 @@ def idempotency_key(key: str | None) -> str:
         # HTTP drops the spaces around a header value: the server would see another key.
         raise InvalidRequestError("an Idempotency-Key cannot begin or end with a space")
     return key
+
+
+#: The longest job file path, and path segment, the server accepts (in UTF-8 bytes).
+MAX_PATH_BYTES = 4096
+MAX_SEGMENT_BYTES = 255
+
+
+def file_path(path: str, *, directory: bool = False) -> str:
+    """``path`` (a job file, relative to the job's file root, ``/``-separated), checked
+    as the server checks it and percent-encoded for the URL; ``""`` is the root.
+
+    It is checked here, not only by the server, because httpx resolves ``.`` and
+    ``..`` segments before sending: ``files/../start`` would silently become another
+    route. A ``directory`` (listed or deleted) may be ``""`` or end with one ``/``; a
+    file may not."""
+    if not isinstance(path, str):
+        raise InvalidRequestError(f"a job file path is a str, not {type(path).__name__}")
+    if path == "":
+        if directory:
+            return ""
+        raise InvalidRequestError("a job file path is needed (e.g. 'data.txt' or 'out/result.csv')")
+    fault = _path_fault(path, directory=directory)
+    if fault:
+        raise InvalidRequestError(f"not a job file path: {path[:80]!r}: {fault}")
+    return quote(path, safe="/")
+
+
+def _path_fault(path: str, *, directory: bool) -> str | None:
+    if path.startswith("/"):
+        return "it is absolute; job file paths are relative to the job's directory"
+    if "\\" in path:
+        return "it holds a backslash; separate directories with '/'"
+    if "\x00" in path:
+        return "it holds a NUL byte"
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        return f"it is longer than {MAX_PATH_BYTES} bytes"
+    segments = path.split("/")
+    if segments[-1] == "" and len(segments) > 1:
+        if not directory:
+            return "it ends with '/'; a file's path names the file"
+        segments.pop()
+    for segment in segments:
+        if segment == "":
+            return "it has an empty segment ('//')"
+        if segment in (".", ".."):
+            return f"it has a {segment!r} segment; a path stays inside the job's directory"
+        if len(segment.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
+            return f"a segment is longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+#: psik's log names; ``stdout``/``stderr`` alone are the current run's.
+LOG_NAME = re.compile(r"console|(?:stdout|stderr)(?:\.[0-9]{1,9})?", re.ASCII)
+
+
+def log_name(name: str) -> str:
+    """``name``, checked to be a log's name before it goes into a URL path."""
+    if not isinstance(name, str) or LOG_NAME.fullmatch(name) is None:
+        raise InvalidRequestError(
+            f"not a log name: {name!r} (logs are console, stdout, stderr, or stdout.N/stderr.N for run N)"
+        )
+    return name
+
+
+def count(value: int | None, argument: str, least: int) -> int | None:
+    """``value`` of ``argument`` (e.g. ``tail=``), checked to be None or an int >= ``least``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidRequestError(f"{argument} is an integer >= {least}, not {value!r}")
+    return value
