@@ -4,11 +4,15 @@
 
     psik-api [--url URL | --uds PATH] COMMAND ...
 
-    submit FILE [--wait [--timeout S]]   create and submit a job (JSON, or YAML)
+    submit FILE [--wait [--timeout S] [--output]]   create and submit a job (JSON, or YAML)
     create FILE                          create a job without submitting it
-    start ID | get ID | state ID | cancel ID | wait ID [--timeout S]
+    start ID | get ID | state ID | cancel ID | wait ID [--timeout S] [--output]
     ls [--state S]... [--backend B] [--name N] [--limit N]
     backends
+    upload ID LOCAL [REMOTE]             put a file (or a directory's files) in the job's directory
+    download ID REMOTE [LOCAL]           fetch a job's file (resumed, checksum verified)
+    files ID [PATH] [--recursive]        list the job's files
+    logs ID [NAME] [--follow] [--tail N] print the job's logs, or follow one as it is written
 
 ``--timeout`` is seconds >= 0 (0: look once); ``--limit`` is a count >= 0 (0: all).
 
@@ -16,13 +20,18 @@ Errors are one line on stderr. The exit status says what happened::
 
       0  success (for wait and submit --wait: the job completed)
       1  the job ended failed or canceled (wait, submit --wait)
-      2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
+      2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
       3  wait or submit --wait timed out (the job is left running)
       4  the server could not be reached (connection refused, timeout, ...)
       5  the server refused the request (e.g. no such job, or the backend refused the job)
-      6  the output could not be written (e.g. a full disk)
+      6  the output, or a downloaded file, could not be written (e.g. a full disk)
     130  interrupted (Ctrl-C)
     141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly
+
+A local file that cannot be read (``upload``) is a usage error (2); one that cannot
+be written (``download``) exits 6, and a download that arrives damaged (its SHA-256 is
+not the server's) exits 5: neither leaves a file at LOCAL, and running ``download``
+again resumes or starts afresh.
 
 When the backend refuses a submitted job (``submit``, with or without ``--wait``; the
 server's 502 ``submit_failed``), the job exists, in state ``failed``: the status is 5
@@ -36,10 +45,11 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from psik_api_core import LIMITS, Job, JobSpec, JobState
 
@@ -47,6 +57,7 @@ from ._client import Client
 from ._exceptions import (
     APIConnectionError,
     InvalidRequestError,
+    NotFoundError,
     PsikApiError,
     SubmitFailedError,
     WaitTimeout,
@@ -74,17 +85,21 @@ class ExitStatus(IntEnum):
 EPILOG = """exit status:
     0  success (for wait and submit --wait: the job completed)
     1  the job ended failed or canceled (wait, submit --wait)
-    2  usage error, unreadable or invalid job file, bad input (e.g. a malformed id)
+    2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
     3  wait or submit --wait timed out (the job is left running)
     4  the server could not be reached (connection refused, timeout, ...)
     5  the server refused the request (e.g. no such job, or the backend refused the job)
-    6  the output could not be written (e.g. a full disk)
+    6  the output, or a downloaded file, could not be written (e.g. a full disk)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly"""
 
 
 class InputError(Exception):
     """The job file could not be read or is not a job spec."""
+
+
+class LocalWriteError(Exception):
+    """A downloaded file could not be written (a full disk, no permission, ...)."""
 
 
 class OutputError(Exception):
@@ -124,6 +139,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return command(api, args)
     except (InputError, InvalidRequestError) as exc:  # refused before any request
         return _fail(str(exc), ExitStatus.USAGE)
+    except LocalWriteError as exc:
+        return _fail(str(exc), ExitStatus.OUTPUT_FAILED)
     except WaitTimeout as exc:
         return _fail(str(exc), ExitStatus.WAIT_TIMEOUT)
     except APIConnectionError as exc:
@@ -140,13 +157,32 @@ def _fail(message: str, status: ExitStatus) -> int:
     return status
 
 
-def _out(*values: object) -> None:
+def _out(*values: object, end: str = "\n") -> None:
     """``print`` to stdout; a write that fails raises :class:`OutputError` (a closed
     pipe passes as the ``BrokenPipeError`` it is)."""
     if sys.stdout is None:  # started with stdout closed (psik-api ... >&-)
         raise OutputError("stdout is closed")
     try:
-        print(*values)
+        print(*values, end=end)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc.strerror or str(exc)) from exc
+
+
+def _out_bytes(data: bytes) -> None:
+    """Write ``data`` (a log, as the job wrote it) to stdout unchanged, at once; errors
+    as in :func:`_out`."""
+    if sys.stdout is None:
+        raise OutputError("stdout is closed")
+    try:
+        sys.stdout.flush()  # what was printed before comes first
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # stdout replaced by a text-only stream
+            sys.stdout.write(data.decode("utf-8", "replace"))
+        else:
+            buffer.write(data)
+            buffer.flush()
     except BrokenPipeError:
         raise
     except OSError as exc:
@@ -247,16 +283,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def _submit(api: Client, args: argparse.Namespace) -> int:
+    if args.output and not args.wait:
+        raise InputError("--output prints the job's stdout once it ends: give --wait too")
     job = api.submit(load_spec(args.file))
     if not args.wait:
         _out(job.jobid)
         return ExitStatus.OK
-    return _final(api.wait(job.jobid, timeout=args.timeout))
+    return _final(api, api.wait(job.jobid, timeout=args.timeout), output=args.output)
 
 
-def _final(job: Job) -> int:
-    """Print a final job's id and state; its status says whether it completed."""
+def _final(api: Client, job: Job, *, output: bool = False) -> int:
+    """Print a final job's id and state (then, with ``output``, its last run's stdout);
+    its status says whether it completed."""
     _out(job.jobid, job.state.value)
+    if output:
+        try:
+            _out_bytes(api.read_log(job.jobid, f"stdout.{job.jobndx}"))
+        except NotFoundError:  # it ended before writing any (e.g. canceled while queued)
+            print(f"{PROG}: job {job.jobid} has no stdout", file=sys.stderr)
     return ExitStatus.OK if job.state is JobState.completed else ExitStatus.JOB_NOT_COMPLETED
 
 
@@ -296,12 +340,73 @@ def _cancel(api: Client, args: argparse.Namespace) -> int:
 
 
 def _wait(api: Client, args: argparse.Namespace) -> int:
-    return _final(api.wait(args.jobid, timeout=args.timeout))
+    return _final(api, api.wait(args.jobid, timeout=args.timeout), output=args.output)
 
 
 def _backends(api: Client, args: argparse.Namespace) -> int:
     rows = [[b.name, b.type, "yes" if b.healthy else "no", b.detail or ""] for b in api.backends()]
     _table(["NAME", "TYPE", "HEALTHY", "DETAIL"], rows)
+    return ExitStatus.OK
+
+
+def _upload(api: Client, args: argparse.Namespace) -> int:
+    local = Path(args.local)
+    name = local.resolve().name if args.local in (".", "..") else local.name
+    try:
+        if local.is_dir():
+            infos = api.upload_dir(args.jobid, local, name if args.remote is None else args.remote)
+        else:
+            remote = name if args.remote is None else args.remote
+            infos = [api.upload(args.jobid, local, remote + name if remote.endswith("/") else remote)]
+    except OSError as exc:
+        raise InputError(f"cannot read {exc.filename or args.local}: {exc.strerror or exc}") from exc
+    for info in infos:
+        _out(info.path)
+    return ExitStatus.OK
+
+
+def _download(api: Client, args: argparse.Namespace) -> int:
+    try:
+        path = api.download(args.jobid, args.remote, args.local)
+    except OSError as exc:
+        raise LocalWriteError(f"cannot write {exc.filename or args.local}: {exc.strerror or exc}") from exc
+    _out(path)
+    return ExitStatus.OK
+
+
+def _files(api: Client, args: argparse.Namespace) -> int:
+    listing = api.list_files(args.jobid, args.path, recursive=args.recursive)
+    rows = [
+        [
+            e.type,
+            str(e.size),
+            e.mtime.strftime("%Y-%m-%d %H:%M:%S"),
+            e.path + ("/" if e.type == "dir" else ""),
+        ]
+        for e in listing.entries
+    ]
+    _table(["TYPE", "SIZE", "MTIME (UTC)", "PATH"], rows)
+    if listing.truncated:
+        print(f"{PROG}: more entries than the server lists at once; list a subdirectory", file=sys.stderr)
+    return ExitStatus.OK
+
+
+def _logs(api: Client, args: argparse.Namespace) -> int:
+    if args.follow:
+        follow = api.follow_log(args.jobid, args.name or "stdout", tail=args.tail)
+        # A generator: closing it ends the request at once (Ctrl-C, a closed pipe).
+        with closing(cast("Generator[bytes, None, None]", follow)) as chunks:
+            for chunk in chunks:
+                _out_bytes(chunk)
+        return ExitStatus.OK
+    if args.name is not None:
+        _out_bytes(api.read_log(args.jobid, args.name, tail=args.tail))
+        return ExitStatus.OK
+    for name, text in api.logs(args.jobid).items():
+        if args.tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-args.tail :])
+        _out(f"==> {name} <==")
+        _out(text, end="" if text.endswith("\n") or not text else "\n")
     return ExitStatus.OK
 
 
@@ -324,6 +429,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a count of jobs is >= 0 (0: all), not {text}")
+    return value
+
+
+def _lines(text: str) -> int:
+    """``--tail``: a count of lines >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a count of lines is >= 1, not {text}")
     return value
 
 
@@ -353,6 +469,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
     )
+    sub.add_argument("--output", action="store_true", help="with --wait: then print the job's stdout")
     sub = command("create", _create, "create a job without submitting it; print its id")
     sub.add_argument("file", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
     for name, run, text in [
@@ -365,6 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("wait", _wait, "wait until a job is final (never cancels it)")
     sub.add_argument("jobid", metavar="ID")
     sub.add_argument("--timeout", type=_seconds, help="give up after this many seconds (0: look once)")
+    sub.add_argument("--output", action="store_true", help="then print the job's stdout")
     sub = command("ls", _ls, "list jobs, newest first")
     sub.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     sub.add_argument("--backend", help="only jobs of this backend")
@@ -376,4 +494,43 @@ def _parser() -> argparse.ArgumentParser:
         help=f"at most this many (0: all; default {LIMITS.default_page_size})",
     )
     command("backends", _backends, "list the configured backends")
+    sub = command(
+        "upload",
+        _upload,
+        "put a local file in the job's directory (a directory: all its files); print each path stored",
+    )
+    sub.add_argument("jobid", metavar="ID")
+    sub.add_argument("local", metavar="LOCAL", help="a file, or a directory to upload recursively")
+    sub.add_argument(
+        "remote",
+        metavar="REMOTE",
+        nargs="?",
+        help="path in the job's directory (default: LOCAL's name; ending in /: a directory to put it in)",
+    )
+    sub = command(
+        "download",
+        _download,
+        "save a job's file (an interrupted download resumes; the checksum is verified); print where",
+    )
+    sub.add_argument("jobid", metavar="ID")
+    sub.add_argument("remote", metavar="REMOTE", help="path in the job's directory")
+    sub.add_argument(
+        "local", metavar="LOCAL", nargs="?", default=".", help="file or directory to save it to (default: .)"
+    )
+    sub = command("files", _files, "list the files in a job's directory")
+    sub.add_argument("jobid", metavar="ID")
+    sub.add_argument("path", metavar="PATH", nargs="?", default="", help="a subdirectory (default: the top)")
+    sub.add_argument("--recursive", "-r", action="store_true", help="list subdirectories too")
+    sub = command("logs", _logs, "print a job's logs, or one log (as the job wrote it), or follow one")
+    sub.add_argument("jobid", metavar="ID")
+    sub.add_argument(
+        "name",
+        metavar="NAME",
+        nargs="?",
+        help="stdout, stderr, console, or stdout.N/stderr.N for run N (default: all; with --follow: stdout)",
+    )
+    sub.add_argument("--follow", "-f", action="store_true", help="print new output until the job ends")
+    sub.add_argument(
+        "--tail", "-n", metavar="N", type=_lines, help="only the last N lines (then new ones, with --follow)"
+    )
     return parser
