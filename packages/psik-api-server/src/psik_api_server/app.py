@@ -25,6 +25,7 @@ from . import __version__
 from .backend import PsikBackend
 from .docs import docs_html
 from .errors import StartupError
+from .files_service import FileService
 from .launcher import LocalLauncher
 from .limits import flush_repeats
 from .lock import PrefixLock
@@ -111,6 +112,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.files = FileService(service, max_upload_bytes=settings.max_upload_bytes)
     app.state.startup_error = None
     app.state.peer_lookup = PeerLookup()  # who is calling (security.LocalOnly)
     app.state.local_secrets = LocalSecrets()  # where no uid can be told

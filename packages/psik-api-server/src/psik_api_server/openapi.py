@@ -24,6 +24,8 @@ from psik_api_core import (
     JOBID_PATTERN,
     LIMITS,
     BackendInfo,
+    FileInfo,
+    FileListing,
     Job,
     JobSpec,
     JobState,
@@ -40,6 +42,7 @@ from .joblogs import LOG_NAME_REGEX, VALID_NAMES
 
 OPENAPI_VERSION = "3.1.0"
 PROBLEM_JSON = "application/problem+json"
+OCTET_STREAM = "application/octet-stream"
 #: Anchored for JSON Schema (ECMA-262, where ``$`` does not match before a final newline).
 JOBID_REGEX = f"^{JOBID_PATTERN}$"
 _REF_TEMPLATE = "#/components/schemas/{model}"
@@ -58,6 +61,7 @@ is full, requests that must write are 507 `insufficient_storage`; reads keep wor
 
 _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
+    {"name": "files", "description": "A job's working directory: stage inputs, fetch outputs."},
     {"name": "backends", "description": "The batch systems jobs can run on."},
     {"name": "service", "description": "Health and self-description of the server."},
 )
@@ -76,6 +80,8 @@ class Param:
     repeatable: bool = False
     #: Gets the configured backend names as examples.
     names_backend: bool = False
+    #: A path parameter whose value may hold ``/`` (a file path): routed as ``{name:path}``.
+    slashes: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ class Operation:
     params: tuple[Param, ...] = ()
     request: type[BaseModel] | None = None
     failures: tuple[Failure, ...] = ()
+    #: A request body that is not a model: its schema by media type (file uploads).
+    body: Mapping[str, Mapping[str, Any]] | None = None
 
 
 # ---- the building blocks the table shares ----
@@ -122,6 +130,24 @@ _HEADERS: dict[str, dict[str, Any]] = {
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
         "schema": {"type": "integer", "minimum": 0},
+    },
+    "ETag": {
+        "description": "A strong validator of this version of the file (for `If-None-Match`, `If-Range`).",
+        "schema": {"type": "string"},
+    },
+    "Last-Modified": {
+        "description": "When the file was last written.",
+        "schema": {"type": "string"},
+    },
+    "Accept-Ranges": {"description": "Always `bytes`.", "schema": {"const": "bytes"}},
+    "Content-Range": {
+        "description": "The part sent, `bytes FIRST-LAST/SIZE`.",
+        "schema": {"type": "string"},
+    },
+    "X-Checksum-Sha256": {
+        "description": "The SHA-256 (hex) of the whole file, also on a partial answer: check a"
+        " download against it.",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
     "X-Log-Size": {
         "description": "The log's size in bytes when it was read.",
@@ -174,6 +200,36 @@ _DISK_FULL = Failure(
     " was made or changed and an `Idempotency-Key` is free again; retry once space is freed."
     " Reads keep working",
 )
+
+_FILE_PATH = Param(
+    "path", "path",
+    "A path relative to the job's working directory, `/`-separated (`%2F` is refused). No"
+    " `.` or `..` segment, no empty segment (one trailing `/` is allowed), no NUL or backslash;"
+    " at most 4096 bytes, 255 a segment.",
+    {"type": "string", "examples": ["data.txt", "inputs/a.csv"]}, True, slashes=True,
+)  # fmt: skip
+_RECURSIVE = Param(
+    "recursive", "query", "List subdirectories too (symlinks are listed, not followed).",
+    {"type": "boolean", "default": False},
+)  # fmt: skip
+_BAD_PATH = Failure(
+    ProblemCode.invalid_path,
+    "the path has a `.` or `..` segment (also percent-encoded), is absolute, or has a NUL, a"
+    " backslash, an encoded `/` or an empty segment; the detail says which",
+)
+_LEAVES = Failure(
+    ProblemCode.forbidden,
+    "the path leads out of the job's directory (through a symlink, also one swapped in while"
+    " the request ran), or the job's directory is outside the roots the server allows",
+)
+_NO_JOB_OR_FILE = Failure(ProblemCode.not_found, "no such job (or it is not the caller's), or no such file")
+_UPLOAD_TOO_LARGE = Failure(
+    ProblemCode.too_large,
+    "the upload is over the server's `max_upload_bytes` (the detail says it); nothing was kept",
+)
+_EXISTS = Failure(ProblemCode.precondition_failed, "`If-None-Match: *` and the file exists; nothing changed")
+_FILE_BODY = {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}
+_FILE_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-Checksum-Sha256")
 
 # ---- the table ----
 # The router matches paths in the order they first appear here, first match wins: a
@@ -308,6 +364,112 @@ OPERATIONS: tuple[Operation, ...] = (
                     " the valid ones); without `follow`, a log not written yet"),
             Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown, or"
                     " `offset` and `tail` are both given"),
+        ),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/files", "listJobFiles", "files", "List a job's files",
+        "The job's working directory (its `spec.directory`, or the job's own `work`): name, type,"
+        " size and time of each entry, sorted by path. A listing stops at"
+        f" {LIMITS.max_list_entries} entries and then says `truncated`.",
+        {200: Reply("The listing.", FileListing)},
+        params=(_JOBID, _RECURSIVE),
+        failures=(_BAD_JOBID, _NO_JOB, _LEAVES,
+                  Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown")),
+    ),
+    Operation(
+        "POST", "/v1/jobs/{jobid}/files", "uploadJobFiles", "files", "Upload files (multipart)",
+        "Writes every part named `files` at its filename (a relative path; under `dir` if given),"
+        f" each atomically; at most {LIMITS.max_upload_files} parts. All or nothing: when one part"
+        " is refused, nothing of the request is kept. Refused from a web page of another origin.",
+        {201: Reply("The files written.", list[FileInfo])},
+        params=(
+            _JOBID,
+            Param("dir", "query", "A relative directory to write the files into (made if missing).",
+                  {"type": "string", "default": ""}),
+        ),
+        body={"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            "required": ["files"],
+        }}},
+        failures=(
+            _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
+            Failure(ProblemCode.bad_request, "the body is not a complete multipart form, a `files` part"
+                    " has no filename or a filename comes twice"),
+            Failure(ProblemCode.conflict, "a file's path is a directory, or goes through a file"),
+            Failure(ProblemCode.too_large, "the upload is over the server's `max_upload_bytes`, or has"
+                    f" more than {LIMITS.max_upload_files} parts; nothing was kept"),
+            Failure(ProblemCode.unsupported_media_type, "the body is not `multipart/form-data`"),
+            Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),
+            _DISK_FULL,
+        ),
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/files/{path}", "getJobFile", "files", "Download a file, or list a directory",
+        "A directory answers its listing (as `GET /v1/jobs/{jobid}/files`). A file answers its"
+        " bytes, streamed, with `ETag`, `Last-Modified` and `X-Checksum-Sha256`; one `Range`"
+        " (`bytes=A-B`, `A-`, `-N`) answers 206 with just those bytes (several ranges: the whole"
+        " file), `If-Range` sends the whole file instead when it changed, `If-None-Match` with"
+        " the current ETag answers 304. A symlink that stays inside the job's directory is followed.",
+        {
+            200: Reply("The file's bytes, or the directory's listing (`application/json`).",
+                       {"type": "string", "format": "binary"}, media_type=OCTET_STREAM,
+                       headers=_FILE_HEADERS),
+            206: Reply("The bytes of the range asked for.", {"type": "string", "format": "binary"},
+                       media_type=OCTET_STREAM, headers=(*_FILE_HEADERS, "Content-Range")),
+            304: Reply("The file has the ETag given in `If-None-Match`.", headers=("ETag", "Last-Modified")),
+        },
+        params=(_JOBID, _FILE_PATH, _RECURSIVE),
+        failures=(
+            _BAD_JOBID, _NO_JOB_OR_FILE, _BAD_PATH, _LEAVES,
+            Failure(ProblemCode.range_not_satisfiable,
+                    "the `Range` starts past the file's end; `Content-Range: bytes */SIZE` says its size"),
+            Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),
+        ),
+    ),
+    Operation(
+        "PUT", "/v1/jobs/{jobid}/files/{path}", "putJobFile", "files", "Upload a file",
+        "Writes the raw body to the file, atomically (a half-sent upload leaves nothing), making"
+        " missing directories; files are the owner's alone (0600). `If-None-Match: *` refuses to"
+        " overwrite. Any body type but those a browser form can send (`text/plain`,"
+        " `application/x-www-form-urlencoded`, `multipart/form-data`).",
+        {201: Reply("The file, created.", FileInfo), 200: Reply("The file, replaced.", FileInfo)},
+        params=(_JOBID, _FILE_PATH), body=_FILE_BODY,
+        failures=(
+            _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
+            Failure(ProblemCode.conflict, "the path is a directory, or goes through a file"),
+            _EXISTS,
+            _UPLOAD_TOO_LARGE,
+            Failure(ProblemCode.unsupported_media_type, "a body type a browser form can send"),
+            _DISK_FULL,
+        ),
+    ),
+    Operation(
+        "POST", "/v1/jobs/{jobid}/files/{path}", "postJobFile", "files", "Upload a file (as PUT)",
+        "As `PUT`: what `curl --upload-file data.txt -X POST .../files/` sends.",
+        {201: Reply("The file, created.", FileInfo), 200: Reply("The file, replaced.", FileInfo)},
+        params=(_JOBID, _FILE_PATH), body=_FILE_BODY,
+        failures=(
+            _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
+            Failure(ProblemCode.conflict, "the path is a directory, or goes through a file"),
+            _EXISTS,
+            _UPLOAD_TOO_LARGE,
+            Failure(ProblemCode.unsupported_media_type, "a body type a browser form can send"),
+            _DISK_FULL,
+        ),
+    ),
+    Operation(
+        "DELETE", "/v1/jobs/{jobid}/files/{path}", "deleteJobFile", "files", "Delete a file",
+        "Removes the file (a symlink itself, not its target); a directory only with `recursive=true`.",
+        {204: Reply("Removed.")},
+        params=(_JOBID, _FILE_PATH,
+                Param("recursive", "query", "Remove a directory and everything in it.",
+                      {"type": "boolean", "default": False})),
+        failures=(
+            _BAD_JOBID, _NO_JOB_OR_FILE, _BAD_PATH, _LEAVES,
+            Failure(ProblemCode.conflict,
+                    "a directory without `recursive=true`, or the job's directory itself"),
+            Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),
         ),
     ),
     Operation(
@@ -468,6 +630,8 @@ def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]
     }
     if op.params:
         out["parameters"] = [_parameter(p, backends) for p in op.params]
+    if op.body is not None:
+        out["requestBody"] = {"required": True, "content": {k: dict(v) for k, v in op.body.items()}}
     if op.request is not None:
         out["requestBody"] = {
             "required": True,

@@ -30,8 +30,9 @@ from psik_api_core import (
 from psik_api_core.limits import byte_size
 
 from .errors import ApiError
-from .openapi import OPERATIONS
+from .openapi import OPERATIONS, Operation
 from .problems import validation_problem
+from .routes_files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .routes_logs import get_job_log, get_job_logs
 from .security import principal
 from .service import JobService
@@ -254,6 +255,12 @@ HANDLERS: Mapping[str, Endpoint] = {
     "getJobState": get_state,
     "getJobLogs": get_job_logs,
     "getJobLog": get_job_log,
+    "listJobFiles": list_job_files,
+    "uploadJobFiles": upload_job_files,
+    "getJobFile": get_job_file,
+    "putJobFile": put_job_file,
+    "postJobFile": put_job_file,
+    "deleteJobFile": delete_job_file,
     "healthz": healthz,
 }
 
@@ -283,6 +290,16 @@ class Resource:
         await response(scope, receive, send)
 
 
+def _route_path(op: Operation) -> str:
+    """The operation's path as starlette routes it: a parameter that may hold ``/``
+    (a file path) becomes ``{name:path}``."""
+    path = op.path
+    for param in op.params:
+        if param.location == "path" and param.slashes:
+            path = path.replace(f"{{{param.name}}}", f"{{{param.name}:path}}")
+    return path
+
+
 def build_routes(*, openapi: dict[str, Any], docs: str) -> list[Route]:
     """Every route of the app, one per path of the OpenAPI table, in the table's order:
     the API's, the OpenAPI document (``openapi``) and the docs page (``docs``).
@@ -307,7 +324,7 @@ def build_routes(*, openapi: dict[str, Any], docs: str) -> list[Route]:
         )
     by_path: dict[str, dict[str, Endpoint]] = {}
     for op in OPERATIONS:
-        by_path.setdefault(op.path, {})[op.method] = handlers[op.operation_id]
+        by_path.setdefault(_route_path(op), {})[op.method] = handlers[op.operation_id]
     routes: list[Route] = []
     for path, methods in by_path.items():
         # Starlette takes the first route that matches: a path an earlier template

@@ -14,7 +14,10 @@ Every request passes :class:`LocalOnly`, which refuses, in this order:
    the request must carry the local secret (401 otherwise; see :class:`LocalSecrets`);
 4. a body a browser form could send without a preflight (``text/plain``, urlencoded,
    multipart) on any route, and any body that is not JSON (``application/json`` or
-   ``*/*+json``): 415. Every route takes JSON or nothing (file uploads will add theirs).
+   ``*/*+json``): 415. Every route takes JSON or nothing, except the file uploads
+   (:func:`upload_kind`): a raw upload takes any other type, or none (``curl
+   --upload-file``); the multipart upload only ``multipart/form-data``, which step 2
+   has already refused from another origin's page.
 
 No CORS headers are ever sent. Forwarded headers (``X-Forwarded-For``, ``Forwarded``,
 ``X-Real-IP``) are never read: the peer is the connection's own.
@@ -208,6 +211,20 @@ _NAME = r"[a-z0-9!#$&^_.+-]+"  # RFC 6838 type and subtype names
 _JSON_TYPE = re.compile(rf"application/json|{_NAME}/{_NAME}\+json")
 
 
+#: The upload routes: ``/v1/jobs/{jobid}/files`` (multipart) and ``.../files/{path}`` (raw).
+_UPLOAD_PATH = re.compile(r"/v1/jobs/[^/]+/files(/.*)?", re.DOTALL)
+
+
+def upload_kind(scope: Scope) -> str | None:
+    """``"multipart"`` or ``"raw"`` for a request to a file-upload route, else None."""
+    if scope.get("method") not in ("PUT", "POST"):
+        return None
+    found = _UPLOAD_PATH.fullmatch(str(scope.get("path", "")))
+    if found is None:
+        return None
+    return "raw" if found.group(1) is not None else "multipart"
+
+
 def _media_type(value: str | None) -> str | None:
     return None if value is None else value.split(";", 1)[0].strip().lower()
 
@@ -364,6 +381,23 @@ class LocalOnly:
     @staticmethod
     def _body(scope: Scope, headers: dict[str, str]) -> ApiError | None:
         media = _media_type(headers.get("content-type"))
+        kind = upload_kind(scope)
+        if kind == "raw" and media not in _FORM_TYPES:
+            return None
+        if kind == "multipart" and (media == "multipart/form-data" or not _has_body(headers)):
+            return None
+        if kind is not None:
+            wanted = (
+                "multipart/form-data"
+                if kind == "multipart"
+                else "the file's bytes (application/octet-stream, or no Content-Type)"
+            )
+            return ApiError(
+                ProblemCode.unsupported_media_type,
+                f"{scope.get('method')} {scope.get('path')} takes {wanted}, not a "
+                f"{media or 'body with no Content-Type'}"
+                + (" body: a browser form can send that from any web page" if kind == "raw" else " body"),
+            )
         if media in _FORM_TYPES:  # what a browser form sends without a preflight
             said = f"a {media} body"
         elif _has_body(headers) and (media is None or not _JSON_TYPE.fullmatch(media)):

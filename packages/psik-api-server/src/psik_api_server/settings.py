@@ -90,6 +90,9 @@ class Settings(BaseModel):
     #: Seconds an idle keep-alive connection stays open (``serve``; under ``uvicorn``
     #: itself, its ``--timeout-keep-alive``).
     keep_alive_timeout: int = Field(default=5, ge=1, le=3600)
+    #: Largest file upload (a raw body, or a whole multipart request), in bytes; past
+    #: it the upload is refused (413) and nothing of it is kept.
+    max_upload_bytes: int = Field(default=4 << 30, ge=1)
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).
@@ -164,6 +167,7 @@ _SERVER_KEYS = {
     "max_connections",
     "header_timeout",
     "keep_alive_timeout",
+    "max_upload_bytes",
 }
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",

@@ -1,0 +1,167 @@
+"""FileService: what the job-file routes do, independent of HTTP.
+
+Every operation checks the job's owner as the other job routes do
+(``JobService._owned``: another's job is 404), finds the job's file root, and does its
+filesystem work through :mod:`.jobfiles` in worker threads, one hop per step, never on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode
+
+from . import jobdir, jobfiles
+from .errors import ApiError
+from .service import JobService, in_thread
+
+
+@dataclass
+class OpenFile:
+    """A regular file of a job, open for reading, with what was true when it was opened."""
+
+    fd: int
+    st: os.stat_result
+    etag: str
+    last_modified: str
+    sha256: str
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class FileService:
+    def __init__(self, service: JobService, *, max_upload_bytes: int) -> None:
+        self.service = service
+        self.max_upload_bytes = max_upload_bytes
+        self.checksums = jobfiles.ChecksumCache()
+
+    # ---- the root ----
+
+    def open_root(self, who: Principal, jobid: str, action: Action, *, create: bool) -> jobfiles.Root:
+        """The job's file root, open (blocking). 404 for a job that is not the caller's."""
+        self.service._owned(who, jobid, action)
+        base = self.service.backend.path(jobid)
+        try:
+            spec = jobdir.read_spec(base)
+        except (OSError, ValueError):
+            raise ApiError(
+                ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid
+            ) from None
+        roots = self.service.directory_roots
+        return jobfiles.open_root(self.service.backend.prefix, jobid, spec.directory, roots, create=create)
+
+    # ---- reading ----
+
+    async def get(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool
+    ) -> FileListing | OpenFile:
+        """A directory's listing, or a regular file open for reading."""
+        return await in_thread(self._get_sync, who, jobid, parts, recursive)
+
+    def _get_sync(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool
+    ) -> FileListing | OpenFile:
+        shown = jobfiles.joined(parts)
+        try:
+            root = self.open_root(who, jobid, Action.read, create=False)
+        except FileNotFoundError:
+            if parts:
+                raise jobfiles.not_found(shown, jobid) from None
+            return FileListing(path="", entries=[])  # no work directory yet: nothing in it
+        with root:
+            try:
+                fd, st = jobfiles.open_entry(root, jobfiles.resolve(root, parts), shown)
+            except FileNotFoundError:
+                raise jobfiles.not_found(shown, jobid) from None
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                entries, truncated = jobfiles.list_dir(
+                    fd, shown, recursive=recursive, limit=LIMITS.max_list_entries
+                )
+                return FileListing(path=shown, entries=entries, truncated=truncated)
+            if not stat.S_ISREG(st.st_mode):
+                raise ApiError(
+                    ProblemCode.not_found,
+                    f"job {jobid}'s {shown[:200]!r} is not a regular file or a directory; not read",
+                    jobid=jobid,
+                )
+            digest = self.checksums.checksum(fd, st)
+            opened = OpenFile(fd, st, jobfiles.etag(st), jobfiles.last_modified(st), digest)
+            fd = -1
+            return opened
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    # ---- writing ----
+
+    async def begin_upload(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], *, exclusive: bool
+    ) -> jobfiles.Upload:
+        """A temp file beside where ``parts`` goes; 412 at once if ``exclusive`` and
+        something is there already."""
+        return await in_thread(self._begin_upload_sync, who, jobid, parts, exclusive)
+
+    def _begin_upload_sync(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], exclusive: bool
+    ) -> jobfiles.Upload:
+        shown = jobfiles.joined(parts)
+        if not parts:
+            raise jobfiles.invalid("", "a file upload needs a file path after /files/")
+        try:
+            with self.open_root(who, jobid, Action.write, create=True) as root:
+                if exclusive and jobfiles.exists(root, parts):
+                    raise jobfiles.exists_already(shown)
+                return jobfiles.begin_upload(root, parts, shown)
+        except OSError as e:
+            raise self.os_error(e, f"write {shown[:200]!r}") from None
+
+    def os_error(self, e: OSError, doing: str) -> ApiError | OSError:
+        """What to answer for an OSError while writing: 507 for a full disk, 409 for a
+        directory that went away under the write (the job is changing its files)."""
+        if _full(e):
+            return self.service.disk.error(e, doing)
+        if isinstance(e, FileNotFoundError):
+            return ApiError(
+                ProblemCode.conflict,
+                f"cannot {doing}: a directory on its way was removed or replaced meanwhile; try again",
+            )
+        return e
+
+    def finish_upload_sync(self, upload: jobfiles.Upload, *, exclusive: bool) -> None:
+        """Commit ``upload`` (blocking) and prime the checksum cache with its hash."""
+        try:
+            upload.commit(exclusive=exclusive)
+        except OSError as e:
+            raise self.os_error(e, f"write {upload.shown[:200]!r}") from None
+        self.checksums.put(os.fstat(upload.fd), upload.sha256.hexdigest())
+
+    # ---- deleting ----
+
+    async def delete(self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool) -> None:
+        await in_thread(self._delete_sync, who, jobid, parts, recursive)
+
+    def _delete_sync(self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool) -> None:
+        shown = jobfiles.joined(parts)
+        try:
+            root = self.open_root(who, jobid, Action.write, create=False)
+        except FileNotFoundError:
+            raise jobfiles.not_found(shown, jobid) from None
+        with root:
+            try:
+                deleted = jobfiles.delete(root, parts, shown, recursive=recursive)
+            except FileNotFoundError:  # a directory on the way went meanwhile
+                deleted = False
+            if not deleted:
+                raise jobfiles.not_found(shown, jobid)

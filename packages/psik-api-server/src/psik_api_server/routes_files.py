@@ -1,0 +1,415 @@
+"""The job-file routes under ``/v1/jobs/{jobid}/files``: list, download (streamed,
+``Range``, ETag, SHA-256), upload a raw body or a multipart form (streamed to a temp
+file beside the target, renamed when complete), delete.
+
+The file path is taken from the URL *as sent* (``scope["raw_path"]``), so that an
+encoded ``/``, ``\\`` or NUL is refused before decoding (:func:`.jobfiles.split_raw_path`);
+everything the filesystem sees passes :mod:`.jobfiles`. Bodies are never held whole:
+a download reads :data:`.jobfiles.CHUNK` bytes at a time in a worker thread, an upload
+writes each received chunk through one, and both stop at the size limit. Which body
+types reach these routes is :class:`.security.LocalOnly`'s to say (no browser form).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import os
+from collections.abc import AsyncGenerator
+from urllib.parse import unquote_to_bytes
+
+import anyio
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode, field_error, is_jobid
+from psik_api_core.limits import byte_size
+
+from . import jobfiles
+from .errors import ApiError
+from .files_service import FileService, OpenFile
+from .security import principal
+from .service import in_thread
+
+OCTET_STREAM = "application/octet-stream"
+
+
+# ---- request parsing ----
+
+
+def _files(request: Request) -> FileService:
+    files: FileService = request.app.state.files
+    return files
+
+
+def _bad_query(name: str, why: str) -> ApiError:
+    return ApiError(
+        ProblemCode.validation_error,
+        f"query parameter {name!r}: {why}",
+        errors=[field_error(["query", name], why)],
+    )
+
+
+def _query(request: Request, allowed: set[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in allowed:
+            raise _bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
+        if name in found:
+            raise _bad_query(name, "given more than once")
+        found[name] = value
+    return found
+
+
+def _flag(query: dict[str, str], name: str) -> bool:
+    value = query.get(name, "false").lower()
+    if value not in {"true", "false", "1", "0"}:
+        raise _bad_query(name, "must be true or false")
+    return value in {"true", "1"}
+
+
+def _jobid(request: Request) -> str:
+    jobid = str(request.path_params["jobid"])
+    if not is_jobid(jobid):
+        raise ApiError(
+            ProblemCode.validation_error,
+            f"{jobid[:64]!r} is not a job id (digits with an optional fraction, e.g. 1693992878.203)",
+            errors=[field_error(["path", "jobid"], "not a job id")],
+        )
+    return jobid
+
+
+def _file_path(request: Request) -> tuple[str, ...]:
+    """The segments of ``{path}``, from the URL as the client sent it."""
+    decoded = str(request.path_params.get("path", ""))
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return jobfiles.split_path(decoded)
+    raw = raw.split(b"?", 1)[0]  # httpx's ASGI transport passes the query along
+    segments = raw.split(b"/", 5)  # "", v1, jobs, {jobid}, files, {path}
+    rest = segments[5] if len(segments) == 6 else b""
+    parts = jobfiles.split_raw_path(rest)
+    if unquote_to_bytes(rest).decode("utf-8", "replace") != decoded:
+        # The route matched another split of the decoded path than the raw one has:
+        # an encoded separator before {path}.
+        raise jobfiles.invalid(decoded, "has an encoded separator")
+    return parts
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(ProblemCode.too_large, f"the upload is over the server's limit of {byte_size(limit)}")
+
+
+async def _body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body in pieces of about :data:`.jobfiles.CHUNK` bytes; 413 as soon
+    as it is over ``limit`` (declared or received)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    total = 0
+    pending = bytearray()
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        pending += chunk
+        if len(pending) >= jobfiles.CHUNK:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
+# ---- GET / HEAD ----
+
+
+class FileStream(StreamingResponse):
+    """A streamed file that closes its descriptor however the response ends."""
+
+    def __init__(self, opened: OpenFile, start: int, end: int, status: int, headers: dict[str, str]) -> None:
+        super().__init__(self._chunks(opened.fd, start, end), status_code=status, headers=headers)
+        self.opened = opened
+
+    @staticmethod
+    async def _chunks(fd: int, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        pos = start
+        while pos < end:
+            chunk = await in_thread(os.pread, fd, min(jobfiles.CHUNK, end - pos), pos)
+            if not chunk:
+                return  # cut shorter meanwhile: the client sees a short body
+            pos += len(chunk)
+            yield chunk
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await in_thread(self.opened.close)
+
+
+def _listing(listing: FileListing) -> Response:
+    return JSONResponse(listing.model_dump(mode="json"))
+
+
+def _matches(header: str, etag: str) -> bool:
+    return header.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in header.split(",")]
+
+
+async def _serve(request: Request, opened: OpenFile) -> Response:
+    size = opened.st.st_size
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": opened.etag,
+        "Last-Modified": opened.last_modified,
+        "X-Checksum-Sha256": opened.sha256,
+        "Content-Type": OCTET_STREAM,
+    }
+    try:
+        if_none_match = request.headers.get("if-none-match")
+        if if_none_match is not None and _matches(if_none_match, opened.etag):
+            await in_thread(opened.close)
+            return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
+        wanted = request.headers.get("range")
+        if_range = request.headers.get("if-range")
+        if if_range is not None and if_range.strip() not in (opened.etag, opened.last_modified):
+            wanted = None  # the file changed since the client's first part: send it whole
+        try:
+            span = jobfiles.parse_range(wanted, size)
+        except jobfiles.Unsatisfiable:
+            await in_thread(opened.close)
+            raise ApiError(
+                ProblemCode.range_not_satisfiable,
+                f"Range {wanted!r} asks for no byte of a file of {size} bytes",
+                headers={"Content-Range": f"bytes */{size}"},
+            ) from None
+        status, start, end = 200, 0, size
+        if span is not None:
+            status, start, end = 206, span[0], span[1] + 1
+            headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        headers["Content-Length"] = str(end - start)
+        if request.method == "HEAD":
+            await in_thread(opened.close)
+            return Response(status_code=status, headers=headers)
+        return FileStream(opened, start, end, status, headers)
+    except BaseException:
+        opened.close()
+        raise
+
+
+async def list_job_files(request: Request) -> Response:
+    query = _query(request, {"recursive"})
+    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    got = await _files(request).get(principal(request), jobid, (), recursive=recursive)
+    assert isinstance(got, FileListing)
+    return _listing(got)
+
+
+async def get_job_file(request: Request) -> Response:
+    query = _query(request, {"recursive"})
+    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    parts = _file_path(request)
+    got = await _files(request).get(principal(request), jobid, parts, recursive=recursive)
+    if isinstance(got, FileListing):
+        return _listing(got)
+    return await _serve(request, got)
+
+
+# ---- PUT / POST a raw body ----
+
+
+async def put_job_file(request: Request) -> Response:
+    _query(request, set())
+    jobid, parts = _jobid(request), _file_path(request)
+    if not parts:
+        raise jobfiles.invalid("", "an upload needs a file path after /files/ (or POST a form to /files)")
+    exclusive = request.headers.get("if-none-match", "").strip() == "*"
+    files = _files(request)
+    upload = await files.begin_upload(principal(request), jobid, parts, exclusive=exclusive)
+    try:
+        async for chunk in _body_chunks(request, files.max_upload_bytes):
+            await in_thread(_write, files, upload, chunk)
+        await in_thread(files.finish_upload_sync, upload, exclusive=exclusive)
+        info = await in_thread(upload.info)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await in_thread(upload.close)
+    return JSONResponse(info.model_dump(mode="json"), status_code=201 if upload.created else 200)
+
+
+def _write(files: FileService, upload: jobfiles.Upload, data: bytes) -> None:
+    try:
+        upload.write(data)
+    except OSError as e:
+        raise files.os_error(e, f"write {upload.shown[:200]!r}") from None
+
+
+# ---- POST multipart ----
+
+
+class FormUpload:
+    """A multipart body's ``files`` parts, each streamed to its own temp file as it
+    arrives (python-multipart calls these from the worker thread that feeds it), then
+    committed together, or none of them."""
+
+    def __init__(self, files: FileService, root: jobfiles.Root, into: tuple[str, ...]) -> None:
+        self.files = files
+        self.root = root
+        self.into = into
+        self.uploads: list[jobfiles.Upload] = []
+        self.current: jobfiles.Upload | None = None
+        self.parts = 0
+        self.ended = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers.clear()
+        self.current = None
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").lower()] = self._value.decode("utf-8", "replace")
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        self.parts += 1
+        if self.parts > LIMITS.max_upload_files:
+            raise ApiError(
+                ProblemCode.too_large,
+                f"more than {LIMITS.max_upload_files} parts in one upload; nothing was kept",
+            )
+        disposition = email.message.Message()
+        disposition["content-disposition"] = self._headers.get("content-disposition", "")
+        if disposition.get_param("name", header="content-disposition") != "files":
+            return  # not a file of ours: its bytes are skipped
+        filename = disposition.get_filename()
+        if not filename:
+            raise ApiError(
+                ProblemCode.bad_request,
+                "a part named 'files' has no filename; nothing was kept",
+                errors=[field_error(["body", "files"], "no filename")],
+            )
+        parts = self.into + jobfiles.split_path(filename, where="filename")
+        shown = jobfiles.joined(parts)
+        if any(u.shown == shown for u in self.uploads):
+            raise ApiError(
+                ProblemCode.bad_request,
+                f"{shown[:200]!r} is given twice in one upload; nothing was kept",
+                errors=[field_error(["body", "files"], "a file name given twice")],
+            )
+        try:
+            self.current = jobfiles.begin_upload(self.root, parts, shown)
+        except OSError as e:
+            raise self.files.os_error(e, f"write {shown[:200]!r}") from None
+        self.uploads.append(self.current)
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self.current is not None:
+            _write(self.files, self.current, data[start:end])
+
+    def _part_end(self) -> None:
+        self.current = None
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def commit(self) -> None:
+        """Put every file in place, or (if one cannot be) none: those already renamed
+        are taken back, replaced ones restored (blocking)."""
+        try:
+            for upload in self.uploads:
+                try:
+                    upload.commit(exclusive=False, keep_backup=True)
+                except OSError as e:
+                    raise self.files.os_error(e, f"write {upload.shown[:200]!r}") from None
+        except BaseException:
+            for upload in reversed(self.uploads):
+                with contextlib.suppress(OSError):
+                    upload.rollback()
+            raise
+        for upload in self.uploads:
+            upload.forget_backup()
+            self.files.checksums.put(os.fstat(upload.fd), upload.sha256.hexdigest())
+
+    def close(self) -> None:
+        for upload in self.uploads:
+            with contextlib.suppress(OSError):
+                upload.forget_backup()
+                upload.close()
+        self.root.close()
+
+
+def _boundary(request: Request) -> bytes:
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary or len(boundary) > 200:
+        raise ApiError(
+            ProblemCode.bad_request,
+            "a multipart/form-data body needs a boundary (of at most 200 characters)",
+            errors=[field_error(["header", "Content-Type"], "no boundary")],
+        )
+    return boundary
+
+
+async def upload_job_files(request: Request) -> Response:
+    query = _query(request, {"dir"})
+    jobid = _jobid(request)
+    into = jobfiles.split_path(query.get("dir", ""), where="dir")
+    boundary = _boundary(request)
+    files = _files(request)
+    who: Principal = principal(request)
+    root = await in_thread(files.open_root, who, jobid, Action.write, create=True)
+    form = FormUpload(files, root, into)
+    try:
+        parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
+        async for chunk in _body_chunks(request, files.max_upload_bytes):
+            await in_thread(_feed, parser, chunk)
+        if not form.ended:
+            raise ApiError(ProblemCode.bad_request, "the multipart body ended before its closing boundary")
+        if not form.uploads:
+            raise ApiError(
+                ProblemCode.bad_request,
+                "the multipart body has no part named 'files' with a filename",
+                errors=[field_error(["body", "files"], "missing")],
+            )
+        await in_thread(form.commit)
+        infos = [await in_thread(u.info) for u in form.uploads]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await in_thread(form.close)
+    return JSONResponse([i.model_dump(mode="json") for i in infos], status_code=201)
+
+
+def _feed(parser: MultipartParser, chunk: bytes) -> None:
+    try:
+        parser.write(chunk)
+    except MultipartParseError as e:
+        raise ApiError(ProblemCode.bad_request, f"the multipart body is malformed: {e}") from None
+
+
+# ---- DELETE ----
+
+
+async def delete_job_file(request: Request) -> Response:
+    query = _query(request, {"recursive"})
+    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    parts = _file_path(request)
+    await _files(request).delete(principal(request), jobid, parts, recursive=recursive)
+    return Response(status_code=204)
