@@ -405,7 +405,8 @@ def test_follow_of_a_log_not_yet_written_waits_for_it(live_app: LiveServer) -> N
 
 
 def test_follow_from_an_offset_and_a_tail(live_app: LiveServer) -> None:
-    jobid = _live_submit(live_app, "echo abcdef; sleep 0.3; echo ghi")
+    # Asked for before the job wrote that far (or at all): the offset still counts.
+    jobid = _live_submit(live_app, "sleep 0.3; echo abcdef; sleep 0.3; echo ghi")
     url = f"{live_app.url}/v1/jobs/{jobid}/logs/stdout.1"
     with httpx.stream("GET", url, params={"follow": "true", "offset": 3}, timeout=30) as r:
         assert r.read() == b"def\nghi\n"

@@ -270,10 +270,13 @@ async def get_job_log(request: Request) -> Response:
         if tail is not None and log.fd is not None:
             start = await in_thread(joblogs.tail_start, log.fd, size, tail)
         else:
-            start = min(offset or 0, size) if log.fd is not None else offset or 0
+            start = offset or 0
         headers = {"X-Log-Size": str(size)}
         if follow in {"true", "1"} and request.method != "HEAD":
+            # From `offset` on even if the job has not written that far yet: a client
+            # resuming a follow never gets bytes it had.
             return LogResponse(_follow(service, log, start), log, headers)
+        start = min(start, size)
         headers["Content-Length"] = str(size - start)
         if request.method == "HEAD":
             log.close()
