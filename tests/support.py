@@ -79,6 +79,10 @@ class ASGIThreadTransport(httpx.BaseTransport):
         self._stack.close()
 
 
+#: The client methods that return an iterator: the adapters collect them into a list.
+ITERATORS = frozenset({"list", "follow_log"})
+
+
 class SyncApi:
     """The sync Client behind awaitable methods, so one async test body drives both."""
 
@@ -91,7 +95,7 @@ class SyncApi:
         async def call(*args: Any, **kwargs: Any) -> Any:
             def run() -> Any:
                 result = method(*args, **kwargs)
-                return list(result) if name == "list" else result
+                return list(result) if name in ITERATORS else result
 
             return await anyio.to_thread.run_sync(run)
 
@@ -104,7 +108,7 @@ class AsyncApi:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
-        if name != "list":
+        if name not in ITERATORS:
             return method  # type: ignore[no-any-return]
 
         @functools.wraps(method)

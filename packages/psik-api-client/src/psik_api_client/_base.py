@@ -276,9 +276,12 @@ class BaseClient:
         merged = httpx.Headers(self._headers)
         merged.update(headers or {})
         merged.update(options.extra_headers or {})
+        url = httpx.URL(self._prefix + path)
+        if stream is not None:  # httpx adds no header to a request built from a stream
+            merged.setdefault("Host", url.netloc.decode("ascii"))
         return httpx.Request(
             method,
-            self._prefix + path,
+            url,
             params=tuple(params or ()),
             json=json,
             content=content,
