@@ -47,6 +47,24 @@ async def test_a_second_server_on_the_prefix_stops_naming_the_first(settings: Se
         pass
 
 
+async def test_a_second_server_on_another_prefix_but_the_same_index_stops(settings: Settings) -> None:
+    """Reconciling one index with two prefixes would drop each server's jobs from it."""
+    first = lazy_app(settings)
+    async with LifespanManager(first):
+        other = settings.model_copy(update={"prefix": settings.prefix.parent / "other-jobs"})
+        second = lazy_app(other)
+        with pytest.raises(StartupError, match=rf"\bpid {os.getpid()}\b") as e:
+            async with LifespanManager(second):
+                pass
+        assert "job index" in str(e.value) and str(settings.database_path) in str(e.value)
+        # The refused server let go of the prefix lock it had taken: its prefix is free.
+        third = lazy_app(
+            other.model_copy(update={"database": settings.database_path.parent / "other.sqlite"})
+        )
+        async with LifespanManager(third):
+            pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
@@ -74,7 +75,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if (notes := settings.notes_line()) is not None:
             _logger.warning("%s", notes)
-        lock = PrefixLock(settings.prefix)
+        index = None if str(store.path) == ":memory:" else Path(store.path)
+        lock = PrefixLock(settings.prefix, index)
         try:
             # Before anything touches the prefix: start-up clean-up takes every claim it
             # finds for a dead server's, which holds only while no other server runs.

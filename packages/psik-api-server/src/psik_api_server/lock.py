@@ -1,9 +1,12 @@
-"""One server per prefix: an exclusive ``flock`` on ``<prefix>.lock``, held for the
-server's whole life.
+"""One server per prefix and per index: an exclusive ``flock`` on ``<prefix>.lock`` and
+one on ``<index>.lock``, held for the server's whole life.
 
 Two servers on one prefix would each reconcile, watch and submit the same jobs (and
 start-up clean-up assumes that claims it finds are a dead server's), so the second one
-must not start. The lock file sits next to the prefix, not in it (the prefix holds job
+must not start. Two servers on two prefixes but one index would each reconcile that
+index with their own prefix, removing the other's jobs from it (and a replayed
+Idempotency-Key would then make a second job): the index is locked too. The lock file
+sits next to the prefix, not in it (the prefix holds job
 directories only), and says who holds it (pid and host), for the second server's message.
 The kernel drops the lock when its holder dies, ``kill -9`` included: there is never a
 stale lock to clear by hand. Its descriptor is not inherited (Python opens files
@@ -21,54 +24,69 @@ from pathlib import Path
 from .errors import StartupError
 
 
-def lock_path(prefix: Path) -> Path:
-    """``<prefix>.lock`` beside the prefix; a symlinked prefix shares its target's lock."""
-    real = prefix.expanduser().resolve()
+def lock_path(path: Path) -> Path:
+    """``<path>.lock`` beside ``path``; a symlinked path shares its target's lock."""
+    real = path.expanduser().resolve()
     return real.with_name(real.name + ".lock")
 
 
 class PrefixLock:
-    """Building one does no I/O; :meth:`acquire` and :meth:`release` block (briefly):
-    call them from a worker thread."""
+    """The locks of a prefix and (when given) of the job index. Building one does no
+    I/O; :meth:`acquire` and :meth:`release` block (briefly): call them from a worker
+    thread."""
 
-    def __init__(self, prefix: Path) -> None:
+    def __init__(self, prefix: Path, index: Path | None = None) -> None:
         self.prefix = prefix
-        self._fd: int | None = None
+        self.index = index
+        self._fds: list[int] = []
 
     @property
     def path(self) -> Path:
         return lock_path(self.prefix)
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`StartupError` naming the server holding it."""
-        path = self.path
+        """Take the locks, or raise :class:`StartupError` naming the server holding one."""
+        try:
+            self._take(
+                self.path,
+                f"is serving the jobs in {self.prefix.expanduser()}; "
+                "stop it first, or give this one another prefix",
+            )
+            if self.index is not None:
+                self._take(
+                    lock_path(self.index),
+                    f"is using the job index {self.index.expanduser()}; "
+                    "stop it first, or give this one another database",
+                )
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, path: Path, held: str) -> None:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StartupError(f"cannot create the prefix lock {path}: {e}") from e
+            raise StartupError(f"cannot create the lock file {path}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise StartupError(
-                f"another psik-api server ({holder}) is serving the jobs in {self.prefix.expanduser()}; "
-                f"stop it first, or give this one another prefix (lock file {path})"
-            ) from None
+            raise StartupError(f"another psik-api server ({holder}) {held} (lock file {path})") from None
         except OSError as e:
             os.close(fd)
             raise StartupError(f"cannot lock {path}: {e}") from e
         # Truncate first: a shorter line must not leave the end of a longer old one.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        self._fds.append(fd)
 
     def release(self) -> None:
-        """Let the lock go (the file stays: removing it would let two servers lock two
+        """Let the locks go (the files stay: removing one would let two servers lock two
         different files of one name)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
