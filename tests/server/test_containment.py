@@ -219,8 +219,17 @@ async def test_a_second_run_is_not_ended_for_the_first_runs_leftovers(
 
 async def test_job_directories_are_owner_only(app: Starlette, http: httpx.AsyncClient) -> None:
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-    mode = (app.state.settings.prefix / jobid).stat().st_mode & 0o777
-    assert mode == 0o700, oct(mode)
+    base = app.state.settings.prefix / jobid
+    old = os.umask(0o022)  # as most users have it: psik's files would be 0644 and 0755
+    try:
+        jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
+        base = app.state.settings.prefix / jobid
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [base, *base.iterdir()]}
+    assert modes == {jobid: 0o700, "spec.json": 0o600, "status.csv": 0o600, "log": 0o700, "work": 0o700}, {
+        k: oct(v) for k, v in modes.items()
+    }
 
 
 def test_a_reused_pid_is_never_signalled() -> None:

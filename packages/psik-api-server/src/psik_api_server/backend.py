@@ -76,6 +76,18 @@ def missing_interpreter(spec: JobSpec) -> str | None:
     return None
 
 
+def _owner_only(base: Path) -> None:
+    """Make a new job directory and what psik put in it the owner's alone: the directory
+    first (0700 shields all below it), then spec.json (the environment, any callback
+    secret) and status.csv (0600), and log/ and work/ (0700), so that none of them is
+    readable by others should the directory's mode ever be loosened. Files the job itself
+    writes later follow the owner's umask, inside those directories."""
+    os.chmod(base, 0o700)
+    for name, mode in (("spec.json", 0o600), ("status.csv", 0o600), ("log", 0o700), ("work", 0o700)):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(base / name, mode, follow_symlinks=False)
+
+
 #: How long a job's callback POST may take before it is given up (and logged).
 CALLBACK_TIMEOUT = 30.0
 
@@ -176,7 +188,7 @@ class PsikBackend:
         pspec = PsikJobSpec.model_validate(spec.model_dump())
         job = await self._manager.create(pspec)
         # psik makes it with the umask's mode: the job's files are the owner's alone.
-        await anyio.to_thread.run_sync(os.chmod, self.path(str(job.stamp)), 0o700)
+        await anyio.to_thread.run_sync(_owner_only, self.path(str(job.stamp)))
         return str(job.stamp)
 
     async def submit(self, jobid: str, *, waited: int | None = None) -> tuple[int, str]:
