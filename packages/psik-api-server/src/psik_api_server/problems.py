@@ -3,19 +3,22 @@
 ``ApiError`` carries its own code; starlette's HTTP errors and pydantic's validation
 errors are translated; a full disk (ENOSPC, SQLITE_FULL) that reaches here becomes a
 507 ``insufficient_storage`` naming what is full (logged once per episode, see
-``diskfull``); anything else is logged and becomes a 500 ``internal_error`` that leaks
-no detail.
+``diskfull``); a client that went away before its request body was complete
+(starlette's ``ClientDisconnect``, on any route that reads a body) is not a server
+error: a debug line, no traceback, and a 400 that nobody reads; anything else is logged
+and becomes a 500 ``internal_error`` that leaks no detail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,6 +103,14 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # Thousands of clients can do this in seconds: one debug line each, at most.
+            _logger.debug("client went away mid-request: %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                # Sent for ASGI's sake (a request gets a response); the server drops it.
+                err = ApiError(ProblemCode.bad_request, "the client closed the connection mid-request")
+                with contextlib.suppress(Exception):
+                    await problem_response(err, scope.get("path"))(scope, receive, send)
         except Exception as e:
             service = getattr(getattr(scope.get("app"), "state", None), "service", None)
             disk = getattr(service, "disk", None)
