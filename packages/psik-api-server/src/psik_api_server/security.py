@@ -2,6 +2,9 @@
 
 Every request passes :class:`LocalOnly`, which refuses, in this order:
 
+0. a ``Host``, ``Content-Type`` or ``Origin`` header given more than once (400, naming
+   it): the checks below read one value, and whatever reads the request after them (a
+   proxy, the framework, a handler) may read the other;
 1. a request that reached a socket listening on a public address (403; ``psik-api-server
    serve`` refuses to listen there at all, ``uvicorn --host 0.0.0.0`` is refused here)
    or that comes from another host (403);
@@ -234,6 +237,25 @@ def _has_body(headers: dict[str, str]) -> bool:
     return "transfer-encoding" in headers or (length is not None and length.strip() not in ("", "0"))
 
 
+#: The headers the checks read, which must come once: (lower-case name, as named in a refusal).
+_ONCE = {b"host": "Host", b"content-type": "Content-Type", b"origin": "Origin"}
+
+
+def _repeated(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
+    """400 for the first of :data:`_ONCE` given more than once (names are case-blind)."""
+    seen: set[bytes] = set()
+    for name, _value in raw:
+        key = name.lower()
+        if key in _ONCE:
+            if key in seen:
+                return ApiError(
+                    ProblemCode.bad_request,
+                    f"the {_ONCE[key]} header is given more than once; send it once",
+                )
+            seen.add(key)
+    return None
+
+
 def _user(uid: int) -> str:
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
@@ -265,6 +287,9 @@ class LocalOnly:
 
     def refusal(self, scope: Scope) -> ApiError | None:
         """Why this request is refused, or None."""
+        repeated = _repeated(scope.get("headers", []))
+        if repeated is not None:
+            return repeated
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         conn = connection_of(scope)
         in_process = conn is None and _made_up(scope.get("server"))
