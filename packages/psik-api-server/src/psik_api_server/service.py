@@ -401,7 +401,10 @@ class JobService:
 
         if not os.path.isabs(directory):
             raise refuse("must be an absolute path")
-        real = Path(directory).resolve()
+        try:
+            real = Path(directory).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop; NUL (the input check's)
+            raise refuse("cannot be resolved (a symlink loop, or NUL)") from None
         if not any(real == root or real.is_relative_to(root) for root in self.directory_roots):
             roots = ", ".join(str(r) for r in self.directory_roots) or "none configured"
             raise refuse(f"is outside the allowed directory roots ({roots})")
