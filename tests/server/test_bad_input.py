@@ -5,6 +5,7 @@ parser, repeated parameters, non-ASCII keys, nonsense settings and unusable pref
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,11 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
+from asgi_lifespan import LifespanManager
 
 from psik_api_core import STRICT_INPUT, JobSpec
+from psik_api_server.app import create_app
+from psik_api_server.errors import ApiError
 from psik_api_server.settings import ConfigError, Settings, load_settings
 
 pytestmark = pytest.mark.anyio
@@ -38,6 +42,11 @@ BAD_SPECS = [
     ({"script": "echo \x00"}, ["body", "script"], "NUL"),
     ({"attributes": {"--comment": "a\nb"}}, ["body", "attributes"], "control"),
     ({"cb_headers": {"X-A": "a\r\nInjected: 1"}}, ["body", "cb_headers"], "control"),
+    # A path with NUL reaches no file (Path.resolve raised: a 500), a URL with a line
+    # break would split the callback's request line.
+    ({"directory": "/tmp/a\x00b"}, ["body", "directory"], "NUL"),
+    ({"directory": "\x00"}, ["body", "directory"], "NUL"),
+    ({"callback": "http://127.0.0.1:9/a\r\nX-Injected: 1"}, ["body", "callback"], "control"),
 ]
 
 
@@ -133,7 +142,20 @@ RAW_BODIES = [
     ('{"script": "t", "environment": {"A": 1}}', ["body", "environment", "A"]),
     ('{"script": "t", "resources": {"duration": ' + "9" * 40 + "}}", ["body", "resources", "duration"]),
     ('{"script": "t", "resources": {"node_count": 2147483648}}', ["body", "resources", "node_count"]),
-    ('{"script": "t", "name": "\\ud800"}', ["body"]),  # a lone surrogate: no file can hold it
+    # Over Python's 4300-digit limit for int(): json.loads raised ValueError, a 500.
+    ('{"script": "t", "resources": {"duration": ' + "9" * 4301 + "}}", ["body", "resources", "duration"]),
+    ('{"script": "t", "resources": {"duration": -' + "9" * 5000 + "}}", ["body", "resources", "duration"]),
+    ('{"script": "t", "environment": {"A": ' + "1" * 4301 + "}}", ["body", "environment", "A"]),
+    # Valid JSON syntax, but a lone surrogate is no character: no file can hold it.
+    ('{"script": "t", "name": "\\ud800"}', ["body", "name"]),
+    ('{"script": "t\\udc00"}', ["body", "script"]),
+    ('{"script": "t", "environment": {"A": "x\\ud800y"}}', ["body", "environment"]),
+    ('{"script": "t", "environment": {"\\ud800": "x"}}', ["body", "environment"]),
+    ('{"script": "t", "cb_secret": "\\udfff"}', ["body", "cb_secret"]),
+    # A key given twice: which one counts is up to the parser; refused, naming it.
+    ('{"script": "x", "script": "y"}', ["body", "script"]),
+    ('{"script": "t", "resources": {"duration": 1, "duration": 2}}', ["body", "resources", "duration"]),
+    ('{"script": "t", "environment": {"A": "1", "A": "2"}}', ["body", "environment", "A"]),
 ]
 
 
@@ -146,6 +168,72 @@ async def test_values_are_not_coerced_and_out_of_range_ones_are_422(
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["loc"] == loc
     assert (await http.get("/v1/jobs")).json()["items"] == []
+
+
+NOT_JSON = [
+    (b"", "empty"),
+    (b"\xef\xbb\xbf" + b'{"script": "t"}', "BOM"),
+    (b'{"script": "\xff"}', "UTF-8"),
+    (b'{"script": "caf\xe9"}', "UTF-8"),  # Latin-1
+    ('{"script": "t"}'.encode("utf-16"), "UTF-8"),
+    ('{"script": "t"}'.encode("utf-16-le"), "line 1"),
+    (b'{"script": "t", "resources": {"duration": NaN}}', "NaN"),
+    (b'{"script": "t", "resources": {"duration": Infinity}}', "Infinity"),
+    (b'{"script": "t", "resources": {"duration": -Infinity}}', "-Infinity"),
+    (b'{"script": "t",}', "line 1"),
+    (b"{'script': 't'}", "line 1"),
+    (b'{"script": "t"} x', "line 1"),
+    (b'{"script": "a\nb"}', "line 1"),  # a raw control character in a string
+    (b'{"script": "\\ud800', "line 1"),  # cut off in an escape
+]
+
+
+@pytest.mark.parametrize(("body", "why"), NOT_JSON)
+async def test_a_body_that_is_not_json_is_400_saying_why(
+    http: httpx.AsyncClient, body: bytes, why: str
+) -> None:
+    """JSON as RFC 8259 has it: UTF-8, no BOM, no NaN or Infinity."""
+    for route in ("/v1/jobs/new", "/v1/jobs"):
+        r = await http.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        problem = r.json()
+        assert problem["code"] == "bad_request" and problem["errors"][0]["loc"] == ["body"]
+        assert problem["detail"].startswith("the body is not valid JSON"), problem
+        assert why in problem["detail"], problem
+        assert "hex escape" not in problem["detail"]
+    assert (await http.get("/v1/jobs")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "why"),
+    [
+        (
+            '{"script": "t", "resources": {"duration": ' + "9" * 4301 + "}}",
+            ["body", "resources", "duration"],
+            "too large",
+        ),
+        ('{"script": "t", "name": "\\ud800"}', ["body", "name"], "surrogate"),
+        ('{"script": "x", "script": "y"}', ["body", "script"], "more than once"),
+    ],
+)
+async def test_what_json_allows_but_a_job_cannot_take_says_what(
+    http: httpx.AsyncClient, body: str, loc: list[str], why: str
+) -> None:
+    r = await http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+    assert r.json()["errors"] == [{"loc": loc, "msg": r.json()["errors"][0]["msg"], "type": "value_error"}]
+    assert why in r.json()["errors"][0]["msg"] and why in r.json()["detail"]
+
+
+async def test_what_json_allows_still_goes(http: httpx.AsyncClient) -> None:
+    """A surrogate pair is one character; 4300 digits are a number (out of range here)."""
+    body = '{"script": "echo \\ud83d\\ude00 \\u00e9", "name": "caf\u00e9"}'.encode()
+    r = await http.post("/v1/jobs/new", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["script"] == "echo \U0001f600 \u00e9" and r.json()["spec"]["name"] == "caf\u00e9"
+    body = ('{"script": "t", "resources": {"duration": ' + "9" * 4300 + "}}").encode()
+    r = await http.post("/v1/jobs/new", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "from 1 to" in r.json()["errors"][0]["msg"]
 
 
 async def test_the_seed_readme_bodies_still_validate(http: httpx.AsyncClient) -> None:
@@ -162,3 +250,27 @@ async def test_the_seed_readme_bodies_still_validate(http: httpx.AsyncClient) ->
 async def test_nul_in_a_path_is_refused(http: httpx.AsyncClient, path: str) -> None:
     r = await http.get(path)
     assert r.status_code in {404, 422} and r.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_directory_that_cannot_be_resolved_is_422_not_500(settings: Settings, tmp_path: Path) -> None:
+    """Path.resolve raises on a symlink loop (RuntimeError) and on NUL (ValueError): the
+    server names the field either way, even for a spec that skipped the input check."""
+    root = tmp_path / "allowed"
+    root.mkdir()
+    os.symlink(root / "loop", root / "loop")
+    settings.directory_roots = [root]
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        for route in ("/v1/jobs/new", "/v1/jobs"):
+            for directory in (root / "loop", root / "loop" / "x"):
+                r = await http.post(route, json={"script": "t", "directory": str(directory)})
+                assert r.status_code == 422, r.text
+                assert r.json()["errors"][0]["loc"] == ["body", "directory"]
+        assert (await http.get("/v1/jobs")).json()["items"] == []
+    service = app.state.service
+    with pytest.raises(ApiError) as caught:
+        service._check_directory(str(root / "a\x00b"))
+    assert caught.value.code.status == 422

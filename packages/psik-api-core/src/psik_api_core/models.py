@@ -8,7 +8,9 @@ survives a newer server's answers. The server validates request bodies with
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -19,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -69,6 +72,144 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 def _refuse(why: str) -> PydanticCustomError:
     return PydanticCustomError("value_error", why)
+
+
+#: Half of a UTF-16 pair: JSON's ``"\\ud800"`` escape can name one alone, but it is no
+#: character — no UTF-8 file (the job's spec.json), command line or header can hold it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InvalidJSON(ValueError):
+    """Input that is not JSON text as RFC 8259 has it (a 400, where a valid document
+    with wrong values is a 422); the message says why, for a person."""
+
+
+class _TooLarge:
+    """An integer literal past Python's digit limit for ``int()`` (4300 by default)."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+
+class _Duplicated(dict[str, Any]):
+    """A JSON object that had a key more than once (the last one is kept)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], twice: str) -> None:
+        super().__init__(pairs)
+        self.twice = twice
+
+
+def _constant(name: str) -> None:
+    raise InvalidJSON(f"{name} is not a JSON number")
+
+
+def _loads(text: str, big_ints: bool) -> tuple[Any, bool]:
+    """``text`` parsed, and whether it holds a :class:`_Duplicated` or :class:`_TooLarge`
+    (the hooks are per call: a parse in another thread has its own)."""
+    odd = False
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal odd
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        odd = True
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                break
+            seen.add(key)
+        return _Duplicated(pairs, key)
+
+    def int_hook(digits: str) -> int | _TooLarge:
+        nonlocal odd
+        limit = sys.get_int_max_str_digits()
+        if limit and len(digits.lstrip("-")) > limit:
+            odd = True
+            return _TooLarge(digits)
+        return int(digits)
+
+    hooks: dict[str, Any] = {"parse_int": int_hook} if big_ints else {}
+    parsed = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=_constant, **hooks)
+    return parsed, odd
+
+
+#: Where a value is, innermost last: ``(parent, key)``, ``None`` for the top.
+_Path = tuple[Any, str | int] | None
+
+
+def _loc(path: _Path) -> list[str | int]:
+    loc: list[str | int] = []
+    while path is not None:
+        path, key = path
+        loc.append(key)
+    return loc[::-1]
+
+
+def _input_error(loc: list[str | int], why: str, data: Any) -> ValidationError:
+    return ValidationError.from_exception_data(
+        "JobSpec", [{"type": PydanticCustomError("value_error", why), "loc": tuple(loc), "input": data}]
+    )
+
+
+def loads_input(data: bytes | str) -> Any:
+    """A request body parsed as JSON text strictly (RFC 8259): UTF-8 without a byte order
+    mark, no ``NaN``/``Infinity``; raises :class:`InvalidJSON` saying why otherwise.
+
+    What is valid JSON but no input for a job raises pydantic's ``ValidationError``
+    naming where it is: a key given twice in one object (parsers disagree on which one
+    counts), an integer of more digits than Python converts (an out-of-range number, not
+    a crash). Lone surrogates are left to :meth:`JobSpec.validate_input`, which names
+    the field."""
+    if isinstance(data, bytes | bytearray):
+        if data.startswith(b"\xef\xbb\xbf"):
+            raise InvalidJSON("it starts with a byte order mark (BOM), which JSON text must not have")
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidJSON(f"it is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    else:
+        text = data
+    if text.startswith("\ufeff"):
+        raise InvalidJSON("it starts with a byte order mark (BOM), which JSON text must not have")
+    if not text.strip(" \t\r\n"):
+        raise InvalidJSON("it is empty")
+    try:
+        try:
+            parsed, odd = _loads(text, big_ints=False)
+        except InvalidJSON:
+            raise
+        except ValueError as e:
+            if isinstance(e, json.JSONDecodeError):
+                raise
+            # An integer past int()'s digit limit: parse again, keeping such numbers apart
+            # (only then: a Python hook per number is slow).
+            parsed, odd = _loads(text, big_ints=True)
+    except json.JSONDecodeError as e:
+        raise InvalidJSON(str(e)) from None
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's parser goes
+        raise InvalidJSON("it is nested too deeply") from None
+    if not odd:
+        return parsed
+    # Find what JSON allows and a job cannot take, in document order, without recursion
+    # and without copying paths (a body can be a million values, nested a thousand deep).
+    if isinstance(parsed, _TooLarge):
+        raise _input_error([], f"a number too large ({parsed.digits} digits)", parsed.digits)
+    stack: list[tuple[_Path, Any]] = [(None, parsed)]
+    while stack:  # only containers are pushed: a million numbers cost no tuples
+        path, value = stack.pop()
+        if isinstance(value, _Duplicated):
+            raise _input_error([*_loc(path), value.twice], "this key is given more than once", value.twice)
+        inner: list[tuple[_Path, Any]] = []
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(item, _TooLarge):
+                raise _input_error(
+                    [*_loc(path), key], f"a number too large ({item.digits} digits)", item.digits
+                )
+            if isinstance(item, dict | list):
+                inner.append(((path, key), item))
+        stack.extend(reversed(inner))
+    return parsed
 
 
 def utc(ts: float) -> datetime:
@@ -153,16 +294,54 @@ class JobSpec(_Model):
     def validate_input(cls, data: bytes | str | Mapping[str, Any]) -> JobSpec:
         """A spec as a request gives it (JSON text, or a mapping), checked as the server
         checks it: unknown fields, the input checks below, and no coercion (``"3"`` is
-        not an integer, ``0`` not a boolean), as the published schema says. Raises
-        pydantic's ``ValidationError``."""
+        not an integer, ``0`` not a boolean), as the published schema says. JSON text is
+        parsed by :func:`loads_input`, the server's parser. Raises pydantic's
+        ``ValidationError`` (of type ``json_invalid`` for text that is not JSON)."""
         if isinstance(data, bytes | str):
-            # pydantic's own JSON parser: it also refuses lone surrogates, which could
-            # not be written to the job's spec.json.
-            return cls.model_validate_json(data, strict=True, context=STRICT_INPUT)
+            try:
+                parsed = loads_input(data)
+            except InvalidJSON as e:
+                raise ValidationError.from_exception_data(
+                    cls.__name__,
+                    [{"type": "json_invalid", "loc": (), "input": data, "ctx": {"error": str(e)}}],
+                ) from None
+            if not isinstance(parsed, dict):
+                raise _input_error([], "must be a JSON object (a JobSpec)", parsed)
+            data = parsed
         return cls.model_validate(dict(data), strict=True, context=STRICT_INPUT)
 
     # Input checks (see ResourceSpec): each names what a backend, a shell or an HTTP
     # header would choke on, instead of a job that "fails" without running.
+    @field_validator("*")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any, info: ValidationInfo) -> Any:
+        if _strict(info):
+            if isinstance(value, SecretStr):
+                texts: list[Any] = [value.get_secret_value()]
+            elif isinstance(value, dict):
+                texts = [*value, *value.values()]
+            else:
+                texts = [value]
+            if any(isinstance(t, str) and _SURROGATE.search(t) for t in texts):
+                raise _refuse("holds a lone surrogate (\\ud800-\\udfff), which is not a character")
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _check_directory(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # No file name can hold NUL: every filesystem call refuses it.
+        if value is not None and "\x00" in value and _strict(info):
+            raise _refuse("must not contain NUL characters")
+        return value
+
+    @field_validator("callback")
+    @classmethod
+    def _check_callback(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # It becomes an HTTP request line: one line.
+        if value is not None and _CONTROL.search(value) and _strict(info):
+            raise _refuse("must not contain control characters (newlines, NUL, ...)")
+        return value
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str | None, info: ValidationInfo) -> str | None:

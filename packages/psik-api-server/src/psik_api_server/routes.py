@@ -8,7 +8,6 @@ in ``openapi.py``, which needs no starlette; only the handlers live here."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from psik_api_core import (
     is_jobid,
 )
 from psik_api_core.limits import byte_size
+from psik_api_core.models import InvalidJSON, loads_input
 
 from .errors import ApiError
 from .openapi import OPERATIONS, Operation
@@ -104,19 +104,16 @@ async def _spec(request: Request) -> JobSpec:
         if len(body) > limit:
             raise too_large
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # The same parser as the client's check (core's JobSpec.validate_input).
+        data = loads_input(bytes(body))
+    except InvalidJSON as e:
         raise ApiError(
             ProblemCode.bad_request,
             f"the body is not valid JSON: {e}",
             errors=[field_error(["body"], "not valid JSON")],
         ) from None
-    except RecursionError:  # [[[[...]]]] nested deeper than Python's parser goes
-        raise ApiError(
-            ProblemCode.bad_request,
-            "the body is nested too deeply to be a JobSpec",
-            errors=[field_error(["body"], "nested too deeply")],
-        ) from None
+    except ValidationError as e:  # valid JSON, but a key twice or a number too large
+        raise validation_problem(e) from None
     if not isinstance(data, dict):
         raise ApiError(
             ProblemCode.validation_error,
@@ -124,7 +121,7 @@ async def _spec(request: Request) -> JobSpec:
             errors=[field_error(["body"], "must be an object")],
         )
     try:
-        return JobSpec.validate_input(bytes(body))
+        return JobSpec.validate_input(data)
     except ValidationError as e:
         raise validation_problem(e) from None
 
