@@ -28,7 +28,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from psik_api_server.limits import RESERVE_FDS, RepeatFilter, fit
+from psik_api_server.limits import (
+    MIN_BODY_RATE,
+    RESERVE_FDS,
+    ConnectionLimits,
+    RepeatFilter,
+    _Body,
+    _why_stalled,
+    fit,
+)
 
 resource = pytest.importorskip("resource")
 
@@ -73,6 +81,12 @@ def _login_node_limit() -> None:  # in the server's process, before it starts
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     """The server started the README way, or the seed README's ``uvicorn
     psik_api_server.main:app`` (the limits come from the config file either way)."""
+    with _server(request.param, tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _server(how: str, tmp_path: Path, **config: object) -> Iterator[Server]:
     _raise_own_limit(IDLE + SLOW + 200)
     cfg = tmp_path / "psik_api.json"
     cfg.write_text(
@@ -82,6 +96,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
                 "backends": {"default": {"type": "local"}},
                 "header_timeout": HEADER_TIMEOUT,
                 "keep_alive_timeout": KEEP_ALIVE,
+                **config,
             }
         )
     )
@@ -91,13 +106,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with log.open("wb") as out:
-        how = (
-            ["psik_api_server", "serve"]
-            if request.param == "serve"
-            else ["uvicorn", "psik_api_server.main:app"]
-        )
+        command = ["psik_api_server", "serve"] if how == "serve" else ["uvicorn", "psik_api_server.main:app"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", *how, "--port", str(port)],
+            [sys.executable, "-m", *command, "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -139,12 +150,15 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 @dataclass
 class Trickler:
-    """Connections that send a request head a piece at a time, every ``every`` seconds,
-    noting when the server closed each one and what it answered."""
+    """Connections that send ``head`` then a byte every ``every`` seconds (of a header
+    name that never ends, by default; of a body after a complete head otherwise; none
+    at all if ``every`` is 0), noting when the server closed each one and what it
+    answered."""
 
     port: int
     count: int
     every: float = 0.5
+    head: bytes = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     opened: dict[socket.socket, float] = field(default_factory=dict)
     closed: dict[socket.socket, float] = field(default_factory=dict)
     answers: dict[socket.socket, bytes] = field(default_factory=dict)
@@ -156,7 +170,7 @@ class Trickler:
     def __enter__(self) -> Trickler:
         for _ in range(self.count):
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            sock.sendall(self.head)
             sock.setblocking(False)
             self.opened[sock] = time.monotonic()
             self.answers[sock] = b""
@@ -167,7 +181,7 @@ class Trickler:
         with selectors.DefaultSelector() as sel:
             for sock in self.opened:
                 sel.register(sock, selectors.EVENT_READ)
-            next_send = time.monotonic() + self.every
+            next_send = time.monotonic() + (self.every or 1.0)
             while not self.stop.is_set() and len(self.closed) < len(self.opened):
                 for key, _ in sel.select(timeout=0.05):
                     sock = key.fileobj
@@ -182,12 +196,12 @@ class Trickler:
                     if not data:
                         self.closed[sock] = time.monotonic()
                         sel.unregister(sock)
-                if time.monotonic() >= next_send:
+                if self.every and time.monotonic() >= next_send:
                     next_send += self.every
                     for sock in self.opened:
                         if sock not in self.closed:
                             with contextlib.suppress(OSError):
-                                sock.send(b"X")  # one byte of a header name, never finished
+                                sock.send(b"X")  # one byte of a header name or a body, never finished
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
@@ -282,6 +296,138 @@ def test_a_slow_request_head_is_cut_at_the_header_timeout(server: Server) -> Non
     assert server.log_size() < 100_000
 
 
+# --- request bodies that stall or trickle ----------------------------------------------
+
+#: A complete head announcing 100,000 bytes of a job, then its first byte.
+STALLED_BODY = (
+    b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100000\r\n\r\n{"
+)
+
+
+def _submit_job(url: str, script: str) -> str:
+    r = httpx.post(f"{url}/v1/jobs", json={"name": "talks", "script": script}, timeout=10)
+    assert r.status_code == 201, r.text
+    return str(r.json()["jobid"])
+
+
+@dataclass
+class Follower:
+    """``GET /v1/jobs/{id}/logs/stdout.1?follow=true`` in a thread: a response the server
+    streams for as long as the job runs, the client reading it."""
+
+    url: str
+    jobid: str
+    got: bytearray = field(default_factory=bytearray)
+    error: BaseException | None = None
+    ended: float | None = None
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with httpx.stream(
+                "GET", f"{self.url}/v1/jobs/{self.jobid}/logs/stdout.1?follow=true", timeout=30
+            ) as r:
+                assert r.status_code == 200, r.read()
+                for chunk in r.iter_bytes():
+                    self.got += chunk
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ended = time.monotonic()
+
+
+def _slow_upload(port: int, jobid: str, pieces: int, every: float, pause: float) -> bytes:
+    """A raw upload of ``pieces`` of 4 KiB, one every ``every`` seconds (16 KiB/s at
+    0.25), silent for ``pause`` seconds half way; the server's answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(
+            f"PUT /v1/jobs/{jobid}/files/slow.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Length: {pieces * 4096}\r\nConnection: close\r\n\r\n".encode()
+        )
+        for i in range(pieces):
+            time.sleep(pause if i == pieces // 2 else every)
+            sock.sendall(b"x" * 4096)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+TALKING_JOB = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line $i; sleep 0.5; done"
+
+
+def test_a_stalled_or_trickled_request_body_is_cut(server: Server) -> None:
+    # Each sent a complete head, then one byte of its body and nothing more, or one
+    # byte every half second: under a pure idle timeout the second held its connection
+    # for ever. Both are closed with a 408 by the header timeout (the trickle: by the
+    # rate floor, 2 bytes/s being far under it); a follow whose response streams longer
+    # than that, the client reading, is not cut.
+    jobid = _submit_job(server.url, TALKING_JOB)
+    follower = Follower(server.url, jobid)
+    upload: list[bytes] = []
+    # A slow but real upload: 16 KiB/s for 4 s, with a pause just under the timeout.
+    uploader = threading.Thread(
+        target=lambda: upload.append(_slow_upload(server.port, jobid, 16, 0.25, HEADER_TIMEOUT - 0.5))
+    )
+    uploader.start()
+    time.sleep(0.5)
+    with (
+        Trickler(server.port, 20, every=0, head=STALLED_BODY) as stalled,
+        Trickler(server.port, 20, every=0.5, head=STALLED_BODY) as trickled,
+    ):
+        deadline = time.monotonic() + HEADER_TIMEOUT + 4
+        while time.monotonic() < deadline and len(stalled.closed) + len(trickled.closed) < 40:
+            time.sleep(0.1)
+        for kind, conns in [("stalled", stalled), ("trickled", trickled)]:
+            assert len(conns.closed) == 20, f"{20 - len(conns.closed)} {kind} bodies still open"
+            lifetimes = sorted(conns.closed[s] - conns.opened[s] for s in conns.closed)
+            assert lifetimes[0] > HEADER_TIMEOUT - 0.3 and lifetimes[-1] < HEADER_TIMEOUT + 2, (
+                kind,
+                lifetimes,
+            )
+            assert all(a.startswith(b"HTTP/1.1 408") for a in conns.answers.values()), set(
+                conns.answers.values()
+            )
+    follower.thread.join(timeout=20)
+    assert follower.error is None, repr(follower.error)
+    assert follower.got.count(b"line") == 12, bytes(follower.got)  # streamed for ~6 s, to the end
+    uploader.join(timeout=20)
+    assert upload and upload[0].startswith(b"HTTP/1.1 201"), upload[:1]
+    assert server.proc.poll() is None, "the server died"
+    assert server.log_size() < 100_000
+
+
+@pytest.mark.parametrize("how", ["serve", "uvicorn"])
+def test_stalled_bodies_at_the_connection_cap_do_not_lock_everyone_out(how: str, tmp_path: Path) -> None:
+    # 60 stalled bodies against a cap of 50: every connection had "a request in
+    # progress", so each newcomer was closed, /healthz included, for as long as they
+    # stayed open. A stalled body now makes room, long before its own timeout; a follow
+    # whose response is streaming is not one of them.
+    timeout = 6.0
+    with _server(how, tmp_path, max_connections=50, header_timeout=timeout) as server:
+        follower = Follower(server.url, _submit_job(server.url, TALKING_JOB))
+        time.sleep(0.5)
+        with Trickler(server.port, 60, every=0, head=STALLED_BODY) as stalled:
+            time.sleep(1.5)  # stalled for longer than STALL_GRACE, far from the timeout
+            for call in ["healthz", "submit", "healthz"]:
+                try:
+                    status, took = _timed(call, server.url)
+                except httpx.TransportError as e:
+                    raise AssertionError(f"{call} locked out by 60 stalled bodies: {e!r}") from None
+                assert status in (200, 201) and took < 2.0, (call, status, took)
+            assert time.monotonic() - min(stalled.opened.values()) < timeout
+        follower.thread.join(timeout=20)
+        assert follower.error is None, repr(follower.error)
+        assert follower.got.count(b"line") == 12, bytes(follower.got)
+        text = server.log.read_text(errors="replace")
+        assert "request body was stalled longest" in text, text[-3000:]
+        assert server.log_size() < 100_000
+
+
 # --- the pieces, in process -----------------------------------------------------------
 
 
@@ -355,3 +501,23 @@ def test_exceptions_of_different_kinds_are_not_merged() -> None:
 )
 def test_the_connection_cap_fits_under_the_open_file_limit(files: int, cap: int, backlog: int) -> None:
     assert fit(1000, 2048, files) == (cap, backlog)
+
+
+@pytest.mark.parametrize(
+    ("received", "owed", "idle", "cut"),
+    [
+        (1, 9.9, 9.9, False),  # one byte, silent for just under the timeout
+        (1, 10.0, 10.0, True),  # ... and for the timeout
+        (2, 10.0, 1.0, True),  # a byte every 9 s: under 1 KiB/s once 10 s are charged
+        (1 << 20, 9.0, 0.0, False),  # not yet 10 s: the floor does not apply
+        (10 * MIN_BODY_RATE, 10.0, 0.0, False),  # exactly the floor
+        (60 * MIN_BODY_RATE - 1, 60.0, 0.0, True),  # a minute just under it
+        (4 << 30, 3600.0, 9.0, False),  # a 4 GiB upload in an hour, a 9 s hiccup
+    ],
+)
+def test_a_body_is_cut_when_stalled_or_under_the_rate_floor(
+    received: int, owed: float, idle: float, cut: bool
+) -> None:
+    body = _Body(None, received, 0.0)
+    body.owed, body.idle = owed, idle
+    assert (_why_stalled(body, ConnectionLimits(1000, 10.0)) is not None) is cut

@@ -11,14 +11,30 @@ and the server stopped answering):
   starts waiting for a request head (accepted, or the first byte after a keep-alive
   pause) and closes it if the head is not complete within ``header_timeout`` (with a
   ``408`` when part of a head had come).
+* **A request body must keep coming.** A complete head (``POST /v1/jobs``,
+  ``Content-Length: 100000``) then one byte and silence held its connection for ever,
+  counted as a request in progress and never made room: 60 of them locked everyone out
+  of a server capped at 50. While the app waits for the client's bytes (the body is
+  not complete, no response has started, uvicorn is reading: not paused because the app
+  is slow to take what came, not waiting to send ``100 Continue``), the time is charged
+  to the client. A body that gets no byte for ``header_timeout`` seconds of that time,
+  or, once ``header_timeout`` seconds have been charged, has averaged less than
+  :data:`MIN_BODY_RATE` (1 KiB/s) over them, is closed with a ``408``. Time the app
+  spends not reading is not charged (a slow disk is not the client's fault), and once
+  the response has started (a log follow streams for as long as the job runs, the
+  client reading) nothing is: that connection is the server's to finish.
 * **Open connections are capped**, below what the open-file limit allows. At the cap,
   a new connection makes room by closing the connection that has waited longest for a
-  request head (idle, keep-alive or trickling); only when every connection has a request
-  in progress is the new one closed. Idle sockets thus cannot lock out a real client
-  (``/healthz``, a submit): a client that sends its request at once is never the longest
-  waiting. uvicorn's own ``limit_concurrency`` is not used: it counts idle connections
-  too and answers 503 to every request past it, so 1,000 idle sockets would shut out
-  every real one until they go.
+  request head (idle, keep-alive or trickling); if none is waiting for a head, the
+  request body that has been stalled longest (by the rules above: charged, and silent
+  for :data:`STALL_GRACE` seconds or below the rate floor after that long) is closed
+  with a ``408``; only when every connection has a request the server is working on
+  (or a body that is coming at a decent pace) is the new one closed. Idle sockets and
+  stalled bodies thus cannot lock out a real client (``/healthz``, a submit): a client
+  that sends its request at once is never the longest waiting. uvicorn's own
+  ``limit_concurrency`` is not used: it counts idle connections too and answers 503 to
+  every request past it, so 1,000 idle sockets would shut out every real one until they
+  go.
 * **The soft open-file limit is raised to the hard one** (:func:`raise_open_file_limit`),
   and the cap and listen backlog are fitted under it (:func:`fit`): asyncio accepts up
   to ``backlog`` connections in one go before any of them is seen, and an accept that
@@ -52,6 +68,14 @@ _logger = logging.getLogger(__name__)
 
 #: File descriptors kept for the server itself (index, job files, launcher, watcher).
 RESERVE_FDS = 256
+#: Bytes per second a request body must average once ``header_timeout`` seconds of it
+#: have been charged to the client (see the module doc): one byte every 9 s would
+#: otherwise hold a connection for ever. 1 KiB/s moves a 4 GiB upload in 49 days, so
+#: no real client is near it; a trickle of a few bytes a second is cut.
+MIN_BODY_RATE = 1024
+#: Seconds a body must have been stalled (charged and silent, or below the rate floor
+#: for that long) to be closed to make room for a new connection at the cap.
+STALL_GRACE = 1.0
 #: The loggers that can say something per connection; :func:`quiet_repeats` filters them.
 PER_CONNECTION_LOGGERS = (
     "asyncio",
@@ -69,11 +93,14 @@ _TIMEOUT_RESPONSE = (
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """What :func:`install` enforces: at most ``max_connections`` open connections, and a
-    request head complete within ``header_timeout`` seconds of waiting for it."""
+    """What :func:`install` enforces: at most ``max_connections`` open connections, a
+    request head complete within ``header_timeout`` seconds of waiting for it, and a
+    request body that never stalls that long or averages less than ``min_body_rate``
+    bytes/s after it (time the app is not reading is not counted)."""
 
     max_connections: int
     header_timeout: float
+    min_body_rate: float = MIN_BODY_RATE
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -127,8 +154,8 @@ def start(
     idle = f"{settings.keep_alive_timeout} s" if keep_alive else "uvicorn's --timeout-keep-alive"
     log.info(
         "limits: open files %s (hard limit), connections at most %d, request head within %g s, "
-        "keep-alive %s",
-        files, cap, settings.header_timeout, idle,
+        "request body stalled at most %g s and at least %d bytes/s after that, keep-alive %s",
+        files, cap, settings.header_timeout, settings.header_timeout, MIN_BODY_RATE, idle,
     )  # fmt: skip
     if cap < settings.max_connections:
         log.warning(
@@ -254,25 +281,43 @@ def _flush_every(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
 # --- the hook on uvicorn's protocols --------------------------------------------------
 
 
-class _Guard:
-    """One connection's state: waiting for a request head or not, its timer."""
+class _Body:
+    """A request body in progress: what came, and the time charged to the client."""
 
-    __slots__ = ("cycle", "partial", "timer", "waiting")
+    __slots__ = ("checked", "cycle", "idle", "owed", "received")
+
+    def __init__(self, cycle: Any, received: int, now: float) -> None:
+        self.cycle = cycle
+        self.received = received  # bytes since the head
+        self.owed = 0.0  # seconds the app waited for the client's bytes
+        self.idle = 0.0  # of which since the last byte
+        self.checked = now  # loop time ``owed`` and ``idle`` are counted up to
+
+
+class _Guard:
+    """One connection's state: waiting for a request head or not, its timer, the body
+    of its request while one is coming."""
+
+    __slots__ = ("body", "cycle", "partial", "timer", "waiting")
 
     def __init__(self, cycle: Any) -> None:
         self.cycle = cycle
         self.waiting = True
         self.partial = False
         self.timer: asyncio.TimerHandle | None = None
+        self.body: _Body | None = None
 
 
 class _Connections:
     """The guarded connections of one event loop; ``waiting`` in the order they started
-    to wait (the first is the one to close at the cap)."""
+    to wait (the first is the one to close at the cap); ``bodies``, those whose request
+    body is coming (checked every ``tick`` seconds while there are any)."""
 
     def __init__(self) -> None:
         self.open: set[Any] = set()
         self.waiting: dict[Any, None] = {}
+        self.bodies: dict[Any, None] = {}
+        self.ticking = False
 
 
 class _Active:
@@ -287,12 +332,13 @@ _MARK = "_psik_api_limits"
 _PROTOCOLS = [
     ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
+    ("uvicorn.protocols.http.zttp_impl", "ZttpProtocol"),
 ]
 
 
 def install(limits: ConnectionLimits | None) -> list[str]:
-    """Enforce ``limits`` on every connection uvicorn's h11 and httptools protocols
-    accept from now on (None: stop enforcing); returns the classes hooked. Idempotent."""
+    """Enforce ``limits`` on every connection uvicorn's h11, httptools and zttp (HTTP/1.1)
+    protocols accept from now on (None: stop enforcing); returns the classes hooked. Idempotent."""
     _Active.limits = limits
     hooked: list[str] = []
     for module_name, class_name in _PROTOCOLS:
@@ -358,7 +404,23 @@ def _made(proto: Any, _before: Any, transport: Any) -> None:
     conns.open.add(proto)
     if len(conns.open) > limits.max_connections:
         victim = next(iter(conns.waiting), None)
-        if victim is None:
+        if victim is not None:
+            _logger.warning(
+                "at the connection limit (%d): closed the connection that waited longest for a request (%s)",
+                limits.max_connections,
+                _peer(victim),
+            )
+            _forget(victim)
+            victim.transport.close()
+        elif (victim := _most_stalled_body(conns, limits, loop.time())) is not None:
+            _logger.warning(
+                "at the connection limit (%d): closed the connection whose request body was stalled "
+                "longest (%s)",
+                limits.max_connections,
+                _peer(victim),
+            )
+            _close_with_408(victim)
+        else:
             _logger.warning(
                 "at the connection limit (%d) and every connection has a request in progress: "
                 "closed a new connection from %s",
@@ -368,17 +430,10 @@ def _made(proto: Any, _before: Any, transport: Any) -> None:
             _forget(proto)
             transport.close()
             return
-        _logger.warning(
-            "at the connection limit (%d): closed the connection that waited longest for a request (%s)",
-            limits.max_connections,
-            _peer(victim),
-        )
-        _forget(victim)
-        victim.transport.close()
     _start_waiting(proto, guard, conns, limits)
 
 
-def _received(proto: Any, _before: Any, _data: bytes) -> None:
+def _received(proto: Any, _before: Any, data: bytes) -> None:
     guard: _Guard | None = getattr(proto, _GUARD, None)
     limits = _Active.limits
     conns = _Active.loops.get(asyncio.get_running_loop())
@@ -392,6 +447,17 @@ def _received(proto: Any, _before: Any, _data: bytes) -> None:
     if cycle is not guard.cycle:
         guard.cycle = cycle  # a request head is complete
         _stop_waiting(proto, conns)
+        _end_body(proto, guard, conns)
+        if cycle is not None and _body_coming(cycle):
+            loop = asyncio.get_running_loop()
+            guard.body = _Body(cycle, len(getattr(cycle, "body", b"")), loop.time())
+            conns.bodies[proto] = None
+            if not conns.ticking:
+                conns.ticking = True
+                loop.call_later(_tick(limits), _check_bodies, loop, conns)
+    elif guard.body is not None:
+        guard.body.received += len(data)
+        guard.body.idle = 0.0
     elif guard.waiting:
         guard.partial = True
         if guard.timer is None:  # the first byte after a keep-alive pause
@@ -405,6 +471,7 @@ def _responded(proto: Any, _before: Any) -> None:
         return
     cycle = getattr(proto, "cycle", None)
     guard.cycle = cycle
+    _end_body(proto, guard, conns)
     if cycle is not None and not getattr(cycle, "response_complete", True):
         return  # a pipelined request is in progress
     # Waiting for the next request: uvicorn's keep-alive timer runs until its first
@@ -444,9 +511,11 @@ def _forget(proto: Any) -> None:
         guard.timer.cancel()
         guard.timer = None
     guard.waiting = False
+    guard.body = None
     for conns in list(_Active.loops.values()):
         conns.open.discard(proto)
         conns.waiting.pop(proto, None)
+        conns.bodies.pop(proto, None)
     delattr(proto, _GUARD)
 
 
@@ -464,6 +533,124 @@ def _expire(proto: Any) -> None:
         "closed a connection from %s: no complete request head within %g s", _peer(proto), timeout
     )
     if guard.partial:
+        transport.write(_TIMEOUT_RESPONSE)
+    _forget(proto)
+    transport.close()
+
+
+# --- request bodies ---------------------------------------------------------------------
+
+
+def _tick(limits: ConnectionLimits) -> float:
+    """How often bodies are checked: a stalled one is closed at most a quarter of the
+    timeout (or a second) late."""
+    return max(min(limits.header_timeout / 4, 1.0), 0.05)
+
+
+def _body_coming(cycle: Any) -> bool:
+    """The request's body is not complete and no response has started."""
+    return bool(
+        getattr(cycle, "more_body", False)
+        and not getattr(cycle, "response_started", True)
+        and not getattr(cycle, "response_complete", True)
+        and not getattr(cycle, "disconnected", False)
+    )
+
+
+def _owed(proto: Any, cycle: Any) -> bool:
+    """Whether the app is waiting for the client's bytes: the body is coming, uvicorn is
+    reading (not paused because the app has not taken what came) and not holding the
+    client back until it sends ``100 Continue``."""
+    flow = getattr(proto, "flow", None)
+    return (
+        _body_coming(cycle)
+        and not getattr(flow, "read_paused", False)
+        and not getattr(cycle, "waiting_for_100_continue", False)
+    )
+
+
+def _end_body(proto: Any, guard: _Guard, conns: _Connections) -> None:
+    guard.body = None
+    conns.bodies.pop(proto, None)
+
+
+def _charge(proto: Any, body: _Body, now: float) -> bool:
+    """Count the time since the last check to the client if it owed bytes; whether it did."""
+    owed = _owed(proto, body.cycle)
+    if owed:
+        elapsed = max(now - body.checked, 0.0)
+        body.owed += elapsed
+        body.idle += elapsed
+    body.checked = now
+    return owed
+
+
+def _why_stalled(body: _Body, limits: ConnectionLimits) -> str | None:
+    if body.idle >= limits.header_timeout:
+        return f"no byte of the request body for {body.idle:.0f} s"
+    if body.owed >= limits.header_timeout and body.received < limits.min_body_rate * body.owed:
+        return (
+            f"the request body came at {body.received / body.owed:.0f} bytes/s, "
+            f"under {limits.min_body_rate:.0f}"
+        )
+    return None
+
+
+def _check_bodies(loop: asyncio.AbstractEventLoop, conns: _Connections) -> None:
+    limits = _Active.limits
+    if limits is None or not conns.bodies:
+        conns.ticking = False
+        return
+    now = loop.time()
+    for proto in list(conns.bodies):
+        guard: _Guard | None = getattr(proto, _GUARD, None)
+        body = guard.body if guard is not None else None
+        transport = getattr(proto, "transport", None)
+        if (
+            guard is None
+            or body is None
+            or transport is None
+            or transport.is_closing()
+            or getattr(proto, "cycle", None) is not body.cycle
+            or not _body_coming(body.cycle)
+        ):
+            conns.bodies.pop(proto, None)
+            if guard is not None:
+                guard.body = None
+            continue
+        if not _charge(proto, body, now):
+            continue
+        why = _why_stalled(body, limits)
+        if why is not None:
+            # One template for every connection, so that RepeatFilter counts them.
+            _logger.warning("closed a connection from %s: %s", _peer(proto), why)
+            _close_with_408(proto)
+    if conns.bodies:
+        loop.call_later(_tick(limits), _check_bodies, loop, conns)
+    else:
+        conns.ticking = False
+
+
+def _most_stalled_body(conns: _Connections, limits: ConnectionLimits, now: float) -> Any:
+    """The connection whose body has been silent longest of those charged and stalled
+    (silent for ``STALL_GRACE`` s, or below the rate floor after that long), or None."""
+    grace = min(STALL_GRACE, limits.header_timeout)
+    best, best_idle = None, -1.0
+    for proto in conns.bodies:
+        guard: _Guard | None = getattr(proto, _GUARD, None)
+        body = guard.body if guard is not None else None
+        if body is None or getattr(proto, "cycle", None) is not body.cycle or not _charge(proto, body, now):
+            continue
+        slow = body.owed >= grace and body.received < limits.min_body_rate * body.owed
+        if (body.idle >= grace or slow) and body.idle > best_idle:
+            best, best_idle = proto, body.idle
+    return best
+
+
+def _close_with_408(proto: Any) -> None:
+    """Close a connection whose response has not started, saying why (408)."""
+    transport = proto.transport
+    if not transport.is_closing():
         transport.write(_TIMEOUT_RESPONSE)
     _forget(proto)
     transport.close()
