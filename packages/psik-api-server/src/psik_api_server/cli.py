@@ -42,12 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections",
         type=_positive(int),
-        help="open connections at most; at the limit the one idle longest is closed (default 1000)",
+        help="open connections at most; at the limit the one idle longest, else the one whose "
+        "request body stalled longest, is closed (default 1000)",
     )
     serve.add_argument(
         "--header-timeout",
         type=_positive(float),
-        help="seconds a connection has to send its request head (default 10)",
+        help="seconds a connection has to send its request head, and the longest a request body "
+        "may stall; after that long a body must average 1 KiB/s (default 10)",
     )
     serve.add_argument(
         "--keep-alive-timeout",

@@ -82,10 +82,12 @@ class Settings(BaseModel):
     #: How often local jobs' processes are checked for having vanished (seconds).
     liveness_interval: float = Field(default=2.0, gt=0, le=3600)
     #: Open connections at most; at the limit a new connection closes the one that has
-    #: waited longest for a request (idle, keep-alive or slow). Fitted under the open-file
-    #: limit at start. See limits.py.
+    #: waited longest for a request (idle, keep-alive or slow), else the one whose request
+    #: body has stalled longest. Fitted under the open-file limit at start. See limits.py.
     max_connections: int = Field(default=1000, ge=1, le=1_000_000)
-    #: Seconds a connection has to send a complete request head (slowloris).
+    #: Seconds a connection has to send a complete request head (slowloris); also the
+    #: longest a request body may stall, and how long it has before it must average
+    #: ``limits.MIN_BODY_RATE`` (1 KiB/s).
     header_timeout: float = Field(default=10.0, gt=0, le=3600)
     #: Seconds an idle keep-alive connection stays open (``serve``; under ``uvicorn``
     #: itself, its ``--timeout-keep-alive``).
