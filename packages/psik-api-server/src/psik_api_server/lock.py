@@ -49,12 +49,14 @@ class PrefixLock:
         try:
             self._take(
                 self.path,
+                f"cannot use the job prefix {self.prefix.expanduser()}",
                 f"is serving the jobs in {self.prefix.expanduser()}; "
                 "stop it first, or give this one another prefix",
             )
             if self.index is not None:
                 self._take(
                     lock_path(self.index),
+                    f"cannot open the job index {self.index.expanduser()}",
                     f"is using the job index {self.index.expanduser()}; "
                     "stop it first, or give this one another database",
                 )
@@ -62,12 +64,12 @@ class PrefixLock:
             self.release()
             raise
 
-    def _take(self, path: Path, held: str) -> None:
+    def _take(self, path: Path, cannot: str, held: str) -> None:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise StartupError(f"cannot create the lock file {path}: {e}") from e
+            raise StartupError(f"{cannot}: cannot create its lock file {path}: {e.strerror or e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,7 +78,7 @@ class PrefixLock:
             raise StartupError(f"another psik-api server ({holder}) {held} (lock file {path})") from None
         except OSError as e:
             os.close(fd)
-            raise StartupError(f"cannot lock {path}: {e}") from e
+            raise StartupError(f"{cannot}: cannot lock {path}: {e.strerror or e}") from e
         # Truncate first: a shorter line must not leave the end of a longer old one.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
