@@ -54,6 +54,7 @@ import anyio.to_thread
 from psik_api_core import is_jobid
 
 from . import jobdir
+from .aio import wait_event
 from .liveness import started_by
 from .proctree import PROC, ProcessTable, boot_time, has_proc, send
 
@@ -310,8 +311,7 @@ class Containment:
                 await anyio.to_thread.run_sync(self.sweep)
             except Exception:
                 _logger.exception("looking for processes of ended jobs")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_look())
+            await wait_event(self._wake, self._next_look())
             self._wake.clear()
 
     def _next_look(self) -> float:

@@ -37,6 +37,7 @@ import anyio.to_thread
 
 from psik_api_core import derive_state
 
+from .aio import wait_event
 from .diskfull import is_disk_full, retryable_write_error
 from .jobdir import Row, parse_rows
 
@@ -304,8 +305,7 @@ class StatusWatcher:
                 await self._check_some(dirty)
             if self._dirty:
                 continue  # poked while checking
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - loop.time()))
+            await wait_event(self._wake, max(0.0, next_tick - loop.time()))
 
     def _apply(self, look: _Look) -> Change | None:
         """Take in what a look read; the change it makes, if any."""
