@@ -18,6 +18,8 @@ from psik_api_server.app import create_app
 from psik_api_server.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings
 from support import ASGIThreadTransport, AsyncApi, LiveServer, SyncApi
+from tls_support import Identities, TlsServer, make_identities
+from tls_support import tls_server as run_tls_server
 
 
 @pytest.fixture
@@ -92,3 +94,20 @@ async def http(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 def live_app(settings: Settings) -> Iterator[LiveServer]:
     with LiveServer(lazy_app(settings)) as live:
         yield live
+
+
+# ---- TLS: certified identities and `certified serve` (tests/tls_support.py) ----
+
+
+@pytest.fixture(scope="session")
+def tls_identities(tmp_path_factory: pytest.TempPathFactory) -> Identities:
+    """A server identity and the users alice and bob (certified config dirs)."""
+    return make_identities(tmp_path_factory.mktemp("certified"))
+
+
+@pytest.fixture
+def tls_server(tls_identities: Identities, tmp_path: Path) -> Iterator[TlsServer]:
+    """`certified serve psik_api_server.main:app` with `authz: token` on a fresh state
+    directory (tmp_path/state); `.client("alice")` is alice's mTLS httpx client."""
+    with run_tls_server(tls_identities, tmp_path / "state", authz="token") as server:
+        yield server
