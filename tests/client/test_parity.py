@@ -107,3 +107,17 @@ def test_follow_log_is_an_iterator_in_both_worlds() -> None:
     assert inspect.signature(SYNC["follow_log"]).return_annotation == "Iterator[bytes]"
     assert inspect.signature(ASYNC["follow_log"]).return_annotation == "AsyncIterator[bytes]"
     assert not inspect.iscoroutinefunction(ASYNC["follow_log"])
+
+
+@pytest.mark.parametrize("name", ["token", "token_key"])
+def test_the_token_methods_are_on_both_clients(name: str) -> None:
+    assert name in SYNC and name in ASYNC
+    assert "_flow(" in inspect.getsource(SYNC[name]) and "_flow(" in inspect.getsource(ASYNC[name])
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_both_clients_take_a_token_and_a_certified_identity(cls: type) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    for name in ("token", "cert_dir"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[name].default is None

@@ -12,6 +12,11 @@
 ``_exceptions`` (all subclasses of :class:`PsikApiError`); the models come from
 ``psik_api_core``. Every method takes the per-call options ``timeout=`` and
 ``extra_headers=``; :data:`NOT_GIVEN` is the "left out" value of ``timeout=``.
+
+For a server run under ``certified serve``: ``Client(url, cert_dir=...)`` (mTLS with a
+certified identity, or ``$PSIK_API_CERTIFIED``), ``token=`` (or ``$PSIK_API_TOKEN``) for
+a bearer token minted by ``api.token()``, and :func:`attenuate` to narrow a token
+offline (read-only, some jobs, an earlier expiry).
 """
 
 from psik_api_core import (
@@ -60,6 +65,7 @@ from ._exceptions import (
     UnsupportedMediaTypeError,
     WaitTimeout,
 )
+from ._tokens import attenuate
 from ._types import NOT_GIVEN, NotGiven
 from ._version import __version__
 
@@ -108,4 +114,5 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "WaitTimeout",
     "__version__",
+    "attenuate",
 ]

@@ -7,6 +7,7 @@ streamed responses is shielded from cancellation so that a cancelled caller free
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from contextlib import aclosing
@@ -88,6 +89,8 @@ class AsyncClient(BaseClient):
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: Callable[[], float] | None = None,
         clock: Callable[[], float] | None = None,
+        token: str | None = None,
+        cert_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -98,10 +101,14 @@ class AsyncClient(BaseClient):
             max_retries=max_retries,
             rng=rng,
             clock=clock,
+            token=token,
+            cert_dir=cert_dir,
         )
         if transport is None and self.uds is not None:
-            transport = httpx.AsyncHTTPTransport(uds=self.uds)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout, auth=self._auth)
+            transport = httpx.AsyncHTTPTransport(uds=self.uds, verify=self._verify)
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=timeout, auth=self._auth, verify=self._verify
+        )
         self._sleep = sleep or anyio.sleep
 
     async def _run(
@@ -396,6 +403,33 @@ class AsyncClient(BaseClient):
     ) -> dict[str, Any]:
         """The server's health document, ``{"status": "ok"}`` when all is well."""
         return await self._drive(self._health_flow(RequestOptions(timeout, extra_headers)))
+
+    async def token(
+        self,
+        expires: float | dt.timedelta | None = None,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """A new token for the caller (``GET /v1/token``), to send as ``token=`` or
+        ``$PSIK_API_TOKEN``, or to narrow with :func:`psik_api_client.attenuate`.
+        ``expires`` (seconds or a ``timedelta``) asks for a shorter life than the
+        server's default. The server mints only for a client certificate
+        (``cert_dir=``): a request that is itself made with a token is refused
+        (:class:`PermissionDeniedError`), and a server not run under ``certified serve``
+        refuses with :class:`AuthenticationError`."""
+        return await self._drive(self._token_flow(expires, RequestOptions(timeout, extra_headers)))
+
+    async def token_key(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """The server's public key for tokens (``GET /v1/token/key``):
+        ``"ed25519/<hex>"``, the ``public_key`` that :func:`psik_api_client.attenuate`
+        verifies a token with."""
+        return await self._drive(self._token_key_flow(RequestOptions(timeout, extra_headers)))
 
     async def upload(
         self,

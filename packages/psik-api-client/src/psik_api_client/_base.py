@@ -40,8 +40,10 @@ raising, or closed early because the caller stopped iterating.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -71,6 +73,8 @@ from ._inputs import checked_headers, idempotency_key, path_jobid, spec_body
 from ._local_secret import LocalSecretAuth
 from ._pagination import Pager, Params
 from ._retry import RetryPolicy
+from ._tls import resolve_cert_dir, ssl_context
+from ._tokens import lifetime_seconds, resolve_token
 from ._types import DEFAULT_OPTIONS, RequestOptions, TimeoutArg
 from ._version import __version__
 
@@ -153,6 +157,22 @@ _BACKENDS = pydantic.TypeAdapter(list[BackendInfo])
 _HEALTH = pydantic.TypeAdapter(dict[str, Any])
 
 
+class _Minted(pydantic.BaseModel):
+    """The answer to ``GET /v1/token`` (only the token is needed; others are ignored)."""
+
+    token: str
+
+
+class _TokenKey(pydantic.BaseModel):
+    """The answer to ``GET /v1/token/key``."""
+
+    public_key: str
+
+
+_MINTED = pydantic.TypeAdapter(_Minted)
+_TOKEN_KEY = pydantic.TypeAdapter(_TokenKey)
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the server is: its base URL, and the UNIX socket to reach it by, if any."""
@@ -221,6 +241,8 @@ class BaseClient:
         max_retries: int,
         rng: Callable[[], float] | None,
         clock: Callable[[], float] | None,
+        token: str | None = None,
+        cert_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -230,6 +252,14 @@ class BaseClient:
             {"Accept": "application/json", "User-Agent": f"psik-api-client/{__version__}"}
         )
         self._headers.update(checked_headers(headers, argument="headers="))
+        # The bearer goes with the client's headers: a call's extra_headers may replace it.
+        bearer = resolve_token(token, self._target.base_url, uds=self._target.uds)
+        if bearer is not None:
+            self._headers["Authorization"] = f"Bearer {bearer}"
+        # mTLS: the identity's certificate and the CAs of its known servers; both bodies
+        # hand this to their httpx client or transport as ``verify``.
+        identity = resolve_cert_dir(cert_dir, self._target.base_url, has_transport=has_transport)
+        self._verify: ssl.SSLContext | bool = ssl_context(identity) if identity is not None else True
         # Every request carries its timeout (see _build_request): this one unless the
         # call gives its own.
         self._timeout = httpx.Timeout(timeout)
@@ -418,6 +448,21 @@ class BaseClient:
             )
         path = f"/v1/backends/{quote(name, safe='')}"
         return self._fetch_flow(_BACKEND, self._build_request("GET", path, options=options))
+
+    def _token_flow(
+        self, expires: float | dt.timedelta | None, options: RequestOptions = DEFAULT_OPTIONS
+    ) -> Flow[str]:
+        """GET ``/v1/token[?expires=S]``: a token minted for the caller."""
+        params = [] if expires is None else [("expires", str(lifetime_seconds(expires)))]
+        request = self._build_request("GET", "/v1/token", params=params, options=options)
+        minted = yield from self._fetch_flow(_MINTED, request)
+        return minted.token
+
+    def _token_key_flow(self, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[str]:
+        """GET ``/v1/token/key``: the server's public key."""
+        request = self._build_request("GET", "/v1/token/key", options=options)
+        answer = yield from self._fetch_flow(_TOKEN_KEY, request)
+        return answer.public_key
 
     def _health_flow(self, options: RequestOptions = DEFAULT_OPTIONS) -> Flow[dict[str, Any]]:
         """GET ``/healthz``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -69,6 +70,13 @@ class Client(BaseClient):
     requests. ``sleep``, ``rng`` and ``clock`` replace ``time.sleep``,
     ``random.random`` and ``time.monotonic`` (for tests).
 
+    ``token`` (else ``$PSIK_API_TOKEN``) is sent as ``Authorization: Bearer``, only over
+    https, a UNIX socket or to this machine: a plain http URL to another host with a
+    token is refused here (``ValueError``). ``cert_dir`` (else ``$PSIK_API_CERTIFIED``,
+    for an https URL) is a certified identity directory (``id.crt``, ``id.key``,
+    ``known_servers/``): the client presents that certificate (mTLS) and trusts only
+    the servers the directory knows.
+
     Every method also takes keyword-only per-call options: ``timeout=`` (seconds, an
     ``httpx.Timeout``, or None for none) replaces the client's ``timeout`` for that
     call's requests, and ``extra_headers=`` are sent over the client's ``headers``.
@@ -89,6 +97,8 @@ class Client(BaseClient):
         sleep: Callable[[float], None] | None = None,
         rng: Callable[[], float] | None = None,
         clock: Callable[[], float] | None = None,
+        token: str | None = None,
+        cert_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -99,10 +109,12 @@ class Client(BaseClient):
             max_retries=max_retries,
             rng=rng,
             clock=clock,
+            token=token,
+            cert_dir=cert_dir,
         )
         if transport is None and self.uds is not None:
-            transport = httpx.HTTPTransport(uds=self.uds)
-        self._http = httpx.Client(transport=transport, timeout=timeout, auth=self._auth)
+            transport = httpx.HTTPTransport(uds=self.uds, verify=self._verify)
+        self._http = httpx.Client(transport=transport, timeout=timeout, auth=self._auth, verify=self._verify)
         self._sleep = sleep or time.sleep
 
     def _run(self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]) -> Generator[E, None, None]:
@@ -390,6 +402,33 @@ class Client(BaseClient):
     ) -> dict[str, Any]:
         """The server's health document, ``{"status": "ok"}`` when all is well."""
         return self._drive(self._health_flow(RequestOptions(timeout, extra_headers)))
+
+    def token(
+        self,
+        expires: float | dt.timedelta | None = None,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """A new token for the caller (``GET /v1/token``), to send as ``token=`` or
+        ``$PSIK_API_TOKEN``, or to narrow with :func:`psik_api_client.attenuate`.
+        ``expires`` (seconds or a ``timedelta``) asks for a shorter life than the
+        server's default. The server mints only for a client certificate
+        (``cert_dir=``): a request that is itself made with a token is refused
+        (:class:`PermissionDeniedError`), and a server not run under ``certified serve``
+        refuses with :class:`AuthenticationError`."""
+        return self._drive(self._token_flow(expires, RequestOptions(timeout, extra_headers)))
+
+    def token_key(
+        self,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """The server's public key for tokens (``GET /v1/token/key``):
+        ``"ed25519/<hex>"``, the ``public_key`` that :func:`psik_api_client.attenuate`
+        verifies a token with."""
+        return self._drive(self._token_key_flow(RequestOptions(timeout, extra_headers)))
 
     def upload(
         self,

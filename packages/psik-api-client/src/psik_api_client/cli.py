@@ -2,7 +2,7 @@
 
 ::
 
-    psik-api [--url URL | --uds PATH] COMMAND ...
+    psik-api [--url URL | --uds PATH] [--cert-dir DIR] [--token TOKEN] COMMAND ...
 
     submit FILE [--wait [--timeout S] [--output]]   create and submit a job (JSON, or YAML)
     create FILE                          create a job without submitting it
@@ -13,6 +13,13 @@
     download ID REMOTE [LOCAL]           fetch a job's file (resumed, checksum verified)
     files ID [PATH] [--recursive]        list the job's files
     logs ID [NAME] [--follow] [--tail N] print the job's logs, or follow one as it is written
+    token [--read-only] [--job ID]... [--expires 1h]
+                                         print a new token (narrowed: needs biscuit-python)
+
+``--cert-dir`` (else ``$PSIK_API_CERTIFIED``) is a certified identity directory for a
+server run under ``certified serve`` (https); ``--token`` (else ``$PSIK_API_TOKEN``,
+which other users cannot read in ``ps``) is sent as a bearer token, never over plain
+http to another host.
 
 ``--timeout`` is seconds >= 0 (0: look once); ``--limit`` is a count >= 0 (0: all).
 
@@ -62,7 +69,8 @@ from ._exceptions import (
     SubmitFailedError,
     WaitTimeout,
 )
-from ._inputs import validate_spec
+from ._inputs import path_jobid, validate_spec
+from ._tokens import attenuate
 from ._version import __version__
 
 PROG = "psik-api"
@@ -131,8 +139,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
-        api = Client(args.url, uds=args.uds)
-    except ValueError as exc:  # e.g. --url or $PSIK_API_URL is not an http(s) URL
+        api = Client(args.url, uds=args.uds, token=args.token, cert_dir=args.cert_dir)
+    except ValueError as exc:  # e.g. --url or $PSIK_API_URL is not an http(s) URL, a bad --cert-dir
         return _fail(str(exc), ExitStatus.USAGE)
     try:
         with api:
@@ -410,6 +418,37 @@ def _logs(api: Client, args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _token(api: Client, args: argparse.Namespace) -> int:
+    # --expires alone is the server's to honour; a narrowed token is made here, offline.
+    jobs = [path_jobid(jobid) for jobid in args.job] if args.job else None
+    token = api.token(expires=args.expires)
+    if args.read_only or jobs:
+        key = api.token_key()
+        try:
+            token = attenuate(
+                token, public_key=key, read_only=args.read_only, jobs=jobs, expires=args.expires
+            )
+        except ImportError as exc:
+            raise InputError(f"--read-only and --job: {exc}") from exc
+    _out(token)
+    return ExitStatus.OK
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """``--expires``: a lifetime > 0, in seconds or with a unit: 90s, 30m, 1h, 2d."""
+    number, unit = (text[:-1], _UNITS[text[-1]]) if text[-1:] in _UNITS else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a lifetime: {text!r} (e.g. 90s, 30m, 1h, 2d)") from None
+    if not (value > 0 and value != float("inf")):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"a lifetime is > 0, not {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """``--timeout``: seconds >= 0 (0: look once, then give up)."""
     try:
@@ -454,6 +493,15 @@ def _parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="server URL (default: $PSIK_API_URL or http://127.0.0.1:8000)")
     where.add_argument("--uds", help="server UNIX socket (default: $PSIK_API_UDS)")
+    parser.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="certified identity directory, for an https server (default: $PSIK_API_CERTIFIED)",
+    )
+    parser.add_argument(
+        "--token",
+        help="bearer token (default: $PSIK_API_TOKEN, which is safer: a command line is public)",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     def command(
@@ -532,5 +580,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--follow", "-f", action="store_true", help="print new output until the job ends")
     sub.add_argument(
         "--tail", "-n", metavar="N", type=_lines, help="only the last N lines (then new ones, with --follow)"
+    )
+    sub = command(
+        "token",
+        _token,
+        "mint a token for your certificate and print it (narrowed offline with --read-only/--job)",
+    )
+    sub.add_argument("--read-only", action="store_true", help="the token can only read (GET)")
+    sub.add_argument(
+        "--job", action="append", metavar="ID", help="the token works on this job only (repeatable)"
+    )
+    sub.add_argument(
+        "--expires", type=_duration, metavar="TIME", help="its lifetime: seconds, or 90s, 30m, 1h, 2d"
     )
     return parser
