@@ -200,14 +200,22 @@ async def test_idempotency_key(http: httpx.AsyncClient, app: Starlette) -> None:
 
 
 async def test_secret_is_never_returned(http: httpx.AsyncClient) -> None:
-    r = await http.post("/v1/jobs/new", json={"script": "true", "cb_secret": "hunter2"})
+    spec = {
+        "script": "true",
+        "cb_secret": "hunter2",
+        "callback": "http://hook.example/h",
+        "cb_headers": {"X": "hdr"},
+    }
+    r = await http.post("/v1/jobs/new", json=spec)
     assert r.status_code == 201
     assert "hunter2" not in r.text
     got = await http.get(f"/v1/jobs/{r.json()['jobid']}")
     assert "hunter2" not in got.text
-    assert "cb_secret" not in got.json()["spec"]  # write-only: not even masked
-    for other in (await http.get("/v1/jobs"), await http.get(f"/v1/jobs/{r.json()['jobid']}/state")):
-        assert other.status_code == 200 and "hunter2" not in other.text
+    # write-only, all three: not even masked
+    assert not {"cb_secret", "callback", "cb_headers"} & set(got.json()["spec"])
+    for other in (r, got, await http.get("/v1/jobs"), await http.get(f"/v1/jobs/{r.json()['jobid']}/state")):
+        assert other.status_code in {200, 201}
+        assert "hunter2" not in other.text and "hook.example" not in other.text and "hdr" not in other.text
 
 
 async def test_state_route_and_start_conflict(http: httpx.AsyncClient) -> None:

@@ -37,6 +37,7 @@ from .routes import build_routes
 from .security import LocalLifespan, LocalOnly, LocalSecrets
 from .service import JobService, in_thread
 from .settings import Settings
+from .speclimits import SpecLimits
 from .store import JobStore
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ def create_app(
         liveness_interval=settings.liveness_interval,
         clock=clock or time.time,
         import_owner=LOCAL_USER,
+        callback_url=settings.callback_url,
+        spec_limits=SpecLimits(
+            token_mode=settings.authz != "local",
+            callback_hosts=tuple(settings.callback_hosts),
+            allow_inherit_environment=settings.allow_inherit_environment,
+        ),
     )
     openapi = build_openapi(version=__version__, backends=sorted(settings.backends))
 

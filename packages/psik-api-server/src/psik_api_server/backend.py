@@ -26,6 +26,7 @@ import anyio.to_thread
 from psik_api_core import BackendInfo, JobSpec
 
 from . import jobdir
+from .callbacks import CallbackRecord, write_record
 from .containment import Containment
 from .jobdir import job_path
 from .launcher import LaunchError, LocalLauncher, forget_slot_wait
@@ -44,7 +45,7 @@ class SubmitError(Exception):
         self.reason = reason
 
 
-def _one_line(text: str, limit: int = 500) -> str:
+def one_line(text: str, limit: int = 500) -> str:
     # A newline (or a lone CR) inside `info` would break the status.csv row.
     return " ".join(text.split())[:limit]
 
@@ -181,14 +182,24 @@ class PsikBackend:
     def path(self, jobid: str) -> Path:
         return job_path(self.prefix, jobid)
 
-    async def create(self, spec: JobSpec) -> str:
-        """Make the job directory (state ``new``); returns the jobid."""
+    async def create(self, spec: JobSpec, record: CallbackRecord | None = None) -> str:
+        """Make the job directory (state ``new``), with the job's callback ``record``
+        if it has one; returns the jobid."""
         from psik.models import JobSpec as PsikJobSpec
 
         pspec = PsikJobSpec.model_validate(spec.model_dump())
         job = await self._manager.create(pspec)
+        base = self.path(str(job.stamp))
         # psik makes it with the umask's mode: the job's files are the owner's alone.
-        await anyio.to_thread.run_sync(_owner_only, self.path(str(job.stamp)))
+        await anyio.to_thread.run_sync(_owner_only, base)
+        if record is not None:
+            try:
+                await anyio.to_thread.run_sync(write_record, base, record)
+            except BaseException:
+                # A job whose reports would all be refused must not be: nobody knows it yet.
+                with anyio.CancelScope(shield=True):
+                    await self.remove(str(job.stamp))
+                raise
         return str(job.stamp)
 
     async def submit(self, jobid: str, *, waited: int | None = None) -> tuple[int, str]:
@@ -227,7 +238,7 @@ class PsikBackend:
         jobndx = job.summarize()[0]
         now = time.time()
         # backdate: the backend's own `queued` row, when the job starts, fires the callback.
-        await job.reached(jobndx, PsikJobState.queued, _one_line(why), backdate=now)
+        await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
         return jobndx, now
 
     async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:
@@ -237,7 +248,7 @@ class PsikBackend:
 
         job = PsikJob(self.path(jobid))  # not awaited: appending needs no read
         # backdate: record only; psik would otherwise also fire the job's callback here.
-        await job.reached(jobndx, PsikJobState.failed, _one_line(reason), backdate=time.time())
+        await job.reached(jobndx, PsikJobState.failed, one_line(reason), backdate=time.time())
 
     async def cancel(self, jobid: str) -> None:
         """Ask the backend to stop the job; ``canceled`` is recorded first.

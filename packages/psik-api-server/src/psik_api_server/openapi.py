@@ -63,6 +63,7 @@ _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
     {"name": "files", "description": "A job's working directory: stage inputs, fetch outputs."},
     {"name": "backends", "description": "The batch systems jobs can run on."},
+    {"name": "callbacks", "description": "State reports from jobs, signed with a per-job secret."},
     {"name": "service", "description": "Health and self-description of the server."},
 )
 
@@ -470,6 +471,34 @@ OPERATIONS: tuple[Operation, ...] = (
             Failure(ProblemCode.conflict,
                     "a directory without `recursive=true`, or the job's directory itself"),
             Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),
+        ),
+    ),
+    Operation(
+        "POST", "/v1/callback", "postCallback", "callbacks", "Report a job's state (psik callback)",
+        "Where psik reports the states of jobs of a server configured with `callback_url`. Needs"
+        " no token: the body must be signed, `x-hub-signature-256: sha256=<hex HMAC-SHA256 of the"
+        " raw body>`, with the secret the server made for the job it names. An accepted report is"
+        " recorded and relayed to the job's own `callback`, if it has one.",
+        {204: Reply("The report was recorded.")},
+        params=(Param(
+            "x-hub-signature-256", "header", "`sha256=` and the hex HMAC-SHA256 of the raw body.",
+            {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"}, True,
+        ),),
+        body={"application/json": {"schema": {
+            "type": "object",
+            "properties": {
+                "jobid": {"type": "string", "pattern": JOBID_REGEX},
+                "jobndx": {"type": "integer", "minimum": 0},
+                "state": {"type": "string", "enum": [s.value for s in JobState if s is not JobState.new]},
+                "info": {"type": "string"},
+            },
+            "required": ["jobid", "jobndx", "state"],
+            "additionalProperties": False,
+        }}},
+        failures=(
+            Failure(ProblemCode.unauthorized, "unsigned, not signed with the job's secret, no such"
+                    " job, or not a report; nothing was recorded"),
+            Failure(ProblemCode.too_large, "the body is over 16 KiB"),
         ),
     ),
     Operation(

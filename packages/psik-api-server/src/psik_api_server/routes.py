@@ -32,6 +32,7 @@ from psik_api_core.models import InvalidJSON, loads_input
 from .errors import ApiError
 from .openapi import OPERATIONS, Operation
 from .problems import validation_problem
+from .routes_callback import post_callback
 from .routes_files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .routes_logs import get_job_log, get_job_logs
 from .security import principal
@@ -49,8 +50,9 @@ def _json(model: BaseModel | Sequence[BaseModel], status: int = 200, **headers: 
     if not isinstance(model, BaseModel):
         content: Any = [m.model_dump(mode="json") for m in model]
     elif isinstance(model, Job):
-        # cb_secret is write-only: it is never sent back, not even masked.
-        content = model.model_dump(mode="json", exclude={"spec": {"cb_secret"}})
+        # The callback fields are write-only: never sent back, not even masked (spec.json
+        # may hold this server's own callback and secret instead, see callbacks.py).
+        content = model.model_dump(mode="json", exclude={"spec": {"callback", "cb_secret", "cb_headers"}})
     else:
         content = model.model_dump(mode="json")
     return JSONResponse(content, status_code=status, headers=headers or None)
@@ -258,6 +260,7 @@ HANDLERS: Mapping[str, Endpoint] = {
     "putJobFile": put_job_file,
     "postJobFile": put_job_file,
     "deleteJobFile": delete_job_file,
+    "postCallback": post_callback,
     "healthz": healthz,
 }
 

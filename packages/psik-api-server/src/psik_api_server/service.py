@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -66,12 +67,14 @@ from psik_api_core import (
 )
 
 from . import jobdir
-from .backend import PsikBackend, SubmitError
+from .backend import PsikBackend, SubmitError, one_line
+from .callbacks import CallbackRecord, CallbackRelay, split_spec
 from .diskfull import INDEX, PREFIX, Creates, DiskFull, is_disk_full
 from .errors import ApiError, StartupError
 from .liveness import vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
 from .slots import JobSlots
+from .speclimits import SpecLimits
 from .store import BadCursor, CorruptIndex, IdempotencyRecord, JobRow, JobStore, OpenKey
 from .watcher import Change, StatusWatcher
 
@@ -110,9 +113,16 @@ class JobService:
         liveness_interval: float = 2.0,
         clock: Callable[[], float] = time.time,
         import_owner: str,
+        callback_url: str | None = None,
+        spec_limits: SpecLimits | None = None,
     ) -> None:
-        """Only remembers its collaborators: :meth:`start` does the work."""
+        """Only remembers its collaborators: :meth:`start` does the work.
+        ``callback_url``: every job reports to it (see :mod:`.callbacks`);
+        ``spec_limits``: what a spec may ask for (token mode, :mod:`.speclimits`)."""
         self.store = store
+        self.callback_url = callback_url
+        self.spec_limits = spec_limits or SpecLimits()
+        self.relay = CallbackRelay()
         self.backend = backend
         self.policy = policy
         self.clock = clock
@@ -230,6 +240,7 @@ class JobService:
                 await self._liveness
             self._liveness = None
         await self.watcher.stop()
+        await self.relay.aclose()
         await self.backend.aclose()
         await in_thread(self.store.close)
 
@@ -385,6 +396,7 @@ class JobService:
                     f"callback {spec.callback[:100]!r} is not an absolute http(s) URL",
                     errors=[field_error(["body", "callback"], "must be an absolute http(s) URL")],
                 )
+        spec = self.spec_limits.check(spec)
         if spec.directory is not None:
             # The resolved path is what psik gets: a symlink swapped after this check
             # cannot point the job elsewhere.
@@ -435,25 +447,27 @@ class JobService:
         if not self.policy.allows(principal, Action.create, None, None):
             raise ApiError(ProblemCode.forbidden, "not allowed to create jobs")
         key = idempotency_key
-        spec, replay = await in_thread(self._prepare_sync, principal, spec, submit, key)
+        spec, record, replay = await in_thread(self._prepare_sync, principal, spec, submit, key)
         if replay is not None:
             assert key is not None
             return await self._replay(principal, replay, submit, key), False
         try:
-            return await self._create(principal, spec, submit, key), True
+            return await self._create(principal, spec, record, submit, key), True
         finally:
             if key is not None:
                 self._inflight.discard((principal.user, key))
 
     def _prepare_sync(
         self, principal: Principal, spec: JobSpec, submit: bool, key: str | None
-    ) -> tuple[JobSpec, str | None]:
-        """The checked spec, and the job an earlier request with ``key`` made (if any);
-        claims ``key`` for this request otherwise (and counts it in flight)."""
+    ) -> tuple[JobSpec, CallbackRecord | None, str | None]:
+        """The checked spec as psik gets it, its callback record (see :mod:`.callbacks`),
+        and the job an earlier request with ``key`` made (if any); claims ``key`` for
+        this request otherwise (and counts it in flight)."""
         spec = self._check_spec(spec)
+        digest = body_hash(spec, submit)  # of the request's spec: a replay has no new secret
+        spec, record = split_spec(spec, self.callback_url)
         if key is None:
-            return spec, None
-        digest = body_hash(spec, submit)
+            return spec, record, None
         mine = (principal.user, key)
         now = self.clock()
 
@@ -473,7 +487,7 @@ class JobService:
             seen = claim()
         if seen is None:
             self._inflight.add(mine)  # before the key is linked, so a replay sees it
-            return spec, None
+            return spec, record, None
         if seen.body_hash != digest:
             raise ApiError(
                 ProblemCode.idempotency_mismatch,
@@ -486,14 +500,21 @@ class JobService:
                 "a request with this Idempotency-Key is still being handled; retry shortly",
                 headers={"Retry-After": "1"},
             )
-        return spec, seen.jobid
+        return spec, record, seen.jobid
 
-    async def _create(self, principal: Principal, spec: JobSpec, submit: bool, key: str | None) -> Job:
+    async def _create(
+        self,
+        principal: Principal,
+        spec: JobSpec,
+        record: CallbackRecord | None,
+        submit: bool,
+        key: str | None,
+    ) -> Job:
         owner = principal.user
         try:
             # A create a full disk stopped leaves no directory (psik's is not atomic).
             async with self._creates.creating(self.backend.prefix, lambda j: self.store.get(j) is not None):
-                jobid = await self.backend.create(spec)
+                jobid = await self.backend.create(spec, record)
         except BaseException as e:
             if key is not None:
                 with anyio.CancelScope(shield=True):
@@ -809,6 +830,22 @@ class JobService:
                 await in_thread(self._refresh, jobid)
                 self.watcher.poke(jobid)
         return await self.get(principal, jobid)
+
+    async def record_report(self, jobid: str, jobndx: int, state: JobState, info: str) -> None:
+        """Record a state a job's (signed, checked) callback reports: appended to its
+        status.csv unless that run already has it (psik wrote it: a local job), as psik
+        records a remote backend's reports; then the index, and the watcher is woken."""
+        await in_thread(self._record_report_sync, jobid, jobndx, state, info)
+        self.watcher.poke(jobid)
+
+    def _record_report_sync(self, jobid: str, jobndx: int, state: JobState, info: str) -> None:
+        base = self.backend.path(jobid)
+        fd = os.open(base / "status.csv", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # psik's WriteLock: its own appends wait
+            if not any(r.jobndx == jobndx and r.state is state for r in jobdir.read_history(base)):
+                f.write(f"{self.clock()},{jobndx},{state.value},{one_line(info)}\n")
+        self._refresh(jobid)
 
     async def purge(self, principal: Principal, jobid: str) -> None:
         """Remove a final job and its directory (a job whose directory is already gone:

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -95,6 +96,16 @@ class Settings(BaseModel):
     #: Largest file upload (a raw body, or a whole multipart request), in bytes; past
     #: it the upload is refused (413) and nothing of it is kept.
     max_upload_bytes: int = Field(default=4 << 30, ge=1)
+    #: This server's own ``/v1/callback`` URL as the backends' jobs reach it. When set,
+    #: every job created reports its state changes there, signed with a secret made for
+    #: that job (see callbacks.py); a user's own ``callback`` is relayed from there.
+    callback_url: str | None = None
+    #: Token mode: the hosts a user's ``JobSpec.callback`` may point at (``name``, or
+    #: ``*.domain`` for its subdomains; an IP address only as itself). Empty: none.
+    callback_hosts: list[str] = Field(default_factory=list)
+    #: Token mode: whether a spec may ask for ``inherit_environment: true`` (the job
+    #: would start with the server's environment). Off: refused, and the default is false.
+    allow_inherit_environment: bool = False
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).
@@ -104,6 +115,15 @@ class Settings(BaseModel):
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
+
+    @field_validator("callback_url")
+    @classmethod
+    def _absolute_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            url = urlsplit(v)
+            if url.scheme not in {"http", "https"} or not url.hostname:
+                raise ValueError("must be an absolute http(s) URL (this server's /v1/callback)")
+        return v
 
     def notes_line(self) -> str | None:
         """What the config file says that has no effect, in one line (None if nothing)."""
@@ -170,6 +190,9 @@ _SERVER_KEYS = {
     "header_timeout",
     "keep_alive_timeout",
     "max_upload_bytes",
+    "callback_url",
+    "callback_hosts",
+    "allow_inherit_environment",
 }
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",
