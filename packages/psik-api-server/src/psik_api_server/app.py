@@ -32,6 +32,7 @@ from .limits import flush_repeats
 from .lock import PrefixLock
 from .openapi import build_openapi
 from .peer import PeerLookup
+from .policy import load_policy
 from .problems import EXCEPTION_HANDLERS, CatchAll
 from .routes import build_routes
 from .security import LocalLifespan, LocalOnly, LocalSecrets
@@ -39,6 +40,8 @@ from .service import JobService, in_thread
 from .settings import Settings
 from .speclimits import SpecLimits
 from .store import JobStore
+from .tokenauth import TokenAuth
+from .tokens import TokenAuthority
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ def create_app(
     ``LocalLauncher(eager=False)`` to start it only at the first local submit).
     """
     settings = settings or Settings()
+    if policy is None and settings.policy is not None:
+        policy = load_policy(settings.policy)
     backend = backend or PsikBackend(settings.prefix, settings.backends, launcher)
     store = store or JobStore(settings.database_path)
     service = JobService(
@@ -68,6 +73,8 @@ def create_app(
         watch_interval=settings.watch_interval,
         liveness_interval=settings.liveness_interval,
         clock=clock or time.time,
+        # Jobs found without an index row (a lost index) were the local user's; in token
+        # mode that name is nobody's certificate, so no caller gets them.
         import_owner=LOCAL_USER,
         callback_url=settings.callback_url,
         spec_limits=SpecLimits(
@@ -76,6 +83,9 @@ def create_app(
             allow_inherit_environment=settings.allow_inherit_environment,
         ),
     )
+    tokens = None
+    if settings.authz == "token":
+        tokens = TokenAuthority(settings.token_key_path, settings.token_lifetime, clock or time.time)
     openapi = build_openapi(version=__version__, backends=sorted(settings.backends))
 
     @contextlib.asynccontextmanager
@@ -89,6 +99,8 @@ def create_app(
             # finds for a dead server's, which holds only while no other server runs.
             await in_thread(lock.acquire)
             try:
+                if tokens is not None:
+                    await in_thread(tokens.load)
                 await service.open()
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -114,7 +126,7 @@ def create_app(
         middleware=[
             Middleware(LocalLifespan, settings=settings),
             Middleware(CatchAll),
-            Middleware(LocalOnly),
+            Middleware(LocalOnly) if settings.authz == "local" else Middleware(TokenAuth),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -123,6 +135,7 @@ def create_app(
     app.state.service = service
     app.state.files = FileService(service, max_upload_bytes=settings.max_upload_bytes)
     app.state.startup_error = None
+    app.state.tokens = tokens  # None in local mode (tokenauth.TokenAuth, routes_auth)
     app.state.peer_lookup = PeerLookup()  # who is calling (security.LocalOnly)
     app.state.local_secrets = LocalSecrets()  # where no uid can be told
     return app

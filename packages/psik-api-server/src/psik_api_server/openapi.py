@@ -63,6 +63,7 @@ _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
     {"name": "files", "description": "A job's working directory: stage inputs, fetch outputs."},
     {"name": "backends", "description": "The batch systems jobs can run on."},
+    {"name": "tokens", "description": "Bearer tokens for `authz: token` (TLS) servers."},
     {"name": "callbacks", "description": "State reports from jobs, signed with a per-job secret."},
     {"name": "service", "description": "Health and self-description of the server."},
 )
@@ -232,6 +233,25 @@ _EXISTS = Failure(ProblemCode.precondition_failed, "`If-None-Match: *` and the f
 _FILE_BODY = {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}
 _FILE_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-Checksum-Sha256")
 
+_TOKEN: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "token": {"type": "string", "description": "The biscuit, base64 (URL-safe)."},
+        "user": {"type": "string", "description": "Whom it acts for: `uid:<name>` or `cn:<name>`."},
+        "expires": {"type": "string", "format": "date-time"},
+    },
+    "required": ["token", "user", "expires"],
+}
+_SHOWN: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "user": {"type": "string"},
+        "expires": {"type": ["string", "null"], "format": "date-time"},
+        "blocks": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["user", "expires", "blocks"],
+}
+
 # ---- the table ----
 # The router matches paths in the order they first appear here, first match wins: a
 # literal path (`/v1/jobs/new`) must come before a template it fits (`/v1/jobs/{jobid}`);
@@ -250,6 +270,46 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: Reply("The backend.", BackendInfo)},
         params=(Param("name", "path", "A backend name.", {"type": "string"}, True, names_backend=True),),
         failures=(Failure(ProblemCode.not_found, "no backend has this name"),),
+    ),
+    Operation(
+        "GET", "/v1/token", "mintToken", "tokens", "Mint a token",
+        "A biscuit bearer token for the caller's client certificate (`authz: token`, under"
+        " `certified serve`): send it as `Authorization: Bearer <token>`. Anyone holding it acts"
+        " as its user until it expires; narrow it before handing it on (read-only, some jobs,"
+        " an earlier expiry: `psik_api_client.attenuate`).",
+        {200: Reply("The token.", _TOKEN)},
+        params=(Param("expires", "query", "Lifetime in seconds (at most the server's `token_lifetime`).",
+                      {"type": "number", "exclusiveMinimum": 0}),),
+        failures=(
+            Failure(ProblemCode.unauthorized, "the server runs without TLS: there is no certificate to"
+                    " mint for"),
+            Failure(ProblemCode.forbidden, "the request carries a token: mint with the certificate alone"),
+            Failure(ProblemCode.not_found, "the server is `authz: local`: it has no tokens"),
+            Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),
+        ),
+    ),
+    Operation(
+        "GET", "/v1/token/key", "getTokenKey", "tokens", "The token public key",
+        "The public key tokens are signed with (`ed25519/<hex>`): what attenuating a token needs.",
+        {200: Reply("The key.", {"type": "object", "properties": {"public_key": {"type": "string"}},
+                                 "required": ["public_key"]})},
+        failures=(Failure(ProblemCode.not_found, "the server is `authz: local`: it has no tokens"),),
+    ),
+    Operation(
+        "POST", "/v1/token", "showToken", "tokens", "Verify a token",
+        "Checks a token against this server's key and the time, and shows its user, expiry and the"
+        " Datalog of each block (the first is the server's; each later one narrows it).",
+        {200: Reply("The token is valid here.", _SHOWN)},
+        body={"application/json": {"schema": {
+            "type": "object", "properties": {"token": {"type": "string"}},
+            "required": ["token"], "additionalProperties": False,
+        }}},
+        failures=(
+            Failure(ProblemCode.unauthorized, "the token is damaged, not signed by this server, or expired"),
+            Failure(ProblemCode.bad_request, "the body is not JSON"),
+            Failure(ProblemCode.validation_error, 'the body is not `{"token": "..."}`'),
+            Failure(ProblemCode.not_found, "the server is `authz: local`: it has no tokens"),
+        ),
     ),
     Operation(
         "POST", "/v1/jobs", "submitJob", "jobs", "Submit a job",

@@ -32,6 +32,7 @@ from psik_api_core.models import InvalidJSON, loads_input
 from .errors import ApiError
 from .openapi import OPERATIONS, Operation
 from .problems import validation_problem
+from .routes_auth import mint_token, show_token, token_key
 from .routes_callback import post_callback
 from .routes_files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .routes_logs import get_job_log, get_job_logs
@@ -245,6 +246,9 @@ async def healthz(request: Request) -> Response:
 HANDLERS: Mapping[str, Endpoint] = {
     "listBackends": list_backends,
     "getBackend": get_backend,
+    "mintToken": mint_token,
+    "getTokenKey": token_key,
+    "showToken": show_token,
     "submitJob": submit_job,
     "createJob": new_job,
     "startJob": start_job,

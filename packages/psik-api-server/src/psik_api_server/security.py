@@ -1,4 +1,5 @@
-"""Who may call: ``authz: local``, the server that is the user's own.
+"""Who may call: ``authz: local``, the server that is the user's own (``authz: token``,
+for other machines, is ``tokenauth``; both end in :func:`principal`).
 
 Every request passes :class:`LocalOnly`, which refuses, in this order:
 
@@ -63,6 +64,8 @@ from .settings import Settings, default_data_dir
 _logger = logging.getLogger(__name__)
 
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER)
+#: Where ``tokenauth.TokenAuth`` puts the request's principal (in ``scope["state"]``).
+PRINCIPAL_KEY = "psik_api.principal"
 
 #: The request header carrying the local secret (not Authorization: tokens will use it).
 SECRET_HEADER = "Psik-Local-Secret"  # noqa: S105 - a header's name, not a secret
@@ -353,7 +356,7 @@ class LocalOnly:
         return ApiError(
             ProblemCode.forbidden,
             f"a request from the web page at Origin {origin!r} is refused: this server "
-            "(authz: local) answers only its own pages and non-browser clients",
+            "answers only its own pages and non-browser clients",
         )
 
     def _caller(self, conn: Connection | None, scope: Scope, headers: dict[str, str]) -> ApiError | None:
@@ -437,8 +440,15 @@ class LocalOnly:
 
 
 def principal(request: Request) -> Principal:
-    """The caller. Local mode: everyone who got past :class:`LocalOnly` is the user."""
-    return LOCAL_PRINCIPAL
+    """Who the request acts for. Local mode: everyone who got past :class:`LocalOnly`
+    is the user. Token mode: what ``tokenauth.TokenAuth`` worked out (the certificate's
+    user, or the bearer token's); a request it left none is refused, never local."""
+    found = request.scope.get("state", {}).get(PRINCIPAL_KEY)
+    if isinstance(found, Principal):
+        return found
+    if request.app.state.settings.authz == "local":
+        return LOCAL_PRINCIPAL
+    raise ApiError(ProblemCode.unauthorized, "this request carries no identity (authz: token)")
 
 
 # ---- the prefix is the owner's alone ----

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "PSIK_API_CONFIG"
 
@@ -73,7 +73,18 @@ class Settings(BaseModel):
         default=None, description="SQLite index; default: index.sqlite next to the prefix"
     )
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
-    authz: Literal["local"] = "local"
+    #: ``local``: only the server's own user, on this host (security.LocalOnly).
+    #: ``token``: TLS client certificates under ``certified serve`` and biscuit bearer
+    #: tokens; without TLS, no job routes at all (tokenauth.TokenAuth). A seed-style
+    #: ``"module:Class"`` means ``token`` with that policy.
+    authz: Literal["local", "token"] = "local"
+    #: Who may act on which job: ``module:Class`` implementing core's ``Policy``
+    #: (default: core's ``OwnerPolicy``); imported without the current directory on sys.path.
+    policy: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    #: Lifetime of the tokens ``GET /v1/token`` mints (seconds; the caller may ask for less).
+    token_lifetime: float = Field(default=86400.0, gt=0, le=366 * 86400)
+    #: Where the token signing key lives (``token-key.pem``); default: the prefix's parent.
+    state_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Roots a JobSpec.directory may point into; empty = only the job's own work dir.
@@ -111,10 +122,20 @@ class Settings(BaseModel):
     #: The file these settings came from (None: the embedded default).
     source: Path | None = Field(default=None, exclude=True)
 
-    @field_validator("prefix", "database")
+    @field_validator("prefix", "database", "state_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_authz(cls, data: Any) -> Any:
+        """The seed's ``authz: "module:Class"``: token mode with that policy."""
+        if isinstance(data, dict) and isinstance(data.get("authz"), str) and ":" in data["authz"]:
+            if data.get("policy") not in (None, data["authz"]):
+                raise ValueError(f"authz {data['authz']!r} and policy {data['policy']!r} disagree; give one")
+            data = {**data, "policy": data["authz"], "authz": "token"}
+        return data
 
     @field_validator("callback_url")
     @classmethod
@@ -134,6 +155,11 @@ class Settings(BaseModel):
     @property
     def database_path(self) -> Path:
         return self.database or self.prefix.parent / "index.sqlite"
+
+    @property
+    def token_key_path(self) -> Path:
+        """The token signing key: ``<state_dir>/token-key.pem``."""
+        return (self.state_dir or self.prefix.parent) / "token-key.pem"
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -180,6 +206,9 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
 
 _SERVER_KEYS = {
     "authz",
+    "policy",
+    "token_lifetime",
+    "state_dir",
     "host",
     "port",
     "database",

@@ -1,0 +1,154 @@
+"""Who may call: ``authz: token``, the server that serves other machines.
+
+Every request passes :class:`TokenAuth`, which works out the caller and, on the routes
+that need one, the :class:`~psik_api_core.Principal` the handlers act for
+(``security.principal``):
+
+* **TLS** (the app runs under ``certified serve``, which puts the connection's
+  ``transport`` in the scope): the caller is named by its client certificate as
+  certified names it, ``uid:<userId>``, else ``cn:<commonName>``. A request may carry
+  ``Authorization: Bearer <biscuit>``: it then acts for the token's user, within the
+  token's checks (``tokens``); a token that is not valid is 401, one whose checks
+  forbid this request 403.
+* **Insecure** (no TLS): the caller is ``addr:<ip>`` and is trusted with nothing: every
+  ``/v1/jobs*`` and ``/v1/events*`` route, and minting a token, is 401 with the way out.
+
+``/healthz``, ``/``, ``/openapi.json``, ``/v1/backends*``, ``/v1/token/key`` and
+``POST /v1/token`` (which only shows a token given to it) need no caller; nor does
+``/v1/callback``, whose reports are signed per job (``callbacks``).
+
+As in local mode: a ``Host``/``Content-Type``/``Origin`` header given twice is 400, a
+request from a foreign web page (``Origin``) is 403, and bodies must be JSON (upload
+routes excepted): a browser holding a client certificate would present it to any page.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from psik_api_core import Principal, ProblemCode, is_jobid
+
+from .errors import ApiError
+from .problems import problem_response
+from .security import PRINCIPAL_KEY, LocalOnly, _repeated
+from .tokens import TokenAuthority, TokenError
+
+#: Where the README says how to serve with TLS.
+TLS_HELP = "see the README, 'Serving other machines: TLS and tokens'"
+
+_PROTECTED = re.compile(r"/v1/(jobs|events)(/.*)?", re.DOTALL)
+_JOB = re.compile(r"/v1/jobs/([^/]+)(/.*)?", re.DOTALL)
+CALLER_KEY = "psik_api.caller"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end: ``identity`` (``uid:``, ``cn:`` or ``addr:``), whether
+    over TLS, and the bearer token sent, if any."""
+
+    identity: str
+    tls: bool
+    bearer: str | None
+
+
+def name_from_peer(peer: dict[str, Any]) -> str | None:
+    """certified's name for a peer certificate: ``uid:<userId>``, else ``cn:<CN>``."""
+    name = None
+    for rdn in peer.get("subject", ()):
+        for key, value in rdn:
+            if key in ("userId", "userID"):
+                name = f"uid:{value}"
+            elif key == "commonName" and (name is None or name.startswith("cn:")):
+                name = f"cn:{value}"
+    return name
+
+
+def _bearer(scope: Scope) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer":
+                return str(token.strip())
+    return None
+
+
+def caller_of(scope: Scope) -> Caller:
+    """The caller of a request (see the module doc)."""
+    bearer = _bearer(scope)
+    transport: Any = scope.get("transport")  # certified's patch of uvicorn's h11 protocol
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if transport is not None and ssl_object is not None:
+        peer = transport.get_extra_info("peercert") or {}
+        name = name_from_peer(peer)
+        if name is not None:
+            return Caller(name, True, bearer)
+    client = scope.get("client")
+    return Caller(f"addr:{client[0] if client else 'unknown'}", ssl_object is not None, bearer)
+
+
+def _jobid(path: str) -> str | None:
+    found = _JOB.fullmatch(path)
+    return found.group(1) if found and is_jobid(found.group(1)) else None
+
+
+def unauthorized(detail: str) -> ApiError:
+    return ApiError(ProblemCode.unauthorized, detail, headers={"WWW-Authenticate": 'Bearer realm="psik-api"'})
+
+
+def insecure(what: str) -> ApiError:
+    return unauthorized(
+        f"{what} needs a TLS client certificate, and this server (authz: token) runs without TLS; "
+        f"run it under `certified serve psik_api_server.main:app https://...` ({TLS_HELP})"
+    )
+
+
+class TokenAuth:
+    """Pure ASGI middleware: the checks and the caller of the module doc."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # there are no websocket routes
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] == "http":
+            try:
+                self.authenticate(scope)
+            except ApiError as error:
+                await problem_response(error, scope.get("path"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def authenticate(self, scope: Scope) -> None:
+        """Refuse (:class:`ApiError`) or put the caller (and the principal, on the
+        routes that need one) in ``scope["state"]``."""
+        error = _repeated(scope.get("headers", []))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        error = error or LocalOnly._origin(scope, headers) or LocalOnly._body(scope, headers)
+        if error is not None:
+            raise error
+        caller = caller_of(scope)
+        state = scope.setdefault("state", {})
+        state[CALLER_KEY] = caller
+        path = str(scope.get("path", ""))
+        if not _PROTECTED.fullmatch(path):
+            return
+        if not caller.tls:
+            raise insecure(f"{path}")
+        if caller.bearer is None:
+            state[PRINCIPAL_KEY] = Principal(caller.identity)
+            return
+        tokens: TokenAuthority = scope["app"].state.tokens
+        method = str(scope.get("method", "GET"))
+        try:
+            user = tokens.authorize(caller.bearer, "GET" if method == "HEAD" else method, _jobid(path))
+        except TokenError as e:
+            if e.status == 403:
+                raise ApiError(ProblemCode.forbidden, e.reason) from None
+            raise unauthorized(e.reason) from None
+        state[PRINCIPAL_KEY] = Principal(user)
