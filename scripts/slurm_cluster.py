@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""A single-node Slurm cluster on loopback, for tests and benchmarks.
+
+    python scripts/slurm_cluster.py up     --state DIR   # install if needed, start, wait idle
+    python scripts/slurm_cluster.py status --state DIR   # what runs; exit 1 if not up
+    python scripts/slurm_cluster.py down   --state DIR   # cancel jobs, stop what `up` started
+
+``up`` is idempotent: daemons whose pid files name a live process are left alone. It
+installs Debian's ``munge slurmctld slurmd slurm-client`` with apt when they are missing
+(root only; daemons are kept from starting at install by a ``policy-rc.d`` exiting 101),
+writes ``DIR/slurm.conf`` and a munge key, starts munged (as user munge), slurmctld and
+slurmd with every file under DIR, waits for the node to be idle, and runs a probe job so
+that the first scheduling pass (3-4 s after slurmctld starts) is behind us. Clients need
+``SLURM_CONF=DIR/slurm.conf`` (printed by ``up``, and in ``DIR/env``).
+
+``down`` stops only the daemons named by DIR's pid files, after cancelling the cluster's
+jobs. The state survives ``down``/``up`` (Slurm's job ids go on); ``--fresh`` wipes it.
+
+Stdlib only: it runs before any virtualenv exists. Needs root (the daemons run as root;
+a job runs as whoever submits it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
+PROGRAMS = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo"]
+#: Daemons in start order; ``down`` stops them in reverse.
+DAEMONS = ["munged", "slurmctld", "slurmd"]
+SBIN = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+
+
+class ClusterError(Exception):
+    """The cluster cannot be brought up here; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"slurm_cluster: {msg}", file=sys.stderr, flush=True)
+
+
+def which(prog: str) -> str | None:
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN)
+    return shutil.which(prog, path=path)
+
+
+def missing_programs() -> list[str]:
+    return [p for p in PROGRAMS if which(p) is None]
+
+
+def cannot_run() -> str | None:
+    """Why this machine cannot run the cluster (None: it can, possibly after installing)."""
+    if not sys.platform.startswith("linux"):
+        return f"Slurm harness needs Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "Slurm harness needs root (slurmctld, slurmd and munged are started as root)"
+    missing = missing_programs()
+    if missing and which("apt-get") is None:
+        return f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get to install it"
+    return None
+
+
+def install() -> None:
+    """apt-get install the Slurm packages if any program is missing."""
+    missing = missing_programs()
+    if not missing:
+        return
+    log(f"installing {' '.join(PACKAGES)} ({', '.join(missing)} missing)")
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = False
+    if not policy.exists():
+        # Keep the packages' scripts from starting daemons with the system config.
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        made_policy = True
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold"]
+    try:
+        result = subprocess.run(
+            [*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=False
+        )
+        if result.returncode != 0:
+            # A fresh machine may have no package lists yet.
+            subprocess.run([*apt, "update"], env=env, check=True)
+            subprocess.run([*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=True)
+    except subprocess.CalledProcessError as e:
+        raise ClusterError(f"apt-get failed ({e.returncode}) installing {' '.join(PACKAGES)}") from e
+    finally:
+        if made_policy:
+            policy.unlink(missing_ok=True)
+    still = missing_programs()
+    if still:
+        raise ClusterError(f"installed {' '.join(PACKAGES)} but {', '.join(still)} still missing")
+
+
+class Cluster:
+    """The files of one cluster under its state directory."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state.absolute()
+        self.conf = self.state / "slurm.conf"
+        self.munge = self.state / "munge"
+        self.socket = self.munge / "munge.socket.2"
+        self.key = self.munge / "munge.key"
+        self.ctld = self.state / "ctld"
+        self.spool = self.state / "spool"
+        self.logs = self.state / "log"
+
+    def pidfile(self, daemon: str) -> Path:
+        # munged runs as user munge: its files live in its own directory.
+        return (self.munge if daemon == "munged" else self.state) / f"{daemon}.pid"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def pid(self, daemon: str) -> int | None:
+        """The daemon's pid if its pid file names a live process of that program."""
+        try:
+            pid = int(self.pidfile(daemon).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z" or not daemon.startswith(comm[:15]):
+            return None
+        return pid
+
+    # ---- files ----
+
+    def write_files(self) -> None:
+        for d in (self.state, self.ctld, self.spool, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        # munged wants its own directories owned by munge and not writable by others.
+        self.munge.mkdir(exist_ok=True)
+        self.munge.chmod(0o755)
+        if not self.key.exists():
+            subprocess.run([which("mungekey") or "mungekey", "--create", f"--keyfile={self.key}"], check=True)
+        shutil.chown(self.munge, "munge", "munge")
+        shutil.chown(self.key, "munge", "munge")
+        self.key.chmod(0o400)
+        self.conf.write_text(self.slurm_conf())
+
+    def slurm_conf(self) -> str:
+        s = self.state
+        return f"""\
+# Written by scripts/slurm_cluster.py: a single-node cluster on loopback under {s}.
+ClusterName=test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={os.cpu_count() or 1} RealMemory=1000
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.socket}
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+ReturnToService=2
+MinJobAge=300
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MailProg=/bin/true
+MpiDefault=none
+StateSaveLocation={self.ctld}
+SlurmdSpoolDir={self.spool}
+SlurmctldPidFile={self.pidfile("slurmctld")}
+SlurmdPidFile={self.pidfile("slurmd")}
+SlurmctldLogFile={self.logs / "slurmctld.log"}
+SlurmdLogFile={self.logs / "slurmd.log"}
+SlurmctldTimeout=30
+SlurmdTimeout=30
+"""
+
+    # ---- daemons ----
+
+    def start(self, daemon: str) -> bool:
+        """Start ``daemon`` unless it runs; True if this call started it."""
+        if self.pid(daemon) is not None:
+            return False
+        if daemon == "munged":
+            argv = [
+                "runuser", "-u", "munge", "--", which("munged") or "munged",
+                f"--socket={self.socket}",
+                f"--key-file={self.key}",
+                f"--pid-file={self.pidfile('munged')}",
+                f"--log-file={self.munge / 'munged.log'}",
+                f"--seed-file={self.munge / 'munged.seed'}",
+            ]  # fmt: skip
+        elif daemon == "slurmctld":
+            argv = [which("slurmctld") or "slurmctld", "-i", "-f", str(self.conf)]
+        else:
+            argv = [which("slurmd") or "slurmd", "-f", str(self.conf), "-N", "localhost"]
+        result = subprocess.run(argv, env=self.env(), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ClusterError(
+                f"{daemon} did not start ({result.returncode}): {(result.stderr or result.stdout).strip()}"
+                f"; see {self.logs}"
+            )
+        wait_for(lambda: self.pid(daemon) is not None, 10, f"{daemon}'s pid file {self.pidfile(daemon)}")
+        if daemon == "munged":
+            wait_for(self.socket.exists, 10, f"munged's socket {self.socket}")
+        return True
+
+    def stop(self, daemon: str) -> bool:
+        pid = self.pid(daemon)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not poll(lambda: self.pid(daemon) is None, 10):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            poll(lambda: self.pid(daemon) is None, 5)
+        self.pidfile(daemon).unlink(missing_ok=True)
+        return True
+
+    def slurm(self, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(argv), env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def node_state(self) -> str:
+        r = self.slurm("sinfo", "-h", "-N", "-o", "%T")
+        return r.stdout.strip() if r.returncode == 0 else f"(sinfo: {r.stderr.strip()})"
+
+    def job_ids(self) -> list[str]:
+        r = self.slurm("squeue", "-h", "-o", "%i")
+        return r.stdout.split() if r.returncode == 0 else []
+
+    def probe(self) -> None:
+        """A trivial job, waited for: the first scheduling pass is then behind us."""
+        r = self.slurm("sbatch", "--parsable", "--job-name=probe", "-o", "/dev/null", "--wrap", "true")
+        if r.returncode != 0:
+            raise ClusterError(f"probe job refused: {r.stderr.strip()}")
+        jobid = r.stdout.strip().split(";")[0]
+        wait_for(lambda: jobid not in self.job_ids(), 60, f"probe job {jobid} to finish")
+
+
+def poll(cond: object, timeout: float, step: float = 0.1) -> bool:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+
+
+def wait_for(cond: object, timeout: float, what: str) -> None:
+    if not poll(cond, timeout):
+        raise ClusterError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def up(cluster: Cluster, *, fresh: bool = False) -> list[str]:
+    """Bring the cluster up; the daemons this call started."""
+    why = cannot_run()
+    if why is not None:
+        raise ClusterError(why)
+    install()
+    if fresh:
+        down(cluster)
+        shutil.rmtree(cluster.state, ignore_errors=True)
+    cluster.write_files()
+    started = [d for d in DAEMONS if cluster.start(d)]
+    try:
+        wait_for(lambda: cluster.node_state() == "idle" or bool(cluster.job_ids()), 30, "the node to be idle")
+        if started:
+            cluster.probe()
+    except ClusterError as e:
+        raise ClusterError(f"{e} (node: {cluster.node_state()}; logs in {cluster.logs})") from None
+    (cluster.state / "env").write_text(f"SLURM_CONF={cluster.conf}\n")
+    return started
+
+
+def down(cluster: Cluster) -> list[str]:
+    """Cancel the cluster's jobs and stop the daemons its pid files name."""
+    if cluster.pid("slurmctld") is not None:
+        ids = cluster.job_ids()
+        if ids:
+            cluster.slurm("scancel", *ids)
+            poll(lambda: not cluster.job_ids(), 10)
+    return [d for d in reversed(DAEMONS) if cluster.stop(d)]
+
+
+def status(cluster: Cluster) -> bool:
+    running = {d: cluster.pid(d) for d in DAEMONS}
+    for d, pid in running.items():
+        print(f"{d}: {'pid ' + str(pid) if pid else 'not running'}")
+    if all(running.values()):
+        print(f"node: {cluster.node_state()}")
+        print(f"SLURM_CONF={cluster.conf}")
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--state", required=True, type=Path, help="the cluster's state directory")
+    parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
+    args = parser.parse_args(argv)
+    cluster = Cluster(args.state)
+    try:
+        if args.action == "up":
+            started = up(cluster, fresh=args.fresh)
+            log(f"up ({'started ' + ', '.join(started) if started else 'already running'})")
+            print(f"SLURM_CONF={cluster.conf}")
+        elif args.action == "down":
+            stopped = down(cluster)
+            log(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        else:
+            return 0 if status(cluster) else 1
+    except ClusterError as e:
+        log(str(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
