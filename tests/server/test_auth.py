@@ -252,6 +252,27 @@ def test_key_file_is_private_and_tokens_survive_a_restart(tls_identities: Identi
             assert c.get(f"/v1/jobs/{jobid}").status_code == 200
 
 
+def test_owners_survive_a_lost_index(tls_identities: Identities, tmp_path: Path) -> None:
+    """The index is rebuilt from the job directories when it is lost or corrupt: each
+    job's owner comes back from its own directory, so alice's jobs stay hers (before,
+    every re-imported job belonged to ``local:psik_api``: alice lost them all)."""
+    with tls_server(tls_identities, tmp_path / "state", authz="token") as server:
+        alices = _job(server, "alice")
+        bobs = _job(server, "bob")
+        server.stop()
+        index = tmp_path / "state" / "index.sqlite"
+        for p in index.parent.glob("index.sqlite*"):
+            p.unlink()
+        server.start()
+        with server.client("alice") as c:
+            assert c.get(f"/v1/jobs/{alices}").status_code == 200
+            assert c.get(f"/v1/jobs/{bobs}").status_code == 404
+            assert [j["jobid"] for j in c.get("/v1/jobs").json()["items"]] == [alices]
+        with server.client("bob") as c:
+            assert c.get(f"/v1/jobs/{alices}").status_code == 404
+            assert [j["jobid"] for j in c.get("/v1/jobs").json()["items"]] == [bobs]
+
+
 def test_two_servers_on_one_state_dir_agree(tls_identities: Identities, tmp_path: Path) -> None:
     state = tmp_path / "shared-state"
     # Two prefixes (one server per prefix), one state directory for the key.

@@ -186,3 +186,39 @@ def age(base: Path) -> float:
             except OSError:
                 continue
     return time.time() - newest
+
+
+#: The job's owner as recorded at creation, kept in the job directory too: the index is
+#: the fast copy, this one is what a rebuilt index (corrupt or deleted) takes owners from.
+OWNER_NAME = ".psik-api-owner"
+_MAX_OWNER = 1024
+
+
+def write_owner(base: Path, owner: str) -> None:
+    """Record ``owner`` in the job directory ``base``, owner-only from the start."""
+    fd = os.open(base / OWNER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(owner)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_owner(base: Path) -> str | None:
+    """The owner recorded in ``base``; None if there is none (a job made without the
+    server, or before it kept one) or it cannot be read."""
+    try:
+        fd = os.open(base / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(_MAX_OWNER + 1)
+    except OSError:
+        return None
+    try:
+        owner = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not owner or len(raw) > _MAX_OWNER or not owner.isprintable():
+        return None
+    return owner

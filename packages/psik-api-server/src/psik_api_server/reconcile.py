@@ -71,7 +71,8 @@ def reconcile(
     store: JobStore, prefix: Path, import_owner: str, *, grace: float = HALF_CREATED_GRACE
 ) -> Reconciled:
     """Bring ``store`` in line with the job directories under ``prefix``; jobs found
-    only on disk are imported as ``import_owner``'s. Blocking: run it in a worker thread."""
+    only on disk are imported with the owner their directory records (the server's own
+    jobs), else as ``import_owner``'s (jobs made with psik directly). Blocking: run it in a worker thread."""
     done = Reconciled()
     store.clear_claims()
     dead = [k for k in store.open_keys() if k.jobid is None]
@@ -179,7 +180,7 @@ def _import(
                     unclaimed[digest] -= 1
                     removed.append(jobid)
                     continue
-        store.put(index_row(files, owner))
+        store.put(index_row(files, jobdir.read_owner(base) or owner))
     return removed, unreadable
 
 

@@ -163,8 +163,9 @@ class JobService:
             why, aside = corrupt
             _logger.warning(
                 "the job index was corrupt (%s): moved it to %s and rebuilt it from the %d job "
-                "directories; lost: job owners (every job now belongs to %s) and Idempotency-Keys "
-                "(a retried request with an old key makes a new job)",
+                "directories; owners come from each job's own record (a job without one now "
+                "belongs to %s); lost: Idempotency-Keys (a retried request with an old key makes "
+                "a new job)",
                 why,
                 aside,
                 done.imported,
@@ -570,7 +571,9 @@ class JobService:
     def _index_new_sync(self, owner: str, jobid: str, key: str | None, submit: bool) -> None:
         """The job's row (its start claimed if this request submits it) and the key's
         link to it, in one step: from here a replay, or the next start-up, finds it."""
-        files = jobdir.read_job(self.backend.path(jobid))
+        base = self.backend.path(jobid)
+        jobdir.write_owner(base, owner)
+        files = jobdir.read_job(base)
         with self.store.transaction():
             self.store.put(index_row(files, owner), claim=submit)
             if key is not None:
@@ -831,21 +834,35 @@ class JobService:
                 self.watcher.poke(jobid)
         return await self.get(principal, jobid)
 
-    async def record_report(self, jobid: str, jobndx: int, state: JobState, info: str) -> None:
+    async def record_report(self, jobid: str, jobndx: int, state: JobState, info: str) -> bool:
         """Record a state a job's (signed, checked) callback reports: appended to its
         status.csv unless that run already has it (psik wrote it: a local job), as psik
-        records a remote backend's reports; then the index, and the watcher is woken."""
-        await in_thread(self._record_report_sync, jobid, jobndx, state, info)
-        self.watcher.poke(jobid)
+        records a remote backend's reports; then the index, and the watcher is woken.
+        False if it is stale: a state of a run that has already ended otherwise or been
+        followed by another (a state never goes back), or of a job purged meanwhile."""
+        try:
+            recorded = await in_thread(self._record_report_sync, jobid, jobndx, state, info)
+        except FileNotFoundError:
+            return False  # purged between the signature check and now
+        if recorded:
+            self.watcher.poke(jobid)
+        return recorded
 
-    def _record_report_sync(self, jobid: str, jobndx: int, state: JobState, info: str) -> None:
+    def _record_report_sync(self, jobid: str, jobndx: int, state: JobState, info: str) -> bool:
         base = self.backend.path(jobid)
         fd = os.open(base / "status.csv", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # psik's WriteLock: its own appends wait
-            if not any(r.jobndx == jobndx and r.state is state for r in jobdir.read_history(base)):
+            history = jobdir.read_history(base)
+            if any(
+                r.jobndx > jobndx or (r.jobndx == jobndx and r.state.is_final and r.state is not state)
+                for r in history
+            ):
+                return False
+            if not any(r.jobndx == jobndx and r.state is state for r in history):
                 f.write(f"{self.clock()},{jobndx},{state.value},{one_line(info)}\n")
         self._refresh(jobid)
+        return True
 
     async def purge(self, principal: Principal, jobid: str) -> None:
         """Remove a final job and its directory (a job whose directory is already gone:
