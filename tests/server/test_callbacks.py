@@ -260,6 +260,48 @@ async def test_a_signed_report_is_recorded_once_as_psik_records_a_remote_one(
     assert job["native_id"] == "slurm-77"
 
 
+async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
+    cb_http: tuple[Starlette, httpx.AsyncClient], receiver: Receiver
+) -> None:
+    """A signed report can be captured and posted again later. Before: a report of an
+    earlier run was written after ``completed``, every replay was relayed to the user's
+    callback again, and a report for a job purged meanwhile was a 500."""
+    app, http = cb_http
+    prefix: Path = app.state.settings.prefix
+    spec = {"script": "true", "callback": receiver.url, "cb_secret": "users-secret"}
+    jobid = (await http.post("/v1/jobs/new", json=spec)).json()["jobid"]
+    secret = read_record(prefix / jobid).secret  # type: ignore[union-attr]
+    reports = {s: _report(jobid, s) for s in ("queued", "active", "completed")}
+    for body in reports.values():
+        assert (await _post(http, body, sign(body, secret))).status_code == 204
+    await app.state.service.relay.wait()
+    assert receiver.states() == ["queued", "active", "completed"]
+    before = (prefix / jobid / "status.csv").read_bytes()
+
+    stale = _report(jobid, "active", jobndx=0)  # a run before this one
+    for body in (reports["active"], reports["queued"], reports["completed"], stale):
+        assert (await _post(http, body, sign(body, secret))).status_code == 204
+    await app.state.service.relay.wait()
+    assert (prefix / jobid / "status.csv").read_bytes() == before
+    assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "completed"
+    assert receiver.states() == ["queued", "active", "completed"]
+
+    # Purged between the signature check and the write: nothing to record, no 500.
+    service = app.state.service
+    real = service._record_report_sync
+
+    def purged_meanwhile(*args: Any) -> bool:
+        (prefix / jobid / "status.csv").unlink()
+        return bool(real(*args))
+
+    service._record_report_sync = purged_meanwhile
+    body = _report(jobid, "active", jobndx=2)
+    r = await _post(http, body, sign(body, secret))
+    assert r.status_code == 204, r.text
+    await app.state.service.relay.wait()
+    assert receiver.states() == ["queued", "active", "completed"]
+
+
 async def test_a_users_dead_callback_holds_up_no_report(
     cb_http: tuple[Starlette, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -105,6 +105,10 @@ def read_record(base: Path) -> CallbackRecord | None:
         return None
 
 
+#: How many relayed states :class:`CallbackRelay` remembers.
+_MAX_RELAYED = 100_000
+
+
 class CallbackRelay:
     """Posts accepted reports on to the users' callbacks, in the background: a slow or
     dead receiver holds up neither the report nor the job. Each POST has
@@ -116,11 +120,24 @@ class CallbackRelay:
         self.timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
         self._failed: set[str] = set()
+        # (jobid, jobndx, state) relayed by this process, oldest first: a replayed
+        # report is not relayed again (bounded; a restart forgets them).
+        self._relayed: dict[tuple[str, int, str], None] = {}
 
-    def relay(self, jobid: str, record: CallbackRecord, body: bytes) -> None:
-        """Post ``body`` (the report as psik sent it) to the user's callback, if any."""
+    def relay(
+        self, jobid: str, record: CallbackRecord, body: bytes, state: tuple[int, str] | None = None
+    ) -> None:
+        """Post ``body`` (the report as psik sent it) to the user's callback, if any;
+        once per ``state`` (jobndx, state) of the job when given."""
         if record.callback is None:
             return
+        if state is not None:
+            seen = (jobid, *state)
+            if seen in self._relayed:
+                return
+            self._relayed[seen] = None
+            if len(self._relayed) > _MAX_RELAYED:
+                del self._relayed[next(iter(self._relayed))]
         task = asyncio.get_running_loop().create_task(self._post(jobid, record, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

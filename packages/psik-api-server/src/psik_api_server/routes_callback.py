@@ -7,7 +7,9 @@ the job it names; anything else (unsigned, another secret, an unknown job, a bod
 is not a report) is 401 and nothing is recorded. The answers do not say which of those
 it was, beyond "unsigned": a job's existence is not told to whoever can reach the route.
 An accepted report is recorded (:meth:`JobService.record_report`), relayed to the job
-owner's own callback, and answered 204.
+owner's own callback, and answered 204. A stale report (a state of a run already ended or
+followed by another, a job purged meanwhile) is answered 204 too and neither recorded nor
+relayed; a state is relayed once (a replay is not relayed again).
 
 In ``authz: local`` the app's checks (security.LocalOnly) still apply here: only the
 owner's processes on this host reach the route, so reports come from local jobs (psik
@@ -84,6 +86,6 @@ async def post_callback(request: Request) -> Response:
     if report.state is JobState.new:
         raise not_signed
     assert jobid is not None
-    await service.record_report(jobid, report.jobndx, report.state, report.info)
-    service.relay.relay(jobid, record, body)
+    if await service.record_report(jobid, report.jobndx, report.state, report.info):
+        service.relay.relay(jobid, record, body, (report.jobndx, report.state.value))
     return Response(status_code=204)
