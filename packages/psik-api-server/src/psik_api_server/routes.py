@@ -26,9 +26,9 @@ from psik_api_core import (
     field_error,
     is_jobid,
 )
-from psik_api_core.limits import byte_size
 from psik_api_core.models import InvalidJSON, loads_input
 
+from .bodies import read_body
 from .errors import ApiError
 from .openapi import OPERATIONS, Operation
 from .problems import validation_problem
@@ -96,19 +96,10 @@ def _jobid(request: Request) -> str:
 
 
 async def _spec(request: Request) -> JobSpec:
-    limit = LIMITS.max_body_bytes
-    too_large = ApiError(ProblemCode.too_large, f"the body is over {byte_size(limit)}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    body = await read_body(request, LIMITS.max_body_bytes)
     try:
         # The same parser as the client's check (core's JobSpec.validate_input).
-        data = loads_input(bytes(body))
+        data = loads_input(body)
     except InvalidJSON as e:
         raise ApiError(
             ProblemCode.bad_request,
@@ -146,12 +137,12 @@ def _idempotency_key(request: Request) -> str | None:
 
 async def list_backends(request: Request) -> Response:
     _only_params(request, set())
-    return _json(_service(request).backends())
+    return _json(await _service(request).backends())
 
 
 async def get_backend(request: Request) -> Response:
     _only_params(request, set())
-    return _json(_service(request).backend_info(str(request.path_params["name"])))
+    return _json(await _service(request).backend_info(str(request.path_params["name"])))
 
 
 # ---- jobs ----

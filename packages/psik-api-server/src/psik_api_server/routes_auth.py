@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from psik_api_core import LIMITS, ProblemCode, field_error
 from psik_api_core.models import InvalidJSON, loads_input
 
+from .bodies import read_body
 from .errors import ApiError
 from .tokenauth import CALLER_KEY, Caller, insecure, unauthorized
 from .tokens import TokenAuthority, TokenError, rfc3339
@@ -96,11 +97,7 @@ async def token_key(request: Request) -> Response:
 async def show_token(request: Request) -> Response:
     _only_params(request, set())
     tokens = _tokens(request)
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > LIMITS.max_body_bytes:
-            raise ApiError(ProblemCode.too_large, "the body is over the request limit")
+    body = await read_body(request, LIMITS.max_body_bytes)
     try:
         data = loads_input(body)
     except (InvalidJSON, ValidationError) as e:

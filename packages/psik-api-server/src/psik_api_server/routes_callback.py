@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from psik_api_core import JobState, ProblemCode, is_jobid
-from psik_api_core.limits import byte_size
 
+from .bodies import read_body
 from .callbacks import SIGNATURE_HEADER, read_record, report_jobid, signed_by
 from .errors import ApiError
 from .service import JobService, in_thread
@@ -51,24 +51,11 @@ def _refused(why: str) -> ApiError:
     return ApiError(ProblemCode.unauthorized, f"callback refused: {why}; nothing was recorded")
 
 
-async def _body(request: Request) -> bytes:
-    too_large = ApiError(ProblemCode.too_large, f"a callback body is at most {byte_size(MAX_REPORT_BYTES)}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_REPORT_BYTES:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_REPORT_BYTES:
-            raise too_large
-    return bytes(body)
-
-
 async def post_callback(request: Request) -> Response:
     if request.query_params:
         raise _refused("the route takes no query parameters")
     service: JobService = request.app.state.service
-    body = await _body(request)
+    body = await read_body(request, MAX_REPORT_BYTES, "a callback body")
     signature = request.headers.get(SIGNATURE_HEADER)
     if signature is None:
         raise _refused(f"the body is not signed (no {SIGNATURE_HEADER} header)")
