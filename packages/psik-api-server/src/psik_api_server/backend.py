@@ -7,6 +7,9 @@ submission that cannot work (a missing interpreter, a backend error) is refused 
 reason *and* recorded in the job's history as ``failed``, so no job is left in ``new``;
 local jobs are contained (:mod:`.containment`): a cancel ends the job's whole process
 tree, and what a finished job left running is ended; job directories are owner-only.
+Slurm jobs are submitted by :mod:`.slurm` (sbatch's own message is the reason of a
+refusal; attributes meant for psik never reach sbatch), and each Slurm backend's health
+is asked of its controller (cached a few seconds).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import anyio.to_thread
 
 from psik_api_core import BackendInfo, JobSpec
 
-from . import jobdir
+from . import jobdir, slurm
 from .callbacks import CallbackRecord, write_record
 from .containment import Containment
 from .jobdir import job_path
@@ -36,13 +39,21 @@ from .settings import BackendSettings
 _logger = logging.getLogger(__name__)
 
 
-class SubmitError(Exception):
-    """The backend did not take the job; the message says why (already in its history)."""
+#: How the history's ``failed`` row of a run that was refused because its backend
+#: could not be reached begins (a replay of that request is answered 503 again).
+UNAVAILABLE_INFO = "backend unavailable"
 
-    def __init__(self, jobid: str, reason: str) -> None:
+
+class SubmitError(Exception):
+    """The backend did not take the job; the message says why (already in its history).
+    ``unavailable``: the backend could not be reached (try again later), rather than
+    refused this job."""
+
+    def __init__(self, jobid: str, reason: str, *, unavailable: bool = False) -> None:
         super().__init__(reason)
         self.jobid = jobid
         self.reason = reason
+        self.unavailable = unavailable
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -119,6 +130,12 @@ class PsikBackend:
         self._launcher = launcher or LocalLauncher(self.prefix.parent / "launcher.log")
         self._warm_up: asyncio.Task[object] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
+        #: Each Slurm backend's controller and partition, asked when someone wants to know.
+        self.slurm_health = {
+            name: slurm.SlurmHealth(cfg.queue_name)
+            for name, cfg in self.settings.items()
+            if cfg.type == "slurm"
+        }
         self.containment = Containment(
             self.prefix, {name for name, cfg in self.settings.items() if cfg.type == "local"}
         )
@@ -161,9 +178,17 @@ class PsikBackend:
         if self._warm_up is None and self._launcher.eager:
             self._warm_up = asyncio.get_running_loop().create_task(self._launcher.start())
 
-    def info(self, name: str) -> BackendInfo:
+    async def live_info(self, name: str) -> BackendInfo:
+        """:meth:`info`, with a Slurm backend's controller and partition asked (cached)."""
+        check = self.slurm_health.get(name)
+        if check is None or not self.usable(name):
+            return self.info(name)
+        return self.info(name, await check.check())
+
+    def info(self, name: str, live: str | None = None) -> BackendInfo:
+        """The backend as configured; ``live``: why it cannot take jobs now, if it cannot."""
         cfg = self.settings[name]
-        detail = self.health.get(name)
+        detail = self.health.get(name) or live
         return BackendInfo(
             name=name,
             type=cfg.type,
@@ -215,17 +240,44 @@ class PsikBackend:
         btype = job.info.backend.type
         spec = JobSpec.model_validate(job.spec.model_dump())
         reason = await anyio.to_thread.run_sync(missing_interpreter, spec) if btype == "local" else None
+        unavailable = False
         if reason is None:
             try:
                 if btype == "local":
                     return await self._launcher.submit(base, waited)
                 self._defer_callbacks(job)
+                if btype == "slurm":
+                    return jobndx, await self._submit_slurm(job, jobndx)
                 jobndx, native_id = await job.submit()
                 return int(jobndx), str(native_id)
+            except slurm.SbatchRefused as e:
+                unavailable = e.unavailable
+                if unavailable:
+                    reason = f"{UNAVAILABLE_INFO}: Slurm backend {spec.backend!r} cannot be reached: {e}"
+                else:
+                    reason = f"sbatch refused the job: {e}"
             except (LaunchError, Exception) as e:
                 reason = f"{btype} backend refused the job: {e}"
         await self.record_failure(jobid, jobndx, reason)
-        raise SubmitError(jobid, reason)
+        raise SubmitError(jobid, reason, unavailable=unavailable)
+
+    async def _submit_slurm(self, job: Any, jobndx: int) -> str:
+        """sbatch the run (see :mod:`.slurm`) and send its ``queued`` callback, as psik's
+        submit does. A refusal makes the backend's health be asked afresh."""
+        from psik.models import JobState as PsikJobState
+
+        check = self.slurm_health.get(job.spec.backend)
+        try:
+            native_id = await slurm.submit(job, jobndx)
+        except slurm.SbatchRefused as e:
+            if check is not None:
+                check.forget()
+                why = await check.check()
+                if why is not None and not e.unavailable and "unreachable" in why:
+                    raise slurm.SbatchRefused(str(e), unavailable=True) from e
+            raise
+        await job.send_callback(jobndx, PsikJobState.queued, native_id)
+        return native_id
 
     async def wait_for_slot(self, jobid: str, why: str) -> tuple[int, float]:
         """Record the job's next run as ``queued``, waiting for a job slot (``why`` starts

@@ -67,7 +67,7 @@ from psik_api_core import (
 )
 
 from . import jobdir
-from .backend import PsikBackend, SubmitError, one_line
+from .backend import UNAVAILABLE_INFO, PsikBackend, SubmitError, one_line
 from .callbacks import CallbackRecord, CallbackRelay, split_spec
 from .diskfull import INDEX, PREFIX, Creates, DiskFull, is_disk_full
 from .errors import ApiError, StartupError
@@ -87,6 +87,19 @@ R = TypeVar("R")
 #: server's (its claims are released at start-up, but the index may be shared), no
 #: longer blocks retries.
 STALE_CLAIM_SECONDS = 300.0
+
+
+def _not_submitted(jobid: str, reason: str, unavailable: bool) -> ApiError:
+    """The answer to a refused submit: 503 if the backend could not be reached (start the
+    job again later), else 502; the job exists, failed, with ``reason`` in its history."""
+    if unavailable:
+        return ApiError(
+            ProblemCode.backend_unavailable,
+            f"job {jobid} was not submitted: {reason}; it is kept (failed): start it again once the "
+            "backend is back",
+            jobid=jobid,
+        )
+    return ApiError(ProblemCode.submit_failed, f"job {jobid} was not submitted: {reason}", jobid=jobid)
 
 
 def body_hash(spec: JobSpec, submit: bool) -> str:
@@ -427,18 +440,18 @@ class JobService:
 
     # ---- operations ----
 
-    def backends(self) -> list[BackendInfo]:
-        """Every configured backend, with its health."""
-        return [self.backend.info(name) for name in self.backend.settings]
+    async def backends(self) -> list[BackendInfo]:
+        """Every configured backend, with its live health."""
+        return list(await asyncio.gather(*(self.backend.live_info(n) for n in self.backend.settings)))
 
-    def backend_info(self, name: str) -> BackendInfo:
+    async def backend_info(self, name: str) -> BackendInfo:
         """One configured backend; 404 naming the configured ones otherwise."""
         if name not in self.backend.settings:
             raise ApiError(
                 ProblemCode.not_found,
                 f"no backend {name!r}; configured: {', '.join(sorted(self.backend.settings))}",
             )
-        return self.backend.info(name)
+        return await self.backend.live_info(name)
 
     async def create(
         self, principal: Principal, spec: JobSpec, *, submit: bool, idempotency_key: str | None
@@ -626,7 +639,13 @@ class JobService:
         except ApiError:
             await in_thread(self.store.settle_key, principal.user, key, jobid)
             raise
-        return await in_thread(self._answer_sync, principal, jobid, key)
+        job = await in_thread(self._answer_sync, principal, jobid, key)
+        why = job.history[-1].info if job.history else ""
+        if submit and job.state is JobState.failed and why.startswith(UNAVAILABLE_INFO):
+            # Its backend could not be reached: the same answer as the first time (a 503,
+            # not the failed job as if it had run), until it is started again.
+            raise _not_submitted(jobid, why, True)
+        return job
 
     async def _submit_if_new(self, jobid: str) -> bool:
         """Submit ``jobid`` if it is still ``new`` and nobody else is starting it; True
@@ -670,9 +689,7 @@ class JobService:
             await self.backend.submit(jobid, waited=waited)
         except SubmitError as e:
             await in_thread(self._refresh, jobid)
-            raise ApiError(
-                ProblemCode.submit_failed, f"job {jobid} was not submitted: {e.reason}", jobid=jobid
-            ) from e
+            raise _not_submitted(jobid, e.reason, e.unavailable) from e
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
         await in_thread(self._refresh, jobid)
 

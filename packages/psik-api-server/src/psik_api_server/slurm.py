@@ -1,0 +1,248 @@
+"""Slurm, as the server talks to it: submit, health and liveness of a ``slurm`` backend's jobs.
+
+psik 3.1.1's slurm backend is used for what it gets right (the batch script that runs
+the job through psik on the compute node, and the mapping of resources to sbatch
+options), but submission is made here, because psik's:
+
+* passes every backend attribute to sbatch, including ``psik_python``, meant for psik
+  itself (sbatch then reads the interpreter's path as its script, and refuses);
+* drops sbatch's own message ("Invalid partition name specified", "Unable to contact
+  slurm controller") into the server log and raises "Job submission failed.".
+
+Here attributes meant for psik (:data:`PSIK_ATTRIBUTES`) never reach sbatch, a key that
+is no sbatch option (no leading ``-``) is refused with a reason, and sbatch's message is
+the reason a refused job's history and the problem's ``detail`` give. A refusal because
+the controller cannot be reached is told apart (:attr:`SbatchRefused.unavailable`): that
+is a 503, worth retrying once Slurm is back.
+
+Liveness (:func:`slurm_states`): the server asks ``squeue`` (one call for all of a
+backend's live jobs) what became of each; a job Slurm has ended, or no longer knows,
+while psik recorded no end state, is failed with what Slurm said. Health
+(:class:`SlurmHealth`): ``scontrol ping`` and the partition's state, cached a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+#: Backend attributes psik itself reads; never sbatch options.
+PSIK_ATTRIBUTES = frozenset({"psik_python"})
+
+#: How long one Slurm command may take before it counts as failed (seconds).
+COMMAND_TIMEOUT = 20.0
+
+#: sbatch's words when it cannot reach the controller (or find its configuration).
+_UNREACHABLE = (
+    "unable to contact slurm controller",
+    "could not establish a configuration source",
+    "fetch_config",
+    "socket timed out",
+    "zero bytes were transmitted",
+    "connection refused",
+    "communication connection failure",
+    "standby mode",
+)
+
+#: Slurm job states after which the job runs no more (squeue --states=all shows them for
+#: MinJobAge seconds).
+ENDED = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
+
+
+class SbatchRefused(Exception):
+    """sbatch did not take the job; the message is its own (one line)."""
+
+    def __init__(self, message: str, *, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+def unreachable(message: str) -> bool:
+    """True if a Slurm command's message says the controller could not be reached."""
+    low = message.lower()
+    return any(s in low for s in _UNREACHABLE)
+
+
+async def run(*argv: str, stdin: str | None = None, limit: float = COMMAND_TIMEOUT) -> tuple[int, str, str]:
+    """Run a Slurm command; (returncode, stdout, stderr). A command that cannot be run or
+    that times out is returncode -1 with the reason as stderr."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            close_fds=True,
+        )
+    except OSError as e:
+        return -1, "", f"cannot run {argv[0]}: {e.strerror or e}"
+    try:
+        async with asyncio.timeout(limit):
+            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return -1, "", f"{argv[0]} did not answer within {limit:g} s"
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def sbatch_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
+    """The attributes that are sbatch options: psik's own left out. Raises ValueError
+    naming an attribute that is neither."""
+    out: dict[str, str] = {}
+    for key, value in attributes.items():
+        if key in PSIK_ATTRIBUTES:
+            continue
+        if not key.startswith("-"):
+            raise ValueError(
+                f"attribute {key!r} is not an sbatch option (write it as sbatch does: '--{key}')"
+            )
+        out[key] = value
+    return out
+
+
+async def submit(job: Any, jobndx: int) -> str:
+    """Submit run ``jobndx`` of the psik job ``job`` (read) with sbatch, recording
+    ``queued`` with the Slurm job id as psik does (under its status.csv lock, so a
+    concurrent reader sees the submission or nothing). Returns the Slurm job id;
+    raises :class:`SbatchRefused` with sbatch's message, or ValueError for a bad attribute."""
+    from anyio import open_file
+    from psik.backends.slurm import mk_args, slurm_script
+    from psik.models import JobState as PsikJobState
+    from psik.models import Transition
+    from psik.statfile import WriteLock
+
+    spec = job.spec.model_copy(update={"attributes": sbatch_attributes(job.spec.attributes)})
+    psik_python = job.info.backend.attributes.get("psik_python", sys.executable)
+    script = slurm_script % {"psik_python": psik_python, "base": job.base, "jobndx": jobndx}
+    args = mk_args(spec, job.info)
+    async with await open_file(job.base / "status.csv", "a", encoding="utf-8") as f, WriteLock(f):  # type: ignore[no-untyped-call]
+        t0 = time.time()
+        code, out, err = await run("sbatch", "--parsable", *args, stdin=script)
+        if code != 0:
+            message = " ".join((err or out or f"sbatch exited {code}").split())
+            raise SbatchRefused(message, unavailable=code == -1 or unreachable(message))
+        native_id = out.strip().split(";")[0]
+        if not native_id.isdigit():
+            raise SbatchRefused(f"sbatch answered {out.strip()[:200]!r}, not a job id")
+        row = Transition(time=t0, jobndx=jobndx, state=PsikJobState.queued, info=native_id)
+        await f.write(",".join(map(str, row.fields())) + "\n")
+    job.history.append(row)
+    return native_id
+
+
+async def cancel(native_ids: Iterable[str]) -> str | None:
+    """scancel the jobs; None, or scancel's message if it failed."""
+    ids = list(native_ids)
+    if not ids:
+        return None
+    code, _, err = await run("scancel", *ids)
+    return None if code == 0 else " ".join(err.split()) or f"scancel exited {code}"
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What squeue says of one job: its state (RUNNING, CANCELLED...) and reason."""
+
+    state: str
+    reason: str
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+
+async def slurm_states(native_ids: Iterable[str]) -> dict[str, SlurmJob] | None:
+    """What Slurm knows of each job (a job it no longer knows is absent); None if the
+    controller could not be asked (then nothing can be concluded)."""
+    ids = sorted(set(native_ids))
+    if not ids:
+        return {}
+    code, out, err = await run("squeue", "--states=all", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r")
+    if code != 0:
+        if "invalid job id" in err.lower():
+            return {}  # none of them is known any more
+        _logger.warning("squeue failed (%d): %s", code, " ".join(err.split()))
+        return None
+    found: dict[str, SlurmJob] = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            found[parts[0]] = SlurmJob(parts[1], parts[2])
+    return found
+
+
+async def accounting_state(native_id: str) -> str | None:
+    """The job's final state per ``sacct`` (e.g. ``CANCELLED by 0``), None where
+    accounting is disabled or does not know the job."""
+    code, out, _ = await run("sacct", "-n", "-X", "-P", "-j", native_id, "-o", "State,ExitCode")
+    line = out.strip().splitlines()[0] if code == 0 and out.strip() else ""
+    return line.replace("|", ", exit code ") if line else None
+
+
+class SlurmHealth:
+    """Whether the controller answers and the backend's partition is up; each answer is
+    kept ``ttl`` seconds, so ``GET /v1/backends`` costs at most two commands per ttl."""
+
+    def __init__(self, partition: str | None, ttl: float = 5.0) -> None:
+        self.partition = partition
+        self.ttl = ttl
+        self._checked = -float("inf")
+        self._answer: str | None = None
+        self._lock = asyncio.Lock()
+
+    def forget(self) -> None:
+        """Ask again next time (a command just failed or succeeded)."""
+        self._checked = -float("inf")
+
+    async def check(self) -> str | None:
+        """None if the backend can take jobs, else why not."""
+        async with self._lock:
+            if time.monotonic() - self._checked >= self.ttl:
+                self._answer = await self._ask()
+                self._checked = time.monotonic()
+            return self._answer
+
+    async def _ask(self) -> str | None:
+        code, out, err = await run("scontrol", "ping", limit=10)
+        if code != 0 or "UP" not in out:
+            said = " ".join((err or out).split()) or f"scontrol ping exited {code}"
+            return f"Slurm controller unreachable: {said}"
+        argv = ["sinfo", "-h", "-o", "%P|%a"]
+        if self.partition:
+            argv[1:1] = ["-p", self.partition]
+        code, out, err = await run(*argv, limit=10)
+        if code != 0:
+            return f"sinfo failed: {' '.join(err.split())}"
+        rows = [line.split("|") for line in out.splitlines() if "|" in line]
+        if not rows:
+            return f"no partition {self.partition!r}" if self.partition else "no partitions"
+        if self.partition is None:
+            rows = [r for r in rows if r[0].endswith("*")] or rows  # the default partition
+        name, avail = rows[0][0].rstrip("*"), rows[0][1]
+        if avail != "up":
+            return f"partition {name!r} is {avail}"
+        return None
