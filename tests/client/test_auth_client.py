@@ -432,3 +432,31 @@ def test_a_server_the_identity_does_not_know_is_refused(
         pytest.raises(pac.APIConnectionError),
     ):
         api.backends()
+
+
+@pytest.mark.parametrize(
+    ("text", "auths"),
+    [
+        (
+            "auths:\n- P=Signing Certificate,OU=Job API,O=Test Lab\ncert: AAAA\nurl: https://h\n",
+            ["P=Signing Certificate,OU=Job API,O=Test Lab"],
+        ),
+        ("auths: []\ncert: AAAA\n", []),
+        (
+            "cert: AAAA\nauths:\n- a\n- 'it''s: quoted'\n- \"dq \\\"x\\\"\"\nurl: u\n",
+            ["a", "it's: quoted", 'dq "x"'],
+        ),
+        # yaml.dump folds a long plain scalar onto indented lines
+        (
+            "auths:\n- CN=a very long name,OU=that yaml.dump folds at eighty columns,O=Some\n"
+            "  Organisation\n",
+            ["CN=a very long name,OU=that yaml.dump folds at eighty columns,O=Some Organisation"],
+        ),
+    ],
+)
+def test_service_entries_are_read_as_yaml_dump_writes_them(text: str, auths: list[str]) -> None:
+    from psik_api_client._tls import _yaml_list
+
+    assert _yaml_list(text, "auths") == auths
+    yaml = pytest.importorskip("yaml")
+    assert (yaml.safe_load(text).get("auths") or []) == auths  # the same reading as a YAML parser's

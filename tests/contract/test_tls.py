@@ -52,3 +52,38 @@ def test_a_read_only_token_can_read_but_not_write(alice: pac.Client, tls_server:
             agent.start(job.jobid)
         with pytest.raises(pac.PermissionDeniedError):
             agent.submit(JobSpec(name="not allowed", script="true"))
+
+
+def _introduced_only(identities: Identities, root: Path, user: str) -> Path:
+    """A user the server knows only by its introduction: ``certified introduce`` signed
+    their certificate with the server's CA (``add-intro`` keeps it as ``id/<signer>.crt``
+    and names the signer in the server's entry); no ``add-client`` on the server."""
+    from tls_support import _certified
+
+    cfg = root / user
+    _certified(
+        "init", f"{user.title()} Tester", "--uid", user, "--email", f"{user}@localhost",
+        "--config", str(cfg), cwd=root,
+    )  # fmt: skip
+    _certified("add-service", "127.0.0.1", str(identities.server / "CA.crt"), "--config", str(cfg), cwd=root)
+    ident = root / f"{user}.b64"
+    ident.write_text(_certified("get-ident", "--config", str(cfg), cwd=root))
+    intro = root / f"{user}-intro.json"
+    intro.write_text(_certified("introduce", str(ident), "--config", str(identities.server), cwd=root))
+    _certified("add-intro", str(intro), "--config", str(cfg), cwd=root)
+    return cfg
+
+
+def test_an_introduced_user_presents_the_certificate_the_server_signed(
+    tls_server: TlsServer, tmp_path: Path
+) -> None:
+    """As certified's own client: for a server with its own known_servers entry, the
+    certificate that server signed is presented, and only its certificate trusted.
+    Before, id.crt (signed by the user's own CA) was presented and the handshake failed
+    ("Server disconnected without sending a response")."""
+    carol = _introduced_only(tls_server.identities, tmp_path, "carol")
+    assert list((carol / "id").glob("*.crt")), "add-intro kept no signed certificate"
+    with pac.Client(tls_server.url, cert_dir=carol, max_retries=0) as api:
+        job = api.create(JobSpec(name="carols", script="true"))
+        assert job.owner == "uid:carol"
+        assert [j.jobid for j in api.list()] == [job.jobid]

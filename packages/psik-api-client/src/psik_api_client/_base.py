@@ -259,7 +259,8 @@ class BaseClient:
         # mTLS: the identity's certificate and the CAs of its known servers; both bodies
         # hand this to their httpx client or transport as ``verify``.
         identity = resolve_cert_dir(cert_dir, self._target.base_url, has_transport=has_transport)
-        self._verify: ssl.SSLContext | bool = ssl_context(identity) if identity is not None else True
+        host = httpx.URL(self._target.base_url).host or None
+        self._verify: ssl.SSLContext | bool = ssl_context(identity, host) if identity is not None else True
         # Every request carries its timeout (see _build_request): this one unless the
         # call gives its own.
         self._timeout = httpx.Timeout(timeout)

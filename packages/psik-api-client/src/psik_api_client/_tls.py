@@ -12,6 +12,13 @@ The directory is what ``certified init`` makes and ``certified add-service`` fil
 Only those CAs are trusted (not the system's): a certified server is known by the
 introduction, not by a public CA. The host name is checked against the server's
 certificate as usual.
+
+As certified's own client does, a server with an ``add-service`` entry of its own
+(``known_servers/<host>.yaml``) is met on that entry's terms: only its ``cert`` is
+trusted for it, and where the server introduced this identity (``add-intro``: the
+certificate it signed is ``id/<signer>.crt``, the signer named in the entry's
+``auths``), that certificate is presented instead of ``id.crt``, so a server that knows
+this user only by its introduction accepts them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import re
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "PSIK_API_CERTIFIED"
@@ -56,9 +64,10 @@ def resolve_cert_dir(
     return Path(os.path.expanduser(env))
 
 
-def ssl_context(cert_dir: str | os.PathLike[str]) -> ssl.SSLContext:
+def ssl_context(cert_dir: str | os.PathLike[str], host: str | None = None) -> ssl.SSLContext:
     """A client ``SSLContext`` presenting the identity in ``cert_dir`` and trusting its
-    known servers. Raises ``ValueError`` naming what is missing or unreadable."""
+    known servers (for ``host``: its own entry's terms, if it has one). Raises
+    ``ValueError`` naming what is missing or unreadable."""
     base = Path(cert_dir)
     if not base.is_dir():
         raise ValueError(f"no such directory: {base} (a certified identity: `certified init --config DIR`)")
@@ -66,7 +75,12 @@ def ssl_context(cert_dir: str | os.PathLike[str]) -> ssl.SSLContext:
     for path in (crt, key):
         if not path.is_file():
             raise ValueError(f"{base} is not a certified identity: {path.name} is missing")
-    cadata = _known_servers(base / "known_servers")
+    entry = _service_entry(base / "known_servers", host) if host else None
+    cadata = entry.cert if entry is not None and entry.cert else _known_servers(base / "known_servers")
+    if entry is not None:
+        crt = next(
+            (c for a in entry.auths if _safe_name(a) and (c := base / "id" / f"{a}.crt").is_file()), crt
+        )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -97,6 +111,63 @@ def _known_servers(directory: Path) -> str:
     if not pems:
         raise ValueError(f"{directory} holds no server certificate (`certified add-service`)")
     return "\n".join(pems)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What an ``add-service`` entry says: the server's certificate (PEM, or None) and
+    the signers whose certificates of this identity the server accepts."""
+
+    cert: str | None
+    auths: tuple[str, ...]
+
+
+def _service_entry(directory: Path, host: str) -> _Entry | None:
+    """The entry ``known_servers/<host>.yaml``, if there is one."""
+    if not _safe_name(host):
+        return None
+    path = directory / f"{host}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    return _Entry(cert=_yaml_cert(text), auths=tuple(_yaml_list(text, "auths")))
+
+
+def _safe_name(name: str) -> bool:
+    """A name usable as one file name (no path, no NUL)."""
+    return bool(name) and name not in {".", ".."} and "/" not in name and "\0" not in name
+
+
+def _yaml_list(text: str, key: str) -> list[str]:
+    """The items of the top-level block list ``key`` as ``yaml.dump`` writes it (``- item``
+    lines, a long item folded onto indented lines; plain, 'single' or "double" quoted)."""
+    items: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith((" ", "-")):
+            inside = line.split(":", 1)[0] == key and line.rstrip().endswith(":")
+            continue
+        if not inside:
+            continue
+        stripped = line.strip()
+        if line.startswith("-"):
+            items.append(stripped[1:].strip())
+        elif items:
+            items[-1] = f"{items[-1]} {stripped}"
+    return [_unquote(i) for i in items]
+
+
+def _unquote(item: str) -> str:
+    if len(item) >= 2 and item[0] == item[-1] == "'":
+        return item[1:-1].replace("''", "'")
+    if len(item) >= 2 and item[0] == item[-1] == '"':
+        return item[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    return item
 
 
 def _yaml_cert(text: str) -> str | None:
