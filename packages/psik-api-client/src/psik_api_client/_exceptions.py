@@ -246,9 +246,16 @@ class SubmitFailedError(APIStatusError):
 
 class ServiceUnavailableError(APIStatusError):
     """503: the server is up but cannot serve the request now (e.g. the job's backend
-    is unavailable); worth trying again later."""
+    is unavailable); worth trying again later. A submit refused because its backend
+    could not be reached still made the job (state ``failed``, the reason in its
+    history): ``jobid`` names it, to ``start`` once the backend is back."""
 
     status_code = 503
+
+    @property
+    def jobid(self) -> str | None:
+        """The id of the job that was kept, if the request made one."""
+        return self._extension("jobid")
 
 
 class InsufficientStorageError(APIStatusError):

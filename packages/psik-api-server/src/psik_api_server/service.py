@@ -71,9 +71,10 @@ from .backend import UNAVAILABLE_INFO, PsikBackend, SubmitError, one_line
 from .callbacks import CallbackRecord, CallbackRelay, split_spec
 from .diskfull import INDEX, PREFIX, Creates, DiskFull, is_disk_full
 from .errors import ApiError, StartupError
-from .liveness import vanished_jobs
+from .liveness import Vanished, vanished_jobs
 from .reconcile import Reconciled, index_row, reconcile
 from .slots import JobSlots
+from .slurm_liveness import Ended, SlurmLiveness, slurm_jobs
 from .speclimits import SpecLimits
 from .store import BadCursor, CorruptIndex, IdempotencyRecord, JobRow, JobStore, OpenKey
 from .watcher import Change, StatusWatcher
@@ -145,6 +146,7 @@ class JobService:
         self.watcher = StatusWatcher(self._on_changes, interval=watch_interval)
         self.liveness_interval = liveness_interval
         self._liveness: asyncio.Task[None] | None = None
+        self._slurm_liveness = SlurmLiveness()
         # One lock per job being started/cancelled/purged; weak, so that locks of jobs
         # nobody is touching do not pile up in a long-running server.
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -268,10 +270,19 @@ class JobService:
 
     async def check_liveness(self) -> list[str]:
         """Record ``failed`` for every non-final local job whose process is gone
-        without a final row (see ``liveness``); returns their ids."""
+        without a final row (see ``liveness``), and every Slurm job Slurm has ended or
+        forgotten without one (see ``slurm_liveness``); returns their ids."""
         local = {name for name in self.backend.settings if self.backend.is_local(name)}
         gone: list[str] = []
-        for job in await in_thread(vanished_jobs, self.store, self.backend.prefix, local):
+        found: list[Vanished | Ended] = []
+        found += await in_thread(vanished_jobs, self.store, self.backend.prefix, local)
+        scheduled = {
+            n for n, c in self.backend.settings.items() if c.type == "slurm" and self.backend.usable(n)
+        }
+        if scheduled:
+            jobs = await in_thread(slurm_jobs, self.store, self.backend.prefix, scheduled)
+            found += await self._slurm_liveness.check(jobs)
+        for job in found:
             async with self._lock(job.jobid):
                 files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
                 if files is None or files.state[0].is_final:

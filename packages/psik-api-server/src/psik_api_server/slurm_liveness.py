@@ -1,0 +1,103 @@
+"""Liveness of Slurm jobs: a job Slurm has ended, or no longer knows, without psik
+recording an end state is failed, with what Slurm said.
+
+psik's batch script records ``active`` and ``completed``/``failed`` itself on the compute
+node, and psik's slurm ``poll()`` does nothing: a job cancelled with ``scancel`` outside
+psik, killed by a node failure, or forgotten by a controller that lost its state would
+say ``queued``/``active`` forever. So at every liveness check the server asks ``squeue``
+(one call per check for all non-final Slurm jobs) about the Slurm job id recorded in each
+job's ``queued`` row. A job that Slurm shows ended (CANCELLED, TIMEOUT, NODE_FAIL, ...),
+or does not know at all, in two checks in a row while its status.csv still has no end
+state is failed: the second look leaves psik's own end row (written just before the
+batch script exits) time to arrive. Where accounting is configured, ``sacct`` adds the
+final state of a job squeue has forgotten.
+
+A job is never failed when squeue cannot be asked (the controller is down): nothing can
+be concluded then. The end state psik wrote is never overridden (the job is re-read
+under its lock before anything is recorded).
+
+Bound: a Slurm job ended outside psik is failed within 2 x ``liveness_interval`` plus the
+time of one squeue call (default: about 4-5 s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from psik_api_core import JobState
+
+from . import jobdir, slurm
+from .store import JobStore
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A non-final job whose Slurm job is over; ``reason`` says what Slurm said."""
+
+    jobid: str
+    reason: str
+
+
+def native_id(files: jobdir.JobFiles) -> str | None:
+    """The Slurm job id psik recorded for the current run (None if final or none yet)."""
+    state, jobndx = files.state
+    if state.is_final:
+        return None
+    queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
+    if not queued or not queued[-1].info.isdigit():
+        return None  # not submitted yet (e.g. waiting for a job slot)
+    return queued[-1].info
+
+
+def slurm_jobs(store: JobStore, prefix: Path, backends: set[str]) -> dict[str, str]:
+    """``{jobid: Slurm job id}`` of the non-final jobs on ``backends``. Blocking; a job
+    that cannot be read is left out (never failed)."""
+    found: dict[str, str] = {}
+    for row in store.live():
+        if row.backend not in backends or row.jobndx == 0:
+            continue
+        try:
+            nid = native_id(jobdir.read_job(jobdir.job_path(prefix, row.jobid)))
+        except (OSError, ValueError):
+            continue
+        if nid is not None:
+            found[row.jobid] = nid
+    return found
+
+
+class SlurmLiveness:
+    """Remembers which jobs were seen ended at the previous check (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._suspect: dict[str, str] = {}
+
+    async def check(self, jobs: dict[str, str]) -> list[Ended]:
+        """The jobs among ``jobs`` (``{jobid: Slurm job id}``) seen ended in this check
+        and the one before."""
+        if not jobs:
+            self._suspect.clear()
+            return []
+        states = await slurm.slurm_states(jobs.values())
+        if states is None:
+            return []  # the controller could not be asked: conclude nothing
+        suspect: dict[str, str] = {}
+        for jobid, nid in jobs.items():
+            seen = states.get(nid)
+            if seen is None:
+                suspect[jobid] = f"Slurm job {nid} is no longer known to the controller (lost)"
+            elif seen.ended:
+                why = "" if seen.reason in ("None", "") else f", reason {seen.reason}"
+                outside = " (cancelled outside psik-api, e.g. scancel)" if seen.state == "CANCELLED" else ""
+                suspect[jobid] = f"Slurm job {nid} ended {seen.state}{why}{outside}"
+        ended = [Ended(jobid, why) for jobid, why in suspect.items() if jobid in self._suspect]
+        self._suspect = suspect
+        out: list[Ended] = []
+        for e in ended:
+            reason = e.reason
+            if "no longer known" in reason:
+                acct = await slurm.accounting_state(jobs[e.jobid])
+                if acct is not None:
+                    reason += f"; accounting says {acct}"
+            out.append(Ended(e.jobid, reason + " and psik recorded no end state"))
+        return out

@@ -1,0 +1,286 @@
+"""A `slurm` backend on a real single-node cluster, through the real client: jobs run,
+are listed, logged and cancelled as with the local backend; the JobSpec's resources reach
+Slurm; psik's own attributes never reach sbatch; a job Slurm ends outside psik is failed
+with the reason; a refused submission says why, and a controller that cannot be reached is
+a 503 whose job can be started once it is back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from psik_api_client import AsyncClient, JobState, ServiceUnavailableError, SubmitFailedError
+from psik_api_server.app import create_app
+from psik_api_server.settings import BackendSettings, Settings
+from psik_api_server.slurm import sbatch_attributes
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("slurm_cluster")]
+
+#: The liveness interval these tests run with; a job ended outside psik must be failed
+#: within 2 intervals and a squeue call (see slurm_liveness), plus a margin for the checks.
+LIVENESS = 0.5
+LIVENESS_BOUND = 2 * LIVENESS + 3.0
+
+
+def slurm(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def scontrol_job(native_id: str) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict (keys as Slurm spells them)."""
+    out = slurm("scontrol", "show", "job", "-o", native_id)
+    fields: dict[str, str] = {}
+    for word in out.split():
+        key, _, value = word.partition("=")
+        fields.setdefault(key, value)
+    return fields
+
+
+def squeue_state(native_id: str) -> str | None:
+    """The job's state as squeue shows it (None: not shown at all)."""
+    r = subprocess.run(
+        ["squeue", "--states=all", "-h", "-j", native_id, "-o", "%T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return r.stdout.strip() or None
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await anyio.sleep(0.1)
+
+
+def slurm_settings(tmp_path: Path, **backend: Any) -> Settings:
+    return Settings(
+        prefix=tmp_path / "jobs",
+        database=tmp_path / "index.sqlite",
+        backends={
+            "slurm": BackendSettings(
+                type="slurm",
+                queue_name="debug",
+                attributes={"psik_python": sys.executable},
+                **backend,
+            ),
+            "nopart": BackendSettings(
+                type="slurm", queue_name="nosuchpartition", attributes={"psik_python": sys.executable}
+            ),
+        },
+        watch_interval=0.05,
+        liveness_interval=LIVENESS,
+    )
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[AsyncClient]:
+    app = create_app(slurm_settings(tmp_path, project_name="physics"))
+    async with (
+        LifespanManager(app),
+        AsyncClient("http://testserver", transport=httpx.ASGITransport(app=app), timeout=120) as client,
+    ):
+        yield client
+
+
+async def test_submit_list_state_logs_files(api: AsyncClient) -> None:
+    job = await api.submit(
+        {
+            "name": "hello-slurm",
+            "backend": "slurm",
+            "script": "#!/bin/bash\necho hello from $SLURM_JOB_ID; echo result > out.txt",
+            "resources": {"duration": 2},
+        }
+    )
+    assert job.state in (JobState.queued, JobState.active, JobState.completed)
+    assert job.native_id is not None and job.native_id.isdigit()
+    done = await api.wait(job.jobid, timeout=60)
+    assert done.state is JobState.completed, done.history
+    assert done.exit_code == 0
+    assert (await api.state(job.jobid)).state is JobState.completed
+    assert job.jobid in [j.jobid async for j in api.list(backend="slurm")]
+    assert [j.jobid async for j in api.list(state="completed", name="hello-slurm")] == [job.jobid]
+    logs = await api.logs(job.jobid)
+    assert logs["stdout.1"] == f"hello from {job.native_id}\n"
+    listing = await api.list_files(job.jobid)
+    assert "out.txt" in [f.name for f in listing.entries]
+    # psik records `completed` just before its batch script exits: Slurm follows.
+    await until(lambda: scontrol_job(job.native_id or "")["JobState"] == "COMPLETED", 10, "Slurm's COMPLETED")
+
+
+async def test_a_failing_script_is_failed_with_its_exit_code(api: AsyncClient) -> None:
+    job = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nexit 3"})
+    done = await api.wait(job.jobid, timeout=60)
+    assert done.state is JobState.failed
+    assert done.exit_code == 3
+
+
+async def test_resources_reach_slurm_and_psik_attributes_do_not(api: AsyncClient) -> None:
+    ntasks = min(2, os.cpu_count() or 1)
+    job = await api.submit(
+        {
+            "name": "resources",
+            "backend": "slurm",
+            "script": "#!/bin/bash\nsleep 300",
+            "resources": {
+                "duration": 7,
+                "process_count": ntasks,
+                "cpu_cores_per_process": 1,
+                "exclusive_node_use": False,
+            },
+            # psik_python is psik's own (given here, and in the backend's attributes): were
+            # it passed to sbatch, sbatch would take the path for its script and refuse.
+            "attributes": {"--comment": "from-psik-api", "psik_python": sys.executable},
+        }
+    )
+    try:
+        assert job.native_id is not None
+        fields = scontrol_job(job.native_id)
+        assert fields["JobName"] == "resources"
+        assert fields["NumTasks"] == str(ntasks)
+        assert fields["CPUs/Task"] == "1"
+        assert fields["TimeLimit"] == "00:07:00"
+        assert fields["Partition"] == "debug"
+        assert fields["Account"] == "physics"
+        assert fields["Comment"] == "from-psik-api"
+        assert fields["OverSubscribe"] != "NO"  # not --exclusive
+    finally:
+        await api.cancel(job.jobid)
+
+
+def test_psik_attributes_are_not_sbatch_options() -> None:
+    assert sbatch_attributes({"psik_python": "/x/python", "--qos": "low", "-J": "n"}) == {
+        "--qos": "low",
+        "-J": "n",
+    }
+    with pytest.raises(ValueError, match="'qos' is not an sbatch option"):
+        sbatch_attributes({"qos": "low"})
+
+
+async def test_an_attribute_that_is_no_sbatch_option_is_refused_by_name(api: AsyncClient) -> None:
+    with pytest.raises(SubmitFailedError, match="'qos' is not an sbatch option") as info:
+        await api.submit({"backend": "slurm", "script": "true", "attributes": {"qos": "low"}})
+    assert info.value.jobid is not None
+    job = await api.get(info.value.jobid)
+    assert job.state is JobState.failed and "not an sbatch option" in job.history[-1].info
+
+
+async def test_cancel_a_running_and_a_queued_job(api: AsyncClient) -> None:
+    # Each job takes the node exclusively (psik's default): the second one waits.
+    running = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300"})
+    await until(lambda: squeue_state(running.native_id or "") == "RUNNING", 30, "the first job to run")
+    queued = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300"})
+    assert queued.native_id is not None and running.native_id is not None
+    assert squeue_state(queued.native_id) == "PENDING"
+    assert (await api.state(queued.jobid)).state is JobState.queued
+
+    for job in (queued, running):
+        canceled = await api.cancel(job.jobid)
+        assert canceled.state is JobState.canceled
+        assert job.native_id is not None
+        await until(lambda nid=job.native_id: squeue_state(nid) in (None, "CANCELLED"), 10, "Slurm to end it")
+    # Nothing the dying batch script might record changes that.
+    await anyio.sleep(2 * LIVENESS + 1)
+    for job in (queued, running):
+        assert (await api.get(job.jobid)).state is JobState.canceled
+
+
+async def test_scancel_outside_psik_fails_the_job_with_the_reason(api: AsyncClient) -> None:
+    job = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300"})
+    assert job.native_id is not None
+    await until(lambda: squeue_state(job.native_id or "") == "RUNNING", 30, "the job to run")
+
+    # psik records `active` from the compute node; wait for it, then cancel behind its back.
+    async def active() -> bool:
+        return (await api.state(job.jobid)).state is JobState.active
+
+    deadline = time.monotonic() + 30
+    while not await active():
+        assert time.monotonic() < deadline, "the job never became active"
+        await anyio.sleep(0.1)
+    slurm("scancel", job.native_id)
+    t0 = time.monotonic()
+    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30)
+    elapsed = time.monotonic() - t0
+    assert done.state is JobState.failed
+    assert f"Slurm job {job.native_id} ended CANCELLED" in done.history[-1].info
+    assert elapsed < LIVENESS_BOUND, elapsed
+
+
+async def test_a_job_slurm_no_longer_knows_is_failed(api: AsyncClient, tmp_path: Path) -> None:
+    """A controller that lost its state (or a job long gone from squeue, no accounting):
+    simulated by pointing the job's queued row at a Slurm job id nobody ever had."""
+    job = await api.submit({"backend": "slurm", "script": "true", "attributes": {"--begin": "now+1hour"}})
+    assert job.native_id is not None
+    status = tmp_path / "jobs" / job.jobid / "status.csv"
+    status.write_text(status.read_text().replace(f",queued,{job.native_id}\n", ",queued,4000000\n"))
+    slurm("scancel", job.native_id)
+    t0 = time.monotonic()
+    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30)
+    assert done.state is JobState.failed
+    assert "Slurm job 4000000 is no longer known to the controller" in done.history[-1].info
+    assert time.monotonic() - t0 < LIVENESS_BOUND
+
+
+async def test_an_invalid_partition_is_refused_with_sbatch_s_reason(api: AsyncClient) -> None:
+    info = await api.backend("nopart")
+    assert not info.healthy and "nosuchpartition" in (info.detail or "")
+    with pytest.raises(SubmitFailedError, match="Invalid partition name specified") as err:
+        await api.submit({"backend": "nopart", "script": "true"})
+    assert err.value.jobid is not None
+    job = await api.get(err.value.jobid)
+    assert job.state is JobState.failed
+    assert "Invalid partition name specified" in job.history[-1].info
+
+
+async def test_backend_health_follows_the_partition(api: AsyncClient) -> None:
+    assert (await api.backend("slurm")).healthy
+    slurm("scontrol", "update", "PartitionName=debug", "State=DOWN")
+    try:
+        await anyio.sleep(5.1)  # the health answer is cached 5 s
+        info = await api.backend("slurm")
+        assert not info.healthy and info.detail == "partition 'debug' is down"
+    finally:
+        slurm("scontrol", "update", "PartitionName=debug", "State=UP")
+
+
+async def test_with_the_controller_stopped_submit_is_503_and_the_job_starts_later(
+    api: AsyncClient, slurm_cluster: Any
+) -> None:
+    slurm_cluster.stop("slurmctld")
+    try:
+        backends = {b.name: b for b in await api.backends()}
+        assert not backends["slurm"].healthy
+        assert "controller unreachable" in (backends["slurm"].detail or "")
+        with pytest.raises(ServiceUnavailableError) as err:
+            await api.submit({"name": "later", "backend": "slurm", "script": "echo later"})
+        detail = err.value.problem.detail or ""
+        assert "'slurm'" in detail and "Unable to contact slurm controller" in detail, detail
+        jobid = err.value.jobid
+        assert jobid is not None
+        job = await api.get(jobid)
+        assert job.state is JobState.failed
+        assert "Unable to contact slurm controller" in job.history[-1].info
+    finally:
+        slurm_cluster.start("slurmctld")
+    await until(lambda: "idle" in slurm_cluster.node_state(), 30, "the node to be idle again")
+    started = await api.start(jobid)
+    assert started.jobndx == 2
+    done = await api.wait(jobid, timeout=60)
+    assert done.state is JobState.completed
+    assert (await api.logs(jobid))["stdout.2"] == "later\n"
