@@ -196,6 +196,13 @@ _SUBMIT_FAILED = Failure(
     ProblemCode.submit_failed,
     "the backend refused the job; the job exists in state `failed` and the problem has `jobid`",
 )
+_UNAVAILABLE = Failure(
+    ProblemCode.backend_unavailable,
+    "the job's backend cannot take jobs: psik cannot load it (nothing was made), or its"
+    " scheduler cannot be reached (the detail names the backend and gives the scheduler's"
+    " message; the job is kept in state `failed` with that reason in its history, and the"
+    " problem has `jobid`: start it again once the backend is back)",
+)
 _DISK_FULL = Failure(
     ProblemCode.insufficient_storage,
     "the filesystem of the job prefix or of the index is full (the detail says which): nothing"
@@ -261,7 +268,9 @@ _SHOWN: dict[str, Any] = {
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/v1/backends", "listBackends", "backends", "List backends",
-        "The configured backends and whether each can take jobs now.",
+        "The configured backends and whether each can take jobs now: a Slurm backend's"
+        " controller is asked (`scontrol ping`) and its partition's state (`sinfo`), at most"
+        " every 5 s; `detail` says why one cannot.",
         {200: Reply("The configured backends.", list[BackendInfo])},
     ),
     Operation(
@@ -317,13 +326,13 @@ OPERATIONS: tuple[Operation, ...] = (
         " or already final if it ended at once. Only `script` is required.",
         {201: Reply("The job, submitted.", Job, headers=("Location",))},
         params=(_IDEMPOTENCY_KEY,), request=JobSpec,
-        failures=(*_BODY_FAILURES, _SUBMIT_FAILED, _DISK_FULL),
+        failures=(*_BODY_FAILURES, _SUBMIT_FAILED, _UNAVAILABLE, _DISK_FULL),
     ),
     Operation(
         "POST", "/v1/jobs/new", "createJob", "jobs", "Create a job without submitting it",
         "Creates a job in state `new`; start it later with `POST /v1/jobs/{jobid}/start`.",
         {201: Reply("The job, in state `new`.", Job, headers=("Location",))},
-        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=(*_BODY_FAILURES, _DISK_FULL),
+        params=(_IDEMPOTENCY_KEY,), request=JobSpec, failures=(*_BODY_FAILURES, _UNAVAILABLE, _DISK_FULL),
     ),
     Operation(
         "POST", "/v1/jobs/{jobid}/start", "startJob", "jobs", "Start a job",
@@ -333,7 +342,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "the job is queued or active; the problem has `jobid` and `state`"),
-            _SUBMIT_FAILED, _DISK_FULL,
+            _SUBMIT_FAILED, _UNAVAILABLE, _DISK_FULL,
         ),
     ),
     Operation(
