@@ -445,6 +445,15 @@ class JobService:
         if not any(real == root or real.is_relative_to(root) for root in self.directory_roots):
             roots = ", ".join(str(r) for r in self.directory_roots) or "none configured"
             raise refuse(f"is outside the allowed directory roots ({roots})")
+        # The server's own directories, even where the roots reach them: the files
+        # routes would serve (and write) other jobs' files, or the index and its journal.
+        # A directory beside the index (inside its directory) holds none of its files.
+        index_dir = Path(self.store.path).expanduser().resolve().parent
+        if index_dir.is_relative_to(real):
+            raise refuse(f"is or holds the directory of the server's job index ({index_dir})")
+        prefix = Path(self.backend.prefix).resolve()
+        if real.is_relative_to(prefix) or prefix.is_relative_to(real):
+            raise refuse(f"is, holds or lies inside the server's job directories ({prefix})")
         if not real.is_dir():
             raise refuse("does not exist or is not a directory")
         return real
