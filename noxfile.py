@@ -33,9 +33,20 @@ def group(name: str) -> tuple[str, ...]:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite: core, server, client and contract tests on real local jobs."""
+    """The whole test suite: core, server, client and contract tests on real local jobs,
+    and tests/slurm on a real single-node Slurm it brings up (root; skipped, saying why,
+    where that cannot be done, unless CI=true)."""
     session.install(*PACKAGES, *group("test"))
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def slurm(session: nox.Session) -> None:
+    """Only the tests on a real single-node Slurm (tests/slurm; `tests` runs them too).
+    Needs root: the fixture installs Debian's Slurm packages if missing and brings the
+    cluster up with scripts/slurm_cluster.py."""
+    session.install(*PACKAGES, *group("test"))
+    session.run("pytest", *(session.posargs or ["-q", "tests/slurm"]))
 
 
 @nox.session
