@@ -523,3 +523,42 @@ async def test_a_failing_disk_step_reaches_the_caller_and_closes_the_streams(
     with pytest.raises(FileNotFoundError):
         await api.download(JOBID, "f", tmp_path / "no-such-dir" / "f")
     assert body.closed
+
+
+# ---- a download without a checksum (a large file the server has not hashed yet) ----
+
+
+def unhashed(data: bytes, *, length: int | None = None, status: int = 200, start: int = 0) -> httpx.Response:
+    """An answer without X-Checksum-Sha256: the server sends one only once it has it."""
+    headers = {"ETag": ETAG, "Content-Length": str(len(data) - start if length is None else length)}
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data) if length is None else length}"
+    return httpx.Response(status, headers=headers, stream=Body([data[start:]]))
+
+
+async def test_a_download_without_a_checksum_is_checked_by_its_size(
+    api: Api, router: respx.Router, tmp_path: Path
+) -> None:
+    data = b"big\n" * 1000
+    router.get(f"{FILES}/ok.bin").mock(return_value=unhashed(data))
+    assert (await api.download(JOBID, "ok.bin", tmp_path / "ok.bin")).read_bytes() == data
+    router.get(f"{FILES}/short.bin").mock(return_value=unhashed(data, length=len(data) + 10))
+    with pytest.raises(pac.ChecksumMismatchError, match=f"{len(data)} bytes.*{len(data) + 10}"):
+        await api.download(JOBID, "short.bin", tmp_path / "short.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.bin"]
+
+
+async def test_a_resumed_download_without_a_checksum_is_checked_by_the_whole_size(
+    api: Api, router: respx.Router, tmp_path: Path
+) -> None:
+    data = b"0123456789" * 100
+    (tmp_path / "f.part").write_bytes(data[:300])
+    (tmp_path / "f.part.etag").write_text(ETAG)
+    router.get(f"{FILES}/f").mock(return_value=unhashed(data, status=206, start=300))
+    assert (await api.download(JOBID, "f", tmp_path / "f")).read_bytes() == data
+    (tmp_path / "g.part").write_bytes(data[:300])
+    (tmp_path / "g.part.etag").write_text(ETAG)
+    router.get(f"{FILES}/g").mock(return_value=unhashed(data, status=206, start=300, length=2000))
+    with pytest.raises(pac.ChecksumMismatchError):
+        await api.download(JOBID, "g", tmp_path / "g")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

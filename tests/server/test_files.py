@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from starlette.applications import Starlette
 
 from conftest import lazy_app
 from psik_api_core import Limits
-from psik_api_server import files_service, routes_files
+from psik_api_server import files_service, jobfiles, routes_files
 from psik_api_server.settings import Settings
 from support import LiveServer
 
@@ -462,3 +463,74 @@ def test_50mb_upload_and_download_stream_in_bounded_memory(tmp_path: Path) -> No
     assert n == size and got.hexdigest() == digest.hexdigest()
     print(f"\npeak RSS {base} KiB before; +{up} KiB during a 50 MB upload, +{down} KiB during its download")
     assert up < 16 * 1024 and down < 16 * 1024, (base, up, down)
+
+
+# ---- the checksum never holds a download back ----
+
+
+def _slow_checksums(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[int]]:
+    """Make hashing wait for an event (as a huge file, or a starved disk, would): the
+    release, and the sizes of the files hashed."""
+    release = threading.Event()
+    hashed: list[int] = []
+    original = jobfiles.ChecksumCache.checksum
+
+    def slow(self: jobfiles.ChecksumCache, fd: int, st: os.stat_result) -> str:
+        hashed.append(st.st_size)
+        release.wait(30)
+        return original(self, fd, st)
+
+    monkeypatch.setattr(jobfiles.ChecksumCache, "checksum", slow)
+    return release, hashed
+
+
+async def test_the_first_byte_of_a_large_file_never_waits_for_its_checksum(
+    live_app: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file not hashed yet (the job wrote it) is sent at once, without
+    X-Checksum-Sha256, by 20 downloads at the same time; it is hashed once, in the
+    background, and the downloads after that carry the checksum."""
+    release, hashed = _slow_checksums(monkeypatch)
+    async with httpx.AsyncClient(base_url=live_app.url, timeout=30) as http:
+        http.app = live_app.server.config.app  # type: ignore[attr-defined]
+        jobid = await _new_job(http)
+        work = _work(http, jobid)
+        work.mkdir(exist_ok=True)
+        data = os.urandom(4 << 20)
+        (work / "big.bin").write_bytes(data)
+        url = f"/v1/jobs/{jobid}/files/big.bin"
+
+        async def first_bytes() -> None:
+            async with http.stream("GET", url) as r:
+                assert r.status_code == 200
+                assert "x-checksum-sha256" not in r.headers
+                async for chunk in r.aiter_raw():
+                    assert chunk == data[: len(chunk)]
+                    break
+
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as group:
+                    for _ in range(20):
+                        group.start_soon(first_bytes)
+            r = await http.get(url, headers={"Range": "bytes=0-9"})  # never hashed for a range
+            assert r.status_code == 206 and "x-checksum-sha256" not in r.headers
+        finally:
+            release.set()
+        with anyio.fail_after(10):
+            while "x-checksum-sha256" not in (r := await http.get(url)).headers:
+                await anyio.sleep(0.02)
+        assert r.content == data and r.headers["x-checksum-sha256"] == hashlib.sha256(data).hexdigest()
+        assert hashed == [len(data)]  # once, for 20 downloads
+
+
+async def test_a_small_file_is_hashed_at_once(live_app: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live_app.url, timeout=30) as http:
+        http.app = live_app.server.config.app  # type: ignore[attr-defined]
+        jobid = await _new_job(http)
+        work = _work(http, jobid)
+        work.mkdir(exist_ok=True)
+        data = os.urandom(files_service.HASH_AT_ONCE_MAX)
+        (work / "small.bin").write_bytes(data)
+        r = await http.get(f"/v1/jobs/{jobid}/files/small.bin")
+        assert r.headers["x-checksum-sha256"] == hashlib.sha256(data).hexdigest()

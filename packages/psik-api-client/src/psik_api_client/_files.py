@@ -11,7 +11,10 @@ in ``<local>.part.etag``) let the next request ask only for the rest (``Range``,
 ``If-Range`` so that a file changed meanwhile is sent whole again). A connection lost
 mid-body is resumed the same way at once, as often as the retry policy allows; after
 that the ``.part`` stays for the next call. The whole file's SHA-256 is checked
-against the server's ``X-Checksum-Sha256`` before the ``.part`` takes the final name.
+against the server's ``X-Checksum-Sha256`` before the ``.part`` takes the final name;
+the server sends none for a large file it has not hashed yet (it never holds a download
+back to hash one), and then the ``.part``'s size is checked against the file's size
+the answer gave (``Content-Length``, or the total of a 206's ``Content-Range``).
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ def download_flow(
         else:  # the whole file: anew, or again because it changed since the .part began
             size, hasher, mode = 0, hashlib.sha256(), "wb"
         etag = strong_etag(response)
+        total = whole_size(response)
         file = cast("BinaryIO", (yield OpenFile(part, mode)))
         yield Disk(save_etag, (etag_path, etag))
         expected = response.headers.get("X-Checksum-Sha256")
@@ -193,6 +197,16 @@ def download_flow(
         if etag is None:  # the rest cannot be asked for safely
             size, hasher = 0, hashlib.sha256()
     actual = hasher.hexdigest()
+    if expected is None and total is not None and size != total:
+        yield Disk(discard, (part, etag_path))
+        raise ChecksumMismatchError(
+            f"job {jobid}'s file {remote_path} arrived incomplete or changed while it was read: "
+            f"{size} bytes arrived, the server's answer said {total} (it sent no checksum); "
+            f"nothing was written to {target} (download it again)",
+            path=remote_path,
+            expected=f"{total} bytes",
+            actual=f"{size} bytes",
+        )
     if expected is not None and actual != expected.strip().lower():
         yield Disk(discard, (part, etag_path))
         raise ChecksumMismatchError(
@@ -280,6 +294,17 @@ def content_range_start(response: httpx.Response) -> int | None:
     unit, _, spec = value.partition(" ")
     first = spec.partition("-")[0]
     return int(first) if unit == "bytes" and first.isascii() and first.isdigit() else None
+
+
+def whole_size(response: httpx.Response) -> int | None:
+    """The size of the whole file an answer carries (part of): a 206's ``Content-Range``
+    total, a 200's ``Content-Length``; None if it does not say."""
+    if response.status_code == 206:
+        value = response.headers.get("Content-Range", "").rpartition("/")[2]
+    else:
+        value = response.headers.get("Content-Length", "")
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def strong_etag(response: httpx.Response) -> str | None:

@@ -28,12 +28,18 @@ class OpenFile:
     st: os.stat_result
     etag: str
     last_modified: str
-    sha256: str
+    #: None when the checksum is not known yet (see :data:`HASH_AT_ONCE_MAX`).
+    sha256: str | None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: The largest file hashed while its download waits (a few ms); a larger one is sent at
+#: once, without its checksum until a background thread has hashed it.
+HASH_AT_ONCE_MAX = 1 << 20
 
 
 def _full(e: OSError) -> bool:
@@ -64,13 +70,16 @@ class FileService:
     # ---- reading ----
 
     async def get(
-        self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool
+        self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool, whole: bool = True
     ) -> FileListing | OpenFile:
-        """A directory's listing, or a regular file open for reading."""
-        return await in_thread(self._get_sync, who, jobid, parts, recursive)
+        """A directory's listing, or a regular file open for reading, with its SHA-256
+        if it is known or cheap: hashed now up to :data:`HASH_AT_ONCE_MAX` bytes, else
+        in the background (a download never waits for a large file's hash). ``whole``
+        is False for a ``Range``: its file is not hashed for it."""
+        return await in_thread(self._get_sync, who, jobid, parts, recursive, whole)
 
     def _get_sync(
-        self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool
+        self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool, whole: bool
     ) -> FileListing | OpenFile:
         shown = jobfiles.joined(parts)
         try:
@@ -96,7 +105,12 @@ class FileService:
                     f"job {jobid}'s {shown[:200]!r} is not a regular file or a directory; not read",
                     jobid=jobid,
                 )
-            digest = self.checksums.checksum(fd, st)
+            digest = self.checksums.get(st)
+            if digest is None and whole:
+                if st.st_size <= HASH_AT_ONCE_MAX:
+                    digest = self.checksums.checksum(fd, st)
+                else:
+                    self.checksums.hash_later(fd, st)
             opened = OpenFile(fd, st, jobfiles.etag(st), jobfiles.last_modified(st), digest)
             fd = -1
             return opened

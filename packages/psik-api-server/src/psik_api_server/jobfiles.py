@@ -23,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
 import shutil
 import stat
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -38,6 +39,8 @@ from urllib.parse import unquote_to_bytes
 from psik_api_core import FileInfo, ProblemCode, field_error, is_jobid, utc
 
 from .errors import ApiError
+
+_logger = logging.getLogger(__name__)
 
 #: Longest path a route takes, and longest segment (the usual PATH_MAX and NAME_MAX).
 MAX_PATH = 4096
@@ -420,12 +423,22 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 class ChecksumCache:
     """SHA-256 of whole files, by (device, inode, size, mtime, ctime): a file that did
-    not change is hashed once. Bounded (least recently used goes); thread-safe."""
+    not change is hashed once. Bounded (least recently used goes); thread-safe.
 
-    def __init__(self, size: int = 256) -> None:
+    A file too large to hash while its download waits is hashed by :meth:`hash_later`,
+    in at most ``workers`` background threads with at most ``backlog`` files waiting:
+    however many downloads ask, a version of a file is hashed once, and a file that
+    keeps changing costs no more than those threads."""
+
+    def __init__(self, size: int = 256, *, workers: int = 2, backlog: int = 8) -> None:
         self.size = size
+        self.workers = workers
+        self.backlog = backlog
         self._items: OrderedDict[tuple[int, ...], str] = OrderedDict()
         self._lock = threading.Lock()
+        self._queue: deque[tuple[int, os.stat_result]] = deque()
+        self._pending: set[tuple[int, ...]] = set()  # queued or being hashed
+        self._running = 0
 
     @staticmethod
     def key(st: os.stat_result) -> tuple[int, ...]:
@@ -463,6 +476,38 @@ class ChecksumCache:
         if os.fstat(fd).st_mtime_ns == st.st_mtime_ns:  # not written while we read
             self.put(st, digest)
         return digest
+
+    def hash_later(self, fd: int, st: os.stat_result) -> None:
+        """Have the file ``fd`` (as ``st`` saw it) hashed in the background, for the
+        downloads after this one; nothing if it is hashed, queued already, or the
+        backlog is full (a later download asks again)."""
+        key = self.key(st)
+        with self._lock:
+            if key in self._items or key in self._pending or len(self._pending) >= self.backlog:
+                return
+            self._pending.add(key)
+            self._queue.append((os.dup(fd), st))  # the download closes its own
+            if self._running >= self.workers:
+                return
+            self._running += 1
+        # Daemon threads that end when the queue is empty: nothing to stop, nothing idle.
+        threading.Thread(target=self._work, name="psik-api-sha256", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running -= 1
+                    return
+                fd, st = self._queue.popleft()
+            try:
+                self.checksum(fd, st)
+            except Exception:  # the worker must go on (and be counted) whatever happened
+                _logger.exception("cannot hash a job's file in the background")
+            finally:
+                os.close(fd)
+                with self._lock:
+                    self._pending.discard(self.key(st))
 
 
 # ---- uploads ----

@@ -165,9 +165,10 @@ async def _serve(request: Request, opened: OpenFile) -> Response:
         "Accept-Ranges": "bytes",
         "ETag": opened.etag,
         "Last-Modified": opened.last_modified,
-        "X-Checksum-Sha256": opened.sha256,
         "Content-Type": OCTET_STREAM,
     }
+    if opened.sha256 is not None:
+        headers["X-Checksum-Sha256"] = opened.sha256
     try:
         if_none_match = request.headers.get("if-none-match")
         if if_none_match is not None and _matches(if_none_match, opened.etag):
@@ -212,7 +213,8 @@ async def get_job_file(request: Request) -> Response:
     query = _query(request, {"recursive"})
     jobid, recursive = _jobid(request), _flag(query, "recursive")
     parts = _file_path(request)
-    got = await _files(request).get(principal(request), jobid, parts, recursive=recursive)
+    whole = "range" not in request.headers
+    got = await _files(request).get(principal(request), jobid, parts, recursive=recursive, whole=whole)
     if isinstance(got, FileListing):
         return _listing(got)
     return await _serve(request, got)
