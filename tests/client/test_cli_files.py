@@ -243,3 +243,16 @@ def test_wait_output_of_a_job_without_stdout_says_so(
     captured = capsys.readouterr()
     assert captured.out == f"{JOBID} canceled\n"
     assert captured.err == f"psik-api: job {JOBID} has no stdout\n"
+
+
+def test_downloading_a_directory_exits_2_and_writes_nothing(
+    server: respx.MockRouter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = {"path": "out", "entries": [], "truncated": False}
+    server.get(f"{FILES}/out").mock(
+        return_value=httpx.Response(200, json=answer, headers={"X-File-Type": "dir"})
+    )
+    assert cli.main(["download", JOBID, "out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'out' is a directory" in err
+    assert list(tmp_path.iterdir()) == []

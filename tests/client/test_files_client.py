@@ -562,3 +562,27 @@ async def test_a_resumed_download_without_a_checksum_is_checked_by_the_whole_siz
     with pytest.raises(pac.ChecksumMismatchError):
         await api.download(JOBID, "g", tmp_path / "g")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+# ---- a directory is not downloaded ----
+
+
+def listing(path: str, *, marked: bool = True) -> httpx.Response:
+    """A directory's answer: its listing, as JSON (marked ``X-File-Type: dir``, or not:
+    an older server)."""
+    headers = {"X-File-Type": "dir"} if marked else {}
+    entries = [file_info(f"{path}/a.txt", 3)]
+    return httpx.Response(200, headers=headers, json={"path": path, "entries": entries, "truncated": False})
+
+
+@pytest.mark.parametrize("marked", [True, False])
+async def test_downloading_a_directory_is_refused_and_writes_nothing(
+    api: Api, router: respx.Router, tmp_path: Path, marked: bool
+) -> None:
+    router.get(f"{FILES}/out").mock(return_value=listing("out", marked=marked))
+    with pytest.raises(pac.InvalidRequestError, match="'out' is a directory") as info:
+        await api.download(JOBID, "out", tmp_path / "out")
+    assert "list_files" in str(info.value)
+    with pytest.raises(pac.InvalidRequestError, match="is a directory"):
+        await api.download(JOBID, "out", tmp_path)
+    assert list(tmp_path.iterdir()) == []

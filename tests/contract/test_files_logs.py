@@ -126,6 +126,30 @@ async def test_a_stale_part_is_replaced_by_the_file_as_it_is_now(api: Any, local
     assert sorted(p.name for p in local.iterdir()) == ["data.bin"]
 
 
+async def test_a_directory_is_not_downloaded_as_a_file(api: Any, local: Path) -> None:
+    job = await api.create({"script": "true"})
+    await api.upload(job.jobid, b"x", "out/a.txt")
+    with pytest.raises(InvalidRequestError, match="'out' is a directory"):
+        await api.download(job.jobid, "out", local / "out")
+    with pytest.raises(InvalidRequestError, match="ends with '/'"):  # refused before sending
+        await api.download(job.jobid, "out/", local / "out")
+    assert list(local.iterdir()) == []
+
+
+async def test_a_large_file_not_hashed_yet_is_checked_by_its_size(
+    api: Any, settings: Settings, local: Path
+) -> None:
+    """The job wrote it (nothing hashed it yet): the first download has no checksum to
+    check, and still arrives whole."""
+    job = await api.create({"script": "true"})
+    await api.upload(job.jobid, b"", "big.bin")
+    data = os.urandom(3 << 20)
+    (settings.prefix / job.jobid / "work" / "big.bin").write_bytes(data)
+    path = await api.download(job.jobid, "big.bin", local / "big.bin")
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in local.iterdir()) == ["big.bin"]
+
+
 async def test_follow_log_until_the_job_ends(api: Any) -> None:
     job = await api.submit({"script": "echo one; sleep 0.5; echo two; sleep 0.3; echo three"})
     chunks = await api.follow_log(job.jobid, "stdout")  # from before the log exists to the job's end

@@ -139,8 +139,12 @@ async def test_listing(wire: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch)
     ]  # fmt: skip
     assert listing["entries"][1]["size"] == 5 and listing["entries"][0]["size"] == 0
 
+    assert r.headers["x-file-type"] == "dir"  # a listing says so: a client never saves one as a file
     r = await wire.get(f"/v1/jobs/{jobid}/files/a/", params={"recursive": "true"})
     assert [e["path"] for e in r.json()["entries"]] == ["a/x.txt", "a/y", "a/y/z.txt"]
+    assert r.headers["x-file-type"] == "dir"
+    r = await wire.get(f"/v1/jobs/{jobid}/files/a/x.txt")
+    assert r.content == b"a/x.txt" and r.headers["x-file-type"] == "file"
     # A symlink inside the job leading inside it is followed when asked for by name.
     r = await wire.get(f"/v1/jobs/{jobid}/files/link")
     assert [e["path"] for e in r.json()["entries"]] == ["link/x.txt", "link/y"]

@@ -174,6 +174,12 @@ def download_flow(
                     response=response,
                 )
             mode = "ab"
+        elif is_listing(response):
+            yield Close(response)
+            raise InvalidRequestError(
+                f"job {jobid}'s {remote_path!r} is a directory, not a file: download() saves one"
+                " file (list_files() lists a directory); nothing was written"
+            )
         else:  # the whole file: anew, or again because it changed since the .part began
             size, hasher, mode = 0, hashlib.sha256(), "wb"
         etag = strong_etag(response)
@@ -305,6 +311,15 @@ def whole_size(response: httpx.Response) -> int | None:
         value = response.headers.get("Content-Length", "")
     value = value.strip()
     return int(value) if value.isascii() and value.isdigit() else None
+
+
+def is_listing(response: httpx.Response) -> bool:
+    """Whether a GET of a job file answered a directory's listing: the server marks it
+    (``X-File-Type: dir``), and a file is never sent as JSON (an older server's)."""
+    if response.headers.get("X-File-Type", "").strip().lower() == "dir":
+        return True
+    media = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    return media == "application/json"
 
 
 def strong_etag(response: httpx.Response) -> str | None:

@@ -151,8 +151,13 @@ class FileStream(StreamingResponse):
                 await in_thread(self.opened.close)
 
 
+#: Says what a GET answered: ``dir`` (a listing, JSON) or ``file`` (its bytes), so that
+#: a client asked to save a file never saves a listing instead.
+FILE_TYPE = "X-File-Type"
+
+
 def _listing(listing: FileListing) -> Response:
-    return JSONResponse(listing.model_dump(mode="json"))
+    return JSONResponse(listing.model_dump(mode="json"), headers={FILE_TYPE: "dir"})
 
 
 def _matches(header: str, etag: str) -> bool:
@@ -166,6 +171,7 @@ async def _serve(request: Request, opened: OpenFile) -> Response:
         "ETag": opened.etag,
         "Last-Modified": opened.last_modified,
         "Content-Type": OCTET_STREAM,
+        FILE_TYPE: "file",
     }
     if opened.sha256 is not None:
         headers["X-Checksum-Sha256"] = opened.sha256
