@@ -318,7 +318,7 @@ def is_listing(response: httpx.Response) -> bool:
     (``X-File-Type: dir``), and a file is never sent as JSON (an older server's)."""
     if response.headers.get("X-File-Type", "").strip().lower() == "dir":
         return True
-    media = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    media: str = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
     return media == "application/json"
 
 
