@@ -375,6 +375,40 @@ async def test_multipart_over_the_size_limit(small: httpx.AsyncClient) -> None:
     assert list(_work(small, jobid).iterdir()) == []
 
 
+async def test_a_refused_upload_takes_back_the_directories_it_made(small: httpx.AsyncClient) -> None:
+    """413, 409 and 400 after the upload made missing parents: the ones it made go,
+    those that were there (and one another upload put a file in) stay."""
+    jobid = await _new_job(small)
+    work = _work(small, jobid)
+    await small.put(f"/v1/jobs/{jobid}/files/kept/there.txt", content=b"x")
+    await small.put(f"/v1/jobs/{jobid}/files/adir/f", content=b"x")
+    before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+
+    r = await small.put(f"/v1/jobs/{jobid}/files/new/deeper/big", content=b"x" * 1001)
+    assert r.status_code == 413, r.text
+
+    async def undeclared() -> AsyncIterator[bytes]:  # found too large while streaming
+        for _ in range(10):
+            yield b"y" * 300
+
+    r = await small.put(f"/v1/jobs/{jobid}/files/kept/new/deeper/big", content=undeclared())
+    assert r.status_code == 413, r.text
+    # multipart: a later part is refused after an earlier one made its parents
+    for refused, status in (("adir", 409), ("../out", 400), ("kept/there.txt/x", 409)):
+        files = [
+            ("files", ("m1/m2/a.txt", b"A")),
+            ("files", ("kept/n/b.txt", b"B")),
+            ("files", (refused, b"C")),
+        ]
+        r = await small.post(f"/v1/jobs/{jobid}/files", files=files)
+        assert r.status_code == status, (refused, r.text)
+    r = await small.post(
+        f"/v1/jobs/{jobid}/files", files=[("files", ("m1/a", b"a" * 600)), ("files", ("b", b"b" * 600))]
+    )
+    assert r.status_code == 413, r.text
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before
+
+
 # ---- delete ----
 
 

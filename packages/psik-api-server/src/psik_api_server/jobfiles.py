@@ -249,11 +249,47 @@ class NotADirectory(Exception):
     """A segment that must be a directory is something else (a file)."""
 
 
-def walk(root: Root, parts: tuple[str, ...], *, create: bool = False, shown: str = "") -> int:
+@dataclass
+class Made:
+    """The directories a write made on its way: ``names``, one inside the other, the
+    first in the directory ``base`` (a descriptor; -1 when none was made)."""
+
+    base: int = -1
+    names: list[str] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Remove them, innermost first, while they are empty (one another write put
+        something in stays, and so do those around it); then :meth:`forget`."""
+        try:
+            for depth in range(len(self.names) - 1, -1, -1):
+                fd = os.dup(self.base)
+                try:
+                    for name in self.names[:depth]:  # by descriptors, never following a symlink
+                        inner = _openat_dir(fd, name)
+                        os.close(fd)
+                        fd = inner
+                    os.rmdir(self.names[depth], dir_fd=fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass  # not empty, or already gone
+        finally:
+            self.forget()
+
+    def forget(self) -> None:
+        if self.base >= 0:
+            os.close(self.base)
+        self.base, self.names = -1, []
+
+
+def walk(
+    root: Root, parts: tuple[str, ...], *, create: bool = False, shown: str = "", made: Made | None = None
+) -> int:
     """A new descriptor of the directory ``parts`` (resolved segments) under the root,
     each segment opened with ``O_NOFOLLOW``: a symlink met here is one swapped in after
-    :func:`resolve`, and is refused (403). ``create`` makes missing ones (0700).
-    ``FileNotFoundError`` if one is missing, :class:`NotADirectory` if one is a file."""
+    :func:`resolve`, and is refused (403). ``create`` makes missing ones (0700), and
+    notes them in ``made``. ``FileNotFoundError`` if one is missing,
+    :class:`NotADirectory` if one is a file."""
     fd = os.dup(root.fd)
     try:
         for part in parts:
@@ -262,13 +298,19 @@ def walk(root: Root, parts: tuple[str, ...], *, create: bool = False, shown: str
             except FileNotFoundError:
                 if not create:
                     raise
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(part, 0o700, dir_fd=fd)
+                    if made is not None and made.base < 0:
+                        made.base = os.dup(fd)
+                except FileExistsError:
+                    pass
                 inner = _step_error_or_open(fd, part, shown)
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
                 inner = _step_error_or_open(fd, part, shown)
+            if made is not None and made.base >= 0:
+                made.names.append(part)  # inside one made: made too, or as good as
             os.close(fd)
             fd = inner
     except BaseException:
@@ -529,6 +571,8 @@ class Upload:
     #: After commit: the replaced file's hard link, kept until :meth:`forget_backup`.
     backup: str | None = None
     committed: bool = False
+    #: The parents this upload made: taken back if it is not committed.
+    made: Made = field(default_factory=Made)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -599,10 +643,13 @@ class Upload:
         return file_info(self.shown, os.fstat(self.fd))
 
     def close(self) -> None:
-        """Remove the temp file unless committed; close the descriptors."""
+        """Remove the temp file and the directories made for it unless committed;
+        close the descriptors."""
         if not self.committed and self.fd >= 0:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp, dir_fd=self.parent)
+            self.made.undo()
+        self.made.forget()
         for fd in (self.fd, self.parent):
             if fd >= 0:
                 os.close(fd)
@@ -621,12 +668,17 @@ def begin_upload(root: Root, parts: tuple[str, ...], shown: str) -> Upload:
         raise ApiError(
             ProblemCode.conflict, f"{shown[:200]!r} is the job's directory; a file cannot replace it"
         )
+    made = Made()
     try:
-        parent = walk(root, resolved[:-1], create=True, shown=shown)
+        parent = walk(root, resolved[:-1], create=True, shown=shown, made=made)
     except NotADirectory as e:
+        made.undo()
         raise ApiError(
             ProblemCode.conflict, f"cannot write {shown[:200]!r}: {str(e)[:100]!r} on its way is a file"
         ) from None
+    except BaseException:
+        made.undo()
+        raise
     try:
         name = resolved[-1]
         try:
@@ -643,8 +695,9 @@ def begin_upload(root: Root, parts: tuple[str, ...], shown: str) -> Upload:
         )
     except BaseException:
         os.close(parent)
+        made.undo()
         raise
-    return Upload(shown=shown, parent=parent, name=name, temp=temp, fd=fd)
+    return Upload(shown=shown, parent=parent, name=name, temp=temp, fd=fd, made=made)
 
 
 def exists(root: Root, parts: tuple[str, ...]) -> bool:

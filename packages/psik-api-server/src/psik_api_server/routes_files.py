@@ -357,7 +357,8 @@ class FormUpload:
             self.files.checksums.put(os.fstat(upload.fd), upload.sha256.hexdigest())
 
     def close(self) -> None:
-        for upload in self.uploads:
+        # The last first: a directory an earlier part made may hold a later one's file.
+        for upload in reversed(self.uploads):
             with contextlib.suppress(OSError):
                 upload.forget_backup()
                 upload.close()
