@@ -246,6 +246,77 @@ async def test_if_none_match_star_never_overwrites(wire: httpx.AsyncClient) -> N
     assert _temps(_work(wire, jobid)) == []
 
 
+async def test_if_match_and_if_none_match_with_etags(wire: httpx.AsyncClient) -> None:
+    """RFC 9110 13.1.1/13.1.2 on PUT: If-Match (strong) must match the current file's
+    ETag, and a missing file matches none (nor ``*``); If-None-Match must not."""
+    jobid = await _new_job(wire)
+    url = f"/v1/jobs/{jobid}/files/f.txt"
+    work = _work(wire, jobid)
+    await wire.put(url, content=b"v1")
+    etag = (await wire.head(url)).headers["etag"]
+
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 412 and r.json()["code"] == "precondition_failed", r.text
+        assert r.headers["content-type"] == "application/problem+json"
+
+    refused(await wire.put(url, content=b"x", headers={"If-Match": '"stale"'}))
+    refused(await wire.put(url, content=b"x", headers={"If-Match": "W/" + etag}))  # weak never matches
+    refused(await wire.put(url, content=b"x", headers={"If-None-Match": etag}))
+    refused(await wire.put(url, content=b"x", headers={"If-None-Match": f'"other", W/{etag}'}))
+    refused(await wire.post(url, content=b"x", headers={"If-Match": '"stale"'}))
+    assert (work / "f.txt").read_bytes() == b"v1"
+    r = await wire.put(url, content=b"v2", headers={"If-Match": f'"other", {etag}'})
+    assert r.status_code == 200, r.text
+    assert (work / "f.txt").read_bytes() == b"v2"
+    refused(await wire.put(url, content=b"v3", headers={"If-Match": etag}))  # that was v1's
+    r = await wire.put(url, content=b"v3", headers={"If-Match": "*", "If-None-Match": '"other"'})
+    assert r.status_code == 200, r.text
+    # A missing file: If-Match (even *) fails, and nothing is made on the way.
+    for value in ('"any"', "*"):
+        refused(
+            await wire.put(f"/v1/jobs/{jobid}/files/new/dir/g", content=b"x", headers={"If-Match": value})
+        )
+    assert not (work / "new").exists()
+    r = await wire.put(f"/v1/jobs/{jobid}/files/g", content=b"g", headers={"If-None-Match": etag})
+    assert r.status_code == 201, r.text
+    assert _temps(work) == []
+
+
+async def test_if_match_is_checked_again_when_the_upload_is_complete(wire: httpx.AsyncClient) -> None:
+    """A PUT with If-Match whose file is replaced while its body is under way fails
+    (412) rather than overwrite what the other request wrote."""
+    jobid = await _new_job(wire)
+    url = f"/v1/jobs/{jobid}/files/f.txt"
+    await wire.put(url, content=b"v1")
+    etag = (await wire.head(url)).headers["etag"]
+    sent_half, go_on = anyio.Event(), anyio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"mine " * 1000
+        sent_half.set()
+        await go_on.wait()
+        yield b"end"
+
+    async def guarded() -> httpx.Response:
+        return await wire.put(url, content=slow(), headers={"If-Match": etag})
+
+    results: list[httpx.Response] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: _append(results, guarded()))
+            await sent_half.wait()
+            await anyio.sleep(0.2)  # the first bytes are written to its temp file
+            assert (await wire.put(url, content=b"theirs")).status_code == 200
+            go_on.set()
+    assert results[0].status_code == 412, results[0].text
+    assert (_work(wire, jobid) / "f.txt").read_bytes() == b"theirs"
+    assert _temps(_work(wire, jobid)) == []
+
+
+async def _append(results: list[httpx.Response], request: Any) -> None:
+    results.append(await request)
+
+
 async def test_writing_onto_a_directory_or_through_a_file_is_409(wire: httpx.AsyncClient) -> None:
     jobid = await _new_job(wire)
     await wire.put(f"/v1/jobs/{jobid}/files/d/f", content=b"x")

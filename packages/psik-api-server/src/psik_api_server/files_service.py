@@ -8,9 +8,12 @@ the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode
@@ -46,11 +49,38 @@ def _full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class PathLocks:
+    """One lock per file being put in place (by its directory's inode and its name):
+    a write's If-Match is checked and its rename done with no other write between.
+    Entries go when nobody holds or waits for them."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[int, int, str], tuple[threading.Lock, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, upload: jobfiles.Upload) -> Iterator[None]:
+        st = os.fstat(upload.parent)
+        key = (st.st_dev, st.st_ino, upload.name)
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+
 class FileService:
     def __init__(self, service: JobService, *, max_upload_bytes: int) -> None:
         self.service = service
         self.max_upload_bytes = max_upload_bytes
         self.checksums = jobfiles.ChecksumCache()
+        self.locks = PathLocks()
 
     # ---- the root ----
 
@@ -121,22 +151,22 @@ class FileService:
     # ---- writing ----
 
     async def begin_upload(
-        self, who: Principal, jobid: str, parts: tuple[str, ...], *, exclusive: bool
+        self, who: Principal, jobid: str, parts: tuple[str, ...], *, conditions: jobfiles.Preconditions
     ) -> jobfiles.Upload:
-        """A temp file beside where ``parts`` goes; 412 at once if ``exclusive`` and
-        something is there already."""
-        return await in_thread(self._begin_upload_sync, who, jobid, parts, exclusive)
+        """A temp file beside where ``parts`` goes; 412 at once (before anything is
+        made or read) if the file there now does not meet ``conditions``."""
+        return await in_thread(self._begin_upload_sync, who, jobid, parts, conditions)
 
     def _begin_upload_sync(
-        self, who: Principal, jobid: str, parts: tuple[str, ...], exclusive: bool
+        self, who: Principal, jobid: str, parts: tuple[str, ...], conditions: jobfiles.Preconditions
     ) -> jobfiles.Upload:
         shown = jobfiles.joined(parts)
         if not parts:
             raise jobfiles.invalid("", "a file upload needs a file path after /files/")
         try:
             with self.open_root(who, jobid, Action.write, create=True) as root:
-                if exclusive and jobfiles.exists(root, parts):
-                    raise jobfiles.exists_already(shown)
+                if conditions != jobfiles.Preconditions():
+                    conditions.check(jobfiles.current_stat(root, parts), shown)
                 return jobfiles.begin_upload(root, parts, shown)
         except OSError as e:
             raise self.os_error(e, f"write {shown[:200]!r}") from None
@@ -153,10 +183,22 @@ class FileService:
             )
         return e
 
-    def finish_upload_sync(self, upload: jobfiles.Upload, *, exclusive: bool) -> None:
+    def commit_sync(
+        self,
+        upload: jobfiles.Upload,
+        *,
+        conditions: jobfiles.Preconditions | None = None,
+        keep_backup: bool = False,
+    ) -> None:
+        """Put ``upload`` in place (blocking) under its target's lock: ``conditions``
+        are checked again against the file there, with no other write in between."""
+        with self.locks.hold(upload):
+            upload.commit(conditions=conditions, keep_backup=keep_backup)
+
+    def finish_upload_sync(self, upload: jobfiles.Upload, *, conditions: jobfiles.Preconditions) -> None:
         """Commit ``upload`` (blocking) and prime the checksum cache with its hash."""
         try:
-            upload.commit(exclusive=exclusive)
+            self.commit_sync(upload, conditions=conditions)
         except OSError as e:
             raise self.os_error(e, f"write {upload.shown[:200]!r}") from None
         self.checksums.put(os.fstat(upload.fd), upload.sha256.hexdigest())

@@ -15,7 +15,9 @@ is under way, so nothing here trusts a path string once it has been checked:
 
 Writes are atomic: a 0600 temp file beside the target (made through the directory's
 descriptor), renamed into place; ``If-None-Match: *`` links instead of renaming, so a
-file that appeared meanwhile is never overwritten. Missing parents are made 0700.
+file that appeared meanwhile is never overwritten; ``If-Match`` and ``If-None-Match``
+with ETags are checked again just before the rename. Missing parents are made 0700,
+and taken back when the upload fails.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def exists_already(text: str) -> ApiError:
         ProblemCode.precondition_failed,
         f"{text[:200]!r} exists and If-None-Match: * forbids overwriting it; nothing changed",
     )
+
+
+def precondition_failed(text: str, why: str) -> ApiError:
+    return ApiError(ProblemCode.precondition_failed, f"{text[:200]!r}: {why}; nothing changed")
 
 
 def not_found(text: str, jobid: str) -> ApiError:
@@ -555,6 +561,59 @@ class ChecksumCache:
 # ---- uploads ----
 
 
+def _tags(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    """A write's ``If-Match`` and ``If-None-Match`` headers (RFC 9110 13.1.1, 13.1.2),
+    checked against the file as it is (its :func:`etag`) before the body is read and
+    again just before the rename."""
+
+    if_match: str | None = None
+    if_none_match: str | None = None
+
+    @property
+    def exclusive(self) -> bool:
+        """``If-None-Match: *``: the file must not exist, whatever appears meanwhile."""
+        return self.if_none_match is not None and self.if_none_match.strip() == "*"
+
+    def check(self, current: os.stat_result | None, shown: str) -> None:
+        """412 unless the file now at the target (None: nothing there) meets them."""
+        tag = etag(current) if current is not None and not stat.S_ISDIR(current.st_mode) else None
+        if self.if_match is not None:
+            wanted = _tags(self.if_match)
+            if tag is None:
+                raise precondition_failed(shown, "does not exist, and If-Match asks for a version of it")
+            if wanted != ["*"] and tag not in wanted:  # strong comparison: a W/ tag never matches
+                raise precondition_failed(
+                    shown, f"is at ETag {tag}, not one If-Match names (changed since it was read)"
+                )
+        if self.if_none_match is not None and current is not None:
+            if self.exclusive:
+                raise exists_already(shown)
+            if tag is not None and tag in {t.removeprefix("W/") for t in _tags(self.if_none_match)}:
+                raise precondition_failed(shown, f"is at ETag {tag}, which If-None-Match excludes")
+
+
+def current_stat(root: Root, parts: tuple[str, ...]) -> os.stat_result | None:
+    """What is at ``parts`` now (a symlink's own stat), None if nothing is."""
+    resolved = resolve(root, parts)
+    if not resolved:
+        return os.fstat(root.fd)
+    try:
+        parent = walk(root, resolved[:-1], shown=joined(parts))
+    except (FileNotFoundError, NotADirectory):
+        return None
+    try:
+        return os.stat(resolved[-1], dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(parent)
+
+
 @dataclass
 class Upload:
     """One file being written: a temp file in its target's directory until
@@ -582,12 +641,21 @@ class Upload:
         self.sha256.update(data)
         self.size += len(data)
 
-    def commit(self, *, exclusive: bool, keep_backup: bool = False) -> None:
-        """Put the file in place. ``exclusive``: 412 if something is there already (it
-        is never overwritten, whatever appeared meanwhile). ``keep_backup``: keep the
-        replaced file under a temp name so :meth:`rollback` can restore it."""
+    def commit(self, *, conditions: Preconditions | None = None, keep_backup: bool = False) -> None:
+        """Put the file in place, if the file there now meets ``conditions`` (412
+        otherwise). ``If-None-Match: *``: 412 if something is there already (it is never
+        overwritten, whatever appeared meanwhile). ``keep_backup``: keep the replaced
+        file under a temp name so :meth:`rollback` can restore it. Callers hold the
+        target's lock (``FileService``), so no other commit comes between the check
+        and the rename."""
         os.fsync(self.fd)
-        if exclusive:
+        conditions = conditions or Preconditions()
+        try:
+            now = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        conditions.check(now, self.shown)
+        if conditions.exclusive:
             try:
                 here = {"src_dir_fd": self.parent, "dst_dir_fd": self.parent}
                 os.link(self.temp, self.name, **here, follow_symlinks=False)
@@ -596,10 +664,7 @@ class Upload:
             os.unlink(self.temp, dir_fd=self.parent)
             self.created, self.committed = True, True
             return
-        try:
-            old = os.stat(self.name, dir_fd=self.parent, follow_symlinks=False)
-        except FileNotFoundError:
-            old = None
+        old = now
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise ApiError(
                 ProblemCode.conflict, f"{self.shown[:200]!r} is a directory; a file cannot replace it"
@@ -698,11 +763,6 @@ def begin_upload(root: Root, parts: tuple[str, ...], shown: str) -> Upload:
         made.undo()
         raise
     return Upload(shown=shown, parent=parent, name=name, temp=temp, fd=fd, made=made)
-
-
-def exists(root: Root, parts: tuple[str, ...]) -> bool:
-    """Whether something is at ``parts`` (for an early ``If-None-Match: *`` refusal)."""
-    return os.path.lexists(os.path.join(root.path, *resolve(root, parts)))
 
 
 # ---- deleting ----

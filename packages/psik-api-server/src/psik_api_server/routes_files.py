@@ -234,13 +234,13 @@ async def put_job_file(request: Request) -> Response:
     jobid, parts = _jobid(request), _file_path(request)
     if not parts:
         raise jobfiles.invalid("", "an upload needs a file path after /files/ (or POST a form to /files)")
-    exclusive = request.headers.get("if-none-match", "").strip() == "*"
+    conditions = jobfiles.Preconditions(request.headers.get("if-match"), request.headers.get("if-none-match"))
     files = _files(request)
-    upload = await files.begin_upload(principal(request), jobid, parts, exclusive=exclusive)
+    upload = await files.begin_upload(principal(request), jobid, parts, conditions=conditions)
     try:
         async for chunk in _body_chunks(request, files.max_upload_bytes):
             await in_thread(_write, files, upload, chunk)
-        await in_thread(files.finish_upload_sync, upload, exclusive=exclusive)
+        await in_thread(files.finish_upload_sync, upload, conditions=conditions)
         info = await in_thread(upload.info)
     finally:
         with anyio.CancelScope(shield=True):
@@ -344,7 +344,7 @@ class FormUpload:
         try:
             for upload in self.uploads:
                 try:
-                    upload.commit(exclusive=False, keep_backup=True)
+                    self.files.commit_sync(upload, keep_backup=True)
                 except OSError as e:
                     raise self.files.os_error(e, f"write {upload.shown[:200]!r}") from None
         except BaseException:
