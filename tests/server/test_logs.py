@@ -427,6 +427,23 @@ def test_follow_on_a_final_job_ends_at_once(live_app: LiveServer) -> None:
     assert time.monotonic() - started < 5
 
 
+def test_follow_on_a_job_never_started_ends_at_once(live_app: LiveServer) -> None:
+    """A ``new`` job has no process to write anything: a follow answers what there is
+    (psik's console, say) and ends, rather than wait for a start that may never come."""
+    r = httpx.post(f"{live_app.url}/v1/jobs/new", json={"script": "echo never"})
+    assert r.status_code == 201, r.text
+    jobid = r.json()["jobid"]
+    log_dir = live_app.server.config.app.state.settings.prefix / jobid / "log"
+    log_dir.mkdir(exist_ok=True)
+    (log_dir / "console").write_bytes(b"created\n")
+    started = time.monotonic()
+    for name, expected in (("stdout", b""), ("stderr.1", b""), ("console", b"created\n")):
+        r = httpx.get(f"{live_app.url}/v1/jobs/{jobid}/logs/{name}", params={"follow": "true"}, timeout=10)
+        assert r.status_code == 200 and r.content == expected, (name, r.content)
+    assert time.monotonic() - started < 5
+    assert _live_state(live_app, jobid) == "new"
+
+
 def _open_fds_to(path: Path) -> list[str]:
     found = []
     for fd in os.listdir("/proc/self/fd"):

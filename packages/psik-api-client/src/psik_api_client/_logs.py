@@ -1,7 +1,8 @@
 """A job's logs: all of them, one, or one followed as it is written, as flows (see ``_base``).
 
-A follow is one long response the server ends once the job is final and the log read
-to its end. If the connection drops before that, the follow asks again from the byte
+A follow is one long response the server ends once the job is final (or was never
+started: a ``new`` job's follow gives what there is and ends) and the log read to its
+end. If the connection drops before that, the follow asks again from the byte
 after the last one it handed out, waiting as the retry policy says; the retries are
 counted anew whenever bytes arrived, so only a link that stays down ends it (with
 :class:`APIConnectionError`). A job may stay quiet for hours, so unless the call sets
@@ -110,7 +111,7 @@ def follow_log_flow(
             yield Emit(chunk)
         yield Close(response)
         if dropped is None and not tailing:
-            return  # the server ended it: the job is final and the log read to its end
+            return  # the server ended it: the job is final (or new) and the log read to its end
         if dropped is not None:
             if received:
                 attempt = 0

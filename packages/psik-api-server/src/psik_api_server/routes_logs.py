@@ -5,7 +5,8 @@ The owner check is the other job routes' (``JobService._owned``: another's job i
 the files are read by :mod:`.joblogs`, in worker threads. A follow holds two descriptors
 and one chunk at a time (constant memory), polls the file every :data:`POLL` seconds,
 and ends once the job is final (the index row, which the watcher keeps current, says so)
-and the file is read to its end, or as soon as the client leaves.
+or was never started (``new``), and the file is read to its end, or as soon as the
+client leaves.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import LIMITS, Action, Principal, ProblemCode, field_error, is_jobid
+from psik_api_core import LIMITS, Action, JobState, Principal, ProblemCode, field_error, is_jobid
 
 from . import joblogs
 from .errors import ApiError
@@ -132,9 +133,10 @@ def _open_job_log_sync(service: JobService, who: Principal, jobid: str, name: st
 
 def _log_is_complete(service: JobService, log: OpenLog) -> bool:
     """Whether nothing more will be written to the log: the job is final (or gone), or
-    the log is of an earlier run than the job's current one."""
+    ``new`` (never started: no process writes, and it may never start), or the log is
+    of an earlier run than the job's current one."""
     row = service.store.get(log.jobid)
-    if row is None or row.state.is_final:
+    if row is None or row.state.is_final or row.state is JobState.new:
         return True
     run = joblogs.run_of(log.name)
     return run is not None and row.jobndx > run
