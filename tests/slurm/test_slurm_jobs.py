@@ -215,7 +215,7 @@ async def test_scancel_outside_psik_fails_the_job_with_the_reason(api: AsyncClie
         await anyio.sleep(0.1)
     slurm("scancel", job.native_id)
     t0 = time.monotonic()
-    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30)
+    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30, poll_interval=0.1)
     elapsed = time.monotonic() - t0
     assert done.state is JobState.failed
     assert f"Slurm job {job.native_id} ended CANCELLED" in done.history[-1].info
@@ -231,7 +231,7 @@ async def test_a_job_slurm_no_longer_knows_is_failed(api: AsyncClient, tmp_path:
     status.write_text(status.read_text().replace(f",queued,{job.native_id}\n", ",queued,4000000\n"))
     slurm("scancel", job.native_id)
     t0 = time.monotonic()
-    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30)
+    done = await api.wait(job.jobid, timeout=LIVENESS_BOUND + 30, poll_interval=0.1)
     assert done.state is JobState.failed
     assert "Slurm job 4000000 is no longer known to the controller" in done.history[-1].info
     assert time.monotonic() - t0 < LIVENESS_BOUND
@@ -284,3 +284,19 @@ async def test_with_the_controller_stopped_submit_is_503_and_the_job_starts_late
     done = await api.wait(jobid, timeout=60)
     assert done.state is JobState.completed
     assert (await api.logs(jobid))["stdout.2"] == "later\n"
+
+
+async def test_a_controller_that_cannot_be_asked_fails_no_job(api: AsyncClient, slurm_cluster: Any) -> None:
+    """Liveness concludes nothing while squeue cannot be asked: the job runs on and ends
+    `completed` (psik records it from the node, controller or not)."""
+    job = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 4"})
+    assert job.native_id is not None
+    await until(lambda: squeue_state(job.native_id or "") == "RUNNING", 30, "the job to run")
+    slurm_cluster.stop("slurmctld")
+    try:
+        await anyio.sleep(6 * LIVENESS)
+        assert (await api.state(job.jobid)).state is not JobState.failed
+    finally:
+        slurm_cluster.start("slurmctld")
+    done = await api.wait(job.jobid, timeout=60, poll_interval=0.1)
+    assert done.state is JobState.completed, done.history

@@ -181,7 +181,9 @@ async def slurm_states(native_ids: Iterable[str]) -> dict[str, SlurmJob] | None:
     ids = sorted(set(native_ids))
     if not ids:
         return {}
-    code, out, err = await run("squeue", "--states=all", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r")
+    code, out, err = await run(
+        "squeue", "--states=all", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r", limit=10
+    )
     if code != 0:
         if "invalid job id" in err.lower():
             return {}  # none of them is known any more

@@ -78,7 +78,10 @@ class SlurmLiveness:
         if not jobs:
             self._suspect.clear()
             return []
-        states = await slurm.slurm_states(jobs.values())
+        # A cheap ping first: squeue against a controller that is down takes ~18 s of
+        # retries, which would hold up the liveness of every other job.
+        code, ping, _ = await slurm.run("scontrol", "ping", limit=5)
+        states = await slurm.slurm_states(jobs.values()) if code == 0 and "UP" in ping else None
         if states is None:
             return []  # the controller could not be asked: conclude nothing
         suspect: dict[str, str] = {}
