@@ -1,0 +1,90 @@
+"""Slurm liveness decisions without a cluster: what squeue says (faked) decides which
+jobs are failed, after two looks, and nothing is concluded while it cannot be asked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from psik_api_server import slurm
+from psik_api_server.slurm_liveness import SlurmLiveness
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeSlurm:
+    def __init__(self) -> None:
+        self.ping = (0, "Slurmctld(primary) at x is UP\n", "")
+        self.squeue = (0, "", "")
+        self.calls: list[str] = []
+
+    async def __call__(self, *argv: str, **_: Any) -> tuple[int, str, str]:
+        self.calls.append(argv[0])
+        if argv[0] == "scontrol":
+            return self.ping
+        if argv[0] == "squeue":
+            return self.squeue
+        return 1, "", "sacct: accounting storage is disabled"
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
+    f = FakeSlurm()
+    monkeypatch.setattr(slurm, "run", f)
+    return f
+
+
+async def test_an_ended_or_unknown_job_is_failed_at_the_second_look(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    jobs = {"a": "10", "b": "11", "c": "12"}
+    fake.squeue = (0, "10|RUNNING|None\n11|CANCELLED|None\n", "")
+    assert await live.check(jobs) == []  # first look: psik's own end row may be on its way
+    ended = {e.jobid: e.reason for e in await live.check(jobs)}
+    assert set(ended) == {"b", "c"}
+    assert ended["b"].startswith("Slurm job 11 ended CANCELLED (cancelled outside psik-api")
+    assert ended["c"].startswith("Slurm job 12 is no longer known to the controller")
+    assert ended["c"].endswith("psik recorded no end state")
+
+
+async def test_a_job_seen_ended_once_then_running_again_is_not_failed(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    fake.squeue = (0, "10|CANCELLED|None\n", "")
+    assert await live.check({"a": "10"}) == []
+    fake.squeue = (0, "10|RUNNING|None\n", "")  # requeued
+    assert await live.check({"a": "10"}) == []
+    assert await live.check({"a": "10"}) == []
+
+
+async def test_nothing_is_concluded_while_the_controller_cannot_be_asked(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    fake.ping = (1, "Slurmctld(primary) at x is DOWN\n", "")
+    for _ in range(3):
+        assert await live.check({"a": "10"}) == []
+    assert "squeue" not in fake.calls  # squeue would spend ~18 s retrying
+    fake.ping = (0, "Slurmctld(primary) at x is UP\n", "")
+    fake.squeue = (1, "", "slurm_load_jobs error: Socket timed out on send/recv operation")
+    assert await live.check({"a": "10"}) == []
+    assert await live.check({"a": "10"}) == []
+
+
+async def test_squeue_s_invalid_job_id_means_none_is_known(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    fake.squeue = (1, "", "slurm_load_jobs error: Invalid job id specified")
+    await live.check({"a": "10"})
+    assert [e.jobid for e in await live.check({"a": "10"})] == ["a"]
+
+
+async def test_health_says_why(fake: FakeSlurm) -> None:
+    health = slurm.SlurmHealth("debug", ttl=0)
+    fake.squeue = (0, "", "")
+    fake.ping = (1, "Slurmctld(primary) at x is DOWN\n", "")
+    assert (await health.check() or "").startswith("Slurm controller unreachable")
+
+
+def test_unreachable_messages() -> None:
+    assert slurm.unreachable("sbatch: error: Batch job submission failed: Unable to contact slurm controller")
+    assert slurm.unreachable("sbatch: error: fetch_config: DNS SRV lookup failed")
+    assert not slurm.unreachable(
+        "sbatch: error: Batch job submission failed: Invalid partition name specified"
+    )
