@@ -84,9 +84,7 @@ def install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold"]
     try:
-        result = subprocess.run(
-            [*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=False
-        )
+        result = subprocess.run([*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=False)
         if result.returncode != 0:
             # A fresh machine may have no package lists yet.
             subprocess.run([*apt, "update"], env=env, check=True)
