@@ -256,3 +256,14 @@ def test_downloading_a_directory_exits_2_and_writes_nothing(
     err = capsys.readouterr().err
     assert "'out' is a directory" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_arrives_short_without_a_checksum_exits_5(
+    server: respx.MockRouter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a damaged one (the documented status): no checksum came, and the size is wrong."""
+    answer = httpx.Response(200, headers={"ETag": '"e"', "Content-Length": "10"}, content=b"short")
+    server.get(f"{FILES}/out.dat").mock(return_value=answer)
+    assert cli.main(["download", JOBID, "out.dat", str(tmp_path)]) == 5
+    assert "5 bytes arrived" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

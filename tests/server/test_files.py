@@ -166,6 +166,38 @@ async def test_listing(wire: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch)
     assert (await wire.get("/v1/jobs/1.1/files")).status_code == 404
 
 
+async def test_a_trailing_slash_names_a_directory(wire: httpx.AsyncClient) -> None:
+    """``a.txt/`` is no file's path (as in POSIX: ENOTDIR): 400 ``invalid_path`` for
+    every method, and nothing is written or removed; a directory takes one."""
+    jobid = await _new_job(wire)
+    work = _work(wire, jobid)
+    await wire.put(f"/v1/jobs/{jobid}/files/d/a.txt", content=b"a")
+    base = f"/v1/jobs/{jobid}/files"
+
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 400, r.text
+        problem = r.json()
+        assert problem["code"] == "invalid_path" and "'/'" in problem["detail"], problem
+
+    refused(await wire.get(f"{base}/d/a.txt/"))
+    assert (await wire.head(f"{base}/d/a.txt/")).status_code == 400
+    refused(await wire.put(f"{base}/d/a.txt/", content=b"x"))
+    refused(await wire.put(f"{base}/d/new/", content=b"x"))
+    refused(
+        await wire.post(f"{base}/d/new/", content=b"x", headers={"Content-Type": "application/octet-stream"})
+    )
+    refused(await wire.delete(f"{base}/d/a.txt/"))
+    r = await wire.post(base, files=[("files", ("good.txt", b"g")), ("files", ("sub/", b"x"))])
+    refused(r)
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == ["d", "d/a.txt"]
+    assert (work / "d" / "a.txt").read_bytes() == b"a"
+    r = await wire.get(f"{base}/d/")
+    assert r.status_code == 200 and [e["path"] for e in r.json()["entries"]] == ["d/a.txt"]
+    assert (await wire.get(f"{base}/d/a.txt")).content == b"a"
+    assert (await wire.delete(f"{base}/d/", params={"recursive": "true"})).status_code == 204
+    assert list(work.iterdir()) == []
+
+
 # ---- downloads ----
 
 

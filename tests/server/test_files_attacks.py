@@ -221,6 +221,22 @@ def test_multipart_filenames_that_lead_out_are_refused(
     assert snapshot(work) == work_before
 
 
+def test_percent_escapes_in_a_multipart_filename_are_not_decoded(
+    live: Raw, job: tuple[str, Path, Path]
+) -> None:
+    """A form's filename is not a URL: ``%2e%2e`` in it is a directory literally named
+    so, inside the job's directory (what the docs say), never ``..``."""
+    jobid, work, outside = job
+    before = _unchanged(work.parent, outside)
+    for filename in ("%2e%2e/spec.json", "%2E%2e%2fspec.json", "..%2fx"):
+        body, ctype = _form(filename, b"literal")
+        status, text, _ = live.request("POST", f"/v1/jobs/{jobid}/files", body, {"Content-Type": ctype})
+        assert status == 201, (filename, text)
+        assert httpx.Response(201, content=text).json()[0]["path"] == filename
+        assert (work / filename).read_bytes() == b"literal"
+    assert _unchanged(work.parent, outside) == before
+
+
 def test_multipart_dir_parameter_cannot_lead_out(live: Raw, job: tuple[str, Path, Path]) -> None:
     jobid, work, outside = job
     before = _unchanged(work.parent, outside)

@@ -205,10 +205,16 @@ class FileService:
 
     # ---- deleting ----
 
-    async def delete(self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool) -> None:
-        await in_thread(self._delete_sync, who, jobid, parts, recursive)
+    async def delete(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], *, recursive: bool, directory: bool = False
+    ) -> None:
+        """Remove a file, or a directory (``recursive``); ``directory``: the path ended
+        with ``/``, and 400 if what it names is not a directory."""
+        await in_thread(self._delete_sync, who, jobid, parts, recursive, directory)
 
-    def _delete_sync(self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool) -> None:
+    def _delete_sync(
+        self, who: Principal, jobid: str, parts: tuple[str, ...], recursive: bool, directory: bool
+    ) -> None:
         shown = jobfiles.joined(parts)
         try:
             root = self.open_root(who, jobid, Action.write, create=False)
@@ -216,7 +222,7 @@ class FileService:
             raise jobfiles.not_found(shown, jobid) from None
         with root:
             try:
-                deleted = jobfiles.delete(root, parts, shown, recursive=recursive)
+                deleted = jobfiles.delete(root, parts, shown, recursive=recursive, directory=directory)
             except FileNotFoundError:  # a directory on the way went meanwhile
                 deleted = False
             if not deleted:

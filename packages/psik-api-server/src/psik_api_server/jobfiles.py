@@ -768,9 +768,12 @@ def begin_upload(root: Root, parts: tuple[str, ...], shown: str) -> Upload:
 # ---- deleting ----
 
 
-def delete(root: Root, parts: tuple[str, ...], shown: str, *, recursive: bool) -> bool:
+def delete(
+    root: Root, parts: tuple[str, ...], shown: str, *, recursive: bool, directory: bool = False
+) -> bool:
     """Remove what ``parts`` names (a symlink itself, never its target); a directory
-    only if ``recursive`` (409 otherwise). False if there was nothing."""
+    only if ``recursive`` (409 otherwise), and only a directory if ``directory`` (the
+    path ended with ``/``; 400 otherwise). False if there was nothing."""
     if not parts:
         raise ApiError(ProblemCode.conflict, "the job's directory itself cannot be deleted")
     parents = resolve(root, parts[:-1])
@@ -784,6 +787,8 @@ def delete(root: Root, parts: tuple[str, ...], shown: str, *, recursive: bool) -
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        if directory and not stat.S_ISDIR(st.st_mode):
+            raise invalid(shown + "/", "ends with '/', which names a directory; this is not one")
         if stat.S_ISDIR(st.st_mode):
             if not recursive:
                 raise ApiError(

@@ -99,6 +99,19 @@ def _file_path(request: Request) -> tuple[str, ...]:
     return parts
 
 
+def _names_dir(request: Request) -> bool:
+    """Whether ``{path}`` ends with ``/``: it then names a directory (a file there is
+    400, as POSIX's ENOTDIR), never a file to write."""
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        return raw.split(b"?", 1)[0].endswith(b"/")
+    return str(request.path_params.get("path", "")).endswith("/")
+
+
+def _not_a_directory(parts: tuple[str, ...], why: str) -> ApiError:
+    return jobfiles.invalid(jobfiles.joined(parts) + "/", f"ends with '/', which names a directory; {why}")
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(ProblemCode.too_large, f"the upload is over the server's limit of {byte_size(limit)}")
 
@@ -223,6 +236,9 @@ async def get_job_file(request: Request) -> Response:
     got = await _files(request).get(principal(request), jobid, parts, recursive=recursive, whole=whole)
     if isinstance(got, FileListing):
         return _listing(got)
+    if _names_dir(request):
+        await in_thread(got.close)
+        raise _not_a_directory(parts, "this is a file")
     return await _serve(request, got)
 
 
@@ -234,6 +250,8 @@ async def put_job_file(request: Request) -> Response:
     jobid, parts = _jobid(request), _file_path(request)
     if not parts:
         raise jobfiles.invalid("", "an upload needs a file path after /files/ (or POST a form to /files)")
+    if _names_dir(request):
+        raise _not_a_directory(parts, "an upload names a file")
     conditions = jobfiles.Preconditions(request.headers.get("if-match"), request.headers.get("if-none-match"))
     files = _files(request)
     upload = await files.begin_upload(principal(request), jobid, parts, conditions=conditions)
@@ -314,6 +332,8 @@ class FormUpload:
                 "a part named 'files' has no filename; nothing was kept",
                 errors=[field_error(["body", "files"], "no filename")],
             )
+        if filename.endswith("/"):
+            raise jobfiles.invalid(filename, "ends with '/', which names a directory, not a file", "filename")
         parts = self.into + jobfiles.split_path(filename, where="filename")
         shown = jobfiles.joined(parts)
         if any(u.shown == shown for u in self.uploads):
@@ -420,5 +440,6 @@ async def delete_job_file(request: Request) -> Response:
     query = _query(request, {"recursive"})
     jobid, recursive = _jobid(request), _flag(query, "recursive")
     parts = _file_path(request)
-    await _files(request).delete(principal(request), jobid, parts, recursive=recursive)
+    directory = _names_dir(request)
+    await _files(request).delete(principal(request), jobid, parts, recursive=recursive, directory=directory)
     return Response(status_code=204)
