@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import ssl
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,6 +112,25 @@ def test_token_key_and_verify(shared: TlsServer) -> None:
         assert shown.json()["user"] == "uid:alice"
         assert 'user("uid:alice")' in shown.json()["blocks"][0]
         _problem(c.post("/v1/token", json={"token": token[:-6] + "AAAAAA"}), 401, "unauthorized")
+
+
+def test_verify_runs_the_tokens_checks(shared: TlsServer) -> None:
+    """POST /v1/token ran no check: a token whose narrowing had expired was shown as
+    valid (200) while every job route refused it; its `expires` was the authority's."""
+    token = _token(shared)
+    past = _attenuate(shared, token, "check if time($t), $t < 2000-01-01T00:00:00Z;")
+    soon = _rfc3339(300)
+    earlier = _attenuate(shared, token, f"check if time($t), $t < {soon};")
+    read_only = _attenuate(shared, token, 'check if operation("GET");')
+    with shared.client("bob") as c:
+        r = c.post("/v1/token", json={"token": past})
+        _problem(r, 401, "unauthorized")
+        assert "expired" in r.json()["detail"]
+        _problem(c.get("/v1/jobs", headers=_auth(past)), 401, "unauthorized")
+        shown = c.post("/v1/token", json={"token": earlier})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["expires"] == soon
+        assert c.post("/v1/token", json={"token": read_only}).status_code == 200  # narrowed, valid
 
 
 # ---- bob against alice's job: 404, and nothing changed ----
@@ -338,3 +358,151 @@ def test_a_key_others_can_read_stops_start_up(tmp_path: Path) -> None:
     key.chmod(0o644)
     with pytest.raises(StartupError, match="chmod 600"):
         load_or_create_key(key)
+
+
+def test_a_key_file_that_is_a_fifo_or_a_link_stops_start_up_with_the_reason(tmp_path: Path) -> None:
+    """A FIFO in the key's place hung start-up forever; a symbolic link was a raw
+    traceback."""
+    fifo = tmp_path / "fifo" / "token-key.pem"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(StartupError, match="must be a file of yours"):
+        load_or_create_key(fifo)
+    real = tmp_path / "real.pem"
+    load_or_create_key(real)
+    link = tmp_path / "link" / "token-key.pem"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    with pytest.raises(StartupError, match="symbolic link"):
+        load_or_create_key(link)
+
+
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [("def broken(:\n", "SyntaxError"), ("raise RuntimeError('site db down')\n", "site db down")],
+)
+def test_a_policy_module_that_fails_to_import_stops_start_up_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, said: str
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    name = f"sitepolicy_{abs(hash(source))}"
+    (site / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(StartupError, match=said):
+        load_policy(f"{name}:Policy")
+
+
+# ---- who a certificate may name (certnames.py) ----
+
+
+def _forged_client(server: TlsServer, tmp_path: Path, signer: str, *names: tuple[str, str]) -> httpx.Client:
+    """A client whose certificate ``signer``'s own CA (``<signer>/CA.key``, which every
+    user holds) signed for the subject ``names`` ((oid name, value), ...)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    oids = {"uid": NameOID.USER_ID, "cn": NameOID.COMMON_NAME}
+    ca_dir = server.identities.users.get(signer, server.identities.server)
+    ca_key = serialization.load_pem_private_key((ca_dir / "CA.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "CA.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(oids[k], v) for k, v in names]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca_key, None if "ed25519" in type(ca_key).__name__.lower() else hashes.SHA256())  # type: ignore[arg-type]
+    )
+    crt, pem = tmp_path / "forged.crt", tmp_path / "forged.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    ctx = ssl.create_default_context(cafile=str(server.identities.server / "CA.crt"))
+    ctx.load_cert_chain(str(crt), str(pem))
+    return httpx.Client(base_url=server.url, verify=ctx, timeout=30)
+
+
+def test_a_users_own_ca_cannot_sign_for_another_user(shared: TlsServer, tmp_path: Path) -> None:
+    """Every user holds their own CA's key, and certified serve trusts that CA: bob
+    signed a certificate saying UID=alice and was alice (her jobs, her tokens). Now a
+    user's CA signs only for the name it was added under."""
+    alices = _job(shared, "alice")
+    with _forged_client(shared, tmp_path, "bob", ("uid", "alice")) as c:
+        for r in (c.get("/v1/jobs"), c.get(f"/v1/jobs/{alices}"), c.get("/v1/token")):
+            _problem(r, 401, "unauthorized")
+            assert "signed it was added for bob" in r.json()["detail"], r.text
+        assert alices not in c.get("/v1/jobs").text
+    # bob's CA still signs for bob, and the server's CA (introductions) for anyone:
+    with _forged_client(shared, tmp_path, "bob", ("uid", "bob")) as c:
+        assert c.get("/v1/jobs").status_code == 200
+    with _forged_client(shared, tmp_path, "server", ("uid", "dave")) as c:
+        assert c.post("/v1/jobs/new", json=SPEC).json()["owner"] == "uid:dave"
+
+
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [
+        ((("uid", "bob"), ("uid", "alice")), "one UID"),  # named by the last one, before
+        ((("cn", "bob"), ("cn", "alice")), "one UID"),
+        ((("uid", 'z"); check if time($t), $t < 2099-01-01T00:00:00Z; //'),), "A-Z a-z"),
+        ((("uid", "al\nice"),), "A-Z a-z"),
+    ],
+)
+def test_a_certificate_must_name_one_plain_user(
+    shared: TlsServer, tmp_path: Path, names: tuple[tuple[str, str], ...], why: str
+) -> None:
+    # Signed by the server's own CA, which may vouch for any name: only the shape counts.
+    with _forged_client(shared, tmp_path, "server", *names) as c:
+        for r in (c.get("/v1/jobs"), c.get("/v1/token")):
+            _problem(r, 401, "unauthorized")
+            assert why in r.json()["detail"], r.text
+
+
+# ---- the Authorization header: a bearer, or refused ----
+
+
+@pytest.mark.parametrize(
+    "value", ["Token abc", "Bearer\tabc", "Bearer  abc", "Basic YWxpY2U6eA==", "Bearer", "abc"]
+)
+def test_an_authorization_header_that_is_not_a_bearer_is_401(shared: TlsServer, value: str) -> None:
+    """Before, it was ignored: the request ran with the certificate's full rights, where
+    the caller meant a narrower token."""
+    with shared.client("alice") as c:
+        _problem(c.get("/v1/jobs", headers={"Authorization": value}), 401, "unauthorized")
+
+
+def test_two_authorization_headers_are_400(shared: TlsServer) -> None:
+    ro = _attenuate(shared, _token(shared), 'check if operation("GET");')
+    wide = _token(shared)
+    with shared.client("alice") as c:
+        r = c.post(
+            "/v1/jobs/new",
+            json=SPEC,
+            headers=[("Authorization", f"Bearer {ro}"), ("Authorization", f"Bearer {wide}")],
+        )
+        _problem(r, 400, "bad_request")
+
+
+def test_a_path_with_a_trailing_newline_is_still_a_job_route() -> None:
+    """Starlette's route pattern ends in ``$``, which also matches before a trailing
+    newline: ``/v1/jobs%0A`` reached the list handler while TokenAuth, matching the
+    whole path, took it for an open route."""
+    from psik_api_server.errors import ApiError
+    from psik_api_server.tokenauth import TokenAuth
+
+    auth = TokenAuth(app=None)  # type: ignore[arg-type]
+    for path in ("/v1/jobs\n", "/v1/jobs/1.5\n", "/v1/events\n"):
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
+        with pytest.raises(ApiError) as info:
+            auth.authenticate(scope)
+        assert info.value.code.value == "unauthorized", path

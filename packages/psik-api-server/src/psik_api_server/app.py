@@ -24,6 +24,7 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
 from . import __version__
 from .backend import PsikBackend
+from .certnames import ClientNames, find_config
 from .docs import docs_html
 from .errors import StartupError
 from .files_service import FileService
@@ -84,8 +85,10 @@ def create_app(
         ),
     )
     tokens = None
+    client_names = None
     if settings.authz == "token":
         tokens = TokenAuthority(settings.token_key_path, settings.token_lifetime, clock or time.time)
+        client_names = ClientNames(find_config(settings.certified_config))
     openapi = build_openapi(version=__version__, backends=sorted(settings.backends))
 
     @contextlib.asynccontextmanager
@@ -101,6 +104,13 @@ def create_app(
             try:
                 if tokens is not None:
                     await in_thread(tokens.load)
+                if client_names is not None:
+                    await in_thread(client_names.load)
+                    if client_names.config is None:
+                        _logger.warning(
+                            "authz: token, but no certified config directory was found: every "
+                            "client certificate will be refused (set certified_config)"
+                        )
                 await service.open()
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -136,6 +146,7 @@ def create_app(
     app.state.files = FileService(service, max_upload_bytes=settings.max_upload_bytes)
     app.state.startup_error = None
     app.state.tokens = tokens  # None in local mode (tokenauth.TokenAuth, routes_auth)
+    app.state.client_names = client_names  # who a client certificate names (certnames)
     app.state.peer_lookup = PeerLookup()  # who is calling (security.LocalOnly)
     app.state.local_secrets = LocalSecrets()  # where no uid can be told
     return app

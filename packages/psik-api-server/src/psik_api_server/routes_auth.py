@@ -68,6 +68,8 @@ async def mint_token(request: Request) -> Response:
     caller = _caller(request)
     if not caller.tls:
         raise insecure("minting a token")
+    if caller.refused is not None:
+        raise unauthorized(caller.refused)
     if caller.bearer is not None:
         raise ApiError(
             ProblemCode.forbidden,

@@ -85,6 +85,10 @@ class Settings(BaseModel):
     token_lifetime: float = Field(default=86400.0, gt=0, le=366 * 86400)
     #: Where the token signing key lives (``token-key.pem``); default: the prefix's parent.
     state_dir: Path | None = None
+    #: The certified config directory ``certified serve`` runs with (its
+    #: ``known_clients/`` tells which CA may sign for which user: certnames.py); default:
+    #: ``certified serve``'s own ``--config``, else certified's defaults.
+    certified_config: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     #: Roots a JobSpec.directory may point into; empty = only the job's own work dir.
@@ -122,7 +126,7 @@ class Settings(BaseModel):
     #: The file these settings came from (None: the embedded default).
     source: Path | None = Field(default=None, exclude=True)
 
-    @field_validator("prefix", "database", "state_dir")
+    @field_validator("prefix", "database", "state_dir", "certified_config")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser()
@@ -209,6 +213,7 @@ _SERVER_KEYS = {
     "policy",
     "token_lifetime",
     "state_dir",
+    "certified_config",
     "host",
     "port",
     "database",

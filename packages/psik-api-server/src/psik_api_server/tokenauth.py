@@ -6,7 +6,9 @@ that need one, the :class:`~psik_api_core.Principal` the handlers act for
 
 * **TLS** (the app runs under ``certified serve``, which puts the connection's
   ``transport`` in the scope): the caller is named by its client certificate as
-  certified names it, ``uid:<userId>``, else ``cn:<commonName>``. A request may carry
+  certified names it, ``uid:<userId>``, else ``cn:<commonName>``, when the CA that
+  signed it may vouch for that name (:mod:`.certnames`: bob's own CA cannot sign for
+  alice); a certificate that names nobody believable is 401. A request may carry
   ``Authorization: Bearer <biscuit>``: it then acts for the token's user, within the
   token's checks (``tokens``); a token that is not valid is 401, one whose checks
   forbid this request 403.
@@ -32,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from psik_api_core import Principal, ProblemCode, is_jobid
 
+from .certnames import CertificateRefused, ClientNames
 from .errors import ApiError
 from .problems import problem_response
 from .security import PRINCIPAL_KEY, LocalOnly, _repeated
@@ -40,7 +43,9 @@ from .tokens import TokenAuthority, TokenError
 #: Where the README says how to serve with TLS.
 TLS_HELP = "see the README, 'Serving other machines: TLS and tokens'"
 
-_PROTECTED = re.compile(r"/v1/(jobs|events)(/.*)?", re.DOTALL)
+#: Every path under these (a prefix, not a whole-path pattern: a route's ``$`` also
+#: matches before a trailing newline, ``/v1/jobs%0A``).
+_PROTECTED = re.compile(r"/v1/(jobs|events)")
 _JOB = re.compile(r"/v1/jobs/([^/]+)(/.*)?", re.DOTALL)
 CALLER_KEY = "psik_api.caller"
 
@@ -53,27 +58,28 @@ class Caller:
     identity: str
     tls: bool
     bearer: str | None
+    #: Why the client certificate names nobody (TLS callers only; then ``identity`` is
+    #: the address).
+    refused: str | None = None
 
 
-def name_from_peer(peer: dict[str, Any]) -> str | None:
-    """certified's name for a peer certificate: ``uid:<userId>``, else ``cn:<CN>``."""
-    name = None
-    for rdn in peer.get("subject", ()):
-        for key, value in rdn:
-            if key in ("userId", "userID"):
-                name = f"uid:{value}"
-            elif key == "commonName" and (name is None or name.startswith("cn:")):
-                name = f"cn:{value}"
-    return name
+#: ``Bearer <token>``: one space, a token of base64url characters (biscuit's alphabet).
+_BEARER = re.compile(r"Bearer ([A-Za-z0-9_=+/-]+)", re.IGNORECASE)
 
 
 def _bearer(scope: Scope) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer":
-                return str(token.strip())
-    return None
+    """The bearer token sent, if any. An ``Authorization`` header in any other shape, or
+    given twice, is refused: ignoring it would run the request with the certificate's
+    full rights when the caller meant a narrower token."""
+    given = [v for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ApiError(ProblemCode.bad_request, "the Authorization header is given more than once")
+    found = _BEARER.fullmatch(given[0].decode("latin-1").strip())
+    if found is None:
+        raise unauthorized("the Authorization header must be `Bearer <token>` (a biscuit, base64url)")
+    return found.group(1)
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -81,13 +87,18 @@ def caller_of(scope: Scope) -> Caller:
     bearer = _bearer(scope)
     transport: Any = scope.get("transport")  # certified's patch of uvicorn's h11 protocol
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if transport is not None and ssl_object is not None:
-        peer = transport.get_extra_info("peercert") or {}
-        name = name_from_peer(peer)
-        if name is not None:
-            return Caller(name, True, bearer)
     client = scope.get("client")
-    return Caller(f"addr:{client[0] if client else 'unknown'}", ssl_object is not None, bearer)
+    address = f"addr:{client[0] if client else 'unknown'}"
+    if ssl_object is None:
+        return Caller(address, False, bearer)
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return Caller(address, True, bearer, "no client certificate was presented")
+    names: ClientNames = scope["app"].state.client_names
+    try:
+        return Caller(names.identity(der), True, bearer)
+    except CertificateRefused as e:
+        return Caller(address, True, bearer, str(e))
 
 
 def _jobid(path: str) -> str | None:
@@ -136,10 +147,12 @@ class TokenAuth:
         state = scope.setdefault("state", {})
         state[CALLER_KEY] = caller
         path = str(scope.get("path", ""))
-        if not _PROTECTED.fullmatch(path):
+        if not _PROTECTED.match(path):
             return
         if not caller.tls:
             raise insecure(f"{path}")
+        if caller.refused is not None:
+            raise unauthorized(caller.refused)
         if caller.bearer is None:
             state[PRINCIPAL_KEY] = Principal(caller.identity)
             return
