@@ -96,7 +96,10 @@ def _deadline(expires: object) -> dt.datetime:
                 "expires= needs a timezone (e.g. datetime.now(timezone.utc) + timedelta(hours=1))"
             )
         return expires
-    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime_seconds(expires))
+    try:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime_seconds(expires))
+    except OverflowError:  # past the year 9999: no narrowing at all
+        raise InvalidRequestError(f"expires= is too far away: {expires!r} seconds") from None
 
 
 def _biscuit() -> Any:

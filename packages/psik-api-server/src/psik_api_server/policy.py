@@ -24,6 +24,10 @@ def load_policy(spec: str) -> Policy:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise StartupError(f"policy {spec}: cannot import {module_name}: {e}") from None
+    except Exception as e:  # a syntax error, or one raised while it is imported
+        raise StartupError(
+            f"policy {spec}: importing {module_name} failed: {type(e).__name__}: {e}"
+        ) from None
     finally:
         sys.path[:] = saved
     cls = getattr(module, class_name, None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import errno
 import os
 import re
 import secrets
@@ -66,7 +67,14 @@ def _pem(raw: bytes) -> str:
 
 
 def _read_key(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO in its place must not hang start-up (it is refused below).
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        why = "a symbolic link (refused: the key must be this file)" if e.errno == errno.ELOOP else e.strerror
+        raise StartupError(f"cannot read the token key {path}: {why}") from None
     try:
         st = os.fstat(fd)
         mode = stat.S_IMODE(st.st_mode)
@@ -213,18 +221,33 @@ class TokenAuthority:
         return self._user(authorizer)
 
     def show(self, token: str) -> Shown:
-        """What a token of this server says (401 if it is not one, or has expired)."""
+        """What a token of this server says (401 if it is not one, or has expired: any
+        block's time check fails now). Its other checks (an operation, some jobs) are
+        narrowings, not faults: a request they allow would be let through."""
+        b = _biscuit()
         parsed = self._parse(token)
         try:
             authorizer = self._authorizer("time({now}); allow if true;", {"now": self._now()}).build(parsed)
+            try:
+                authorizer.authorize()
+            except b.AuthorizationError as e:
+                said = str(e.args[0]) if e.args else str(e)
+                if "check if time(" in (said.partition("checks failed: ")[2] or said):
+                    raise TokenError(401, "the token has expired; mint a new one (GET /v1/token)") from None
+                if "limits" in said:
+                    raise TokenError(401, f"the token is not valid: {said}") from None
             user = self._user(authorizer)
         except TokenError:
             raise
         except Exception as e:
             raise TokenError(401, f"the token is not valid: {e}") from None
         blocks = [str(parsed.block_source(i)) for i in range(parsed.block_count())]
-        found = _EXPIRY.search(blocks[0]) if blocks else None
-        expires = dt.datetime.fromisoformat(found.group(1).replace("Z", "+00:00")) if found else None
-        if expires is not None and expires <= self._now():
-            raise TokenError(401, f"the token expired at {rfc3339(expires)}")
-        return Shown(user, expires, blocks)
+        # The earliest expiry any block states (the authority block's is the server's own;
+        # a narrowing may set an earlier one). Read from the blocks' source, which is
+        # unambiguous: names are plain (certnames), and a later block can only add checks.
+        stated = [
+            dt.datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
+            for text in blocks
+            for m in _EXPIRY.finditer(text)
+        ]
+        return Shown(user, min(stated, default=None), blocks)
