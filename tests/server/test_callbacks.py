@@ -193,6 +193,13 @@ def _report(jobid: str, state: str = "queued", jobndx: int = 1, info: str = "424
     return json.dumps({"jobid": jobid, "jobndx": jobndx, "state": state, "info": info}).encode()
 
 
+def _submitted(prefix: Path, jobid: str, native_id: str = "slurm-77") -> None:
+    """Write run 1's `queued` row, as psik's submit to a remote backend does before any
+    report of the run can come back (reports of runs never submitted are dropped)."""
+    with (prefix / jobid / "status.csv").open("a") as f:
+        f.write(f"{time.time()},1,queued,{native_id}\n")
+
+
 async def _post(http: httpx.AsyncClient, body: bytes, signature: str | None) -> httpx.Response:
     headers = {"content-type": "application/json"}
     if signature is not None:
@@ -248,14 +255,18 @@ async def test_a_signed_report_is_recorded_once_as_psik_records_a_remote_one(
     prefix: Path = app.state.settings.prefix
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
     secret = read_record(prefix / jobid).secret  # type: ignore[union-attr]
-    body = _report(jobid, "queued", 1, "slurm-77")
+    _submitted(prefix, jobid)  # the job's own reports follow
+    body = _report(jobid, "active", 1, "on node7")
     for _ in range(2):  # a repeated report adds no second row
         r = await _post(http, body, sign(body, secret))
         assert r.status_code == 204, r.text
     rows = (prefix / jobid / "status.csv").read_text().splitlines()
-    assert [row.split(",")[1:] for row in rows[1:]] == [["1", "queued", "slurm-77"]]
+    assert [row.split(",")[1:] for row in rows[1:]] == [
+        ["1", "queued", "slurm-77"],
+        ["1", "active", "on node7"],
+    ]
     state = (await http.get(f"/v1/jobs/{jobid}/state")).json()
-    assert (state["state"], state["jobndx"]) == ("queued", 1)
+    assert (state["state"], state["jobndx"]) == ("active", 1)
     job = (await http.get(f"/v1/jobs/{jobid}")).json()
     assert job["native_id"] == "slurm-77"
 
@@ -271,6 +282,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     spec = {"script": "true", "callback": receiver.url, "cb_secret": "users-secret"}
     jobid = (await http.post("/v1/jobs/new", json=spec)).json()["jobid"]
     secret = read_record(prefix / jobid).secret  # type: ignore[union-attr]
+    _submitted(prefix, jobid)
     reports = {s: _report(jobid, s) for s in ("queued", "active", "completed")}
     for body in reports.values():
         assert (await _post(http, body, sign(body, secret))).status_code == 204
@@ -279,7 +291,8 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     before = (prefix / jobid / "status.csv").read_bytes()
 
     stale = _report(jobid, "active", jobndx=0)  # a run before this one
-    for body in (reports["active"], reports["queued"], reports["completed"], stale):
+    never = _report(jobid, "completed", jobndx=7)  # a run never submitted
+    for body in (reports["active"], reports["queued"], reports["completed"], stale, never):
         assert (await _post(http, body, sign(body, secret))).status_code == 204
     await app.state.service.relay.wait()
     assert (prefix / jobid / "status.csv").read_bytes() == before
@@ -313,6 +326,7 @@ async def test_a_users_dead_callback_holds_up_no_report(
     try:
         jobid = (await http.post("/v1/jobs/new", json={"script": "true", "callback": dead})).json()["jobid"]
         secret = read_record(app.state.settings.prefix / jobid).secret  # type: ignore[union-attr]
+        _submitted(app.state.settings.prefix, jobid)
         app.state.service.relay.timeout = 0.3
         with anyio.fail_after(5):
             for state in ("queued", "active"):

@@ -875,8 +875,9 @@ class JobService:
         """Record a state a job's (signed, checked) callback reports: appended to its
         status.csv unless that run already has it (psik wrote it: a local job), as psik
         records a remote backend's reports; then the index, and the watcher is woken.
-        False if it is stale: a state of a run that has already ended otherwise or been
-        followed by another (a state never goes back), or of a job purged meanwhile."""
+        False if it is stale or foreign: a state of a run never submitted, or one that
+        has already ended otherwise or been followed by another (a state never goes
+        back), or of a job purged meanwhile."""
         try:
             recorded = await in_thread(self._record_report_sync, jobid, jobndx, state, info)
         except FileNotFoundError:
@@ -891,6 +892,11 @@ class JobService:
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # psik's WriteLock: its own appends wait
             history = jobdir.read_history(base)
+            if jobndx > max((r.jobndx for r in history), default=0):
+                # A run never submitted: psik writes a run's `queued` row before its
+                # first report can arrive (under this same lock), so this is no report
+                # of psik's.
+                return False
             if any(
                 r.jobndx > jobndx or (r.jobndx == jobndx and r.state.is_final and r.state is not state)
                 for r in history
