@@ -106,6 +106,13 @@ def create_app(
                     await in_thread(tokens.load)
                 if client_names is not None:
                     await in_thread(client_names.load)
+                    if any(b.type == "local" for b in settings.backends.values()):
+                        _logger.warning(
+                            "authz: token with a local backend: every user's jobs run as this "
+                            "server's Unix user and can read its files, the token key included; "
+                            "serve only users who may act as each other (README, 'What this "
+                            "mode does not do')"
+                        )
                     if client_names.config is None:
                         _logger.warning(
                             "authz: token, but no certified config directory was found: every "
