@@ -147,8 +147,9 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string"},
     },
     "X-Checksum-Sha256": {
-        "description": "The SHA-256 (hex) of the whole file, also on a partial answer: check a"
-        " download against it.",
+        "description": "The SHA-256 (hex) of the whole file, when it is known (cached, or the file"
+        " is at most 1 MiB; a download never waits for a large file's hash): check a download"
+        " against it; without it, check the size.",
         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
     "X-Log-Size": {
@@ -236,7 +237,11 @@ _UPLOAD_TOO_LARGE = Failure(
     ProblemCode.too_large,
     "the upload is over the server's `max_upload_bytes` (the detail says it); nothing was kept",
 )
-_EXISTS = Failure(ProblemCode.precondition_failed, "`If-None-Match: *` and the file exists; nothing changed")
+_EXISTS = Failure(
+    ProblemCode.precondition_failed,
+    "`If-None-Match: *` and the file exists, `If-None-Match` names its ETag, or `If-Match` names"
+    " none of its ETag (or it does not exist); nothing changed",
+)
 _FILE_BODY = {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}
 _FILE_HEADERS = ("ETag", "Last-Modified", "Accept-Ranges", "X-Checksum-Sha256")
 
