@@ -166,6 +166,28 @@ async def test_listing(wire: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch)
     assert (await wire.get("/v1/jobs/1.1/files")).status_code == 404
 
 
+async def test_an_upload_left_by_a_killed_server_is_neither_listed_nor_reachable(
+    wire: httpx.AsyncClient,
+) -> None:
+    """A server killed mid-upload leaves its temp file; it showed in listings (hostile
+    test of issue 8, F7) and could be read or written by name."""
+    jobid = await _new_job(wire)
+    work = _work(wire, jobid)
+    (work / ".psik-upload-0123456789abcdef").write_bytes(b"half an upload")
+    (work / "kept.txt").write_bytes(b"a file")
+    names = [f["path"] for f in (await wire.get(f"/v1/jobs/{jobid}/files")).json()["entries"]]
+    assert names == ["kept.txt"]
+    for method in ("GET", "PUT", "DELETE"):
+        body = (
+            {"content": b"x", "headers": {"Content-Type": "application/octet-stream"}}
+            if method == "PUT"
+            else {}
+        )
+        r = await wire.request(method, f"/v1/jobs/{jobid}/files/.psik-upload-0123456789abcdef", **body)  # type: ignore[arg-type]
+        assert r.status_code == 400 and r.json()["code"] == "invalid_path", (method, r.text)
+    assert (work / ".psik-upload-0123456789abcdef").read_bytes() == b"half an upload"
+
+
 async def test_a_trailing_slash_names_a_directory(wire: httpx.AsyncClient) -> None:
     """``a.txt/`` is no file's path (as in POSIX: ENOTDIR): 400 ``invalid_path`` for
     every method, and nothing is written or removed; a directory takes one."""

@@ -120,6 +120,10 @@ def split_path(text: str, where: str = "path") -> tuple[str, ...]:
             raise invalid(text, why, where)
         if len(part.encode("utf-8", "surrogateescape")) > MAX_SEGMENT:
             raise invalid(text, f"has a segment longer than {MAX_SEGMENT} bytes", where)
+        if part.startswith(TEMP_PREFIX):
+            raise invalid(
+                text, f"has a name the server keeps for uploads in progress ({TEMP_PREFIX}*)", where
+            )
     return parts
 
 
@@ -395,6 +399,8 @@ def list_dir(fd: int, path: str, *, recursive: bool, limit: int) -> tuple[list[F
         with os.scandir(dfd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                continue  # an upload in progress (or left by a server killed during one)
             if len(found) >= limit:
                 truncated = True
                 return
