@@ -267,13 +267,14 @@ class InsufficientStorageError(APIStatusError):
 
 
 class ChecksumMismatchError(PsikApiError):
-    """A downloaded file's SHA-256 is not the one the server sent
-    (``X-Checksum-Sha256``): the bytes were damaged on the way, or the file changed
-    while it was read. The partial file was removed and nothing was written at the
-    destination; downloading again starts afresh.
+    """A downloaded file is not what the server said it was: its SHA-256 is not the
+    one sent (``X-Checksum-Sha256``), or, when the server sent none (a large file not
+    hashed yet), its size is not the one announced. The bytes were damaged or cut on
+    the way, or the file changed while it was read. The partial file was removed and
+    nothing was written at the destination; downloading again starts afresh.
 
-    ``path`` is the job file's path, ``expected`` the server's digest and ``actual``
-    the digest of what arrived (hex).
+    ``path`` is the job file's path; ``expected`` and ``actual`` are the server's
+    digest and that of what arrived (hex), or the sizes ("N bytes") when no digest was sent.
     """
 
     def __init__(self, message: str, *, path: str, expected: str, actual: str) -> None:
