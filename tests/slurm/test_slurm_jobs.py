@@ -300,3 +300,25 @@ async def test_a_controller_that_cannot_be_asked_fails_no_job(api: AsyncClient, 
         slurm_cluster.start("slurmctld")
     done = await api.wait(job.jobid, timeout=60, poll_interval=0.1)
     assert done.state is JobState.completed, done.history
+
+
+async def test_a_cancel_the_controller_cannot_take_is_503_and_changes_nothing(
+    api: AsyncClient, slurm_cluster: Any
+) -> None:
+    """psik's cancel records `canceled` and only logs a failed scancel: with the
+    controller down the job was said to be canceled, and Slurm ran it all the same once
+    the controller was back (hostile test A1)."""
+    job = await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 60"})
+    assert job.native_id is not None
+    await until(lambda: squeue_state(job.native_id or "") == "RUNNING", 30, "the job to run")
+    slurm_cluster.stop("slurmctld")
+    try:
+        with pytest.raises(ServiceUnavailableError) as err:
+            await api.cancel(job.jobid)
+        assert "may still run" in (err.value.problem.detail or "")
+        assert (await api.state(job.jobid)).state is JobState.active
+    finally:
+        slurm_cluster.start("slurmctld")
+    canceled = await api.cancel(job.jobid)
+    assert canceled.state is JobState.canceled
+    await until(lambda: squeue_state(job.native_id or "") in ("CANCELLED", None), 30, "Slurm to end the job")

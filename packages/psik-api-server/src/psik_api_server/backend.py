@@ -56,6 +56,15 @@ class SubmitError(Exception):
         self.unavailable = unavailable
 
 
+class CancelUnavailable(Exception):
+    """The backend could not be reached to cancel the job; nothing was recorded."""
+
+    def __init__(self, jobid: str, reason: str) -> None:
+        super().__init__(reason)
+        self.jobid = jobid
+        self.reason = reason
+
+
 def one_line(text: str, limit: int = 500) -> str:
     # A newline (or a lone CR) inside `info` would break the status.csv row.
     return " ".join(text.split())[:limit]
@@ -313,6 +322,9 @@ class PsikBackend:
 
         job = await PsikJob(self.path(jobid))
         self._defer_callbacks(job)
+        if job.info.backend.type == "slurm":
+            await self._cancel_slurm(jobid, job)
+            return
         if job.info.backend.type != "local" or not self.containment.supported:
             await job.cancel()
             return
@@ -325,6 +337,25 @@ class PsikBackend:
             await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
         self.containment.start()
         self.containment.wake()
+
+    async def _cancel_slurm(self, jobid: str, job: Any) -> None:
+        """scancel first, then ``canceled``: psik's cancel records ``canceled`` and only
+        logs a failed scancel, so with the controller unreachable the job was said to be
+        canceled while Slurm went on to run it. Here a controller that cannot be reached
+        is :class:`CancelUnavailable` and nothing is recorded (cancel again later); an
+        scancel refused otherwise (the job already gone from Slurm) changes nothing."""
+        from psik.models import JobState as PsikJobState
+
+        from . import slurm
+        from .slurm_liveness import native_id
+
+        files = await anyio.to_thread.run_sync(jobdir.read_job, self.path(jobid))
+        nid = native_id(files)
+        if nid is not None:
+            said = await slurm.cancel([nid])
+            if said is not None and slurm.unreachable(said):
+                raise CancelUnavailable(jobid, f"scancel {nid}: {said}")
+        await job.reached(0, PsikJobState.canceled)
 
     def _defer_callbacks(self, job: Any) -> None:
         """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's
