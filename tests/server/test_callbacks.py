@@ -299,6 +299,16 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "completed"
     assert receiver.states() == ["queued", "active", "completed"]
 
+    # A job never started: no report of any run is psik's (run 0 is only ever canceled).
+    fresh = (await http.post("/v1/jobs/new", json=spec)).json()["jobid"]
+    fresh_secret = read_record(prefix / fresh).secret  # type: ignore[union-attr]
+    before_fresh = (prefix / fresh / "status.csv").read_bytes()
+    for run in (0, 1):
+        body = _report(fresh, "completed", jobndx=run)
+        assert (await _post(http, body, sign(body, fresh_secret))).status_code == 204
+    assert (prefix / fresh / "status.csv").read_bytes() == before_fresh
+    assert (await http.get(f"/v1/jobs/{fresh}/state")).json()["state"] == "new"
+
     # Purged between the signature check and the write: nothing to record, no 500.
     service = app.state.service
     real = service._record_report_sync

@@ -61,13 +61,14 @@ from psik_api_core import (
     can_start,
     derive_state,
     field_error,
+    is_slot_wait,
     run_outcome,
     slot_wait,
     utc,
 )
 
 from . import jobdir
-from .backend import UNAVAILABLE_INFO, PsikBackend, SubmitError, one_line
+from .backend import UNAVAILABLE_INFO, CancelUnavailable, PsikBackend, SubmitError, one_line
 from .callbacks import CallbackRecord, CallbackRelay, split_spec
 from .diskfull import INDEX, PREFIX, Creates, DiskFull, is_disk_full
 from .errors import ApiError, StartupError
@@ -866,7 +867,15 @@ class JobService:
         async with self._lock(jobid):
             _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
             if can_cancel(files.state[0]):
-                await self.backend.cancel(jobid)
+                try:
+                    await self.backend.cancel(jobid)
+                except CancelUnavailable as e:
+                    raise ApiError(
+                        ProblemCode.backend_unavailable,
+                        f"job {jobid} was not canceled (its backend cannot be reached: {e.reason}); "
+                        "it may still run: cancel it again once the backend is back",
+                        jobid=jobid,
+                    ) from e
                 await in_thread(self._refresh, jobid)
                 self.watcher.poke(jobid)
         return await self.get(principal, jobid)
@@ -892,10 +901,13 @@ class JobService:
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # psik's WriteLock: its own appends wait
             history = jobdir.read_history(base)
-            if jobndx > max((r.jobndx for r in history), default=0):
-                # A run never submitted: psik writes a run's `queued` row before its
-                # first report can arrive (under this same lock), so this is no report
-                # of psik's.
+            submitted = [r for r in history if r.jobndx == jobndx and r.state is JobState.queued]
+            if (jobndx == 0 and state is not JobState.canceled) or (
+                jobndx > 0 and not any(not is_slot_wait(r.info) for r in submitted)
+            ):
+                # A run never submitted (or still waiting for a job slot): psik writes a
+                # run's `queued` row before its first report can arrive (under this same
+                # lock), so this is no report of psik's. Run 0 is only ever canceled.
                 return False
             if any(
                 r.jobndx > jobndx or (r.jobndx == jobndx and r.state.is_final and r.state is not state)
