@@ -395,6 +395,11 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "`purge=true` on a job that is not final; cancel it first"),
+            Failure(
+                ProblemCode.backend_unavailable,
+                "the job's scheduler cannot be reached to cancel it (a Slurm controller down): nothing"
+                " was recorded and the job may still run; cancel again once the backend is back",
+            ),
             _DISK_FULL,
         ),
     ),
