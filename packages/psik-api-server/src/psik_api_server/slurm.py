@@ -109,9 +109,28 @@ async def run(*argv: str, stdin: str | None = None, limit: float = COMMAND_TIMEO
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+#: sbatch options that would take the job away from psik: another script (``--wrap``),
+#: the console or working directory moved out of the job directory, many runs of one
+#: (``--array``), sbatch waiting for the job's end or not submitting at all. Long forms;
+#: :data:`_SHORT_REFUSED` are their one-letter spellings.
+REFUSED_OPTIONS = frozenset(
+    {"--wrap", "--output", "--error", "--input", "--chdir", "--array", "--wait", "--test-only", "--parsable"}
+)
+_SHORT_REFUSED = {
+    "-o": "--output",
+    "-e": "--error",
+    "-i": "--input",
+    "-D": "--chdir",
+    "-a": "--array",
+    "-W": "--wait",
+}
+#: The longest attribute value sbatch is given (a longer one cannot be an option's).
+MAX_ATTRIBUTE_VALUE = 4096
+
+
 def sbatch_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     """The attributes that are sbatch options: psik's own left out. Raises ValueError
-    naming an attribute that is neither."""
+    naming an attribute that is neither, or an option psik-api keeps for itself."""
     out: dict[str, str] = {}
     for key, value in attributes.items():
         if key in PSIK_ATTRIBUTES:
@@ -120,6 +139,15 @@ def sbatch_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
             raise ValueError(
                 f"attribute {key!r} is not an sbatch option (write it as sbatch does: '--{key}')"
             )
+        option = key.partition("=")[0]
+        option = _SHORT_REFUSED.get(option[:2], option) if not option.startswith("--") else option
+        if option in REFUSED_OPTIONS:
+            raise ValueError(
+                f"attribute {key!r} is refused: {option} would take the job away from psik "
+                "(its script, its console in the job directory, one run per submit)"
+            )
+        if len(value) > MAX_ATTRIBUTE_VALUE:
+            raise ValueError(f"attribute {key!r} has a value over {MAX_ATTRIBUTE_VALUE} characters")
         out[key] = value
     return out
 
@@ -144,7 +172,10 @@ async def submit(job: Any, jobndx: int) -> str:
         code, out, err = await run("sbatch", "--parsable", *args, stdin=script)
         if code != 0:
             message = " ".join((err or out or f"sbatch exited {code}").split())
-            raise SbatchRefused(message, unavailable=code == -1 or unreachable(message))
+            # Unavailable (503, worth retrying): sbatch missing or not answering, or
+            # saying the controller cannot be reached; not an E2BIG or the like.
+            gone = code == -1 and ("did not answer" in message or "No such file" in message)
+            raise SbatchRefused(message, unavailable=gone or unreachable(message))
         native_id = out.strip().split(";")[0]
         if not native_id.isdigit():
             raise SbatchRefused(f"sbatch answered {out.strip()[:200]!r}, not a job id")
