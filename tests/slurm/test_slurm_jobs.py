@@ -19,7 +19,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from psik_api_client import AsyncClient, JobState, ServiceUnavailableError, SubmitFailedError
+from psik_api_client import AsyncClient, ConflictError, JobState, ServiceUnavailableError, SubmitFailedError
 from psik_api_server.app import create_app
 from psik_api_server.settings import BackendSettings, Settings
 from psik_api_server.slurm import sbatch_attributes
@@ -322,3 +322,60 @@ async def test_a_cancel_the_controller_cannot_take_is_503_and_changes_nothing(
     canceled = await api.cancel(job.jobid)
     assert canceled.state is JobState.canceled
     await until(lambda: squeue_state(job.native_id or "") in ("CANCELLED", None), 30, "Slurm to end the job")
+
+
+def _sbatch_unrecorded(base: Path, jobndx: int) -> str:
+    """What a server killed during sbatch leaves: psik's batch script for run ``jobndx``
+    of the job ``base`` submitted (held, so it waits), and no `queued` row naming it."""
+    from psik.backends.slurm import slurm_script
+
+    script = slurm_script % {"psik_python": sys.executable, "base": base, "jobndx": jobndx}
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--hold", "--partition", "debug"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip().split(";")[0]
+
+
+async def test_a_slurm_job_submitted_by_a_server_that_died_is_adopted_at_start_up(tmp_path: Path) -> None:
+    """The `queued` row, the only record of a run's Slurm job, is written after sbatch
+    returns: a server killed in between left the job `new`, a second start ran it twice,
+    and a cancel left the first Slurm job running (hostile test A6). At start-up the
+    server now finds Slurm jobs by their console path, gives each job its own back and
+    cancels any extra."""
+    settings = slurm_settings(tmp_path)
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        AsyncClient("http://testserver", transport=httpx.ASGITransport(app=app), timeout=120) as client,
+    ):
+        job = await client.create({"backend": "slurm", "script": "#!/bin/bash\nsleep 1"})
+    base = settings.prefix / job.jobid
+    first = _sbatch_unrecorded(base, 1)
+    second = _sbatch_unrecorded(base, 1)  # a retry that died as well
+    try:
+        await _restart_and_check(settings, job.jobid, first, second)
+    finally:  # held jobs would wait for ever
+        subprocess.run(["scancel", first, second], capture_output=True, timeout=30, check=False)
+
+
+async def _restart_and_check(settings: Settings, jobid: str, first: str, second: str) -> None:
+    assert squeue_state(first) == squeue_state(second) == "PENDING"
+
+    app = create_app(settings)  # the restart
+    async with (
+        LifespanManager(app),
+        AsyncClient("http://testserver", transport=httpx.ASGITransport(app=app), timeout=120) as client,
+    ):
+        adopted = await client.get(jobid)
+        assert (adopted.state, adopted.jobndx, adopted.native_id) == (JobState.queued, 1, first)
+        await until(lambda: squeue_state(second) in (None, "CANCELLED"), 30, "the extra Slurm job to end")
+        with pytest.raises(ConflictError, match="is queued"):
+            await client.start(jobid)  # not a second run of run 1
+        canceled = await client.cancel(jobid)
+        assert canceled.state is JobState.canceled
+        await until(lambda: squeue_state(first) in (None, "CANCELLED"), 30, "the adopted Slurm job to end")

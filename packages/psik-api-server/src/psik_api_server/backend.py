@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -174,6 +175,40 @@ class PsikBackend:
             self.health[name] = None
             usable[name] = BackendConfig(**cfg.psik_fields())
         self._manager = JobManager(Config(prefix=self.prefix, backends=usable))
+        if any(cfg.type == "slurm" for cfg in usable.values()):
+            self._adopt_slurm_orphans()
+
+    def _adopt_slurm_orphans(self) -> None:
+        """A server killed while sbatch ran leaves a Slurm job no status row names: give
+        each job its Slurm job back (:func:`.slurm.adopt`), and cancel any further ones
+        (a job is one Slurm job per run). Blocking; the controller down: nothing done."""
+        from . import slurm
+
+        found = slurm.jobs_by_console(self.prefix)
+        for jobid, nids in (found or {}).items():
+            base = self.path(jobid)
+            try:
+                adopted, extra = slurm.adopt(base, nids, time.time())
+            except OSError:
+                continue  # purged, or not a job directory
+            if adopted is not None:
+                _logger.warning(
+                    "job %s: adopted Slurm job %s, submitted by a server that died before recording it",
+                    jobid,
+                    adopted,
+                )
+            if extra:
+                _logger.warning(
+                    "job %s: cancelling Slurm jobs %s, submitted by a server that died before recording them",
+                    jobid,
+                    ", ".join(extra),
+                )
+                subprocess.run(
+                    ["scancel", *extra],  # noqa: S607 (on PATH, as sbatch is)
+                    capture_output=True,
+                    timeout=slurm.COMMAND_TIMEOUT,
+                    check=False,
+                )
 
     def warm_up(self) -> None:
         """Start the background work of local jobs: the launcher now (unless it is a lazy

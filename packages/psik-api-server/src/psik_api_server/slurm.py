@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _logger = logging.getLogger(__name__)
@@ -279,3 +283,76 @@ class SlurmHealth:
         if avail != "up":
             return f"partition {name!r} is {avail}"
         return None
+
+
+# ---- start-up: Slurm jobs a dead server submitted but never recorded ----
+
+
+def jobs_by_console(prefix: Path) -> dict[str, list[str]] | None:
+    """``{psik jobid: [Slurm job ids]}`` of the Slurm jobs (any state squeue still shows)
+    whose console is a job directory's under ``prefix`` (psik's batch script writes it to
+    ``<prefix>/<jobid>/log/console``; ``--output`` is refused as an attribute). None if
+    the controller cannot be asked. Blocking (start-up, in a worker thread)."""
+    try:
+        ping = subprocess.run(
+            ["scontrol", "ping"],  # noqa: S607 (Slurm's commands are on PATH, as sbatch is)
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            return None
+        listed = subprocess.run(
+            ["squeue", "-h", "--states=all", "-O", "JobID:40,StdOut:4096"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    found: dict[str, list[str]] = {}
+    for line in listed.stdout.splitlines():
+        nid, _, console = line.strip().partition(" ")
+        path = Path(console.strip())
+        if (
+            nid.isdigit()
+            and path.name == "console"
+            and path.parent.name == "log"
+            and path.parent.parent.parent == prefix
+        ):
+            found.setdefault(path.parent.parent.name, []).append(nid)
+    return found
+
+
+def adopt(base: Path, native_ids: list[str], clock: float) -> tuple[str | None, list[str]]:
+    """Record, for the psik job ``base``, the Slurm job a server killed during sbatch
+    submitted without writing its ``queued`` row (the only record of its Slurm id): a
+    job that looked ``new`` (and would have been submitted twice) or could not be
+    cancelled. Returns (the id adopted, if any; the other unknown ids, to cancel). Under
+    psik's status.csv lock; a job whose history knows all ``native_ids`` is left alone."""
+    from psik_api_core import JobState as CoreState
+    from psik_api_core import derive_state
+
+    from . import jobdir
+
+    fd = os.open(base / "status.csv", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        history = jobdir.read_history(base)
+        known = {r.info for r in history if r.state is CoreState.queued}
+        unknown = sorted((n for n in native_ids if n not in known), key=int)
+        if not unknown:
+            return None, []
+        state, run = derive_state(history)
+        if state.is_final:
+            return None, unknown  # nobody waits for these: end them
+        current = [r for r in history if r.jobndx == run and r.state is CoreState.queued and r.info.isdigit()]
+        # The run the orphan is: the current one if it has no Slurm id (its batch script
+        # already wrote `active`), else the next, never recorded.
+        ndx = run if run > 0 and not current else run + 1
+        f.write(f"{clock},{ndx},{CoreState.queued.value},{unknown[0]}\n")
+    return unknown[0], unknown[1:]
