@@ -131,6 +131,16 @@ def test_verify_runs_the_tokens_checks(shared: TlsServer) -> None:
         assert shown.status_code == 200, shown.text
         assert shown.json()["expires"] == soon
         assert c.post("/v1/token", json={"token": read_only}).status_code == 200  # narrowed, valid
+        # An expiry with another condition in the same check: valid until then, not
+        # "expired" because the operation is not given (hostile test B3).
+        both = _attenuate(shared, token, f'check if time($t), $t < {soon}, operation("GET");')
+        shown = c.post("/v1/token", json={"token": both})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["expires"] == soon
+        both_past = _attenuate(
+            shared, token, 'check if operation("GET"), time($t), $t < 2000-01-01T00:00:00Z;'
+        )
+        _problem(c.post("/v1/token", json={"token": both_past}), 401, "unauthorized")
 
 
 # ---- bob against alice's job: 404, and nothing changed ----
