@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import anyio.to_thread
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+async def in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run blocking ``fn`` in a worker thread (anyio's pool, bounded)."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:
