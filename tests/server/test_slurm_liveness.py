@@ -17,6 +17,7 @@ class FakeSlurm:
     def __init__(self) -> None:
         self.ping = (0, "Slurmctld(primary) at x is UP\n", "")
         self.squeue = (0, "", "")
+        self.sacct = (1, "", "Slurm accounting storage is disabled\n")
         self.calls: list[str] = []
 
     async def __call__(self, *argv: str, **_: Any) -> tuple[int, str, str]:
@@ -25,7 +26,8 @@ class FakeSlurm:
             return self.ping
         if argv[0] == "squeue":
             return self.squeue
-        return 1, "", "sacct: accounting storage is disabled"
+        assert argv[0] == "sacct", argv
+        return self.sacct
 
 
 @pytest.fixture
@@ -73,6 +75,38 @@ async def test_squeue_s_invalid_job_id_means_none_is_known(fake: FakeSlurm) -> N
     fake.squeue = (1, "", "slurm_load_jobs error: Invalid job id specified")
     await live.check({"a": "10"})
     assert [e.jobid for e in await live.check({"a": "10"})] == ["a"]
+
+
+async def test_a_job_squeue_forgot_ends_as_accounting_says(fake: FakeSlurm) -> None:
+    """squeue forgets a job MinJobAge after its end: sacct then tells how it ended (the
+    latest of several jobs with that id); a job accounting still thinks runs is lost."""
+    live = SlurmLiveness()
+    jobs = {"a": "10", "b": "11"}
+    fake.squeue = (1, "", "slurm_load_jobs error: Invalid job id specified")
+    fake.sacct = (0, "COMPLETED|0:0\nFAILED|0:9\n", "")
+    assert await live.check(jobs) == []
+    ended = {e.jobid: e.reason for e in await live.check(jobs)}
+    assert ended["a"] == (
+        "Slurm job 10 ended FAILED, exit code 0:9 (from accounting: squeue no longer shows it)"
+        " and psik recorded no end state"
+    )
+    fake.sacct = (0, "CANCELLED by 0|0:15\n", "")
+    assert "ended CANCELLED by 0, exit code 0:15 (from accounting" in (await live.check(jobs))[0].reason
+    fake.sacct = (0, "RUNNING|0:0\n", "")
+    reason = (await live.check(jobs))[0].reason
+    assert reason.startswith("Slurm job 10 is no longer known to the controller (lost)")
+    assert "accounting last saw it RUNNING" in reason
+
+
+async def test_without_accounting_a_job_squeue_forgot_is_lost(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    fake.squeue = (0, "", "")
+    await live.check({"a": "10"})
+    [ended] = await live.check({"a": "10"})
+    assert ended.reason == (
+        "Slurm job 10 is no longer known to the controller (lost) and psik recorded no end state"
+    )
+    assert fake.calls.count("sacct") == 1
 
 
 async def test_health_says_why(fake: FakeSlurm) -> None:

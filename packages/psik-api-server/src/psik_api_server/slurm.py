@@ -200,14 +200,16 @@ async def cancel(native_ids: Iterable[str]) -> str | None:
 
 @dataclass(frozen=True)
 class SlurmJob:
-    """What squeue says of one job: its state (RUNNING, CANCELLED...) and reason."""
+    """What squeue says of one job: its state (RUNNING, CANCELLED...) and reason (for
+    sacct's answer, the exit code)."""
 
     state: str
     reason: str
 
     @property
     def ended(self) -> bool:
-        return self.state in ENDED
+        # sacct says "CANCELLED by <uid>"
+        return self.state.split(" ", 1)[0] in ENDED
 
 
 async def slurm_states(native_ids: Iterable[str]) -> dict[str, SlurmJob] | None:
@@ -232,12 +234,16 @@ async def slurm_states(native_ids: Iterable[str]) -> dict[str, SlurmJob] | None:
     return found
 
 
-async def accounting_state(native_id: str) -> str | None:
-    """The job's final state per ``sacct`` (e.g. ``CANCELLED by 0``), None where
-    accounting is disabled or does not know the job."""
-    code, out, _ = await run("sacct", "-n", "-X", "-P", "-j", native_id, "-o", "State,ExitCode")
-    line = out.strip().splitlines()[0] if code == 0 and out.strip() else ""
-    return line.replace("|", ", exit code ") if line else None
+async def accounting_state(native_id: str) -> SlurmJob | None:
+    """What ``sacct`` last recorded of the job: its state and exit code (as ``reason``,
+    e.g. ``SlurmJob("FAILED", "0:9")``, ``SlurmJob("CANCELLED by 0", "0:0")``). None where
+    accounting is disabled, cannot be asked or does not know the job. Of several jobs
+    with that id (ids start over after a controller lost its state), the latest."""
+    code, out, _ = await run("sacct", "-n", "-X", "-P", "-j", native_id, "-o", "State,ExitCode", limit=10)
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 1] if code == 0 else []
+    if not rows or not rows[-1][0]:
+        return None
+    return SlurmJob(rows[-1][0], rows[-1][1])
 
 
 class SlurmHealth:

@@ -9,8 +9,10 @@ say ``queued``/``active`` forever. So at every liveness check the server asks ``
 job's ``queued`` row. A job that Slurm shows ended (CANCELLED, TIMEOUT, NODE_FAIL, ...),
 or does not know at all, in two checks in a row while its status.csv still has no end
 state is failed: the second look leaves psik's own end row (written just before the
-batch script exits) time to arrive. Where accounting is configured, ``sacct`` adds the
-final state of a job squeue has forgotten.
+batch script exits) time to arrive. Where accounting is configured, ``sacct`` gives the
+final state (and exit code) of a job squeue has forgotten (``MinJobAge`` after its end,
+300 s by default: e.g. a job that ended while the server was down); without it, such a
+job is failed as lost.
 
 A job is never failed when squeue cannot be asked (the controller is down): nothing can
 be concluded then. The end state psik wrote is never overridden (the job is re-read
@@ -99,8 +101,20 @@ class SlurmLiveness:
         for e in ended:
             reason = e.reason
             if "no longer known" in reason:
-                acct = await slurm.accounting_state(jobs[e.jobid])
-                if acct is not None:
-                    reason += f"; accounting says {acct}"
+                reason = await self._from_accounting(jobs[e.jobid], reason)
             out.append(Ended(e.jobid, reason + " and psik recorded no end state"))
         return out
+
+    @staticmethod
+    async def _from_accounting(nid: str, lost: str) -> str:
+        """Why a job squeue no longer shows is over: its end per ``sacct`` (squeue forgets
+        a job MinJobAge after its end), else ``lost``."""
+        acct = await slurm.accounting_state(nid)
+        if acct is None:
+            return lost
+        if acct.ended:
+            return (
+                f"Slurm job {nid} ended {acct.state}, exit code {acct.reason}"
+                " (from accounting: squeue no longer shows it)"
+            )
+        return f"{lost}; accounting last saw it {acct.state}"
