@@ -2,6 +2,7 @@
 """A single-node Slurm cluster on loopback, for tests and benchmarks.
 
     python scripts/slurm_cluster.py up     --state DIR   # install if needed, start, wait idle
+    python scripts/slurm_cluster.py up     --state DIR --no-accounting   # no slurmdbd/sacct
     python scripts/slurm_cluster.py status --state DIR   # what runs; exit 1 if not up
     python scripts/slurm_cluster.py down   --state DIR   # cancel jobs, stop what `up` started
 
@@ -13,8 +14,20 @@ slurmd with every file under DIR, waits for the node to be idle, and runs a prob
 that the first scheduling pass (3-4 s after slurmctld starts) is behind us. Clients need
 ``SLURM_CONF=DIR/slurm.conf`` (printed by ``up``, and in ``DIR/env``).
 
-``down`` stops only the daemons named by DIR's pid files, after cancelling the cluster's
-jobs. The state survives ``down``/``up`` (Slurm's job ids go on); ``--fresh`` wipes it.
+Accounting (unless ``--no-accounting``), so that ``sacct`` answers for jobs squeue has
+forgotten: Debian's ``slurmdbd mariadb-server`` are installed the same way; a MariaDB of
+the cluster's own (``DIR/mariadb``: datadir, socket, pid file, log; TCP on 127.0.0.1 at a
+port picked once) runs as user mysql; slurmdbd (``DIR/slurmdbd.conf``, mode 600, next to
+slurm.conf) stores into it; the cluster is registered (``sacctmgr -i add cluster``) before
+slurmctld starts with ``AccountingStorageType=accounting_storage/slurmdbd``. A cluster
+already up on another ``slurm.conf`` (e.g. without accounting) has slurmctld and slurmd
+restarted on the new one. ``MinJobAge`` is 5 s (Slurm's default: 300 s): a finished job
+leaves squeue 5-15 s after its end (slurmctld purges every max(10 s, MinJobAge)), so that
+tests see what a server sees of a job that ended long ago.
+
+``down`` stops only the daemons named by DIR's pid files (mariadbd and slurmdbd too),
+after cancelling the cluster's jobs. The state survives ``down``/``up`` (Slurm's job ids
+go on); ``--fresh`` wipes it.
 
 Stdlib only: it runs before any virtualenv exists. Needs root (the daemons run as root;
 a job runs as whoever submits it).
@@ -25,8 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,8 +49,13 @@ from pathlib import Path
 
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
 PROGRAMS = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo"]
+ACCOUNTING_PACKAGES = ["slurmdbd", "mariadb-server"]
+ACCOUNTING_PROGRAMS = ["slurmdbd", "mariadbd", "mariadb-install-db", "mariadb", "sacct", "sacctmgr"]
 #: Daemons in start order; ``down`` stops them in reverse.
-DAEMONS = ["munged", "slurmctld", "slurmd"]
+DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"]
+ACCOUNTING_DAEMONS = ("mariadbd", "slurmdbd")
+#: slurmdbd's port on 127.0.0.1 (Slurm's default).
+DBD_PORT = 6819
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 
@@ -52,8 +72,9 @@ def which(prog: str) -> str | None:
     return shutil.which(prog, path=path)
 
 
-def missing_programs() -> list[str]:
-    return [p for p in PROGRAMS if which(p) is None]
+def missing_programs(accounting: bool = False) -> list[str]:
+    wanted = PROGRAMS + (ACCOUNTING_PROGRAMS if accounting else [])
+    return [p for p in wanted if which(p) is None]
 
 
 def cannot_run() -> str | None:
@@ -68,12 +89,13 @@ def cannot_run() -> str | None:
     return None
 
 
-def install() -> None:
-    """apt-get install the Slurm packages if any program is missing."""
-    missing = missing_programs()
+def install(accounting: bool = False) -> None:
+    """apt-get install the Slurm packages (and accounting's) if any program is missing."""
+    missing = missing_programs(accounting)
     if not missing:
         return
-    log(f"installing {' '.join(PACKAGES)} ({', '.join(missing)} missing)")
+    packages = PACKAGES + (ACCOUNTING_PACKAGES if accounting else [])
+    log(f"installing {' '.join(packages)} ({', '.join(missing)} missing)")
     policy = Path("/usr/sbin/policy-rc.d")
     made_policy = False
     if not policy.exists():
@@ -84,27 +106,34 @@ def install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold"]
     try:
-        result = subprocess.run([*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=False)
+        result = subprocess.run([*apt, "install", "--no-install-recommends", *packages], env=env, check=False)
         if result.returncode != 0:
             # A fresh machine may have no package lists yet.
             subprocess.run([*apt, "update"], env=env, check=True)
-            subprocess.run([*apt, "install", "--no-install-recommends", *PACKAGES], env=env, check=True)
+            subprocess.run([*apt, "install", "--no-install-recommends", *packages], env=env, check=True)
     except subprocess.CalledProcessError as e:
-        raise ClusterError(f"apt-get failed ({e.returncode}) installing {' '.join(PACKAGES)}") from e
+        raise ClusterError(f"apt-get failed ({e.returncode}) installing {' '.join(packages)}") from e
     finally:
         if made_policy:
             policy.unlink(missing_ok=True)
-    still = missing_programs()
+    still = missing_programs(accounting)
     if still:
-        raise ClusterError(f"installed {' '.join(PACKAGES)} but {', '.join(still)} still missing")
+        raise ClusterError(f"installed {' '.join(packages)} but {', '.join(still)} still missing")
 
 
 class Cluster:
     """The files of one cluster under its state directory."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, *, accounting: bool = True) -> None:
         self.state = state.absolute()
+        self.accounting = accounting
         self.conf = self.state / "slurm.conf"
+        self.dbd_conf = self.state / "slurmdbd.conf"
+        # MariaDB's own files, owned by mysql: datadir, socket, pid file, log.
+        self.mariadb = self.state / "mariadb"
+        self.datadir = self.mariadb / "data"
+        self.db_socket = self.mariadb / "mariadbd.sock"
+        self.db_secret = self.state / "db.secret"  # "port password", root only
         self.munge = self.state / "munge"
         self.socket = self.munge / "munge.socket.2"
         self.key = self.munge / "munge.key"
@@ -113,8 +142,13 @@ class Cluster:
         self.logs = self.state / "log"
 
     def pidfile(self, daemon: str) -> Path:
-        # munged runs as user munge: its files live in its own directory.
-        return (self.munge if daemon == "munged" else self.state) / f"{daemon}.pid"
+        # munged and mariadbd run as users munge and mysql: their files live in their own directories.
+        own = {"munged": self.munge, "mariadbd": self.mariadb}
+        return own.get(daemon, self.state) / f"{daemon}.pid"
+
+    def daemons(self) -> list[str]:
+        """The daemons of this configuration, in start order."""
+        return [d for d in DAEMONS if self.accounting or d not in ACCOUNTING_DAEMONS]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -148,7 +182,81 @@ class Cluster:
         shutil.chown(self.munge, "munge", "munge")
         shutil.chown(self.key, "munge", "munge")
         self.key.chmod(0o400)
-        self.conf.write_text(self.slurm_conf())
+        if self.accounting:
+            self.mariadb.mkdir(exist_ok=True)
+            shutil.chown(self.mariadb, "mysql", "mysql")
+            self.mariadb.chmod(0o750)
+            self.write_secret(self.dbd_conf, self.slurmdbd_conf())
+        self.write_if_changed(self.conf, self.slurm_conf())
+
+    def write_if_changed(self, path: Path, text: str) -> bool:
+        """Write ``text`` to ``path`` unless it holds it already; True if it changed."""
+        try:
+            if path.read_text() == text:
+                return False
+        except OSError:
+            pass
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return True
+
+    def write_secret(self, path: Path, text: str) -> None:
+        try:
+            if path.read_text() == text and path.stat().st_mode & 0o077 == 0:
+                return
+        except OSError:
+            pass
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.replace(path)
+
+    def db_port_and_password(self) -> tuple[int, str]:
+        """MariaDB's TCP port (a free one, picked once) and the password of its user slurm."""
+        try:
+            port, password = self.db_secret.read_text().split()
+            return int(port), password
+        except (OSError, ValueError):
+            pass
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        password = secrets.token_hex(16)
+        self.write_secret(self.db_secret, f"{port} {password}\n")
+        return port, password
+
+    def slurmdbd_conf(self) -> str:
+        port, password = self.db_port_and_password()
+        return f"""\
+# Written by scripts/slurm_cluster.py: slurmdbd of the cluster under {self.state}.
+AuthType=auth/munge
+AuthInfo=socket={self.socket}
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={DBD_PORT}
+SlurmUser=root
+PidFile={self.pidfile("slurmdbd")}
+LogFile={self.logs / "slurmdbd.log"}
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={port}
+StorageUser=slurm
+StoragePass={password}
+StorageLoc=slurm_acct_db
+"""
+
+    def accounting_conf(self) -> str:
+        if not self.accounting:
+            return "AccountingStorageType=accounting_storage/none\n"
+        return f"""\
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort={DBD_PORT}
+AccountingStoragePass={self.socket}
+"""
 
     def slurm_conf(self) -> str:
         s = self.state
@@ -171,11 +279,10 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0
 ReturnToService=2
-MinJobAge=300
+MinJobAge=5
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MailProg=/bin/true
+{self.accounting_conf()}MailProg=/bin/true
 MpiDefault=none
 StateSaveLocation={self.ctld}
 SlurmdSpoolDir={self.spool}
@@ -193,6 +300,9 @@ SlurmdTimeout=30
         """Start ``daemon`` unless it runs; True if this call started it."""
         if self.pid(daemon) is not None:
             return False
+        if daemon == "mariadbd":
+            self.start_mariadbd()
+            return True
         if daemon == "munged":
             argv = [
                 "runuser", "-u", "munge", "--", which("munged") or "munged",
@@ -202,6 +312,8 @@ SlurmdTimeout=30
                 f"--log-file={self.munge / 'munged.log'}",
                 f"--seed-file={self.munge / 'munged.seed'}",
             ]  # fmt: skip
+        elif daemon == "slurmdbd":
+            argv = [which("slurmdbd") or "slurmdbd"]  # reads slurmdbd.conf next to $SLURM_CONF
         elif daemon == "slurmctld":
             argv = [which("slurmctld") or "slurmctld", "-i", "-f", str(self.conf)]
         else:
@@ -215,7 +327,84 @@ SlurmdTimeout=30
         wait_for(lambda: self.pid(daemon) is not None, 10, f"{daemon}'s pid file {self.pidfile(daemon)}")
         if daemon == "munged":
             wait_for(self.socket.exists, 10, f"munged's socket {self.socket}")
+        if daemon == "slurmdbd":
+            wait_for(
+                lambda: self.slurm("sacctmgr", "-n", "list", "cluster").returncode == 0,
+                60,
+                "slurmdbd to answer",
+            )
         return True
+
+    def stale(self, daemon: str) -> bool:
+        """True if ``daemon`` runs on an older configuration than its file's."""
+        if daemon not in ("slurmdbd", "slurmctld", "slurmd"):
+            return False
+        conf = self.dbd_conf if daemon == "slurmdbd" else self.conf
+        try:
+            return (
+                self.pid(daemon) is not None and conf.stat().st_mtime > self.pidfile(daemon).stat().st_mtime
+            )
+        except OSError:
+            return False
+
+    # ---- accounting ----
+
+    def sql(self, statement: str) -> subprocess.CompletedProcess[str]:
+        """Run SQL as MariaDB's root (unix socket authentication: we are root)."""
+        argv = [which("mariadb") or "mariadb", "--no-defaults", f"--socket={self.db_socket}", "-uroot", "-e"]
+        return subprocess.run([*argv, statement], capture_output=True, text=True, timeout=30, check=False)
+
+    def start_mariadbd(self) -> None:
+        """Initialise the datadir once, start mariadbd (it does not daemonise: setsid -f),
+        and (re)grant user slurm its database."""
+        port, password = self.db_port_and_password()
+        log_file = self.mariadb / "mariadbd.log"
+        if not self.datadir.exists():
+            tmp = self.mariadb / "data.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            r = subprocess.run(
+                [
+                    which("mariadb-install-db") or "mariadb-install-db", "--no-defaults", "--user=mysql",
+                    f"--datadir={tmp}", "--auth-root-authentication-method=socket", "--skip-test-db",
+                    "--skip-name-resolve",
+                ],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            if r.returncode != 0:
+                raise ClusterError(
+                    f"mariadb-install-db failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}"
+                )
+            tmp.rename(self.datadir)
+        subprocess.run(
+            [
+                which("setsid") or "setsid", "-f", which("mariadbd") or "mariadbd",
+                "--no-defaults", "--user=mysql",
+                f"--datadir={self.datadir}", f"--socket={self.db_socket}",
+                f"--pid-file={self.pidfile('mariadbd')}", f"--log-error={log_file}",
+                "--bind-address=127.0.0.1", f"--port={port}", "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M", "--innodb-lock-wait-timeout=900",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+        )  # fmt: skip
+        wait_for(lambda: self.pid("mariadbd") is not None, 30, f"mariadbd's pid file (log: {log_file})")
+        wait_for(lambda: self.sql("SELECT 1").returncode == 0, 30, f"mariadbd to answer (log: {log_file})")
+        grant = (
+            f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}';"
+            f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}';"
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+        )
+        r = self.sql(grant)
+        if r.returncode != 0:
+            raise ClusterError(f"granting user slurm its database failed: {r.stderr.strip()}")
+
+    def register(self) -> None:
+        """Add the cluster to accounting unless it is known (slurmctld wants it there)."""
+        r = self.slurm("sacctmgr", "-n", "-P", "list", "cluster", "format=Cluster")
+        if r.returncode == 0 and "test" in r.stdout.split():
+            return
+        r = self.slurm("sacctmgr", "-i", "add", "cluster", "test")
+        if r.returncode != 0 and "already exists" not in (r.stdout + r.stderr).lower():
+            raise ClusterError(f"sacctmgr add cluster test failed: {(r.stderr or r.stdout).strip()}")
 
     def stop(self, daemon: str) -> bool:
         pid = self.pid(daemon)
@@ -269,16 +458,25 @@ def wait_for(cond: object, timeout: float, what: str) -> None:
 
 
 def up(cluster: Cluster, *, fresh: bool = False) -> list[str]:
-    """Bring the cluster up; the daemons this call started."""
+    """Bring the cluster up; the daemons this call started (or restarted on a new
+    configuration)."""
     why = cannot_run()
     if why is not None:
         raise ClusterError(why)
-    install()
+    install(cluster.accounting)
     if fresh:
         down(cluster)
         shutil.rmtree(cluster.state, ignore_errors=True)
     cluster.write_files()
-    started = [d for d in DAEMONS if cluster.start(d)]
+    started = []
+    for d in cluster.daemons():
+        if cluster.stale(d):
+            log(f"restarting {d} on its new configuration")
+            cluster.stop(d)
+        if d == "slurmctld" and cluster.accounting and cluster.pid(d) is None:
+            cluster.register()
+        if cluster.start(d):
+            started.append(d)
     try:
         wait_for(lambda: cluster.node_state() == "idle" or bool(cluster.job_ids()), 30, "the node to be idle")
         if started:
@@ -300,7 +498,7 @@ def down(cluster: Cluster) -> list[str]:
 
 
 def status(cluster: Cluster) -> bool:
-    running = {d: cluster.pid(d) for d in DAEMONS}
+    running = {d: cluster.pid(d) for d in cluster.daemons()}
     for d, pid in running.items():
         print(f"{d}: {'pid ' + str(pid) if pid else 'not running'}")
     if all(running.values()):
@@ -315,8 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--state", required=True, type=Path, help="the cluster's state directory")
     parser.add_argument("--fresh", action="store_true", help="up: wipe the state directory first")
+    parser.add_argument(
+        "--no-accounting",
+        dest="accounting",
+        action="store_false",
+        help="up: no slurmdbd/MariaDB (sacct says accounting storage is disabled)",
+    )
     args = parser.parse_args(argv)
-    cluster = Cluster(args.state)
+    cluster = Cluster(args.state, accounting=args.accounting)
     try:
         if args.action == "up":
             started = up(cluster, fresh=args.fresh)

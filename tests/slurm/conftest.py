@@ -4,7 +4,8 @@ The cluster is brought up once per test session in ``/tmp/psik-api-slurm`` (inst
 Debian's packages when missing) and reused if it already runs there; it is stopped at the
 end only if this session started it and no other session is using it (a shared flock on
 ``/tmp/psik-api-slurm.lock`` marks a user). Where Slurm cannot run (not root, no apt) the
-tests skip saying why, except under ``CI=true``, where that is a failure.
+tests skip saying why, except under ``CI=true``, where that is a failure. The cluster has
+accounting (slurmdbd, MariaDB: ``sacct`` answers) and a MinJobAge of 5 s.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ a 503 whose job can be started once it is back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import signal
 import subprocess
 import sys
 import time
@@ -130,7 +133,21 @@ async def test_a_failing_script_is_failed_with_its_exit_code(api: AsyncClient) -
     assert done.exit_code == 3
 
 
+def ensure_account(account: str) -> None:
+    """With accounting, Slurm gives a job its user's default account unless the account
+    asked for is one of the user's: make ``account`` one of ours."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    for argv in (("account", account), ("user", user, f"account={account}")):
+        # Exit 1 with "Nothing new added" when it is there already.
+        subprocess.run(["sacctmgr", "-i", "add", *argv], capture_output=True, text=True, timeout=30)
+    assoc = slurm(
+        "sacctmgr", "-n", "-P", "list", "assoc", f"user={user}", f"account={account}", "format=Account"
+    )
+    assert assoc.split() == [account], assoc
+
+
 async def test_resources_reach_slurm_and_psik_attributes_do_not(api: AsyncClient) -> None:
+    ensure_account("physics")
     ntasks = min(2, os.cpu_count() or 1)
     job = await api.submit(
         {
@@ -379,3 +396,76 @@ async def _restart_and_check(settings: Settings, jobid: str, first: str, second:
         canceled = await client.cancel(jobid)
         assert canceled.state is JobState.canceled
         await until(lambda: squeue_state(first) in (None, "CANCELLED"), 30, "the adopted Slurm job to end")
+
+
+# ---- accounting (slurmdbd): the harness runs it; MinJobAge is 5 s ----
+
+
+def sacct(native_id: str) -> str:
+    """``State|ExitCode`` per sacct ("" while accounting has no record of the job)."""
+    return slurm("sacct", "-n", "-X", "-P", "-j", native_id, "-o", "State,ExitCode").strip()
+
+
+def kill_batch_step(native_id: str) -> None:
+    """SIGKILL every process of the job's batch step (this machine is its node)."""
+    out = slurm("scontrol", "listpids", native_id)
+    rows = [line.split() for line in out.splitlines()[1:]]
+    pids = [int(r[0]) for r in rows if len(r) >= 3 and r[2] == "batch"]
+    assert pids, out
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_sacct_answers_for_a_finished_job(api: AsyncClient) -> None:
+    job = await api.submit({"backend": "slurm", "script": "#!/bin/bash\necho accounted"})
+    assert job.native_id is not None
+    done = await api.wait(job.jobid, timeout=60)
+    assert done.state is JobState.completed, done.history
+    await until(lambda: sacct(job.native_id or "") == "COMPLETED|0:0", 30, "sacct to say COMPLETED")
+    # ... also once squeue has forgotten it (MinJobAge after its end).
+    await until(lambda: squeue_state(job.native_id or "") is None, 60, "squeue to forget the job")
+    assert sacct(job.native_id) == "COMPLETED|0:0"
+
+
+async def test_a_job_that_ended_unrecorded_while_the_server_was_down_is_failed_from_accounting(
+    tmp_path: Path,
+) -> None:
+    """The job's processes SIGKILLed on the compute node (as the OOM killer does: psik's
+    batch script records no end row) while no server runs; by the time one starts again
+    squeue has forgotten the job. Its end is not lost: the server asks sacct, and fails
+    the job with Slurm's state and exit code."""
+    settings = slurm_settings(tmp_path)
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        AsyncClient("http://testserver", transport=httpx.ASGITransport(app=app), timeout=120) as client,
+    ):
+        job = await client.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300"})
+        assert job.native_id is not None
+        nid = job.native_id
+
+        async def active() -> bool:
+            return (await client.state(job.jobid)).state is JobState.active
+
+        deadline = time.monotonic() + 30
+        while not await active():
+            assert time.monotonic() < deadline, "the job never became active"
+            await anyio.sleep(0.1)
+    # The server is down.
+    # (scancel --signal=KILL would be a cancel: CANCELLED, as in the scancel test above)
+    kill_batch_step(nid)
+    await until(lambda: squeue_state(nid) is None, 60, "squeue to forget the job")
+    await until(lambda: sacct(nid).startswith("FAILED|"), 30, "sacct to record the job's end")
+    history = (settings.prefix / job.jobid / "status.csv").read_text()
+    assert ",completed," not in history and ",failed," not in history  # psik recorded no end
+
+    app = create_app(settings)  # the server is back
+    async with (
+        LifespanManager(app),
+        AsyncClient("http://testserver", transport=httpx.ASGITransport(app=app), timeout=120) as client,
+    ):
+        done = await client.wait(job.jobid, timeout=LIVENESS_BOUND + 30, poll_interval=0.1)
+    assert done.state is JobState.failed, done.history
+    reason = done.history[-1].info
+    assert f"Slurm job {nid} ended FAILED, exit code 0:9 (from accounting" in reason, reason
