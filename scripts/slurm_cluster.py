@@ -159,14 +159,7 @@ class Cluster:
             pid = int(self.pidfile(daemon).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z" or not daemon.startswith(comm[:15]):
-            return None
-        return pid
+        return pid if running(pid, daemon) else None
 
     # ---- files ----
 
@@ -412,10 +405,12 @@ SlurmdTimeout=30
             return False
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if not poll(lambda: self.pid(daemon) is None, 10):
+        # The process, not its pid file: daemons remove that before they are done (saving
+        # state, closing ports a restart needs).
+        if not poll(lambda: not running(pid, daemon), 20):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            poll(lambda: self.pid(daemon) is None, 5)
+            poll(lambda: not running(pid, daemon), 5)
         self.pidfile(daemon).unlink(missing_ok=True)
         return True
 
@@ -439,6 +434,16 @@ SlurmdTimeout=30
             raise ClusterError(f"probe job refused: {r.stderr.strip()}")
         jobid = r.stdout.strip().split(";")[0]
         wait_for(lambda: jobid not in self.job_ids(), 60, f"probe job {jobid} to finish")
+
+
+def running(pid: int, daemon: str) -> bool:
+    """True if ``pid`` is a live (not zombie) process of the program ``daemon``."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and daemon.startswith(comm[:15])
 
 
 def poll(cond: object, timeout: float, step: float = 0.1) -> bool:
