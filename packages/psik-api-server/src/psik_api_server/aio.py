@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import os
+from collections.abc import AsyncGenerator, Callable
 from typing import ParamSpec, TypeVar
 
 import anyio.to_thread
@@ -15,6 +16,19 @@ R = TypeVar("R")
 async def in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run blocking ``fn`` in a worker thread (anyio's pool, bounded)."""
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def pread_chunks(fd: int, start: int, end: int, size: int) -> AsyncGenerator[bytes, None]:
+    """The bytes of ``fd`` from ``start`` to ``end``, at most ``size`` at a time, each
+    read in a worker thread (a streamed response's body); fewer if the file is cut
+    shorter meanwhile."""
+    pos = start
+    while pos < end:
+        chunk = await in_thread(os.pread, fd, min(size, end - pos), pos)
+        if not chunk:
+            return  # cut shorter meanwhile: the client sees a short body
+        pos += len(chunk)
+        yield chunk
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:

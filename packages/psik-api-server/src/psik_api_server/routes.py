@@ -31,6 +31,7 @@ from psik_api_core.models import InvalidJSON, loads_input
 from .bodies import read_body
 from .errors import ApiError
 from .openapi import OPERATIONS, Operation
+from .params import bad_query, path_jobid
 from .problems import validation_problem
 from .routes_auth import mint_token, show_token, token_key
 from .routes_callback import post_callback
@@ -59,14 +60,6 @@ def _json(model: BaseModel | Sequence[BaseModel], status: int = 200, **headers: 
     return JSONResponse(content, status_code=status, headers=headers or None)
 
 
-def _bad_query(name: str, why: str) -> ApiError:
-    return ApiError(
-        ProblemCode.validation_error,
-        f"query parameter {name!r}: {why}",
-        errors=[field_error(["query", name], why)],
-    )
-
-
 #: Query parameters that may be given more than once (``?state=queued&state=active``),
 #: as the OpenAPI table says.
 REPEATABLE = frozenset(
@@ -78,21 +71,10 @@ def _only_params(request: Request, allowed: set[str]) -> None:
     seen: set[str] = set()
     for name, _ in request.query_params.multi_items():
         if name not in allowed:
-            raise _bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
+            raise bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
         if name in seen and name not in REPEATABLE:
-            raise _bad_query(name, "given more than once")
+            raise bad_query(name, "given more than once")
         seen.add(name)
-
-
-def _jobid(request: Request) -> str:
-    jobid = str(request.path_params["jobid"])
-    if not is_jobid(jobid):
-        raise ApiError(
-            ProblemCode.validation_error,
-            f"{jobid[:64]!r} is not a job id (digits with an optional fraction, e.g. 1693992878.203)",
-            errors=[field_error(["path", "jobid"], "not a job id")],
-        )
-    return jobid
 
 
 async def _spec(request: Request) -> JobSpec:
@@ -166,7 +148,7 @@ async def new_job(request: Request) -> Response:
 
 async def start_job(request: Request) -> Response:
     _only_params(request, set())
-    return _json(await _service(request).start(principal(request), _jobid(request)))
+    return _json(await _service(request).start(principal(request), path_jobid(request)))
 
 
 async def list_jobs(request: Request) -> Response:
@@ -178,20 +160,20 @@ async def list_jobs(request: Request) -> Response:
             try:
                 states.append(JobState(part))
             except ValueError:
-                raise _bad_query(
+                raise bad_query(
                     "state", f"{part!r} is not one of {', '.join(s.value for s in JobState)}"
                 ) from None
     ids = q.getlist("id")
     if len(ids) > LIMITS.max_ids:
-        raise _bad_query("id", f"at most {LIMITS.max_ids} ids per request")
+        raise bad_query("id", f"at most {LIMITS.max_ids} ids per request")
     for jobid in ids:
         if not is_jobid(jobid):
-            raise _bad_query("id", f"{jobid[:64]!r} is not a job id")
+            raise bad_query("id", f"{jobid[:64]!r} is not a job id")
     limit = LIMITS.default_page_size
     if "limit" in q:
         raw, most = q["limit"], LIMITS.max_page_size
         if not raw.isdigit() or not 1 <= int(raw) <= most:
-            raise _bad_query("limit", f"{raw[:32]!r} is not an integer from 1 to {most}")
+            raise bad_query("limit", f"{raw[:32]!r} is not an integer from 1 to {most}")
         limit = int(raw)
     cursor = q.get("cursor") or None
     page = await _service(request).list(
@@ -208,20 +190,20 @@ async def list_jobs(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     _only_params(request, set())
-    return _json(await _service(request).get(principal(request), _jobid(request)))
+    return _json(await _service(request).get(principal(request), path_jobid(request)))
 
 
 async def get_state(request: Request) -> Response:
     _only_params(request, set())
-    return _json(await _service(request).status(principal(request), _jobid(request)))
+    return _json(await _service(request).status(principal(request), path_jobid(request)))
 
 
 async def delete_job(request: Request) -> Response:
     _only_params(request, {"purge"})
     purge = request.query_params.get("purge", "false").lower()
     if purge not in {"true", "false", "1", "0"}:
-        raise _bad_query("purge", "must be true or false")
-    service, who, jobid = _service(request), principal(request), _jobid(request)
+        raise bad_query("purge", "must be true or false")
+    service, who, jobid = _service(request), principal(request), path_jobid(request)
     if purge in {"true", "1"}:
         await service.purge(who, jobid)
         return Response(status_code=204)

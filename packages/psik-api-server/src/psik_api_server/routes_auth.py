@@ -21,16 +21,9 @@ from psik_api_core.models import InvalidJSON, loads_input
 
 from .bodies import read_body
 from .errors import ApiError
+from .params import bad_query
 from .tokenauth import CALLER_KEY, Caller, insecure, unauthorized
 from .tokens import TokenAuthority, TokenError, rfc3339
-
-
-def _bad_query(name: str, why: str) -> ApiError:
-    return ApiError(
-        ProblemCode.validation_error,
-        f"query parameter {name!r}: {why}",
-        errors=[field_error(["query", name], why)],
-    )
 
 
 def _only_params(request: Request, allowed: set[str]) -> None:
@@ -42,7 +35,7 @@ def _only_params(request: Request, allowed: set[str]) -> None:
                 if name in seen
                 else f"unknown; allowed: {', '.join(allowed) or 'none'}"
             )
-            raise _bad_query(name, why)
+            raise bad_query(name, why)
         seen.add(name)
 
 
@@ -84,7 +77,7 @@ async def mint_token(request: Request) -> Response:
         except ValueError:
             lifetime = -1.0
         if not 0 < lifetime <= tokens.lifetime:
-            raise _bad_query(
+            raise bad_query(
                 "expires", f"{raw[:32]!r} is not a number of seconds from 1 to {tokens.lifetime:g}"
             )
     minted = tokens.mint(caller.identity, lifetime)

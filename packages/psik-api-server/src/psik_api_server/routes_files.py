@@ -25,12 +25,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode, field_error, is_jobid
+from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode, field_error
 from psik_api_core.limits import byte_size
 
 from . import jobfiles
+from .aio import pread_chunks
 from .errors import ApiError
 from .files_service import FileService, OpenFile
+from .params import bad_query, path_jobid, single_params
 from .security import principal
 from .service import in_thread
 
@@ -45,41 +47,11 @@ def _files(request: Request) -> FileService:
     return files
 
 
-def _bad_query(name: str, why: str) -> ApiError:
-    return ApiError(
-        ProblemCode.validation_error,
-        f"query parameter {name!r}: {why}",
-        errors=[field_error(["query", name], why)],
-    )
-
-
-def _query(request: Request, allowed: set[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name, value in request.query_params.multi_items():
-        if name not in allowed:
-            raise _bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
-        if name in found:
-            raise _bad_query(name, "given more than once")
-        found[name] = value
-    return found
-
-
 def _flag(query: dict[str, str], name: str) -> bool:
     value = query.get(name, "false").lower()
     if value not in {"true", "false", "1", "0"}:
-        raise _bad_query(name, "must be true or false")
+        raise bad_query(name, "must be true or false")
     return value in {"true", "1"}
-
-
-def _jobid(request: Request) -> str:
-    jobid = str(request.path_params["jobid"])
-    if not is_jobid(jobid):
-        raise ApiError(
-            ProblemCode.validation_error,
-            f"{jobid[:64]!r} is not a job id (digits with an optional fraction, e.g. 1693992878.203)",
-            errors=[field_error(["path", "jobid"], "not a job id")],
-        )
-    return jobid
 
 
 def _file_path(request: Request) -> tuple[str, ...]:
@@ -143,18 +115,10 @@ class FileStream(StreamingResponse):
     """A streamed file that closes its descriptor however the response ends."""
 
     def __init__(self, opened: OpenFile, start: int, end: int, status: int, headers: dict[str, str]) -> None:
-        super().__init__(self._chunks(opened.fd, start, end), status_code=status, headers=headers)
+        super().__init__(
+            pread_chunks(opened.fd, start, end, jobfiles.CHUNK), status_code=status, headers=headers
+        )
         self.opened = opened
-
-    @staticmethod
-    async def _chunks(fd: int, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        pos = start
-        while pos < end:
-            chunk = await in_thread(os.pread, fd, min(jobfiles.CHUNK, end - pos), pos)
-            if not chunk:
-                return  # cut shorter meanwhile: the client sees a short body
-            pos += len(chunk)
-            yield chunk
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -221,16 +185,16 @@ async def _serve(request: Request, opened: OpenFile) -> Response:
 
 
 async def list_job_files(request: Request) -> Response:
-    query = _query(request, {"recursive"})
-    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    query = single_params(request, {"recursive"})
+    jobid, recursive = path_jobid(request), _flag(query, "recursive")
     got = await _files(request).get(principal(request), jobid, (), recursive=recursive)
     assert isinstance(got, FileListing)
     return _listing(got)
 
 
 async def get_job_file(request: Request) -> Response:
-    query = _query(request, {"recursive"})
-    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    query = single_params(request, {"recursive"})
+    jobid, recursive = path_jobid(request), _flag(query, "recursive")
     parts = _file_path(request)
     whole = "range" not in request.headers
     got = await _files(request).get(principal(request), jobid, parts, recursive=recursive, whole=whole)
@@ -246,8 +210,8 @@ async def get_job_file(request: Request) -> Response:
 
 
 async def put_job_file(request: Request) -> Response:
-    _query(request, set())
-    jobid, parts = _jobid(request), _file_path(request)
+    single_params(request, set())
+    jobid, parts = path_jobid(request), _file_path(request)
     if not parts:
         raise jobfiles.invalid("", "an upload needs a file path after /files/ (or POST a form to /files)")
     if _names_dir(request):
@@ -398,8 +362,8 @@ def _boundary(request: Request) -> bytes:
 
 
 async def upload_job_files(request: Request) -> Response:
-    query = _query(request, {"dir"})
-    jobid = _jobid(request)
+    query = single_params(request, {"dir"})
+    jobid = path_jobid(request)
     into = jobfiles.split_path(query.get("dir", ""), where="dir")
     boundary = _boundary(request)
     files = _files(request)
@@ -437,8 +401,8 @@ def _feed(parser: MultipartParser, chunk: bytes) -> None:
 
 
 async def delete_job_file(request: Request) -> Response:
-    query = _query(request, {"recursive"})
-    jobid, recursive = _jobid(request), _flag(query, "recursive")
+    query = single_params(request, {"recursive"})
+    jobid, recursive = path_jobid(request), _flag(query, "recursive")
     parts = _file_path(request)
     directory = _names_dir(request)
     await _files(request).delete(principal(request), jobid, parts, recursive=recursive, directory=directory)

@@ -22,10 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import LIMITS, Action, JobState, Principal, ProblemCode, field_error, is_jobid
+from psik_api_core import LIMITS, Action, JobState, Principal, ProblemCode, field_error
 
 from . import joblogs
+from .aio import pread_chunks
 from .errors import ApiError
+from .params import bad_query, path_jobid, single_params
 from .security import principal
 from .service import JobService, in_thread
 
@@ -142,18 +144,6 @@ def _log_is_complete(service: JobService, log: OpenLog) -> bool:
     return run is not None and row.jobndx > run
 
 
-async def _chunks(log: OpenLog, start: int, end: int) -> AsyncGenerator[bytes, None]:
-    """The bytes from ``start`` to ``end``."""
-    assert log.fd is not None
-    pos = start
-    while pos < end:
-        chunk = await in_thread(os.pread, log.fd, min(joblogs.BLOCK, end - pos), pos)
-        if not chunk:
-            return  # cut shorter meanwhile
-        pos += len(chunk)
-        yield chunk
-
-
 async def _follow(service: JobService, log: OpenLog, start: int) -> AsyncGenerator[bytes, None]:
     """The bytes from ``start`` on, then new ones as they are written, until the log is
     complete and read to its end."""
@@ -203,54 +193,24 @@ class LogResponse(StreamingResponse):
 # ---- the handlers ----
 
 
-def _bad_query(name: str, why: str) -> ApiError:
-    return ApiError(
-        ProblemCode.validation_error,
-        f"query parameter {name!r}: {why}",
-        errors=[field_error(["query", name], why)],
-    )
-
-
-def _jobid(request: Request) -> str:
-    jobid = str(request.path_params["jobid"])
-    if not is_jobid(jobid):
-        raise ApiError(
-            ProblemCode.validation_error,
-            f"{jobid[:64]!r} is not a job id (digits with an optional fraction, e.g. 1693992878.203)",
-            errors=[field_error(["path", "jobid"], "not a job id")],
-        )
-    return jobid
-
-
-def _query(request: Request, allowed: set[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name, value in request.query_params.multi_items():
-        if name not in allowed:
-            raise _bad_query(name, f"unknown parameter; allowed: {', '.join(sorted(allowed)) or 'none'}")
-        if name in found:
-            raise _bad_query(name, "given more than once")
-        found[name] = value
-    return found
-
-
 def _count(query: dict[str, str], name: str, least: int) -> int | None:
     raw = query.get(name)
     if raw is None:
         return None
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or int(raw) < least:
-        raise _bad_query(name, f"{raw[:32]!r} is not an integer >= {least}")
+        raise bad_query(name, f"{raw[:32]!r} is not an integer >= {least}")
     return int(raw)
 
 
 async def get_job_logs(request: Request) -> Response:
-    _query(request, set())
-    jobid = _jobid(request)
+    single_params(request, set())
+    jobid = path_jobid(request)
     return JSONResponse(await job_logs(request.app.state.service, principal(request), jobid))
 
 
 async def get_job_log(request: Request) -> Response:
-    query = _query(request, {"offset", "tail", "follow"})
-    jobid = _jobid(request)
+    query = single_params(request, {"offset", "tail", "follow"})
+    jobid = path_jobid(request)
     offset, tail = _count(query, "offset", 0), _count(query, "tail", 1)
     if offset is not None and tail is not None:
         raise ApiError(
@@ -263,7 +223,7 @@ async def get_job_log(request: Request) -> Response:
         )
     follow = query.get("follow", "false").lower()
     if follow not in {"true", "false", "1", "0"}:
-        raise _bad_query("follow", "must be true or false")
+        raise bad_query("follow", "must be true or false")
     service: JobService = request.app.state.service
     name = str(request.path_params["name"])
     log = await open_job_log(service, principal(request), jobid, name, follow=follow in {"true", "1"})
@@ -283,7 +243,8 @@ async def get_job_log(request: Request) -> Response:
         if request.method == "HEAD":
             log.close()
             return Response(headers={**headers, "Content-Type": TEXT})
-        return LogResponse(_chunks(log, start, size), log, headers)
+        assert log.fd is not None  # only a follow opens a log not there yet
+        return LogResponse(pread_chunks(log.fd, start, size, joblogs.BLOCK), log, headers)
     except BaseException:
         log.close()
         raise
