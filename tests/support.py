@@ -1,11 +1,13 @@
-"""Test support shared by the test trees: a live uvicorn in a thread, a sync transport
-into an in-process app, and adapters that let one async test body drive both clients."""
+"""Test support shared by the test trees: a live uvicorn in a thread, a free port and a
+wait for a server process to answer, a sync transport into an in-process app, and
+adapters that let one async test body drive both clients."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +53,28 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free just now (for a server started as a process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], output: Callable[[], str]) -> None:
+    """Wait (30 s at most) until the server process ``proc`` answers 200 on
+    ``url``/healthz; an AssertionError with its ``output()`` if it exits or never does."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"server did not start: {output()}")
+        time.sleep(0.05)
 
 
 class ASGIThreadTransport(httpx.BaseTransport):

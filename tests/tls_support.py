@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from support import free_port
 
 #: The ``certified`` CLI of the interpreter running the tests.
 CERTIFIED = str(Path(sys.executable).with_name("certified"))
@@ -88,12 +89,6 @@ def user_ssl_context(user_dir: Path, server_dir: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(server_dir / "CA.crt"))
     ctx.load_cert_chain(str(user_dir / "id.crt"), str(user_dir / "id.key"))
     return ctx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, state: Path, **extra: Any) -> Path:

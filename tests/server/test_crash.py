@@ -14,7 +14,6 @@ import collections
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from psik_api_client._exceptions import (
 )
 from psik_api_core import is_slot_wait
 from psik_api_server import jobdir
+from support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -45,17 +45,11 @@ PER_ROUND = 16
 TRANSIENT = (APIConnectionError, IdempotencyInFlightError, InternalServerError, ServiceUnavailableError)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """``python -m psik_api_server serve`` on a fixed port, started and killed at will."""
 
     def __init__(self, data: Path, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from psik_api_server.launcher import LocalLauncher
 from psik_api_server.service import JobService
 from psik_api_server.settings import Settings
 from psik_api_server.store import JobStore
+from support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -65,16 +65,10 @@ async def test_a_second_server_on_another_prefix_but_the_same_index_stops(settin
             pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_second_serve_exits_3_with_one_line_naming_the_first(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}}
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
-    port = _free_port()
+    port = free_port()
     serve = [str(BIN / "psik-api-server"), "serve", "--log-level", "warning"]
     first = subprocess.Popen([*serve, "--port", str(port)], env=env, stderr=subprocess.PIPE)
     try:
@@ -86,7 +80,7 @@ def test_a_second_serve_exits_3_with_one_line_naming_the_first(tmp_path: Path) -
             assert first.poll() is None and time.monotonic() < deadline, "first server did not start"
             time.sleep(0.05)
         second = subprocess.run(
-            [*serve, "--port", str(_free_port())], env=env, capture_output=True, text=True, timeout=60
+            [*serve, "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60
         )
         assert second.returncode == 3, second.stderr
         lines = [line for line in second.stderr.splitlines() if "cannot start" in line]

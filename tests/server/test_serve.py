@@ -17,13 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support import free_port, wait_healthy
+
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -37,17 +33,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def _running(argv: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise AssertionError(f"server did not start: {out}")
-            time.sleep(0.05)
+        wait_healthy(url, proc, lambda: proc.stdout.read().decode() if proc.stdout else "")
         yield proc
     finally:
         proc.terminate()
@@ -68,7 +54,7 @@ def _run_a_job(url: str) -> dict[str, object]:
 
 
 def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with _running([str(BIN / "psik-api-server"), "serve", "--port", str(port)], _env(tmp_path), url):
         job = _run_a_job(url)
@@ -86,7 +72,7 @@ def test_seed_readme_uvicorn_main_app_serves_job_routes(tmp_path: Path) -> None:
     cfg.write_text(
         json.dumps({"backends": {"default": {"prefix": str(prefix), "backend": {"type": "local"}}}})
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [str(BIN / "uvicorn"), "psik_api_server.main:app", "--port", str(port), "--log-level", "warning"]
     with _running(argv, _env(tmp_path, PSIK_API_CONFIG=str(cfg)), url):
@@ -98,7 +84,7 @@ def test_ignored_config_keys_are_reported_in_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "psik_api.json"
     seed = {"prefix": str(tmp_path / "jobs"), "psik_path": "/x/psik", "rc_path": "/x/rc", "backend": {}}
     cfg.write_text(json.dumps({"backends": {"default": seed}, "colour": "blue"}))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [str(BIN / "psik-api-server"), "serve", "--config", str(cfg), "--port", str(port)]
     with _running(argv, _env(tmp_path), url) as proc:
@@ -155,7 +141,7 @@ def test_a_prefix_others_can_enter_stops_start_up(tmp_path: Path, mode: int) -> 
     prefix.mkdir(parents=True)
     prefix.chmod(mode)
     proc = subprocess.run(
-        [str(BIN / "psik-api-server"), "serve", "--port", str(_free_port())],
+        [str(BIN / "psik-api-server"), "serve", "--port", str(free_port())],
         env=_env(tmp_path),
         capture_output=True,
         text=True,
@@ -176,7 +162,7 @@ def test_uvicorn_main_app_refuses_a_group_readable_prefix(tmp_path: Path) -> Non
     prefix.chmod(0o750)
     cfg = tmp_path / "psik_api.json"
     cfg.write_text(json.dumps({"prefix": str(prefix), "backends": {"default": {"type": "local"}}}))
-    argv = [str(BIN / "uvicorn"), "psik_api_server.main:app", "--port", str(_free_port())]
+    argv = [str(BIN / "uvicorn"), "psik_api_server.main:app", "--port", str(free_port())]
     proc = subprocess.run(
         argv, env=_env(tmp_path, PSIK_API_CONFIG=str(cfg)), capture_output=True, text=True, timeout=60
     )
@@ -205,7 +191,7 @@ def test_uvicorn_main_app_on_all_interfaces_answers_only_loopback(tmp_path: Path
         pytest.skip("this machine has no non-loopback address to connect to")
     cfg = tmp_path / "psik_api.json"
     cfg.write_text(json.dumps({"prefix": str(tmp_path / "jobs"), "backends": {"default": {"type": "local"}}}))
-    port = _free_port()
+    port = free_port()
     argv = [
         str(BIN / "uvicorn"),
         "psik_api_server.main:app",

@@ -37,6 +37,7 @@ from psik_api_server.limits import (
     _why_stalled,
     fit,
 )
+from support import free_port, wait_healthy
 
 resource = pytest.importorskip("resource")
 
@@ -56,12 +57,6 @@ class Server:
 
     def log_size(self) -> int:
         return self.log.stat().st_size
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _raise_own_limit(needed: int) -> None:
@@ -102,7 +97,7 @@ def _server(how: str, tmp_path: Path, **config: object) -> Iterator[Server]:
     )
     env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PSIK_CONFIG"}}
     env.update(XDG_DATA_HOME=str(tmp_path / "data"), PSIK_API_CONFIG=str(cfg))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -115,16 +110,7 @@ def _server(how: str, tmp_path: Path, **config: object) -> Iterator[Server]:
             preexec_fn=_login_node_limit,
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {log.read_text(errors='replace')[:4000]}")
-            time.sleep(0.05)
+        wait_healthy(url, proc, lambda: log.read_text(errors="replace")[:4000])
         yield Server(url, port, log, proc)
     finally:
         proc.terminate()
