@@ -18,7 +18,7 @@ def test_sbatch_options_pass_and_psiks_own_do_not() -> None:
 @pytest.mark.parametrize(
     "key",
     ["--wrap", "--wrap=touch X", "--output", "-o", "-o/tmp/x", "--error", "-e", "--input", "--chdir", "-D",
-     "--array", "-a", "--wait", "-W", "--test-only", "--parsable"],
+     "--array", "-a", "--wait", "-W", "--test-only", "--parsable", "--uid", "--gid", "--export-file"],
 )  # fmt: skip
 def test_options_that_take_the_job_away_from_psik_are_refused_by_name(key: str) -> None:
     with pytest.raises(ValueError, match="take the job away from psik") as info:

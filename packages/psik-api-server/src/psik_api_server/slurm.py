@@ -115,10 +115,24 @@ async def run(*argv: str, stdin: str | None = None, limit: float = COMMAND_TIMEO
 
 #: sbatch options that would take the job away from psik: another script (``--wrap``),
 #: the console or working directory moved out of the job directory, many runs of one
-#: (``--array``), sbatch waiting for the job's end or not submitting at all. Long forms;
+#: (``--array``), sbatch waiting for the job's end or not submitting at all, another
+#: user (root's ``--uid``/``--gid``), an environment from a file. Long forms;
 #: :data:`_SHORT_REFUSED` are their one-letter spellings.
 REFUSED_OPTIONS = frozenset(
-    {"--wrap", "--output", "--error", "--input", "--chdir", "--array", "--wait", "--test-only", "--parsable"}
+    {
+        "--wrap",
+        "--output",
+        "--error",
+        "--input",
+        "--chdir",
+        "--array",
+        "--wait",
+        "--test-only",
+        "--parsable",
+        "--uid",
+        "--gid",
+        "--export-file",
+    }
 )
 _SHORT_REFUSED = {
     "-o": "--output",
