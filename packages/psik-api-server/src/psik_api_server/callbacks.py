@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from psik_api_core import JobSpec
 
+from .jobdir import write_private
+
 _logger = logging.getLogger(__name__)
 
 #: The file beside psik's spec.json holding a job's :class:`CallbackRecord`.
@@ -85,11 +87,7 @@ def split_spec(spec: JobSpec, callback_url: str | None) -> tuple[JobSpec, Callba
 
 def write_record(base: Path, record: CallbackRecord) -> None:
     """Write ``record`` into the job directory ``base``, owner-only from the start."""
-    fd = os.open(base / RECORD_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(record.model_dump_json())
-        f.flush()
-        os.fsync(f.fileno())
+    write_private(base / RECORD_NAME, record.model_dump_json())
 
 
 def read_record(base: Path) -> CallbackRecord | None:

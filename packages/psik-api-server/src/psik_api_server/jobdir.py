@@ -194,13 +194,19 @@ OWNER_NAME = ".psik-api-owner"
 _MAX_OWNER = 1024
 
 
-def write_owner(base: Path, owner: str) -> None:
-    """Record ``owner`` in the job directory ``base``, owner-only from the start."""
-    fd = os.open(base / OWNER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def write_private(path: Path, text: str) -> None:
+    """Write a new file ``path`` (never over one, never through a symlink), mode 0600
+    from the start, and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(owner)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_owner(base: Path, owner: str) -> None:
+    """Record ``owner`` in the job directory ``base``, owner-only from the start."""
+    write_private(base / OWNER_NAME, owner)
 
 
 def read_owner(base: Path) -> str | None:
