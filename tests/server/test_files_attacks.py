@@ -442,3 +442,30 @@ def test_another_users_job_is_not_found(live_app: LiveServer, live: Raw, job: tu
         status, text, _ = live.request(method, f"/v1/jobs/{jobid}/files/{path}", body)
         assert status == 404, (method, text)
     assert snapshot(work) == before
+
+
+def test_a_symlink_swapped_for_a_directory_mid_resolve_is_a_changed_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """realpath lstat()s a segment, then readlink()s it; a symlink swapped for a
+    directory in between made readlink fail with EINVAL, and the upload a 500 (seen once
+    in the swap race above). It is the path changing while it was read: like a symlink
+    that went, FileNotFoundError (404 for a read, 409 for a write)."""
+    import errno
+
+    from psik_api_server.jobpaths import Root, resolve
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "d").symlink_to(tmp_path / "elsewhere")
+
+    def swapped(path: object, *args: object, **kwargs: object) -> str:
+        raise OSError(errno.EINVAL, "Invalid argument", path)
+
+    monkeypatch.setattr(os, "readlink", swapped)
+    fd = os.open(tmp_path / "root", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError):
+            resolve(Root(str(tmp_path / "root"), fd), ("d", "new"))
+    finally:
+        os.close(fd)

@@ -219,10 +219,18 @@ def open_root(prefix: Path, jobid: str, directory: str | None, roots: list[Path]
 def resolve(root: Root, parts: tuple[str, ...]) -> tuple[str, ...]:
     """The segments of where ``parts`` leads inside the root once symlinks are
     followed (as far as the path exists); 403 if that is outside.
-    ``FileNotFoundError`` if a symlink on the way went while it was read."""
+    ``FileNotFoundError`` if a symlink on the way went (or was swapped for something
+    else) while it was read."""
     if not parts:
         return ()
-    real = os.path.realpath(os.path.join(root.path, *parts))
+    try:
+        real = os.path.realpath(os.path.join(root.path, *parts))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        # realpath lstat()s a segment, then readlink()s it: a symlink swapped for a
+        # directory or file in between is EINVAL. The path changed while it was read.
+        raise FileNotFoundError(errno.ENOENT, "a segment changed while it was resolved", e.filename) from None
     if real == root.path:
         return ()
     if not real.startswith(root.path.rstrip("/") + "/"):
