@@ -13,6 +13,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
+# Every test ends what it starts (tests/leaks.py): the check, and the session's marker.
+from leaks import _ends_what_it_starts, pytest_sessionfinish  # noqa: F401
 from psik_api_client import AsyncClient, Client
 from psik_api_server.app import create_app
 from psik_api_server.launcher import LocalLauncher
