@@ -125,16 +125,17 @@ def test_ls_prints_a_table_and_sends_filters(
 ) -> None:
     items = [summary_json("2.5", "failed", name="long-name"), summary_json("1.5", "failed", name=None)]
     route = server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
+    server.get(url__regex=r"/v1/jobs/[0-9.]+$").respond(200, json=job_json("2.5", "failed"))
     assert cli.main(["ls", "--state", "failed", "--state", "canceled", "--backend", "default"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"]
-    assert lines[1].split() == ["2.5", "failed", "1", "default", "long-name"]
-    assert lines[2].split() == ["1.5", "failed", "1", "default", "-"]
+    assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED", "(UTC)", "EXIT", "NAME"]
+    assert lines[1].split() == ["2.5", "failed", "1", "default", "2024-01-01", "00:00:00", "-", "long-name"]
+    assert lines[2].split() == ["1.5", "failed", "1", "default", "2024-01-01", "00:00:00", "-", "-"]
     assert lines[1].index("failed") == lines[0].index("STATE")  # aligned columns
     params = route.calls.last.request.url.params
     assert params.get_list("state") == ["failed", "canceled"]
     assert params["backend"] == "default"
-    assert params["limit"] == "100"
+    assert params["limit"] == "101"  # the 100 shown, and one to tell whether there are more
 
 
 def test_api_errors_exit_5_with_the_problem_detail(
@@ -278,7 +279,8 @@ def test_waiting_exits_by_how_the_job_ended(
     assert cli.main(argv) == status
     captured = capsys.readouterr()
     assert captured.out == f"{JOBID} {state}\n"
-    assert captured.err == ""
+    said = f"psik-api: job {JOBID} submitted; waiting (Ctrl-C leaves it running)\n"
+    assert captured.err == (said if argv[0] == "submit" else "")
 
 
 def test_a_job_that_failed_earlier_does_not_fail_get_or_state(server: respx.MockRouter) -> None:
@@ -399,7 +401,7 @@ class _Jobs(BaseHTTPRequestHandler):
     """``GET /v1/jobs``: a few thousand jobs, more than a pipe holds."""
 
     def do_GET(self) -> None:
-        items = [summary_json(f"{n}.5", "completed") for n in range(3000, 0, -1)]
+        items = [summary_json(f"{n}.5", "active") for n in range(3000, 0, -1)]
         body = json.dumps({"items": items, "next_cursor": None}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -435,7 +437,7 @@ def test_ls_piped_into_head_ends_quietly(tmp_path: Path) -> None:
         http.shutdown()
         http.server_close()
         thread.join()
-    assert out.decode().split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"]
+    assert out.decode().split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED", "(UTC)", "EXIT", "NAME"]
     assert err == ""  # no BrokenPipeError traceback
     assert status == 141
 
@@ -475,3 +477,138 @@ def test_exit_statuses_are_documented_alike(capsys: pytest.CaptureFixture[str]) 
     paragraph = readme[readme.index("The command line:") :].split("\n\n")[0]
     for status in cli.ExitStatus:
         assert f"`{int(status)}`" in paragraph
+
+
+# ---- issue 14: what new users hit ----
+
+
+def test_submit_wait_shows_the_job_id_before_waiting(
+    server: respx.MockRouter,
+    spec_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C while waiting leaves a running job: its id was said as soon as it existed."""
+    server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Client, "wait", interrupted)
+    assert cli.main(["submit", "--wait", str(spec_file)]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout's contract: "ID STATE" once it ends
+    assert captured.err == f"psik-api: job {JOBID} submitted; waiting (Ctrl-C leaves it running)\n"
+
+
+def test_submit_a_script_without_a_job_file(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = server.post("/v1/jobs").respond(201, json=job_json(JOBID))
+    assert cli.main(["submit", "--script", "echo hi"]) == 0
+    assert capsys.readouterr().out == f"{JOBID}\n"
+    assert json.loads(route.calls.last.request.content) == {"script": "echo hi"}
+    new = server.post("/v1/jobs/new").respond(201, json=job_json(JOBID, "new"))
+    assert cli.main(["create", "--script", "date"]) == 0
+    assert json.loads(new.calls.last.request.content) == {"script": "date"}
+
+
+@pytest.mark.parametrize("argv", [["submit"], ["submit", "SPEC", "--script", "date"], ["create"]])
+def test_submit_needs_a_job_file_or_a_script(
+    server: respx.MockRouter, spec_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert cli.main([str(spec_file) if a == "SPEC" else a for a in argv]) == 2
+    assert "a job file or --script" in capsys.readouterr().err
+    assert len(server.calls) == 0
+
+
+def test_waiting_for_a_job_never_started_says_so(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "new"))
+    assert cli.main(["wait", JOBID, "--timeout", "0"]) == 3
+    err = capsys.readouterr().err
+    assert f"job {JOBID} was never started (state new: psik-api start {JOBID})" in err
+    assert "left running" not in err
+
+
+def test_following_the_log_of_a_job_never_started_says_so(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server ends a follow of a new job at once: there is nothing to follow.
+    server.get(f"/v1/jobs/{JOBID}/logs/stdout").respond(200, content=b"")
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "new"))
+    assert cli.main(["logs", JOBID, "--follow"]) == 1
+    assert capsys.readouterr().err == (
+        f"psik-api: error: job {JOBID} was never started: no log to follow (psik-api start {JOBID})\n"
+    )
+
+
+def test_ls_says_when_there_are_more_jobs_and_all_pages_through(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = [summary_json(f"{n}.5", "queued") for n in range(9, 6, -1)]
+    rest = [summary_json(f"{n}.5", "queued") for n in range(6, 4, -1)]
+
+    def pages(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("cursor") == "c1":
+            return httpx.Response(200, json={"items": rest, "next_cursor": None})
+        limit = int(request.url.params["limit"])
+        return httpx.Response(200, json={"items": first[:limit], "next_cursor": "c1"})
+
+    server.get("/v1/jobs").mock(side_effect=pages)
+    assert cli.main(["ls", "--limit", "3"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1 + 3
+    assert captured.err == "psik-api: more jobs than shown (--limit 3): --all lists every one\n"
+    assert cli.main(["ls", "--all"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()[1:]] == ["9.5", "8.5", "7.5", "6.5", "5.5"]
+    assert captured.err == ""
+
+
+def test_ls_shows_when_a_job_ended_and_its_exit_code(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [summary_json("2.5", "failed"), summary_json("1.5", "active")]
+    server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
+    server.get("/v1/jobs/2.5").respond(200, json=job_json("2.5", "failed", exit_code=3))
+    assert cli.main(["ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED", "(UTC)", "EXIT", "NAME"]
+    assert lines[1].split() == ["2.5", "failed", "1", "default", "2024-01-01", "00:00:00", "3", "hello"]
+    assert lines[2].split() == ["1.5", "active", "1", "default", "-", "-", "hello"]
+
+
+def test_cancel_and_wait_take_several_ids(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other, missing = "1693992878.204", "1693992878.205"
+    server.delete(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "canceled"))
+    server.delete(f"/v1/jobs/{other}").respond(200, json=job_json(other, "canceled"))
+    server.delete(f"/v1/jobs/{missing}").mock(return_value=problem(404, "not_found", f"no job {missing}"))
+    # One that is not there does not stop the others; the status says one was refused.
+    assert cli.main(["cancel", JOBID, missing, other]) == 5
+    captured = capsys.readouterr()
+    assert captured.out == f"{JOBID} canceled\n{other} canceled\n"
+    assert captured.err == f"psik-api: error: no job {missing}\n"
+    items = [summary_json(JOBID, "completed"), summary_json(other, "canceled")]
+    server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "completed"))
+    server.get(f"/v1/jobs/{other}").respond(200, json=job_json(other, "canceled"))
+    assert cli.main(["wait", JOBID, other]) == 1  # one did not complete
+    assert capsys.readouterr().out == f"{JOBID} completed\n{other} canceled\n"
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "completed"))
+    assert cli.main(["wait", JOBID]) == 0
+
+
+def test_purge_removes_final_jobs(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    other = "1693992878.204"
+    purge = server.delete(f"/v1/jobs/{JOBID}", params={"purge": "true"}).respond(204)
+    active = problem(409, "conflict", f"job {other} is active; cancel it before purging it")
+    server.delete(f"/v1/jobs/{other}", params={"purge": "true"}).mock(return_value=active)
+    assert cli.main(["purge", JOBID, other]) == 5
+    captured = capsys.readouterr()
+    assert captured.out == f"{JOBID} purged\n"
+    assert captured.err == f"psik-api: error: job {other} is active; cancel it before purging it\n"
+    assert purge.called

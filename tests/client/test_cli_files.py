@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,3 +269,25 @@ def test_a_download_that_arrives_short_without_a_checksum_exits_5(
     assert cli.main(["download", JOBID, "out.dat", str(tmp_path)]) == 5
     assert "5 bytes arrived" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names are UTF-8 by force")
+def test_uploading_a_file_name_that_is_not_utf8_exits_2(
+    server: respx.MockRouter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Latin-1 name (café.txt from an old archive): a clear line, status 2, nothing sent.
+    Before, the URL quoting raised UnicodeEncodeError: a traceback and status 1."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    (tmp_path / name).write_text("x")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "a.txt").write_text("a")
+    (tmp_path / "tree" / name).write_text("x")
+    server.put(url__regex=rf"{FILES}/.*").mock(side_effect=stored)
+    assert cli.main(["upload", JOBID, str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("psik-api: error: ") and err.count("\n") == 1
+    assert "not valid UTF-8" in err and "give REMOTE" in err
+    assert cli.main(["upload", JOBID, str(tmp_path / "tree")]) == 2  # before any file is sent
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert len(server.calls) == 0
+    assert cli.main(["upload", JOBID, str(tmp_path / name), "cafe.txt"]) == 0  # renamed: fine

@@ -120,3 +120,32 @@ def test_readme_python_examples_run_as_scripts(live_app: LiveServer) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "100 of 100 completed"
     assert "100/100 final" in out.stderr  # progress=True
+
+
+def test_cli_rough_edges_against_the_real_server(
+    live_app: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14's command-line items, end to end: a script without a job file, the exit
+    code in ``ls``, a job never started, several ids, ``purge``."""
+    url = ["--url", live_app.url]
+    assert psik_api([*url, "submit", "--script", "exit 3", "--wait", "--timeout", "30"]) == 1
+    captured = capsys.readouterr()
+    failed, state = captured.out.split()
+    assert state == "failed" and f"job {failed} submitted; waiting" in captured.err
+    assert psik_api([*url, "create", "--script", "echo never"]) == 0
+    new = capsys.readouterr().out.strip()
+    assert psik_api([*url, "ls"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[failed][1] == "failed" and rows[failed][6] == "3"  # ENDED is date and time
+    assert rows[new][1:] == ["new", "0", "default", "-", "-", "-"]
+    assert psik_api([*url, "wait", new, "--timeout", "0"]) == 3
+    assert f"job {new} was never started" in capsys.readouterr().err
+    assert psik_api([*url, "logs", new, "--follow"]) == 1
+    assert f"job {new} was never started: no log to follow" in capsys.readouterr().err
+    assert psik_api([*url, "cancel", new, failed]) == 0
+    assert capsys.readouterr().out.split() == [new, "canceled", failed, "failed"]
+    assert psik_api([*url, "wait", new, failed]) == 1
+    assert capsys.readouterr().out.split() == [new, "canceled", failed, "failed"]
+    assert psik_api([*url, "purge", new, failed]) == 0
+    assert capsys.readouterr().out.split() == [new, "purged", failed, "purged"]
+    assert psik_api([*url, "get", failed]) == 5

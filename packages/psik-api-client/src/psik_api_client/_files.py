@@ -125,9 +125,11 @@ def upload_dir_flow(
     base = remote_dir.rstrip("/")
     names = yield Disk(walk_files, (os.fspath(local_dir),))
     assert isinstance(names, list)
+    remotes = [f"{base}/{name}" if base else name for name in names]
+    for remote in remotes:  # a bad name fails before any file is sent
+        files_path(jobid, remote)
     uploaded: list[FileInfo] = []
-    for name in names:
-        remote = f"{base}/{name}" if base else name
+    for name, remote in zip(names, remotes, strict=True):
         local = os.path.join(os.fspath(local_dir), *name.split("/"))
         uploaded.append((yield from upload_flow(client, jobid, local, remote, options=options)))
     return uploaded

@@ -145,6 +145,10 @@ def _path_fault(path: str, *, directory: bool) -> str | None:
         return "it holds a backslash; separate directories with '/'"
     if "\x00" in path:
         return "it holds a NUL byte"
+    if not _is_utf8(path):
+        # A local name in another encoding (surrogate-escaped by the OS): the server's
+        # paths are UTF-8, and quoting it for the URL would fail.
+        return "it is not valid UTF-8 (a name in another encoding: rename it)"
     if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
         return f"it is longer than {MAX_PATH_BYTES} bytes"
     segments = path.split("/")
@@ -160,6 +164,14 @@ def _path_fault(path: str, *, directory: bool) -> str | None:
         if len(segment.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
             return f"a segment is longer than {MAX_SEGMENT_BYTES} bytes"
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: psik's log names; ``stdout``/``stderr`` alone are the current run's.

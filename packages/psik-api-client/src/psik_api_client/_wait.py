@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 
-from psik_api_core import LIMITS, Job, JobSummary
+from psik_api_core import LIMITS, Job, JobState, JobSummary
 
 from ._base import BaseClient, Flow, Sleep
 from ._exceptions import InvalidRequestError, WaitTimeout
@@ -44,9 +44,10 @@ def wait_flow(
                 return job
         delay = _next_delay(api, backoff, deadline)
         if delay is None:
+            # A job still new never ran: "left running" would send its user looking for it.
+            fate = "it was never started" if status.state is JobState.new else "it was left running"
             raise WaitTimeout(
-                f"job {jobid} is not final after {timeout:g} s "
-                f"(last state: {status.state.value}); it was left running",
+                f"job {jobid} is not final after {timeout:g} s (last state: {status.state.value}); {fate}",
                 status=status,
                 pending=[jobid],
             )

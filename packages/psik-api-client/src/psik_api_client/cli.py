@@ -4,10 +4,12 @@
 
     psik-api [--url URL | --uds PATH] [--cert-dir DIR] [--token TOKEN] COMMAND ...
 
-    submit FILE [--wait [--timeout S] [--output]]   create and submit a job (JSON, or YAML)
-    create FILE                          create a job without submitting it
-    start ID | get ID | state ID | cancel ID | wait ID [--timeout S] [--output]
-    ls [--state S]... [--backend B] [--name N] [--limit N]
+    submit FILE | --script TEXT [--wait [--timeout S] [--output]]
+                                         create and submit a job (JSON, or YAML)
+    create FILE | --script TEXT          create a job without submitting it
+    start ID | get ID | state ID
+    cancel ID... | purge ID... | wait ID... [--timeout S] [--output]
+    ls [--state S]... [--backend B] [--name N] [--limit N | --all]
     backends
     upload ID LOCAL [REMOTE]             put a file (or a directory's files) in the job's directory
     download ID REMOTE [LOCAL]           fetch a job's file (resumed, checksum verified)
@@ -22,11 +24,14 @@ which other users cannot read in ``ps``) is sent as a bearer token, never over p
 http to another host.
 
 ``--timeout`` is seconds >= 0 (0: look once); ``--limit`` is a count >= 0 (0: all).
+``ls`` says on stderr when more jobs match than it shows. ``submit --wait`` says the
+new job's id on stderr at once (Ctrl-C while waiting leaves the job running).
+``cancel``, ``purge`` and ``wait`` take several ids: one refused does not stop the others.
 
 Errors are one line on stderr. The exit status says what happened::
 
       0  success (for wait and submit --wait: the job completed)
-      1  the job ended failed or canceled (wait, submit --wait)
+      1  the job ended failed or canceled (wait, submit --wait), or never started (logs -f)
       2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
       3  wait or submit --wait timed out (the job is left running)
       4  the server could not be reached (connection refused, timeout, ...)
@@ -58,11 +63,12 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, cast
 
-from psik_api_core import LIMITS, Job, JobSpec, JobState
+from psik_api_core import LIMITS, Job, JobSpec, JobState, JobSummary
 
 from ._client import Client
 from ._exceptions import (
     APIConnectionError,
+    APIStatusError,
     InvalidRequestError,
     NotFoundError,
     PsikApiError,
@@ -92,7 +98,7 @@ class ExitStatus(IntEnum):
 
 EPILOG = """exit status:
     0  success (for wait and submit --wait: the job completed)
-    1  the job ended failed or canceled (wait, submit --wait)
+    1  the job ended failed or canceled (wait, submit --wait), or never started (logs -f)
     2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
     3  wait or submit --wait timed out (the job is left running)
     4  the server could not be reached (connection refused, timeout, ...)
@@ -290,14 +296,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 # ---- commands: each takes the client and the parsed arguments, returns the status ----
 
 
+def _spec(args: argparse.Namespace) -> JobSpec:
+    """The job spec of ``submit``/``create``: the job file, or ``--script``'s text."""
+    if (args.file is None) == (args.script is None):
+        raise InputError("give a job file or --script (one of them)")
+    if args.script is not None:
+        return validate_spec({"script": args.script})
+    return load_spec(args.file)
+
+
 def _submit(api: Client, args: argparse.Namespace) -> int:
     if args.output and not args.wait:
         raise InputError("--output prints the job's stdout once it ends: give --wait too")
-    job = api.submit(load_spec(args.file))
+    job = api.submit(_spec(args))
     if not args.wait:
         _out(job.jobid)
         return ExitStatus.OK
-    return _final(api, api.wait(job.jobid, timeout=args.timeout), output=args.output)
+    # Said now, not only at the end: Ctrl-C while waiting leaves a running job.
+    print(
+        f"{PROG}: job {job.jobid} submitted; waiting (Ctrl-C leaves it running)", file=sys.stderr, flush=True
+    )
+    return _waited(api, [job.jobid], timeout=args.timeout, output=args.output)
 
 
 def _final(api: Client, job: Job, *, output: bool = False) -> int:
@@ -313,7 +332,7 @@ def _final(api: Client, job: Job, *, output: bool = False) -> int:
 
 
 def _create(api: Client, args: argparse.Namespace) -> int:
-    _out(api.create(load_spec(args.file)).jobid)
+    _out(api.create(_spec(args)).jobid)
     return ExitStatus.OK
 
 
@@ -324,10 +343,36 @@ def _start(api: Client, args: argparse.Namespace) -> int:
 
 
 def _ls(api: Client, args: argparse.Namespace) -> int:
-    jobs = api.list(state=args.state, backend=args.backend, name=args.name, limit=args.limit or None)
-    rows = [[j.jobid, j.state.value, str(j.jobndx), j.backend, j.name or "-"] for j in jobs]
-    _table(["JOBID", "STATE", "JOBNDX", "BACKEND", "NAME"], rows)
+    limit = None if args.all or args.limit == 0 else args.limit
+    # One job more than shown, in the same request: whether to say there are more.
+    page_size = LIMITS.default_page_size if limit is None else min(limit + 1, LIMITS.max_page_size)
+    jobs = list(
+        api.list(
+            state=args.state,
+            backend=args.backend,
+            name=args.name,
+            limit=None if limit is None else limit + 1,
+            page_size=page_size,
+        )
+    )
+    more = limit is not None and len(jobs) > limit
+    rows = [
+        [j.jobid, j.state.value, str(j.jobndx), j.backend, *_ended(api, j), j.name or "-"]
+        for j in jobs[:limit]
+    ]
+    _table(["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED (UTC)", "EXIT", "NAME"], rows)
+    if more:
+        print(f"{PROG}: more jobs than shown (--limit {limit}): --all lists every one", file=sys.stderr)
     return ExitStatus.OK
+
+
+def _ended(api: Client, job: JobSummary) -> list[str]:
+    """When a final job ended and its exit code (``-`` for a job not final, or no code).
+    Lists do not carry exit codes: a final job's is read from the job itself."""
+    if not job.state.is_final:
+        return ["-", "-"]
+    code = api.get(job.jobid).exit_code
+    return [job.updated.strftime("%Y-%m-%d %H:%M:%S"), "-" if code is None else str(code)]
 
 
 def _get(api: Client, args: argparse.Namespace) -> int:
@@ -341,14 +386,58 @@ def _state(api: Client, args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _each(ids: Sequence[str], act: Callable[[str], str]) -> int:
+    """``act`` on every id, printing what it returns. Every id is checked before the
+    first is acted on; a job the server refuses is said on stderr and the others still
+    go ahead (status 5 at the end). A server that cannot be reached stops them all."""
+    for jobid in ids:
+        path_jobid(jobid)
+    status = ExitStatus.OK
+    for jobid in ids:
+        try:
+            _out(act(jobid))
+        except APIStatusError as exc:
+            status = ExitStatus(_fail(str(exc), ExitStatus.REFUSED))
+    return status
+
+
 def _cancel(api: Client, args: argparse.Namespace) -> int:
-    job = api.cancel(args.jobid)
-    _out(job.jobid, job.state.value)
-    return ExitStatus.OK
+    def cancel(jobid: str) -> str:
+        job = api.cancel(jobid)
+        return f"{job.jobid} {job.state.value}"
+
+    return _each(args.jobid, cancel)
+
+
+def _purge(api: Client, args: argparse.Namespace) -> int:
+    def purge(jobid: str) -> str:
+        api.purge(jobid)
+        return f"{jobid} purged"
+
+    return _each(args.jobid, purge)
 
 
 def _wait(api: Client, args: argparse.Namespace) -> int:
-    return _final(api, api.wait(args.jobid, timeout=args.timeout), output=args.output)
+    return _waited(api, args.jobid, timeout=args.timeout, output=args.output)
+
+
+def _waited(api: Client, ids: Sequence[str], *, timeout: float | None, output: bool) -> int:
+    """Wait for the jobs, print each final one (see :func:`_final`): 0 if all completed."""
+    try:
+        jobs = [api.wait(ids[0], timeout=timeout)] if len(ids) == 1 else api.wait_all(ids, timeout=timeout)
+    except WaitTimeout as exc:
+        if exc.status is not None and exc.status.state is JobState.new:
+            # "left running" would be wrong: it never ran, and waiting cannot start it.
+            jobid = exc.status.jobid
+            raise WaitTimeout(
+                f"job {jobid} was never started (state new: psik-api start {jobid}); "
+                f"not final after {timeout:g} s",
+                status=exc.status,
+                pending=exc.pending,
+            ) from exc
+        raise
+    statuses = [_final(api, job, output=output) for job in jobs]
+    return max(statuses)
 
 
 def _backends(api: Client, args: argparse.Namespace) -> int:
@@ -360,6 +449,9 @@ def _backends(api: Client, args: argparse.Namespace) -> int:
 def _upload(api: Client, args: argparse.Namespace) -> int:
     local = Path(args.local)
     name = local.resolve().name if args.local in (".", "..") else local.name
+    if args.remote is None and not local.is_dir() and name != name.encode("utf-8", "replace").decode():
+        # Named in another encoding (surrogate-escaped): the server's names are UTF-8.
+        raise InputError(f"the name of {args.local!r} is not valid UTF-8: give REMOTE, a UTF-8 name for it")
     try:
         if local.is_dir():
             infos = api.upload_dir(args.jobid, local, name if args.remote is None else args.remote)
@@ -402,10 +494,18 @@ def _files(api: Client, args: argparse.Namespace) -> int:
 def _logs(api: Client, args: argparse.Namespace) -> int:
     if args.follow:
         follow = api.follow_log(args.jobid, args.name or "stdout", tail=args.tail)
+        got = False
         # A generator: closing it ends the request at once (Ctrl-C, a closed pipe).
         with closing(cast("Generator[bytes, None, None]", follow)) as chunks:
             for chunk in chunks:
+                got = got or bool(chunk)
                 _out_bytes(chunk)
+        # The server ends a follow of a job never started at once: say so, not nothing.
+        if not got and api.state(args.jobid).state is JobState.new:
+            return _fail(
+                f"job {args.jobid} was never started: no log to follow (psik-api start {args.jobid})",
+                ExitStatus.JOB_NOT_COMPLETED,
+            )
         return ExitStatus.OK
     if args.name is not None:
         _out_bytes(api.read_log(args.jobid, args.name, tail=args.tail))
@@ -482,6 +582,11 @@ def _lines(text: str) -> int:
     return value
 
 
+def _spec_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("file", nargs="?", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
+    sub.add_argument("--script", metavar="TEXT", help="instead of a job file: the job's script alone")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -512,23 +617,28 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     sub = command("submit", _submit, "create a job and submit it; print its id")
-    sub.add_argument("file", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
+    _spec_arguments(sub)
     sub.add_argument("--wait", action="store_true", help="wait until it is final; print its state")
     sub.add_argument(
         "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
     )
     sub.add_argument("--output", action="store_true", help="with --wait: then print the job's stdout")
     sub = command("create", _create, "create a job without submitting it; print its id")
-    sub.add_argument("file", help="job spec: JSON, or YAML (.yaml/.yml); - reads stdin")
+    _spec_arguments(sub)
     for name, run, text in [
         ("start", _start, "submit a new job, or run a final one again"),
         ("get", _get, "print a job as JSON"),
         ("state", _state, "print a job's state"),
-        ("cancel", _cancel, "cancel a job"),
     ]:
         command(name, run, text).add_argument("jobid", metavar="ID")
-    sub = command("wait", _wait, "wait until a job is final (never cancels it)")
-    sub.add_argument("jobid", metavar="ID")
+    command("cancel", _cancel, "cancel jobs (a final job stays as it is)").add_argument(
+        "jobid", metavar="ID", nargs="+"
+    )
+    command("purge", _purge, "remove final jobs and their directories").add_argument(
+        "jobid", metavar="ID", nargs="+"
+    )
+    sub = command("wait", _wait, "wait until jobs are final (never cancels them)")
+    sub.add_argument("jobid", metavar="ID", nargs="+")
     sub.add_argument("--timeout", type=_seconds, help="give up after this many seconds (0: look once)")
     sub.add_argument("--output", action="store_true", help="then print the job's stdout")
     sub = command("ls", _ls, "list jobs, newest first")
@@ -541,6 +651,7 @@ def _parser() -> argparse.ArgumentParser:
         default=LIMITS.default_page_size,
         help=f"at most this many (0: all; default {LIMITS.default_page_size})",
     )
+    sub.add_argument("--all", action="store_true", help="every matching job, page after page")
     command("backends", _backends, "list the configured backends")
     sub = command(
         "upload",
