@@ -21,6 +21,7 @@ from .models import (
     Problem,
     ResourceSpec,
     Transition,
+    http_url_problem,
     is_jobid,
     utc,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "can_transition",
     "derive_state",
     "field_error",
+    "http_url_problem",
     "is_jobid",
     "is_slot_wait",
     "run_outcome",

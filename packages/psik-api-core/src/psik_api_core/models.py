@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -72,6 +73,24 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 def _refuse(why: str) -> PydanticCustomError:
     return PydanticCustomError("value_error", why)
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an absolute http(s) URL a client could send to, or None if it
+    is one. Never raises: urlsplit raises ValueError on bad brackets (``http://[::1``),
+    a bad port, or a netloc that NFKC normalisation turns into another URL
+    (``http://\u2100.com/``, "a/c"); the IDNA codec on a host no DNS name can be."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+        if host:
+            host.encode("idna")  # UnicodeError (a ValueError): an empty or overlong label
+    except ValueError as e:
+        return f"is not a valid URL ({str(e)[:100]})"
+    if parts.scheme not in {"http", "https"} or not host:
+        return "must be an absolute http(s) URL"
+    return None
 
 
 #: Half of a UTF-16 pair: JSON's ``"\\ud800"`` escape can name one alone, but it is no
@@ -338,8 +357,11 @@ class JobSpec(_Model):
     @classmethod
     def _check_callback(cls, value: str | None, info: ValidationInfo) -> str | None:
         # It becomes an HTTP request line: one line.
-        if value is not None and _CONTROL.search(value) and _strict(info):
-            raise _refuse("must not contain control characters (newlines, NUL, ...)")
+        if value is not None and _strict(info):
+            if _CONTROL.search(value):
+                raise _refuse("must not contain control characters (newlines, NUL, ...)")
+            if (why := http_url_problem(value)) is not None:
+                raise _refuse(why)
         return value
 
     @field_validator("name")

@@ -36,7 +36,6 @@ import asyncio
 import fcntl
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio.to_thread
 
@@ -54,6 +53,7 @@ from psik_api_core import (
     can_cancel,
     can_start,
     field_error,
+    http_url_problem,
     is_slot_wait,
     utc,
 )
@@ -141,14 +141,12 @@ class JobService(Recovery, IdempotentCreates):
                 ProblemCode.backend_unavailable,
                 f"backend {spec.backend!r} is unavailable: {self.backend.health.get(spec.backend)}",
             )
-        if spec.callback is not None:
-            url = urlsplit(spec.callback)
-            if url.scheme not in {"http", "https"} or not url.hostname:
-                raise ApiError(
-                    ProblemCode.validation_error,
-                    f"callback {spec.callback[:100]!r} is not an absolute http(s) URL",
-                    errors=[field_error(["body", "callback"], "must be an absolute http(s) URL")],
-                )
+        if spec.callback is not None and (why := http_url_problem(spec.callback)) is not None:
+            raise ApiError(
+                ProblemCode.validation_error,
+                f"callback {spec.callback[:100]!r} {why}",
+                errors=[field_error(["body", "callback"], why)],
+            )
         spec = self.spec_limits.check(spec)
         if spec.directory is not None:
             # The resolved path is what psik gets: a symlink swapped after this check
