@@ -50,7 +50,7 @@ async def test_the_secret_goes_to_a_loopback_server(
     assert api.requests[0].headers[HEADER] == "s3cret"
 
 
-@pytest.mark.parametrize("url", ["http://[::1]:8123", "http://localhost:8123", "http://127.0.0.2:8123"])
+@pytest.mark.parametrize("url", ["http://[::1]:8123", "http://127.0.0.2:8123"])
 async def test_the_secret_goes_only_to_the_address_the_server_listens_on(
     connect: Callable[..., Api], runtime: Path, url: str
 ) -> None:
@@ -59,6 +59,30 @@ async def test_the_secret_goes_only_to_the_address_the_server_listens_on(
     api = connect(_ok, base_url=url)
     await api.get("1.2")
     assert HEADER not in api.requests[0].headers
+
+
+@pytest.mark.parametrize("served", ["127.0.0.1", "::1"])
+async def test_a_localhost_url_reaches_the_address_the_server_wrote(
+    connect: Callable[..., Api], runtime: Path, served: str
+) -> None:
+    """``Client("http://localhost:PORT")`` for a server on 127.0.0.1 (or [::1]): the
+    secret is sent, over a connection to that very address (localhost may resolve to
+    the other one first, where another user could listen), with Host still localhost."""
+    _write(runtime, 8123, "s3cret", host=served)
+    api = connect(_ok, base_url="http://localhost:8123")
+    await api.get("1.2")
+    sent = api.requests[0]
+    assert sent.headers[HEADER] == "s3cret"
+    assert sent.url.host == served and sent.url.port == 8123
+    assert sent.headers["Host"] == "localhost:8123"
+
+
+async def test_a_localhost_url_without_a_secret_is_left_alone(
+    connect: Callable[..., Api], runtime: Path
+) -> None:
+    api = connect(_ok, base_url="http://localhost:8123")
+    await api.get("1.2")
+    assert api.requests[0].url.host == "localhost" and HEADER not in api.requests[0].headers
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ Such a server keeps a secret for each port it listens on in ``local-PORT.json``
 ``$XDG_DATA_HOME/psik_api/runtime`` (``~/.local/share/psik_api/runtime``), where only
 the user can read it. :class:`LocalSecretAuth` sends it as the ``Psik-Local-Secret``
 header, only to a loopback URL (``localhost``, ``127.0.0.0/8``, ``[::1]``) and never
-over a UNIX socket (whose peer the kernel names). The server makes a new secret at each
+over a UNIX socket (whose peer the kernel names); a ``localhost`` URL is connected to
+the very address the server wrote its secret for. The server makes a new secret at each
 start, and asks for it with 401 ``WWW-Authenticate: Psik-Local-Secret``: the client then
 reads the file again and repeats the request once (the server refused it before doing
 anything). A caller that sets the header itself is left alone.
@@ -46,17 +47,31 @@ def read_secret(port: int, environ: Mapping[str, str] = os.environ, host: str | 
     ``host``, only a secret the server wrote for that very address: another user may
     listen on the same port of another loopback address (``[::1]`` beside
     ``127.0.0.1``), and must not be handed the secret."""
+    for secret, served in _records(port, environ):
+        if host is None or _same_host(served, host):
+            return secret
+    return None
+
+
+def _records(port: int, environ: Mapping[str, str]) -> Generator[tuple[str, str], None, None]:
+    """``(secret, host served)`` of each readable file of :func:`secret_files`."""
     for path in secret_files(port, environ):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             secret, served = doc.get("secret"), doc.get("host")
         except (OSError, ValueError, AttributeError):
             continue
-        if host is not None and not (isinstance(served, str) and _same_host(served, host)):
-            continue
-        if isinstance(secret, str) and secret:
-            return secret
-    return None
+        if isinstance(secret, str) and secret and isinstance(served, str):
+            yield secret, served
+
+
+def _loopback_ip(host: str) -> str | None:
+    """``host`` as a loopback IP address (without brackets), else None."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return str(address) if address.is_loopback else None
 
 
 def _same_host(a: str, b: str) -> bool:
@@ -92,12 +107,27 @@ class LocalSecretAuth(httpx.Auth):
         self._known[host, port] = read_secret(port, self._environ, host)
         return self._known[host, port]
 
+    def _served(self, port: int) -> str | None:
+        """The loopback address a server on ``port`` wrote its secret for, if any."""
+        for _, served in _records(port, self._environ):
+            address = _loopback_ip(served)
+            if address is not None:
+                return address
+        return None
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         port = loopback_port(request.url)
         if port is None or HEADER in request.headers:
             yield request
             return
         host = request.url.host
+        if host.lower() == "localhost" and read_secret(port, self._environ, host) is None:
+            served = self._served(port)
+            if served is not None:
+                # "localhost" may resolve to the other loopback address first, where another
+                # user could listen: connect to the address the server wrote, Host unchanged.
+                request.url = request.url.copy_with(host=served)
+                host = served
         sent = self._known[host, port] if (host, port) in self._known else self._read(host, port)
         if sent is not None:
             request.headers[HEADER] = sent
