@@ -11,6 +11,7 @@ from psik_api_core import (
     Action,
     Job,
     JobSpec,
+    JobSummary,
     OwnerPolicy,
     Principal,
     is_jobid,
@@ -89,3 +90,62 @@ def test_owner_policy() -> None:
     one = Principal("alice", jobs=frozenset({"1.1"}))
     assert pol.allows(one, Action.read, "alice", "1.1") and not pol.allows(one, Action.read, "alice", "1.2")
     assert not pol.allows(one, Action.create, None, None) and pol.allows(alice, Action.create, None, None)
+
+
+def _finished_job() -> Job:
+    long_script = "echo " + "x" * 2000
+    return Job.model_validate(
+        {
+            "jobid": "1693992878.203",
+            "name": "hello " * 40,
+            "backend": "default",
+            "owner": "local:psik_api",
+            "state": "completed",
+            "jobndx": 1,
+            "native_id": "4242",
+            "exit_code": 0,
+            "created": 1693992878.203,
+            "updated": 1693992880.5,
+            "spec": {"script": long_script, "environment": {f"V{i}": "v" * 50 for i in range(20)}},
+            "history": [
+                {"time": 1693992878.203 + i, "jobndx": 1, "state": s, "info": "i" * 100}
+                for i, s in enumerate(["new", "queued", "active", "completed"])
+            ],
+        }
+    )
+
+
+def test_a_job_repr_is_one_short_readable_line() -> None:
+    """A notebook shows a Job by its repr: it was every field, spec and history included
+    (1,100 characters here and far more for a real script); now what says which job and
+    how it is."""
+    job = _finished_job()
+    text = repr(job)
+    assert "\n" not in text and len(text) <= 150, text
+    assert text.startswith("Job(jobid='1693992878.203', name='hello hello")
+    for part in ("state=completed", "jobndx=1", "exit_code=0", "backend='default'"):
+        assert part in text, text
+    assert "x" * 20 not in text and "history" not in text
+    assert len(str(job)) <= 150  # str() too (pydantic's is every field as well)
+    summary = JobSummary.model_validate(job.model_dump(include=set(JobSummary.model_fields)))
+    assert repr(summary).startswith("JobSummary(jobid='1693992878.203'") and len(repr(summary)) <= 150
+
+
+def test_a_job_pretty_prints_on_a_few_lines() -> None:
+    """IPython's pretty printer (what a notebook cell's value uses) gets a few lines:
+    the short repr, then owner, native id, times and the last history row."""
+    job = _finished_job()
+
+    class Printer:  # IPython.lib.pretty's protocol: text() is all _repr_pretty_ calls
+        def __init__(self) -> None:
+            self.out = ""
+
+        def text(self, s: str) -> None:
+            self.out += s
+
+    p = Printer()
+    job._repr_pretty_(p, cycle=False)
+    lines = p.out.splitlines()
+    assert lines[0] == repr(job) and 3 <= len(lines) <= 8, p.out
+    assert all(len(line) <= 150 for line in lines), p.out
+    assert "4242" in p.out and "local:psik_api" in p.out and "completed" in lines[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -426,6 +426,45 @@ class JobSummary(_Model):
     jobndx: int = 0
     created: datetime
     updated: datetime
+
+    # A notebook shows a job by its repr: pydantic's is every field (a Job's spec and
+    # history: thousands of characters on one line). These say which job and how it is.
+    def __repr_args__(self) -> Iterator[tuple[str, Any]]:
+        name = self.name if self.name is None or len(self.name) <= 24 else self.name[:23] + "…"
+        yield "jobid", self.jobid
+        yield "name", name
+        yield "state", _Bare(self.state.value)
+        yield "jobndx", self.jobndx
+        if (exit_code := getattr(self, "exit_code", None)) is not None:
+            yield "exit_code", exit_code
+        yield "backend", self.backend
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.__repr_args__())
+        return f"{type(self).__name__}({args})"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's pretty printer: the repr, then who, when and the last history row."""
+        lines = [repr(self), f"  owner={self.owner}"]
+        if (native_id := getattr(self, "native_id", None)) is not None:
+            lines.append(f"  native_id={native_id}")
+        lines.append(f"  created={self.created.isoformat()} updated={self.updated.isoformat()}")
+        history: list[Transition] = getattr(self, "history", [])
+        if history:
+            last = history[-1]
+            info = last.info if len(last.info) <= 60 else last.info[:59] + "…"
+            when = last.time.isoformat()
+            lines.append(f"  last of {len(history)}: {when} run {last.jobndx} {last.state.value} {info!r}")
+        p.text("\n".join(lines))
+
+
+class _Bare(str):
+    """A text shown without quotes in a repr (a job's state)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class Job(JobSummary):
