@@ -38,17 +38,24 @@ def test_seed_readme_formats() -> None:
                     "backend": {
                         "type": "slurm",
                         "project_name": "prj123",
-                        "attributes": {"---gpu-bind": "closest"},
+                        "attributes": {"--gpu-bind": "closest"},
                     },
                 }
             }
         }
     )
     assert s.backends["default"].project_name == "prj123"
-    assert s.backends["default"].attributes == {"---gpu-bind": "closest"}
+    assert s.backends["default"].attributes == {"--gpu-bind": "closest"}
     assert any("psik_path" in n for n in s.notes) and any("rc_path" in n for n in s.notes)
     line = s.notes_line()
     assert line is not None and "\n" not in line and "psik_path" in line and "rc_path" in line
+
+
+def test_the_seed_readme_s_misspelt_sbatch_option_stops_start_up_saying_how_to_write_it() -> None:
+    # sbatch refuses "---gpu-bind": every job of that backend would have failed.
+    seed = {"prefix": "/tmp/j", "backend": {"type": "slurm", "attributes": {"---gpu-bind": "closest"}}}
+    with pytest.raises(ValueError, match="'---gpu-bind' is not an sbatch option: write it '--gpu-bind'"):
+        parse_config({"backends": {"default": seed}})
 
 
 def test_psik3_flat_format_and_unknown_keys() -> None:

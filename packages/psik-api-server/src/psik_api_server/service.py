@@ -65,6 +65,7 @@ from .callbacks import CallbackRecord, split_spec
 from .errors import ApiError
 from .idempotency import STALE_CLAIM_SECONDS, IdempotentCreates, body_hash
 from .recovery import Recovery
+from .sbatch_options import AttributeRefused, sbatch_options
 from .store import BadCursor
 
 __all__ = ["STALE_CLAIM_SECONDS", "JobService", "body_hash", "in_thread"]
@@ -136,6 +137,15 @@ class JobService(Recovery, IdempotentCreates):
                 f"no backend {spec.backend!r}; configured: " + ", ".join(sorted(self.backend.settings)),
                 errors=[field_error(["body", "backend"], "not a configured backend")],
             )
+        if self.backend.settings[spec.backend].type == "slurm":
+            try:
+                sbatch_options(spec.attributes)  # refused before anything is made or submitted
+            except AttributeRefused as e:
+                raise ApiError(
+                    ProblemCode.validation_error,
+                    str(e),
+                    errors=[field_error(["body", "attributes", e.name], e.why)],
+                ) from None
         if not self.backend.usable(spec.backend):
             raise ApiError(
                 ProblemCode.backend_unavailable,

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .sbatch_options import sbatch_options
+
 CONFIG_ENV = "PSIK_API_CONFIG"
 
 
@@ -45,6 +47,14 @@ class BackendSettings(BaseModel):
     #: and start in submission order as slots free up. Local default: the CPU count.
     #: Other backends: no cap here (their scheduler has its own).
     max_running: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _attributes_sbatch_may_take(self) -> BackendSettings:
+        # Merged into every job's attributes: a Slurm backend's must pass the same allow-
+        # list (AttributeRefused is a ValueError: start-up stops naming the attribute).
+        if self.type == "slurm":
+            sbatch_options(self.attributes)
+        return self
 
     def psik_fields(self) -> dict[str, Any]:
         """What psik's ``BackendConfig`` takes (the server's own settings left out)."""

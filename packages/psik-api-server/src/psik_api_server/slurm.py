@@ -9,9 +9,11 @@ options), but submission is made here, because psik's:
 * drops sbatch's own message ("Invalid partition name specified", "Unable to contact
   slurm controller") into the server log and raises "Job submission failed.".
 
-Here attributes meant for psik (:data:`PSIK_ATTRIBUTES`) never reach sbatch, a key that
-is no sbatch option (no leading ``-``) is refused with a reason, and sbatch's message is
-the reason a refused job's history and the problem's ``detail`` give. A refusal because
+Here only the sbatch options of an allow-list reach sbatch, one ``--name=value``
+argument each (:mod:`.sbatch_options`: attributes meant for psik never do, anything else
+is refused by name before the job is made), and sbatch's message is the reason a refused
+job's history and the problem's ``detail`` give. An answer that is no job id (the job
+may still have been submitted) has any Slurm job with this job's console cancelled. A refusal because
 the controller cannot be reached is told apart (:attr:`SbatchRefused.unavailable`): that
 is a 503, worth retrying once Slurm is back.
 
@@ -31,15 +33,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_logger = logging.getLogger(__name__)
+from .sbatch_options import sbatch_options
 
-#: Backend attributes psik itself reads; never sbatch options.
-PSIK_ATTRIBUTES = frozenset({"psik_python"})
+_logger = logging.getLogger(__name__)
 
 #: How long one Slurm command may take before it counts as failed (seconds).
 COMMAND_TIMEOUT = 20.0
@@ -113,78 +114,36 @@ async def run(*argv: str, stdin: str | None = None, limit: float = COMMAND_TIMEO
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-#: sbatch options that would take the job away from psik: another script (``--wrap``),
-#: the console or working directory moved out of the job directory, many runs of one
-#: (``--array``), sbatch waiting for the job's end or not submitting at all, another
-#: user (root's ``--uid``/``--gid``), an environment from a file. Long forms;
-#: :data:`_SHORT_REFUSED` are their one-letter spellings.
-REFUSED_OPTIONS = frozenset(
-    {
-        "--wrap",
-        "--output",
-        "--error",
-        "--input",
-        "--chdir",
-        "--array",
-        "--wait",
-        "--test-only",
-        "--parsable",
-        "--uid",
-        "--gid",
-        "--export-file",
-    }
-)
-_SHORT_REFUSED = {
-    "-o": "--output",
-    "-e": "--error",
-    "-i": "--input",
-    "-D": "--chdir",
-    "-a": "--array",
-    "-W": "--wait",
-}
-#: The longest attribute value sbatch is given (a longer one cannot be an option's).
-MAX_ATTRIBUTE_VALUE = 4096
+def sbatch_args(spec: Any, info: Any) -> list[str]:
+    """sbatch's arguments for a psik job: psik's mapping of its resources, then its
+    attributes (:func:`.sbatch_options.sbatch_options`), every option one ``--name=value``
+    argument so that no value is ever read as an option of its own."""
+    from psik.backends.slurm import mk_args
 
-
-def sbatch_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
-    """The attributes that are sbatch options: psik's own left out. Raises ValueError
-    naming an attribute that is neither, or an option psik-api keeps for itself."""
-    out: dict[str, str] = {}
-    for key, value in attributes.items():
-        if key in PSIK_ATTRIBUTES:
-            continue
-        if not key.startswith("-"):
-            raise ValueError(
-                f"attribute {key!r} is not an sbatch option (write it as sbatch does: '--{key}')"
-            )
-        option = key.partition("=")[0]
-        option = _SHORT_REFUSED.get(option[:2], option) if not option.startswith("--") else option
-        if option in REFUSED_OPTIONS:
-            raise ValueError(
-                f"attribute {key!r} is refused: {option} would take the job away from psik "
-                "(its script, its console in the job directory, one run per submit)"
-            )
-        if len(value) > MAX_ATTRIBUTE_VALUE:
-            raise ValueError(f"attribute {key!r} has a value over {MAX_ATTRIBUTE_VALUE} characters")
-        out[key] = value
-    return out
+    args = mk_args(spec.model_copy(update={"attributes": {}}), info)
+    joined: list[str] = []
+    while args:
+        option = args.pop(0)
+        # psik's own options all take a value, but for --exclusive.
+        joined.append(option if option == "--exclusive" else f"{option}={args.pop(0)}")
+    return joined + sbatch_options(spec.attributes)
 
 
 async def submit(job: Any, jobndx: int) -> str:
     """Submit run ``jobndx`` of the psik job ``job`` (read) with sbatch, recording
     ``queued`` with the Slurm job id as psik does (under its status.csv lock, so a
     concurrent reader sees the submission or nothing). Returns the Slurm job id;
-    raises :class:`SbatchRefused` with sbatch's message, or ValueError for a bad attribute."""
+    raises :class:`SbatchRefused` with sbatch's message, or
+    :class:`.sbatch_options.AttributeRefused` (a ValueError) for a bad attribute."""
     from anyio import open_file
-    from psik.backends.slurm import mk_args, slurm_script
+    from psik.backends.slurm import slurm_script
     from psik.models import JobState as PsikJobState
     from psik.models import Transition
     from psik.statfile import WriteLock
 
-    spec = job.spec.model_copy(update={"attributes": sbatch_attributes(job.spec.attributes)})
     psik_python = job.info.backend.attributes.get("psik_python", sys.executable)
     script = slurm_script % {"psik_python": psik_python, "base": job.base, "jobndx": jobndx}
-    args = mk_args(spec, job.info)
+    args = sbatch_args(job.spec, job.info)
     async with await open_file(job.base / "status.csv", "a", encoding="utf-8") as f, WriteLock(f):  # type: ignore[no-untyped-call]
         t0 = time.time()
         code, out, err = await run("sbatch", "--parsable", *args, stdin=script)
@@ -196,11 +155,29 @@ async def submit(job: Any, jobndx: int) -> str:
             raise SbatchRefused(message, unavailable=gone or unreachable(message))
         native_id = out.strip().split(";")[0]
         if not native_id.isdigit():
-            raise SbatchRefused(f"sbatch answered {out.strip()[:200]!r}, not a job id")
+            raise SbatchRefused(await _end_unrecorded(job.base, out, job.history))
         row = Transition(time=t0, jobndx=jobndx, state=PsikJobState.queued, info=native_id)
         await f.write(",".join(map(str, row.fields())) + "\n")
     job.history.append(row)
     return native_id
+
+
+async def _end_unrecorded(base: Path, answer: str, history: list[Any]) -> str:
+    """sbatch said something that is no job id, yet may have submitted the job: cancel
+    every Slurm job whose console is this job's that its history does not name (nobody
+    would track it). Returns the reason the submission failed."""
+    said = f"sbatch answered {answer.strip()[:200]!r}, not a job id"
+    code, out, err = await run("squeue", *_CONSOLE_LISTING)
+    if code != 0:
+        return f"{said}; squeue could not say whether it submitted a job ({' '.join(err.split())[:200]})"
+    known = {str(r.info) for r in history if getattr(r.state, "value", r.state) == "queued"}
+    strays = [n for n in _consoles(out, base.parent).get(base.name, []) if n not in known]
+    if not strays:
+        return f"{said}; no Slurm job was made"
+    failed = await cancel(strays)
+    if failed is not None:
+        return f"{said}; the Slurm job it made ({', '.join(strays)}) could not be cancelled: {failed}"
+    return f"{said}; the Slurm job it made ({', '.join(strays)}) was cancelled"
 
 
 async def cancel(native_ids: Iterable[str]) -> str | None:
@@ -310,8 +287,7 @@ class SlurmHealth:
 
 def jobs_by_console(prefix: Path) -> dict[str, list[str]] | None:
     """``{psik jobid: [Slurm job ids]}`` of the Slurm jobs (any state squeue still shows)
-    whose console is a job directory's under ``prefix`` (psik's batch script writes it to
-    ``<prefix>/<jobid>/log/console``; ``--output`` is refused as an attribute). None if
+    whose console is a job directory's under ``prefix`` (see :data:`_CONSOLE_LISTING`). None if
     the controller cannot be asked. Blocking (start-up, in a worker thread)."""
     try:
         ping = subprocess.run(
@@ -324,7 +300,7 @@ def jobs_by_console(prefix: Path) -> dict[str, list[str]] | None:
         if ping.returncode != 0 or "UP" not in ping.stdout:
             return None
         listed = subprocess.run(
-            ["squeue", "-h", "--states=all", "-O", "JobID:40,StdOut:4096"],  # noqa: S607
+            ["squeue", *_CONSOLE_LISTING],  # noqa: S607
             capture_output=True,
             text=True,
             timeout=COMMAND_TIMEOUT,
@@ -334,8 +310,18 @@ def jobs_by_console(prefix: Path) -> dict[str, list[str]] | None:
         return None
     if listed.returncode != 0:
         return None
+    return _consoles(listed.stdout, prefix)
+
+
+#: squeue's arguments listing every job it shows with its console (psik's batch script
+#: writes it to ``<prefix>/<jobid>/log/console``; no attribute can move it).
+_CONSOLE_LISTING = ("-h", "--states=all", "-O", "JobID:40,StdOut:4096")
+
+
+def _consoles(listing: str, prefix: Path) -> dict[str, list[str]]:
+    """``{psik jobid: [Slurm job ids]}`` from squeue's :data:`_CONSOLE_LISTING`."""
     found: dict[str, list[str]] = {}
-    for line in listed.stdout.splitlines():
+    for line in listing.splitlines():
         nid, _, console = line.strip().partition(" ")
         path = Path(console.strip())
         if (
