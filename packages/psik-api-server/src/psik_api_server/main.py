@@ -1,32 +1,61 @@
-"""``psik_api_server.main:app`` for ``uvicorn psik_api_server.main:app`` and
-``certified serve psik_api_server.main:app``.
+"""``psik_api_server.main:app`` for ``uvicorn psik_api_server.main:app``, ``hypercorn
+psik_api_server.main:app`` and ``certified serve psik_api_server.main:app``.
 
-The app is built on first access, from the config file (``$PSIK_API_CONFIG``,
-``$VIRTUAL_ENV/etc/psik_api.json``) or the embedded default, so importing this module
-does no I/O and a broken config is reported when the server starts. Building it also
-hooks uvicorn's protocols (``peer.install_uvicorn_hook``), so that each connection uvicorn
-accepts carries its socket (``authz: local`` checks the caller's uid on it), and puts
-the connection limits of the settings on them (``limits``: a request-head timeout, a
-connection cap, the open-file limit raised; uvicorn's ``--timeout-keep-alive`` applies).
+``app`` is a real attribute (hypercorn evaluates the name in the module's namespace,
+``eval("app", vars(module))``, which a module ``__getattr__`` never answers) whose app is
+built on its first ASGI call (the
+server's lifespan start-up, before it accepts a connection), from the config file
+(``$PSIK_API_CONFIG``, ``$VIRTUAL_ENV/etc/psik_api.json``) or the embedded default, so
+importing this module does no I/O and a broken config is reported when the server
+starts. Building it also hooks uvicorn's and hypercorn's connections
+(``peer.install_uvicorn_hook``, ``hypercorn_hook``), so that each connection carries its
+socket (``authz: local`` checks the caller's uid on it), and puts the connection limits
+of the settings on uvicorn's (``limits``: a request-head timeout, a connection cap, the
+open-file limit raised; uvicorn's ``--timeout-keep-alive`` applies).
 """
 
 from __future__ import annotations
 
 import logging
-from functools import cache
+import threading
 
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 
-@cache
 def build() -> Starlette:
+    """The app of this process, built once (the first caller builds it)."""
+    return app.built()
+
+
+class LazyApp:
+    """An ASGI app that builds the real one (:func:`_build`) on its first call."""
+
+    def __init__(self) -> None:
+        self._app: Starlette | None = None
+        self._lock = threading.Lock()  # two servers' threads must not build two apps
+
+    def built(self) -> Starlette:
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = _build()
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.built()(scope, receive, send)
+
+
+def _build() -> Starlette:
     from . import limits
     from .app import create_app
+    from .hypercorn_hook import install_hypercorn_hook
     from .peer import install_uvicorn_hook
     from .settings import load_settings
 
     settings = load_settings()
     install_uvicorn_hook()
+    install_hypercorn_hook()
     # uvicorn has configured its logging by now; its backlog (--backlog) is not known
     # here: its default is assumed when fitting the connection cap under the file limit.
     limits.start(settings, backlog=2048, keep_alive=False, logger=logging.getLogger("uvicorn.error"))
@@ -34,7 +63,4 @@ def build() -> Starlette:
     return create_app(settings)
 
 
-def __getattr__(name: str) -> Starlette:
-    if name == "app":
-        return build()
-    raise AttributeError(name)
+app = LazyApp()

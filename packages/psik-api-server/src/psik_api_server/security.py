@@ -26,15 +26,17 @@ Every request passes :class:`LocalOnly`, which refuses, in this order:
 No CORS headers are ever sent. Forwarded headers (``X-Forwarded-For``, ``Forwarded``,
 ``X-Real-IP``) are never read: the peer is the connection's own.
 
-Which connections: uvicorn's connections carry their socket (see
-``peer.install_uvicorn_hook``) and get every check. A request with no socket behind it
-comes from an in-process ASGI transport (``httpx.ASGITransport``, starlette's
-``TestClient``): code already running in the server's own process, as its owner, so
-it gets no uid and no Host check (its Host is a made-up name like ``testserver``); the
-other checks apply. A request is taken as in-process only when it carries no connection
-*and* its ``scope["server"]`` is a host name: a real socket reports an IP address or a
-socket path there, and such a request without a connection (another ASGI server) is
-checked as a real one: a lookup per request over TCP, refused over a UNIX socket.
+Which connections: uvicorn's and hypercorn's connections carry their socket (see
+``peer.install_uvicorn_hook`` and ``hypercorn_hook``) and get every check. A request with
+no socket behind it comes from an in-process ASGI transport (``httpx.ASGITransport``):
+code already running in the server's own process, as its owner, so it gets no uid and no
+Host check (its Host is a made-up name like ``testserver``); the other checks apply. A
+request is taken as in-process only when it carries no connection *and* its
+``scope["server"]`` is a host name without a port, which names no socket. Every other
+request without its connection (another ASGI server) is checked as a real one: a host
+name with a port is a socket too (a launcher reporting the name it bound); an IP address
+with a port is looked up per request; no port (a UNIX socket: ``None``, or its path) or
+an address of another shape (``()``, a one-element tuple) cannot be told and is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -57,6 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from psik_api_core import LOCAL_USER, Principal, ProblemCode
 
 from .errors import ApiError, StartupError
+from .hypercorn_hook import install_hypercorn_hook
 from .peer import Connection, PeerLookup, connection_of, install_uvicorn_hook
 from .problems import problem_response
 from .settings import Settings, default_data_dir
@@ -126,13 +130,41 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-def _made_up(server: object) -> bool:
-    """Whether ``scope["server"]`` names no socket: a host name (``testserver``), where a
-    real socket reports an IP address, a UNIX socket's path, or nothing."""
-    if not isinstance(server, tuple | list) or not server:
+#: An ASGI address: ``(host, port)``; the port is None for a UNIX socket.
+Address = tuple[str, int | None]
+
+
+def _address(scope: Scope, key: str) -> Address | None:
+    """``scope[key]`` (``"server"`` or ``"client"``) as an :data:`Address`, None when the
+    server reports none. Any other shape (``()``, a one-element tuple, a port that is
+    not a number) is refused: a request must not be judged on an address half read."""
+    value = scope.get(key)
+    if value is None:
+        return None
+    if isinstance(value, tuple | list) and len(value) >= 2:
+        host, port = value[0], value[1]
+        if (
+            isinstance(host, str)
+            and host
+            and (port is None or (isinstance(port, int) and not isinstance(port, bool)))
+        ):
+            return host, port
+    raise ApiError(
+        ProblemCode.forbidden,
+        f"this server (authz: local) cannot tell who is calling: the ASGI server reports the "
+        f"connection's {key} address as {str(value)[:80]!r}, which is not (host, port)",
+    )
+
+
+def _made_up(server: Address | None) -> bool:
+    """Whether ``scope["server"]`` names no socket: a host name with no port, as an
+    in-process transport makes up (httpx's ``("testserver", None)``). A real socket
+    reports an IP address with its port, or a UNIX socket (no address, or its path): a
+    host name *with* a port is a server reporting the name it was told to bind, a
+    socket all the same."""
+    if server is None or server[1] is not None:
         return False
-    host = str(server[0])
-    return _ip(host) is None and not host.startswith("/")
+    return _ip(server[0]) is None and not server[0].startswith("/")
 
 
 # ---- the local secret: who the caller is, where the uid cannot be told ----
@@ -271,11 +303,13 @@ class LocalOnly:
 
     The peer lookup and the local secrets are the app's (``app.state.peer_lookup``,
     ``app.state.local_secrets``; tests swap them). Building it hooks uvicorn's
-    protocols (idempotent), so every connection uvicorn accepts carries its socket."""
+    protocols and hypercorn's connections (idempotent), so every connection either
+    accepts carries its socket."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         install_uvicorn_hook()
+        install_hypercorn_hook()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # there are no websocket routes
@@ -295,34 +329,37 @@ class LocalOnly:
             return repeated
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         conn = connection_of(scope)
-        in_process = conn is None and _made_up(scope.get("server"))
-        if in_process:
-            error = self._peer_address(scope.get("client"))
+        if conn is not None:
+            local, peer = conn.local, conn.peer
         else:
-            error = self._socket(conn, scope) or self._host(headers.get("host"))
+            try:
+                local, peer = _address(scope, "server"), _address(scope, "client")
+            except ApiError as e:
+                return e
+        in_process = conn is None and _made_up(local)
+        if in_process:
+            error = self._peer_address(peer)
+        else:
+            error = self._socket(conn, local, peer) or self._host(headers.get("host"))
         error = error or self._origin(scope, headers)
         if error is None and not in_process:
-            error = self._caller(conn, scope, headers)
+            error = self._caller(conn, local, peer, scope, headers)
         return error or self._body(scope, headers)
 
     @staticmethod
-    def _peer_address(client: tuple[str, int] | None) -> ApiError | None:
-        if client is None or is_loopback_host(str(client[0])):
+    def _peer_address(client: Any) -> ApiError | None:
+        if not (isinstance(client, tuple | list) and client) or is_loopback_host(str(client[0])):
             return None
         return ApiError(
             ProblemCode.forbidden,
             f"this server (authz: local) serves only this host; {client[0]} is not local",
         )
 
-    def _socket(self, conn: Connection | None, scope: Scope) -> ApiError | None:
+    def _socket(self, conn: Connection | None, local: Any, peer: Any) -> ApiError | None:
         """The socket's own ends: it must listen on loopback (or be a UNIX socket) and
         the peer must be on this host. Forwarded headers change neither."""
-        if conn is not None:
-            local, peer = conn.local, conn.peer
-            if conn.is_unix:
-                return None
-        else:
-            local, peer = scope.get("server"), scope.get("client")
+        if conn is not None and conn.is_unix:
+            return None
         ip = _ip(str(local[0])) if isinstance(local, tuple | list) and local else None
         if ip is not None and not ip.is_loopback:
             return ApiError(
@@ -330,9 +367,7 @@ class LocalOnly:
                 f"this server (authz: local) listens on {ip}, which is not loopback; "
                 "it serves only 127.0.0.1, ::1 or a UNIX socket (run `psik-api-server serve`)",
             )
-        if isinstance(peer, tuple | list) and peer:
-            return self._peer_address((str(peer[0]), int(peer[1])))
-        return None
+        return self._peer_address(peer)
 
     @staticmethod
     def _host(host: str | None) -> ApiError | None:
@@ -359,7 +394,9 @@ class LocalOnly:
             "answers only its own pages and non-browser clients",
         )
 
-    def _caller(self, conn: Connection | None, scope: Scope, headers: dict[str, str]) -> ApiError | None:
+    def _caller(
+        self, conn: Connection | None, local: Any, peer: Any, scope: Scope, headers: dict[str, str]
+    ) -> ApiError | None:
         """The caller must be the server's own uid (or show the secret where no uid can
         be told over TCP)."""
         state = scope["app"].state
@@ -368,12 +405,11 @@ class LocalOnly:
         if conn is not None:
             uid = conn.peer_uid(lookup)
             unix = conn.is_unix
-            local = conn.local
         else:  # a server that does not tell us its connection: one lookup per request
-            local, client = scope.get("server"), scope.get("client")
-            unix = not (isinstance(local, tuple | list) and _ip(str(local[0])) is not None)
-            tcp = not unix and isinstance(client, tuple | list) and isinstance(local, tuple | list)
-            uid = lookup.tcp_uid(tuple(client), tuple(local)) if tcp else None  # type: ignore[arg-type]
+            # No port: a UNIX socket (or a server that would not say): nobody to ask.
+            unix = local is None or local[1] is None
+            tcp = not unix and peer is not None and peer[1] is not None
+            uid = lookup.tcp_uid(peer, local) if tcp else None
         if uid == me:
             return None
         if uid is not None:
@@ -381,7 +417,7 @@ class LocalOnly:
                 ProblemCode.forbidden,
                 f"this server (authz: local) serves only its owner, {_user(me)}; the caller is {_user(uid)}",
             )
-        if unix or not isinstance(local, tuple | list):
+        if unix or not (isinstance(local, tuple | list) and len(local) >= 2 and isinstance(local[1], int)):
             return ApiError(
                 ProblemCode.forbidden,
                 "this server (authz: local) cannot tell which user is calling over this socket; "
