@@ -22,10 +22,17 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from psik_api_client import AsyncClient, ConflictError, JobState, ServiceUnavailableError, SubmitFailedError
+from psik_api_client import (
+    AsyncClient,
+    ConflictError,
+    JobState,
+    ServiceUnavailableError,
+    SubmitFailedError,
+    UnprocessableEntityError,
+)
 from psik_api_server.app import create_app
+from psik_api_server.sbatch_options import SBATCH_OPTIONS, sbatch_options
 from psik_api_server.settings import BackendSettings, Settings
-from psik_api_server.slurm import sbatch_attributes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -181,20 +188,62 @@ async def test_resources_reach_slurm_and_psik_attributes_do_not(api: AsyncClient
 
 
 def test_psik_attributes_are_not_sbatch_options() -> None:
-    assert sbatch_attributes({"psik_python": "/x/python", "--qos": "low", "-J": "n"}) == {
-        "--qos": "low",
-        "-J": "n",
-    }
+    assert sbatch_options({"psik_python": "/x/python", "--qos": "low", "-J": "n"}) == [
+        "--qos=low",
+        "--job-name=n",
+    ]
     with pytest.raises(ValueError, match="'qos' is not an sbatch option"):
-        sbatch_attributes({"qos": "low"})
+        sbatch_options({"qos": "low"})
+
+
+def test_this_sbatch_knows_every_option_of_the_allow_list() -> None:
+    """Each allowed option, as the server passes it (``--name=value``, a flag alone), is
+    one this sbatch parses (``--test-only``: nothing is submitted)."""
+    example = {"a whole number": "1", "empty or a whole number": "1", "'yes' or 'no'": "no"}
+    unknown = []
+    for option, kind in SBATCH_OPTIONS.items():
+        arg = option if kind.flag else f"{option}={example.get(kind.what, '1')}"
+        done = subprocess.run(
+            ["sbatch", "--test-only", arg],
+            input="#!/bin/sh\ntrue\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        # getopt's own words (a value sbatch then refuses is still an option it knows).
+        if any(
+            w in done.stderr for w in ("unrecognized option", "allow an argument", "requires an argument")
+        ):
+            unknown.append(f"{arg}: {done.stderr.strip()}")
+    assert not unknown, unknown
+
+
+def slurm_job_ids() -> set[str]:
+    """Every job the controller (squeue) or accounting (sacct) knows."""
+    listed = slurm("squeue", "-h", "--states=all", "-o", "%i").split()
+    accounted = slurm("sacct", "-a", "-X", "-n", "-P", "-S", "now-1hours", "-o", "JobID").split()
+    return set(listed) | set(accounted)
+
+
+async def test_options_that_slipped_past_the_deny_list_are_422_and_reach_no_slurm(api: AsyncClient) -> None:
+    """Issue 14: each of these was submitted and ran (``-Qo`` even as a 502 "not submitted")."""
+    before = slurm_job_ids()
+    attacks = [{"--wra": "touch /tmp/pwned"}, {"-vo": "/tmp/x"}, {"-Qo": "/tmp/x"}, {"--hold": "x.sh"},
+               {"--exclusive": "--wrap=touch /tmp/pwned"}, {"--": "evil.sh"},
+               {"--export-f": "/etc/shadow"}]  # fmt: skip
+    for attack in attacks:
+        with pytest.raises(UnprocessableEntityError, match="attribute") as info:
+            await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300", "attributes": attack})
+        assert info.value.status_code == 422
+    assert [j async for j in api.list()] == []
+    await anyio.sleep(1)
+    assert slurm_job_ids() == before
 
 
 async def test_an_attribute_that_is_no_sbatch_option_is_refused_by_name(api: AsyncClient) -> None:
-    with pytest.raises(SubmitFailedError, match="'qos' is not an sbatch option") as info:
+    with pytest.raises(UnprocessableEntityError, match="'qos' is not an sbatch option"):
         await api.submit({"backend": "slurm", "script": "true", "attributes": {"qos": "low"}})
-    assert info.value.jobid is not None
-    job = await api.get(info.value.jobid)
-    assert job.state is JobState.failed and "not an sbatch option" in job.history[-1].info
+    assert [j async for j in api.list()] == []  # refused before the job was made
 
 
 async def test_cancel_a_running_and_a_queued_job(api: AsyncClient) -> None:
@@ -469,3 +518,64 @@ async def test_a_job_that_ended_unrecorded_while_the_server_was_down_is_failed_f
     assert done.state is JobState.failed, done.history
     reason = done.history[-1].info
     assert f"Slurm job {nid} ended FAILED, exit code 0:9 (from accounting" in reason, reason
+
+
+# ---- what a job or sbatch could make the server lose track of (issue 14) ----
+
+
+async def test_an_sbatch_answer_that_is_no_job_id_leaves_no_slurm_job_running(
+    api: AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-Qo`` once silenced ``--parsable``: the API answered 502 "not submitted" while
+    Slurm ran a job nobody tracked. An sbatch that submits yet answers no job id (here a
+    wrapper first on PATH) now has that Slurm job, found by its console, cancelled."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = subprocess.run(["which", "sbatch"], capture_output=True, text=True, check=True).stdout.strip()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\n{real} --quiet "$@" >/dev/null || exit $?\necho all went fine\n'
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(SubmitFailedError, match="not a job id") as info:
+        await api.submit({"backend": "slurm", "script": "#!/bin/bash\nsleep 300"})
+    assert "was cancelled" in str(info.value)
+    assert info.value.jobid is not None
+    console = str(tmp_path / "jobs" / info.value.jobid / "log" / "console")
+    listed = slurm("squeue", "-h", "--states=all", "-O", "JobID:40,State:20,StdOut:4096").splitlines()
+    mine = [line.split() for line in listed if line.split()[-1:] == [console]]
+    assert mine, listed  # it was submitted...
+    for nid, _, _ in mine:  # ...and is ended
+        await until(lambda nid=nid: squeue_state(nid) in (None, "CANCELLED"), 10, f"Slurm to end {nid}")
+
+
+async def test_a_job_that_records_its_own_completed_row_is_still_cancelled(
+    api: AsyncClient, tmp_path: Path
+) -> None:
+    """A Slurm job can append ``completed`` to its own status.csv and go on running: cancel
+    answered 200 ``completed`` without scancel and the allocation stayed held. Slurm's view
+    (still RUNNING) is trusted over that row: cancel scancels it and records ``canceled``."""
+    job = await api.submit(
+        {
+            "backend": "slurm",
+            "script": '#!/bin/bash\necho "$(date +%s.%N),1,completed," >> ../status.csv\nsleep 300',
+        }
+    )
+    assert job.native_id is not None
+    try:
+
+        async def says_completed() -> bool:
+            return (await api.state(job.jobid)).state is JobState.completed
+
+        deadline = time.monotonic() + 30
+        while not await says_completed():
+            assert time.monotonic() < deadline, "the job never wrote its row"
+            await anyio.sleep(0.1)
+        assert squeue_state(job.native_id) == "RUNNING"
+        canceled = await api.cancel(job.jobid)
+        assert canceled.state is JobState.canceled
+        assert "still ran after the job recorded completed" in canceled.history[-1].info
+        await until(lambda: squeue_state(job.native_id or "") in (None, "CANCELLED"), 10, "Slurm to end it")
+        assert (await api.cancel(job.jobid)).state is JobState.canceled  # idempotent
+    finally:
+        subprocess.run(["scancel", job.native_id], capture_output=True, timeout=30, check=False)

@@ -27,6 +27,7 @@ from .models import (
 )
 from .states import (
     FINAL_STATES,
+    OVERRULED_INFO,
     SLOT_WAIT_INFO,
     TRANSITIONS,
     JobState,
@@ -44,6 +45,7 @@ __all__ = [
     "JOBID_PATTERN",
     "LIMITS",
     "LOCAL_USER",
+    "OVERRULED_INFO",
     "SLOT_WAIT_INFO",
     "STRICT_INPUT",
     "TRANSITIONS",

@@ -58,6 +58,13 @@ def can_cancel(state: JobState) -> bool:
     return can_transition(state, JobState.canceled)
 
 
+#: Starts the ``info`` of a ``canceled`` or ``failed`` row the server records over an end
+#: row the job itself could have written while its scheduler still ran it (a Slurm job
+#: that appended its own ``completed`` and went on): such a row wins over the run's other
+#: end rows. It can only end a run ``canceled``/``failed``, never ``completed``.
+OVERRULED_INFO = "overruled: the scheduler still ran the job"
+
+
 class Row(Protocol):
     """Anything shaped like a status.csv row (core's ``Transition`` or psik's)."""
 
@@ -87,8 +94,10 @@ def derive_state(history: Iterable[Row]) -> tuple[JobState, int]:
     * psik records a cancel as ``jobndx 0``; it applies to the run under way at its time;
     * the *first* final row of the current run (by time) wins: a job cancelled and then
       seen to complete stays ``canceled``, and a late ``queued`` row never reopens it;
+      but a row the server marked :data:`OVERRULED_INFO` wins over the run's other ends;
     * otherwise ``active`` if the run was seen active, else ``queued``; ``new`` if never run.
     """
+    history = list(history)
     rows = [(float(r.time), int(r.jobndx), JobState(r.state)) for r in history]
     run = max((ndx for _, ndx, _ in rows), default=0)
     if run == 0:
@@ -101,6 +110,15 @@ def derive_state(history: Iterable[Row]) -> tuple[JobState, int]:
         for t, ndx, s in rows
         if s.is_final and (ndx == run or (ndx == 0 and s is JobState.canceled and t >= start))
     )
+    overruled = sorted(
+        (t, s)
+        for (t, ndx, s), r in zip(rows, history, strict=True)
+        if ndx == run
+        and s in (JobState.canceled, JobState.failed)
+        and str(getattr(r, "info", "")).startswith(OVERRULED_INFO)
+    )
+    if overruled:
+        return overruled[0][1], run
     if finals:
         return finals[0][1], run
     if any(ndx == run and s is JobState.active for _, ndx, s in rows):

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from psik_api_core import BackendInfo, JobSpec
+from psik_api_core import OVERRULED_INFO, BackendInfo, JobSpec
 
 from . import jobdir, slurm
 from .callbacks import CallbackRecord, write_record
@@ -373,24 +373,70 @@ class PsikBackend:
         self.containment.start()
         self.containment.wake()
 
+    async def still_scheduled(self, files: jobdir.JobFiles) -> bool:
+        """Whether a job whose history says it ended is still run by its scheduler: a
+        Slurm job that wrote its own ``completed``/``failed`` row (the job can) while squeue
+        shows it pending or running. Cancel ends it all the same: Slurm's view is trusted
+        over a row the job could write."""
+        from . import slurm_liveness
+
+        cfg = self.settings.get(files.spec.backend)
+        if cfg is None or cfg.type != "slurm":
+            return False
+        nid = slurm_liveness.claimed_end(files)
+        return nid is not None and await slurm_liveness.still_runs(nid)
+
     async def _cancel_slurm(self, jobid: str, job: Any) -> None:
         """scancel first, then ``canceled``: psik's cancel records ``canceled`` and only
         logs a failed scancel, so with the controller unreachable the job was said to be
         canceled while Slurm went on to run it. Here a controller that cannot be reached
         is :class:`CancelUnavailable` and nothing is recorded (cancel again later); an
-        scancel refused otherwise (the job already gone from Slurm) changes nothing."""
+        scancel refused otherwise (the job already gone from Slurm) changes nothing.
+        A run that recorded its own end while Slurm still runs it (:meth:`still_scheduled`)
+        is cancelled too, its ``canceled`` row marked to overrule that end."""
         from psik.models import JobState as PsikJobState
 
         from . import slurm
-        from .slurm_liveness import native_id
+        from .slurm_liveness import run_native_id
 
         files = await anyio.to_thread.run_sync(jobdir.read_job, self.path(jobid))
-        nid = native_id(files)
+        state, run = files.state
+        nid = run_native_id(files)
         if nid is not None:
             said = await slurm.cancel([nid])
             if said is not None and slurm.unreachable(said):
                 raise CancelUnavailable(jobid, f"scancel {nid}: {said}")
-        await job.reached(0, PsikJobState.canceled)
+        if state.is_final:
+            why = f"{OVERRULED_INFO}: Slurm job {nid} still ran after the job recorded {state.value}"
+            await job.reached(run, PsikJobState.canceled, why)
+        else:
+            await job.reached(0, PsikJobState.canceled)
+
+    async def end_processes(self, jobid: str, run: int, runner: tuple[int, float] | None) -> None:
+        """End every process of run ``run`` of the local job ``jobid`` (``runner``: psik's
+        runner, if known), as a cancel does, with nothing recorded in its files."""
+        if not self.containment.supported:
+            return
+        if runner is None:
+            runner = await anyio.to_thread.run_sync(self._runner_of, jobid, run)
+        with self.containment.hold(jobid):
+            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
+        self.containment.start()
+        self.containment.wake()
+
+    def _runner_of(self, jobid: str, run: int) -> tuple[int, float] | None:
+        """psik's runner of a run whose status.csv cannot be read: the leader of the
+        session a process of the run is in (psik setsid()s each run's runner), else None.
+        Blocking (reads /proc)."""
+        table = ProcessTable.read()
+        base = str(self.path(jobid))
+        for pid, (tagged, tagged_run) in table.tagged().items():
+            if tagged_run != run or os.path.realpath(tagged) != base:
+                continue
+            sid = table.procs[pid].sid
+            if sid > 0 and sid != os.getsid(0) and table.get(sid) is not None:
+                return sid, time.time()
+        return None
 
     def _defer_callbacks(self, job: Any) -> None:
         """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's

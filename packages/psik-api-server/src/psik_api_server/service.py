@@ -267,7 +267,8 @@ class JobService(Recovery, IdempotentCreates):
         """Cancel a job that is not final; a final job stays as it was (idempotent)."""
         async with self._lock(jobid):
             _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
-            if can_cancel(files.state[0]):
+            # A Slurm job's own end row does not stop a cancel while Slurm still runs it.
+            if can_cancel(files.state[0]) or await self.backend.still_scheduled(files):
                 try:
                     await self.backend.cancel(jobid)
                 except CancelUnavailable as e:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from psik_api_core import JobState
+from psik_api_core import OVERRULED_INFO, JobState
 
 from . import jobdir, slurm
 from .store import JobStore
@@ -43,13 +43,42 @@ class Ended:
 
 def native_id(files: jobdir.JobFiles) -> str | None:
     """The Slurm job id psik recorded for the current run (None if final or none yet)."""
-    state, jobndx = files.state
-    if state.is_final:
-        return None
+    return None if files.state[0].is_final else run_native_id(files)
+
+
+def run_native_id(files: jobdir.JobFiles) -> str | None:
+    """The Slurm job id recorded for the current run, ended or not (None: none yet)."""
+    jobndx = files.state[1]
     queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
     if not queued or not queued[-1].info.isdigit():
         return None  # not submitted yet (e.g. waiting for a job slot)
     return queued[-1].info
+
+
+def claimed_end(files: jobdir.JobFiles) -> str | None:
+    """The Slurm job id of a run whose end (``completed``/``failed``) is a row the job
+    itself could have written (psik's batch script writes them on the compute node);
+    None if the run has not ended so, or the server overruled it already."""
+    state, jobndx = files.state
+    if state not in (JobState.completed, JobState.failed):
+        return None
+    if any(r.jobndx == jobndx and r.info.startswith(OVERRULED_INFO) for r in files.history):
+        return None
+    return run_native_id(files)
+
+
+#: Slurm states in which the job's batch script may still run (COMPLETING: it has exited).
+_MAY_RUN = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "STOPPED", "RESIZING", "REQUEUED", "REQUEUE_HOLD"}
+)
+
+
+async def still_runs(nid: str) -> bool:
+    """Whether squeue shows Slurm job ``nid`` pending or running; False if it cannot be
+    asked (then the job's own rows stand)."""
+    states = await slurm.slurm_states([nid])
+    seen = (states or {}).get(nid)
+    return seen is not None and seen.state in _MAY_RUN
 
 
 def slurm_jobs(store: JobStore, prefix: Path, backends: set[str]) -> dict[str, str]:
