@@ -412,32 +412,6 @@ class PsikBackend:
         else:
             await job.reached(0, PsikJobState.canceled)
 
-    async def end_processes(self, jobid: str, run: int, runner: tuple[int, float] | None) -> None:
-        """End every process of run ``run`` of the local job ``jobid`` (``runner``: psik's
-        runner, if known), as a cancel does, with nothing recorded in its files."""
-        if not self.containment.supported:
-            return
-        if runner is None:
-            runner = await anyio.to_thread.run_sync(self._runner_of, jobid, run)
-        with self.containment.hold(jobid):
-            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
-        self.containment.start()
-        self.containment.wake()
-
-    def _runner_of(self, jobid: str, run: int) -> tuple[int, float] | None:
-        """psik's runner of a run whose status.csv cannot be read: the leader of the
-        session a process of the run is in (psik setsid()s each run's runner), else None.
-        Blocking (reads /proc)."""
-        table = ProcessTable.read()
-        base = str(self.path(jobid))
-        for pid, (tagged, tagged_run) in table.tagged().items():
-            if tagged_run != run or os.path.realpath(tagged) != base:
-                continue
-            sid = table.procs[pid].sid
-            if sid > 0 and sid != os.getsid(0) and table.get(sid) is not None:
-                return sid, time.time()
-        return None
-
     def _defer_callbacks(self, job: Any) -> None:
         """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's
         5-minute default timeout, and a failed POST stops cancel() before it signals the
