@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -229,6 +228,22 @@ def _post_later(send: Any, jobid: str, jobndx: int, state: Any, info: str) -> No
         _logger.warning("job %s: callback not delivered: %s", jobid, e)
 
 
+def _post_detached(send: Any, jobid: str, jobndx: int, state: Any, info: str) -> None:
+    """Post a callback from a process of its own (forked twice: nobody waits for it).
+
+    Not from a thread: psik forks every job from this process, and a fork taken while
+    another thread holds a lock (the import lock as it loads aiohttp, any of aiohttp's)
+    gives a job process that waits on that lock for ever and never runs its script."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.fork() == 0:
+                _post_later(send, jobid, jobndx, state, info)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def _serve(requests: IO[str], replies: IO[str]) -> None:
     from psik.job import Job  # imported once, here, not in the server's process
 
@@ -246,9 +261,7 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
                 return bool(await send(jobndx, state, info))
             # psik awaits the `queued` callback inside submit() (aiohttp: up to 5 min);
             # a slow callback URL must not hold up everyone else's submits.
-            threading.Thread(
-                target=_post_later, args=(send, job.stamp, jobndx, state, info), daemon=True
-            ).start()
+            _post_detached(send, job.stamp, jobndx, state, info)
             return True
 
         job.send_callback = send_callback
