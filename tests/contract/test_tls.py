@@ -5,6 +5,7 @@ and a token minted by the server, narrowed offline, sent as a bearer."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 import psik_api_client as pac
 from psik_api_client import JobSpec
+from psik_api_client.cli import main as cli_main
 from tls_support import Identities, TlsServer
 from tls_support import tls_server as run_tls_server
 
@@ -87,3 +89,47 @@ def test_an_introduced_user_presents_the_certificate_the_server_signed(
         job = api.create(JobSpec(name="carols", script="true"))
         assert job.owner == "uid:carol"
         assert [j.jobid for j in api.list()] == [job.jobid]
+
+
+def _unknown_to_the_server(identities: Identities, root: Path, user: str) -> Path:
+    """A user who trusts the server but whom the server does not know: their CA was
+    never added (no ``add-client``) and the server signed nothing for them."""
+    from tls_support import _certified
+
+    cfg = root / user
+    _certified(
+        "init", f"{user.title()} Tester", "--uid", user, "--email", f"{user}@localhost",
+        "--config", str(cfg), cwd=root,
+    )  # fmt: skip
+    _certified("add-service", "127.0.0.1", str(identities.server / "CA.crt"), "--config", str(cfg), cwd=root)
+    return cfg
+
+
+def test_a_refused_certificate_is_said_by_the_client_and_logged_once_by_the_server(
+    tls_server: TlsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "cannot reach ...: Server disconnected without sending a response" (exit
+    4), and nothing in the server's log."""
+    mallory = _unknown_to_the_server(tls_server.identities, tmp_path, "mallory")
+    with pac.Client(tls_server.url, cert_dir=mallory, max_retries=0) as api:
+        for _ in range(3):
+            with pytest.raises(pac.CertificateRefusedError) as refused:
+                api.backends()
+    message = str(refused.value)
+    assert f"{tls_server.url} refused the client certificate" in message
+    assert "UID=mallory" in message and str(mallory / "id.crt") in message
+    assert refused.value.certificate == mallory / "id.crt"
+    assert isinstance(refused.value, pac.APIConnectionError)  # no answer came
+    # The command line: the server refused (5), not "could not be reached" (4).
+    assert cli_main(["--url", tls_server.url, "--cert-dir", str(mallory), "backends"]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("psik-api: error: ") and "refused the client certificate" in err
+    # The server said so, once for the four refusals from one address.
+    deadline = time.monotonic() + 10
+    wanted = "TLS handshake with 127.0.0.1 refused: the client certificate is not trusted"
+    while wanted not in tls_server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tls_server.log.read_text().count(wanted) == 1, tls_server.log.read_text()[-2000:]
+    # A known user is still let in.
+    with pac.Client(tls_server.url, cert_dir=tls_server.identities.users["alice"], max_retries=0) as api:
+        assert api.health()["status"] == "ok"

@@ -73,7 +73,7 @@ from ._inputs import checked_headers, idempotency_key, path_jobid, spec_body
 from ._local_secret import LocalSecretAuth
 from ._pagination import Pager, Params
 from ._retry import RetryPolicy
-from ._tls import resolve_cert_dir, ssl_context
+from ._tls import Presented, resolve_cert_dir, tls_identity
 from ._tokens import lifetime_seconds, resolve_token
 from ._types import DEFAULT_OPTIONS, RequestOptions, TimeoutArg
 from ._version import __version__
@@ -260,7 +260,10 @@ class BaseClient:
         # hand this to their httpx client or transport as ``verify``.
         identity = resolve_cert_dir(cert_dir, self._target.base_url, has_transport=has_transport)
         host = httpx.URL(self._target.base_url).host or None
-        self._verify: ssl.SSLContext | bool = ssl_context(identity, host) if identity is not None else True
+        self._verify: ssl.SSLContext | bool = True
+        self._presented: Presented | None = None  # named if the server refuses it
+        if identity is not None:
+            self._verify, self._presented = tls_identity(identity, host)
         # Every request carries its timeout (see _build_request): this one unless the
         # call gives its own.
         self._timeout = httpx.Timeout(timeout)
@@ -345,7 +348,7 @@ class BaseClient:
             attempt += 1
             yield Sleep(delay)
         if isinstance(outcome, httpx.TransportError):
-            raise error_from_transport(outcome, request, self._where()) from outcome
+            raise error_from_transport(outcome, request, self._where(), self._presented) from outcome
         if not outcome.is_success:
             raise error_from_response(outcome)
         return outcome
@@ -355,7 +358,7 @@ class BaseClient:
         connection raises :class:`APIConnectionError`."""
         outcome = yield ReadChunk(response)
         if isinstance(outcome, httpx.TransportError):
-            raise error_from_transport(outcome, response.request, self._where()) from outcome
+            raise error_from_transport(outcome, response.request, self._where(), self._presented) from outcome
         if outcome is not None and not isinstance(outcome, bytes):
             raise RuntimeError(f"a flow driver answered a chunk read with {outcome!r}")
         return outcome
@@ -365,7 +368,7 @@ class BaseClient:
         broken connection raises :class:`APIConnectionError`."""
         outcome = yield Read(response)
         if isinstance(outcome, httpx.TransportError):
-            raise error_from_transport(outcome, response.request, self._where()) from outcome
+            raise error_from_transport(outcome, response.request, self._where(), self._presented) from outcome
         if not isinstance(outcome, bytes):
             raise RuntimeError(f"a flow driver answered a body read with {outcome!r}")
         return outcome

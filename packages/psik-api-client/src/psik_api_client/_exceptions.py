@@ -4,7 +4,8 @@
 
     PsikApiError
      ├── APIConnectionError            the server could not be reached, or the link broke
-     │    └── APITimeoutError          ... because a timeout expired
+     │    ├── APITimeoutError          ... because a timeout expired
+     │    └── CertificateRefusedError  ... because the TLS server refused our certificate
      ├── APIResponseValidationError    a 2xx answer that is not what the API promises
      ├── APIStatusError                the server answered with an error (problem+json)
      │    ├── BadRequestError              400 bad_request
@@ -41,12 +42,17 @@ the code's status. The message is the problem's ``detail``: a sentence a user ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pydantic
 from pydantic_core import ErrorDetails
 
 from psik_api_core import JobStatus, Problem, ProblemCode
+
+if TYPE_CHECKING:
+    from ._tls import Presented
 
 
 class PsikApiError(Exception):
@@ -62,6 +68,17 @@ class APIConnectionError(PsikApiError):
     def __init__(self, message: str, *, request: httpx.Request) -> None:
         super().__init__(message)
         self.request = request
+
+
+class CertificateRefusedError(APIConnectionError):
+    """A TLS server refused the client certificate presented (``cert_dir=``): it closed
+    the connection during or right after the handshake, with an alert or without a
+    word. ``certificate`` is the file presented; the message names its subject and
+    issuer, so that its user can ask the server's admin to trust it."""
+
+    def __init__(self, message: str, *, request: httpx.Request, certificate: Path) -> None:
+        super().__init__(message, request=request)
+        self.certificate = certificate
 
 
 class APITimeoutError(APIConnectionError):
@@ -175,6 +192,13 @@ class ConflictError(APIStatusError):
 
 class IdempotencyInFlightError(ConflictError):
     """409: a request with the same Idempotency-Key is still being processed."""
+
+
+class JobFilesInvalidError(ConflictError):
+    """409: the job replaced one of its own bookkeeping files (its ``status.csv`` or
+    ``spec.json`` is a FIFO, a directory, a link, or cannot be written), so the server
+    cannot read or record its state. The problem's ``file`` names it; the job is
+    failed and can be purged."""
 
 
 class PreconditionFailedError(APIStatusError):
@@ -317,6 +341,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.method_not_allowed: MethodNotAllowedError,
     ProblemCode.conflict: ConflictError,
     ProblemCode.idempotency_in_flight: IdempotencyInFlightError,
+    ProblemCode.job_files_invalid: JobFilesInvalidError,
     ProblemCode.precondition_failed: PreconditionFailedError,
     ProblemCode.range_not_satisfiable: RangeNotSatisfiableError,
     ProblemCode.too_large: RequestTooLargeError,
@@ -389,8 +414,34 @@ def _by_code(code: str | None) -> type[APIStatusError] | None:
         return None
 
 
-def error_from_transport(exc: httpx.TransportError, request: httpx.Request, where: str) -> APIConnectionError:
-    """The exception for a request that got no response; ``where`` names the server."""
+#: What a TLS server's refusal of our certificate looks like from here: its alert, when
+#: it sends one before closing (OpenSSL's names), else a close before any answer.
+_REFUSAL_ALERTS = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE", "ALERT_ACCESS_DENIED")
+_SILENT_CLOSE = "without sending a response"
+
+
+def error_from_transport(
+    exc: httpx.TransportError,
+    request: httpx.Request,
+    where: str,
+    presented: Presented | None = None,
+) -> APIConnectionError:
+    """The exception for a request that got no response; ``where`` names the server,
+    ``presented`` the client certificate of an https request, if one was."""
+    text = str(exc)
+    # A TLS 1.3 server checks the client certificate after the client's handshake is
+    # done: a refusal shows as an alert, or as the first read finding the line closed.
+    alert = any(name in text.upper() for name in _REFUSAL_ALERTS)
+    closed = isinstance(exc, httpx.RemoteProtocolError) and _SILENT_CLOSE in text
+    if presented is not None and request.url.scheme == "https" and (alert or closed):
+        return CertificateRefusedError(
+            f"{where} refused the client certificate (it closed the connection "
+            f"{'with a TLS alert' if alert else 'without answering'}): "
+            f"presented {presented.describe()}; ask the server's admin to trust it "
+            "(certified add-client, or introduce)",
+            request=request,
+            certificate=presented.path,
+        )
     if isinstance(exc, httpx.TimeoutException):
         kind = type(exc).__name__
         return APITimeoutError(

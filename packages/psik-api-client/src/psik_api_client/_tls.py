@@ -68,6 +68,13 @@ def ssl_context(cert_dir: str | os.PathLike[str], host: str | None = None) -> ss
     """A client ``SSLContext`` presenting the identity in ``cert_dir`` and trusting its
     known servers (for ``host``: its own entry's terms, if it has one). Raises
     ``ValueError`` naming what is missing or unreadable."""
+    return tls_identity(cert_dir, host)[0]
+
+
+def tls_identity(
+    cert_dir: str | os.PathLike[str], host: str | None = None
+) -> tuple[ssl.SSLContext, Presented]:
+    """:func:`ssl_context`, and the certificate it presents."""
     base = Path(cert_dir)
     if not base.is_dir():
         raise ValueError(f"no such directory: {base} (a certified identity: `certified init --config DIR`)")
@@ -87,7 +94,53 @@ def ssl_context(cert_dir: str | os.PathLike[str], host: str | None = None) -> ss
         ctx.load_cert_chain(crt, key)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot use the identity in {base} (id.crt, id.key): {exc}") from exc
-    return ctx
+    return ctx, Presented(crt)
+
+
+#: Short names of the subject attributes certified writes.
+_SHORT = {
+    "commonName": "CN",
+    "userId": "UID",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "emailAddress": "emailAddress",
+}
+
+
+@dataclass(frozen=True)
+class Presented:
+    """The client certificate a context presents: what a refusal message names."""
+
+    path: Path
+
+    def describe(self) -> str:
+        """``subject (issued by issuer; path)``, or the path alone where the standard
+        library cannot decode it."""
+        # The only certificate decoder of the standard library (the client does not
+        # depend on cryptography); a Python without it still names the file.
+        decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+        try:
+            info = decode(str(self.path)) if decode is not None else None
+        except (OSError, ssl.SSLError, ValueError):
+            info = None
+        if not isinstance(info, dict):
+            return str(self.path)
+        return f"{_name(info.get('subject'))} (issued by {_name(info.get('issuer'))}; {self.path})"
+
+
+def _name(rdns: object) -> str:
+    """An X.509 name as ``ssl`` decodes it (tuples of (key, value) pairs), as text."""
+    if not isinstance(rdns, tuple):
+        return "?"
+    parts = [
+        f"{_SHORT.get(key, key)}={value}"
+        for rdn in rdns
+        if isinstance(rdn, tuple)
+        for pair in rdn
+        if isinstance(pair, tuple) and len(pair) == 2
+        for key, value in [pair]
+    ]
+    return ", ".join(parts) or "?"
 
 
 def _known_servers(directory: Path) -> str:

@@ -35,7 +35,7 @@ Errors are one line on stderr. The exit status says what happened::
       2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
       3  wait or submit --wait timed out (the job is left running)
       4  the server could not be reached (connection refused, timeout, ...)
-      5  the server refused the request (e.g. no such job, or the backend refused the job)
+      5  the server refused the request (e.g. no such job), the job, or the client certificate
       6  the output, or a downloaded file, could not be written (e.g. a full disk)
     130  interrupted (Ctrl-C)
     141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly
@@ -69,6 +69,7 @@ from ._client import Client
 from ._exceptions import (
     APIConnectionError,
     APIStatusError,
+    CertificateRefusedError,
     InvalidRequestError,
     NotFoundError,
     PsikApiError,
@@ -102,7 +103,7 @@ EPILOG = """exit status:
     2  usage error, unreadable or invalid job file or upload, bad input (e.g. a malformed id)
     3  wait or submit --wait timed out (the job is left running)
     4  the server could not be reached (connection refused, timeout, ...)
-    5  the server refused the request (e.g. no such job, or the backend refused the job)
+    5  the server refused the request (e.g. no such job), the job, or the client certificate
     6  the output, or a downloaded file, could not be written (e.g. a full disk)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. psik-api ls | head -1): stops quietly"""
@@ -157,6 +158,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(exc), ExitStatus.OUTPUT_FAILED)
     except WaitTimeout as exc:
         return _fail(str(exc), ExitStatus.WAIT_TIMEOUT)
+    except CertificateRefusedError as exc:  # reached, and refused: not "cannot reach"
+        return _fail(str(exc), ExitStatus.REFUSED)
     except APIConnectionError as exc:
         return _fail(str(exc), ExitStatus.UNREACHABLE)
     except SubmitFailedError as exc:  # the job was created, and is failed: say which

@@ -47,7 +47,7 @@ class LazyApp:
 
 
 def _build() -> Starlette:
-    from . import limits
+    from . import limits, tls_refusals
     from .app import create_app
     from .hypercorn_hook import install_hypercorn_hook
     from .peer import install_uvicorn_hook
@@ -56,6 +56,7 @@ def _build() -> Starlette:
     settings = load_settings()
     install_uvicorn_hook()
     install_hypercorn_hook()
+    tls_refusals.install()  # certified serve's TLS refuses a client unknown: say so, once
     # uvicorn has configured its logging by now; its backlog (--backlog) is not known
     # here: its default is assumed when fitting the connection cap under the file limit.
     limits.start(settings, backlog=2048, keep_alive=False, logger=logging.getLogger("uvicorn.error"))
