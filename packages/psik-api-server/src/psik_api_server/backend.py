@@ -30,7 +30,7 @@ import anyio.to_thread
 from psik_api_core import OVERRULED_INFO, BackendInfo, JobSpec
 
 from . import jobdir, slurm
-from .callbacks import CallbackRecord, write_record
+from .callbacks import CallbackRecord, psik_sender, write_record
 from .containment import Containment
 from .jobdir import job_path
 from .launcher import LaunchError, LocalLauncher, forget_slot_wait
@@ -417,7 +417,7 @@ class PsikBackend:
         5-minute default timeout, and a failed POST stops cancel() before it signals the
         job. Here the POST is made in the background, with a timeout, and its failure
         only logged: the job's own state never waits on someone else's web server."""
-        send = job.send_callback
+        send = psik_sender(job)  # psik's own trusts the environment (netrc, proxies)
 
         async def deferred(jobndx: int, state: Any, info: str) -> bool:
             task = asyncio.get_running_loop().create_task(

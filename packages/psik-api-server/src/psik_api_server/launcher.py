@@ -247,6 +247,8 @@ def _post_detached(send: Any, jobid: str, jobndx: int, state: Any, info: str) ->
 def _serve(requests: IO[str], replies: IO[str]) -> None:
     from psik.job import Job  # imported once, here, not in the server's process
 
+    from .callbacks import psik_sender
+
     launcher_pid = os.getpid()
     _contain_forks(launcher_pid)
 
@@ -254,7 +256,7 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
         job = await Job(base)
         if run is not None:
             forget_slot_wait(job, run)
-        send = job.send_callback
+        send = psik_sender(job)  # psik's own trusts the environment (netrc, proxies)
 
         async def send_callback(jobndx: int, state: Any, info: str) -> bool:
             if os.getpid() != launcher_pid:  # in the job's own process, psik's way
