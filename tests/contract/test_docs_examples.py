@@ -7,14 +7,18 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from psik_api_client.cli import main as psik_api
-from support import LiveServer
+from support import LiveServer, free_port
 
 README = Path(__file__).parents[2] / "README.md"
 EXAMPLE_JOBID = "1693992878.203"
@@ -149,3 +153,96 @@ def test_cli_rough_edges_against_the_real_server(
     assert psik_api([*url, "purge", new, failed]) == 0
     assert capsys.readouterr().out.split() == [new, "purged", failed, "purged"]
     assert psik_api([*url, "get", failed]) == 5
+
+
+def _recipe(name: str) -> list[str]:
+    """The commands of the fenced block after ``<!-- recipe: NAME -->``, one a line,
+    comments and blank lines left out."""
+    text = README.read_text()
+    marker = f"<!-- recipe: {name} -->\n```\n"
+    start = text.index(marker) + len(marker)
+    block = text[start : text.index("\n```", start)]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.skipif(
+    not Path(sys.executable).with_name("certified").exists(), reason="certified is not installed"
+)
+def test_readme_certified_recipe_runs_as_written(tmp_path: Path) -> None:
+    """Every line of the README's certified recipe, run by bash in a fresh HOME, in order;
+    the server line in the background. Changed only where a site's names cannot be had
+    here: ``hpc.example`` is ``localhost``, port 4433 a free one, ``/srv/psik`` a
+    directory of the test's. It ends with alice's job done and an agent's list, each a
+    mutual-TLS request."""
+    home, site, admin = tmp_path / "home", tmp_path / "srv", tmp_path / "admin"
+    for directory in (home, site, admin):
+        directory.mkdir()
+    port = str(free_port())
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PSIK_API_", "CERTIFIED_", "XDG_"))
+    }
+    env.update(HOME=str(home), PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", XDG_RUNTIME_DIR="")
+    env["XDG_DATA_HOME"] = str(home / ".local" / "share")
+    commands = [
+        line.replace("hpc.example", "localhost").replace(":4433", f":{port}").replace("/srv/psik", str(site))
+        for line in _recipe("certified")
+    ]
+    assert sum("certified serve" in c for c in commands) == 1
+    server: subprocess.Popen[bytes] | None = None
+    outputs: list[str] = []
+    log = tmp_path / "server.log"
+    try:
+        for command in commands:
+            if "certified serve" in command:
+                assert command.endswith(" &")
+                with log.open("wb") as out:
+                    server = subprocess.Popen(
+                        ["bash", "-c", command.removesuffix(" &")],
+                        cwd=admin, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    )  # fmt: skip
+                _wait_for_tls(server, port, admin / "SRV" / "CA.crt", log)
+                continue
+            done = subprocess.run(
+                ["bash", "-c", command], cwd=admin, env=env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            outputs.append(done.stdout)
+    finally:
+        if server is not None:
+            _stop(server)
+    jobid, state = outputs[commands.index(next(c for c in commands if "submit" in c)) - 1].split()
+    assert state == "completed"
+    listing = outputs[-1].splitlines()
+    assert listing[0].split()[0] == "JOBID" and listing[1].split()[:2] == [jobid, "completed"]
+
+
+def _wait_for_tls(server: subprocess.Popen[bytes], port: str, ca: Path, log: Path) -> None:
+    """Until the server's TLS port takes a connection (the recipe's next line needs it);
+    it asks for a client certificate, which this probe does not have: a handshake that
+    gets that far is enough."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with (
+                socket.create_connection(("localhost", int(port)), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname="localhost"),
+            ):
+                return
+        except (OSError, ssl.SSLError):
+            time.sleep(0.1)
+    raise AssertionError(f"the recipe's server did not listen:\n{log.read_text()[-3000:]}")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
