@@ -4,7 +4,7 @@
    sock_diag netlink (the exact socket, asked of the kernel; what the server uses) and
    the /proc/net/tcp + tcp6 tables (the fallback where netlink is not allowed), with
    0, 1,000 and 4,000 other open loopback connections on the machine. The server does
-   one lookup per connection, at its first request.
+   one lookup per connection, when it accepts the connection.
 2. What that adds to a request over HTTP, measured on a live uvicorn: a new connection
    with one GET each (one lookup per request), against one keep-alive connection (one
    lookup in all), with the real lookup and with a no-op one.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import socket
 import stat
@@ -15,9 +14,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import pytest
@@ -25,14 +25,13 @@ import uvicorn
 from starlette.applications import Starlette
 
 from conftest import lazy_app
+from local_users import Other, another_user, run_as
 from psik_api_client import Client, PermissionDeniedError
 from psik_api_server.peer import PeerLookup, install_uvicorn_hook
 from psik_api_server.settings import Settings
 from support import LiveServer
 
 pytestmark = pytest.mark.anyio
-
-OTHER_USER = "psikapi-other"
 
 #: What the other user runs: stdlib only (it cannot read our venv), one HTTP request.
 ATTACK = r"""
@@ -54,57 +53,13 @@ print(json.dumps({"status": r.status, "body": r.read().decode()}))
 """
 
 
-class Other(NamedTuple):
-    uid: int
-    gid: int
-    python: str
-
-
-def _cannot(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true: this attack must run, but {reason}")
-    pytest.skip(f"needs another uid: {reason}")
-
-
 @pytest.fixture(scope="session")
-def other_user() -> Other:
-    """Another local user (created when we are root) and a python3 it can run."""
-    if os.geteuid() != 0:
-        _cannot("not root, so no user can be created and no process run as another uid")
-    try:
-        entry = pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            _cannot(f"useradd {OTHER_USER} failed: {made.stderr.strip()}")
-        entry = pwd.getpwnam(OTHER_USER)
-    for python in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
-        if python and _run_as(entry.pw_uid, entry.pw_gid, [python, "-c", "pass"]).returncode == 0:
-            return Other(entry.pw_uid, entry.pw_gid, python)
-    _cannot(f"no python3 that {OTHER_USER} can run")
-    raise AssertionError("unreachable")
-
-
-def _run_as(uid: int, gid: int, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def other_user() -> Iterator[Other]:
+    yield from another_user()
 
 
 def _attack(other: Other, kind: str, target: str, method: str, path: str) -> tuple[int, dict[str, object]]:
-    out = _run_as(other.uid, other.gid, [other.python, "-c", ATTACK, kind, target, method, path])
+    out = run_as(other.uid, other.gid, [other.python, "-c", ATTACK, kind, target, method, path])
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     body = json.loads(answer["body"]) if answer["body"].startswith("{") else {}
@@ -373,8 +328,9 @@ TCP_HEADER = (
 )
 
 
-def _row(n: int, local: str, remote: str, state: str, uid: int) -> str:
-    rest = f"00000000:00000000 00:00000000 00000000  {uid:>5}        0 {1000 + n} 1"
+def _row(n: int, local: str, remote: str, state: str, uid: int, inode: int | None = None) -> str:
+    inode = 1000 + n if inode is None else inode
+    rest = f"00000000:00000000 00:00000000 00000000  {uid:>5}        0 {inode} 1"
     return f"   {n}: {local} {remote} {state} {rest}\n"
 
 
@@ -408,6 +364,89 @@ def test_both_lookups_find_this_processes_connection() -> None:
                 assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) == os.geteuid()
                 # No connection from that port: nobody (not the server's own end).
                 assert lookup.tcp_uid(("127.0.0.1", 1), accepted.getsockname()) is None
+
+
+def test_a_closed_client_end_names_nobody_in_the_tables(tmp_path: Path) -> None:
+    # Once the client closed its socket its end is an orphan: no inode, and a uid column
+    # that says root (or, on newer kernels, the creator) without proof. Cannot tell.
+    net = tmp_path / "net"
+    net.mkdir()
+    lo = "0100007F" if sys.byteorder == "little" else "7F000001"
+    server = f"{lo}:1F40"
+    rows = [
+        ("05", 0, 0),  # FIN_WAIT2 mini-socket after the delayed ACK: the attack's uid 0
+        ("04", 1234, 0),  # FIN_WAIT1, orphaned: the creator's uid, but no inode
+        ("0B", 0, 0),  # CLOSING
+        ("09", 0, 0),  # LAST_ACK
+        ("07", 0, 0),  # CLOSE
+        ("01", 0, 0),  # open, yet no inode: nothing proves the uid
+        ("04", 1234, 4321),  # FIN_WAIT1 with an inode (half-closed): still not held open
+        ("08", 1234, 5555),  # CLOSE_WAIT: the server closed its half; the client holds its end
+    ]
+    (net / "tcp").write_text(
+        TCP_HEADER
+        + _row(0, server, "00000000:0000", "0A", 0)
+        + "".join(
+            _row(n + 1, f"{lo}:{0xD431 + n:04X}", server, state, uid, inode)
+            for n, (state, uid, inode) in enumerate(rows)
+        )
+    )
+    mapped = "0000000000000000FFFF0000" + lo
+    (net / "tcp6").write_text(TCP_HEADER + _row(0, f"{mapped}:D451", f"{mapped}:1F40", "05", 0, 0))
+    lookup = PeerLookup(proc_root=tmp_path, sock_diag=False)
+    found = [lookup.tcp_uid(("127.0.0.1", 0xD431 + n), ("127.0.0.1", 8000)) for n in range(len(rows))]
+    assert found == [None] * (len(rows) - 1) + [1234]
+    assert lookup.tcp_uid(("127.0.0.1", 0xD451), ("127.0.0.1", 8000)) is None
+
+
+def _client_state(port: int) -> str | None:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return fields[3]
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="orphaned ends are Linux's /proc and sock_diag")
+def test_both_lookups_name_nobody_for_a_closed_end() -> None:
+    # A client that sends corked and closes at once: its end is an orphan in FIN_WAIT1,
+    # then (after the server's delayed ACK) a FIN_WAIT2 mini-socket of uid 0.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        with accepted:
+            port = client.getsockname()[1]
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            client.sendall(b"POST /v1/jobs HTTP/1.1\r\n\r\n")
+            client.close()
+            seen = set()
+            deadline = time.monotonic() + 10
+            while True:
+                state = _client_state(port)
+                seen.add(state)
+                for lookup in (PeerLookup(), PeerLookup(sock_diag=False)):
+                    assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) is None, state
+                if state != "04" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            assert "05" in seen, f"the end never became a FIN_WAIT2 mini-socket: {seen}"
+
+
+def test_the_uid_is_looked_up_at_accept(live_app: LiveServer) -> None:
+    # Before any request: the later the lookup, the likelier the client's end is gone.
+    live_app.server.config.app.state.peer_lookup = lookup = CountingLookup()
+    url = httpx.URL(live_app.url)
+    with socket.create_connection((url.host, url.port)) as raw:
+        deadline = time.monotonic() + 10
+        while lookup.tcp == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lookup.tcp == 1
+        raw.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert lookup.tcp == 1
 
 
 # ---- requests with no connection behind them ----

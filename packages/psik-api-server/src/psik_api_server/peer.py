@@ -11,15 +11,26 @@
   the tables are the fallback where netlink is not allowed. Systems with neither
   (macOS) cannot tell: :meth:`PeerLookup.tcp_uid` answers None, and ``security`` asks
   for the local secret instead.
+* Only an end its owner still holds names a uid. Once the client has closed its socket,
+  its end is an orphan with no inode (FIN_WAIT1/2, CLOSING, LAST_ACK, CLOSE; after the
+  delayed ACK a FIN_WAIT2 mini-socket), which both lookups report as uid 0, or on newer
+  kernels as the socket's creator: neither is proof. A client that sends its whole
+  request corked and closes at once while the server is busy would otherwise be root to
+  a server run as root. Such an end is "cannot tell" (None), never a uid; so is an open
+  end without an inode.
 
 How the app sees its connection: an ASGI scope has the peer's address but not the
 socket. :func:`install_uvicorn_hook` wraps ``connection_made`` of uvicorn's HTTP
 protocols (h11, httptools, zttp; whichever are importable) so that every request of a
 connection carries that connection's :class:`Connection` in
 ``scope["extensions"]["psik_api.connection"]``. The wrapper only adds that key: it calls
-uvicorn's own ``connection_made`` first and changes nothing it does. Because the
-:class:`Connection` lives as long as the connection, the uid found for its first request
-serves every later request of a keep-alive connection (one lookup per connection).
+uvicorn's own ``connection_made`` first and changes nothing it does. It also looks the
+peer's uid up there, at accept, with the app's lookup (``app.state.peer_lookup``, found
+through the ``.app`` of the middleware uvicorn wraps it in): the later the lookup, the
+likelier the client has closed its end meanwhile (a server busy for 40 ms is enough).
+Because the :class:`Connection` lives as long as the connection, that one lookup serves
+every request of a keep-alive connection; where the app's lookup cannot be found, the
+first request looks the uid up instead.
 """
 
 from __future__ import annotations
@@ -47,9 +58,13 @@ CONNECTION = "psik_api.connection"
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# /proc/net/tcp states that are not a live client end: TIME_WAIT rows report uid 0,
-# LISTEN and NEW_SYN_RECV rows are not the client's socket.
+# /proc/net/tcp states. Rows that are not the client's socket are passed over:
+# TIME_WAIT (an earlier connection of the same ports), LISTEN, NEW_SYN_RECV. Of the
+# others only an end its owner still holds names a uid: ESTABLISHED, or CLOSE_WAIT (the
+# server closed its half). Any other state of the client's end (FIN_WAIT1/2, CLOSING,
+# LAST_ACK, CLOSE) means it was closed: an orphan, whose uid column says nothing.
 _NOT_A_CLIENT_END = {"06", "0A", "0C"}
+_HELD = {"01", "08"}
 
 
 class Connection:
@@ -75,6 +90,21 @@ class Connection:
     @property
     def is_unix(self) -> bool:
         return self.family == getattr(socket, "AF_UNIX", object())
+
+    def look_up_at_accept(self, app: Any) -> None:
+        """Look the peer's uid up now, with the lookup of ``app`` (or of an app it wraps,
+        through ``.app``), while the client's end is surely open. Only a peer that can be
+        on this host: a remote peer's uid is never asked (``security`` refuses it)."""
+        if not (self.is_unix or _on_this_host(self.peer)):
+            return
+        for _ in range(16):  # uvicorn's and starlette's wrappers keep the app in ``.app``
+            lookup = getattr(getattr(app, "state", None), "peer_lookup", None)
+            if isinstance(lookup, PeerLookup):
+                self.peer_uid(lookup)
+                return
+            app = getattr(app, "app", None)
+            if app is None:
+                return
 
     def peer_uid(self, lookup: PeerLookup) -> int | None:
         """The peer's uid (None: cannot be told), looked up on the first call only."""
@@ -153,14 +183,26 @@ class PeerLookup:
             end = text.find("\n", at)
             fields = text[at + 2 : end if end >= 0 else len(text)].split()
             start = at + len(needle)
-            # local rem st tx:rx tr:when retrnsmt uid ...
-            if len(fields) > 6 and fields[2] not in _NOT_A_CLIENT_END and fields[6].isdigit():
+            # local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+            if len(fields) < 9 or fields[2] in _NOT_A_CLIENT_END:
+                continue
+            if fields[2] in _HELD and fields[6].isdigit() and fields[8].isdigit() and int(fields[8]):
                 return int(fields[6])
+            # An orphan (or a row we cannot read): cannot tell, unless a held row follows.
         return None
 
 
 def _ip(text: str) -> IP:
     return ipaddress.ip_address(text.split("%", 1)[0])
+
+
+def _on_this_host(peer: Any) -> bool:
+    """Whether a TCP peer ``(ip, port, ...)`` is a loopback address."""
+    try:
+        ip = _ip(str(peer[0]))
+    except (ValueError, IndexError, TypeError):
+        return False
+    return (_v4(ip) or ip).is_loopback
 
 
 def _v4(ip: IP) -> ipaddress.IPv4Address | None:
@@ -189,7 +231,7 @@ _NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NO_COOKIE = 0xFFFFFFFF
 _NO_NETLINK = object()
-_TCP_STATES_NOT_A_CLIENT_END = {6, 10, 12}  # TIME_WAIT (uid 0), LISTEN, NEW_SYN_RECV
+_TCP_HELD = {1, 8}  # ESTABLISHED, CLOSE_WAIT: as _HELD above; any other state: None
 
 
 def _sock_diag_uid(family: int, local: IP, lport: int, remote: IP, rport: int) -> int | object | None:
@@ -220,8 +262,10 @@ def _sock_diag_uid(family: int, local: IP, lport: int, remote: IP, rport: int) -
     if kind != _SOCK_DIAG_BY_FAMILY or len(answer) < _NLMSG.size + 72:
         return _NO_NETLINK
     state = answer[_NLMSG.size + 1]
-    (uid,) = struct.unpack_from("=I", answer, _NLMSG.size + 4 + 48 + 12)
-    return None if state in _TCP_STATES_NOT_A_CLIENT_END else int(uid)
+    uid, inode = struct.unpack_from("=II", answer, _NLMSG.size + 4 + 48 + 12)
+    # The kernel reads the uid before the inode, and a socket once orphaned stays so:
+    # an inode means the uid was read while the owner still held the socket.
+    return int(uid) if state in _TCP_HELD and inode else None
 
 
 def _getpeereid(fd: int) -> int | None:
@@ -299,6 +343,11 @@ def _hooked(original: Callable[..., None]) -> Callable[..., None]:
                 _logger.exception("cannot describe a new connection; its requests carry none")
                 return
             self.app = _WithConnection(app, connection)
+            try:
+                if not transport.is_closing():  # else refused (limits): no request will come
+                    connection.look_up_at_accept(app)
+            except Exception:  # the first request looks it up instead
+                _logger.exception("cannot look up the peer of a new connection at accept")
 
     connection_made._psik_api_hook = True  # type: ignore[attr-defined]
     connection_made.__wrapped__ = original  # type: ignore[attr-defined]
