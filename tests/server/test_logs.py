@@ -160,6 +160,11 @@ async def test_offset_skips_bytes_and_tail_with_offset_is_refused(http: httpx.As
     r = await http.get(url, params={"offset": 1, "tail": 1})
     assert r.status_code == 422
     assert "offset" in r.json()["detail"] and "tail" in r.json()["detail"]
+    # offset's documented default, 0, given with tail: what a generated client sends.
+    r = await http.get(url, params={"offset": 0, "tail": 1})
+    assert r.status_code == 200 and r.content == b"0123456789\n", r.text
+    r = await http.get(url, params={"offset": "00", "tail": 1})
+    assert r.status_code == 200 and r.content == b"0123456789\n", r.text
 
 
 async def test_a_log_not_written_is_404_without_follow(http: httpx.AsyncClient) -> None:

@@ -213,9 +213,10 @@ _DISK_FULL = Failure(
 
 _FILE_PATH = Param(
     "path", "path",
-    "A path relative to the job's working directory, `/`-separated (`%2F` is refused). No"
-    " `.` or `..` segment, no empty segment (one trailing `/` is allowed), no NUL or backslash;"
-    " at most 4096 bytes, 255 a segment.",
+    "A path relative to the job's working directory, `/`-separated; percent-decoded once, so"
+    " `inputs%2Fa.csv` is `inputs/a.csv` (and `%252F` the characters `%2F` of a name). Once"
+    " decoded: no `.` or `..` segment, no empty segment (one trailing `/` is allowed), not"
+    " absolute, no NUL or backslash; at most 4096 bytes, 255 a segment.",
     {"type": "string", "examples": ["data.txt", "inputs/a.csv"]}, True, slashes=True,
 )  # fmt: skip
 _RECURSIVE = Param(
@@ -224,8 +225,8 @@ _RECURSIVE = Param(
 )  # fmt: skip
 _BAD_PATH = Failure(
     ProblemCode.invalid_path,
-    "the path has a `.` or `..` segment (also percent-encoded), is absolute, or has a NUL, a"
-    " backslash, an encoded `/` or an empty segment; the detail says which",
+    "the path, once percent-decoded, has a `.` or `..` segment, is absolute, or has a NUL, a"
+    " backslash or an empty segment; the detail says which",
 )
 _LEAVES = Failure(
     ProblemCode.forbidden,
@@ -432,7 +433,7 @@ OPERATIONS: tuple[Operation, ...] = (
                   {"type": "string", "pattern": LOG_NAME_REGEX}, True),
             Param("offset", "query", "Start this many bytes into the log.",
                   {"type": "integer", "minimum": 0, "default": 0}),
-            Param("tail", "query", "Only the last this many lines (not with `offset`).",
+            Param("tail", "query", "Only the last this many lines (not with an `offset` other than 0).",
                   {"type": "integer", "minimum": 1}),
             Param("follow", "query", "Stream new output until the job is final.",
                   {"type": "boolean", "default": False}),

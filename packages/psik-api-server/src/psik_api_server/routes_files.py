@@ -2,9 +2,10 @@
 ``Range``, ETag, SHA-256), upload a raw body or a multipart form (streamed to a temp
 file beside the target, renamed when complete), delete.
 
-The file path is taken from the URL *as sent* (``scope["raw_path"]``), so that an
-encoded ``/``, ``\\`` or NUL is refused before decoding (:func:`.jobfiles.split_raw_path`);
-everything the filesystem sees passes :mod:`.jobfiles`. Bodies are never held whole:
+The file path is taken from the URL *as sent* (``scope["raw_path"]``) and decoded once
+(:func:`.jobfiles.split_raw_path`: ``%2F`` is a separator, as generated clients send one,
+and every check applies after decoding); everything the filesystem sees passes
+:mod:`.jobfiles`. Bodies are never held whole:
 a download reads :data:`.jobfiles.CHUNK` bytes at a time in a worker thread, an upload
 writes each received chunk through one, and both stop at the size limit. Which body
 types reach these routes is :class:`.security.LocalOnly`'s to say (no browser form).

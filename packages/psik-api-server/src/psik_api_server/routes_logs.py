@@ -212,7 +212,8 @@ async def get_job_log(request: Request) -> Response:
     query = single_params(request, {"offset", "tail", "follow"})
     jobid = path_jobid(request)
     offset, tail = _count(query, "offset", 0), _count(query, "tail", 1)
-    if offset is not None and tail is not None:
+    # offset=0 is its documented default, which generated clients send along with tail.
+    if offset and tail is not None:
         raise ApiError(
             ProblemCode.validation_error,
             "query parameters 'offset' and 'tail' cannot be given together",
