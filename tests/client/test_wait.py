@@ -188,3 +188,17 @@ async def test_wait_keeps_waiting_if_the_job_was_restarted_meanwhile(connect: Ca
     job = await api.wait(JOBID)
     assert (job.state, job.jobndx) == (pac.JobState.completed, 2)
     assert len(api.requests) == 4
+
+
+async def test_waiting_for_jobs_never_started_does_not_call_them_running(connect: Callable[..., Api]) -> None:
+    """A job still ``new`` never ran: "left running" would send its user looking for it."""
+    api = connect(FakeJobs({JOBID: ["new"], "2.0": ["new"], "3.0": ["active"]}).handler)
+    with pytest.raises(pac.WaitTimeout) as one:
+        await api.wait(JOBID, timeout=0)
+    assert str(one.value) == f"job {JOBID} is not final after 0 s (last state: new); it was never started"
+    with pytest.raises(pac.WaitTimeout) as many:
+        await api.wait_all([JOBID, "2.0", "3.0"], timeout=0)
+    assert str(many.value) == (
+        f"3 of 3 jobs not final after 0 s (first: {JOBID}); 2 of them were never started "
+        "(state new), the others were left running"
+    )

@@ -76,6 +76,7 @@ def wait_all_flow(
     pending = list(dict.fromkeys(ids))  # unique, in order
     total = len(pending)
     done: dict[str, Job] = {}
+    never_started: set[str] = set()  # pending jobs last seen in state new
     deadline = None if timeout is None else api._clock() + timeout
     backoff = PollBackoff(cap=poll_interval)
     report(0, total)
@@ -93,6 +94,10 @@ def wait_all_flow(
                     # Not in the list (purged, or not ours): ask for it alone, so the
                     # server's own error (404, 403) is what the caller sees.
                     state = (yield from api._state_flow(jobid, options)).state
+                if state is JobState.new:
+                    never_started.add(jobid)
+                else:
+                    never_started.discard(jobid)
                 if state.is_final:
                     job = yield from api._get_flow(jobid, options)
                     if job.state.is_final:
@@ -105,9 +110,13 @@ def wait_all_flow(
             break
         delay = _next_delay(api, backoff, deadline)
         if delay is None:
+            new = sum(jobid in never_started for jobid in pending)
+            fate = "they were left running"
+            if new:
+                rest = ", the others were left running" if new < len(pending) else ""
+                fate = f"{new} of them were never started (state new){rest}"
             raise WaitTimeout(
-                f"{len(pending)} of {total} jobs not final after {timeout:g} s "
-                f"(first: {pending[0]}); they were left running",
+                f"{len(pending)} of {total} jobs not final after {timeout:g} s (first: {pending[0]}); {fate}",
                 pending=pending,
             )
         yield Sleep(delay)
