@@ -374,7 +374,10 @@ def _ended(api: Client, job: JobSummary) -> list[str]:
     Lists do not carry exit codes: a final job's is read from the job itself."""
     if not job.state.is_final:
         return ["-", "-"]
-    code = api.get(job.jobid).exit_code
+    try:
+        code = api.get(job.jobid).exit_code
+    except NotFoundError:  # purged since the list was read
+        code = None
     return [job.updated.strftime("%Y-%m-%d %H:%M:%S"), "-" if code is None else str(code)]
 
 
