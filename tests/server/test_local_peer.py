@@ -5,6 +5,7 @@ the user; elsewhere it skips with a message, except under CI=true, where it fail
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from local_users import Other, another_user, run_as
 from psik_api_client import Client, PermissionDeniedError
 from psik_api_server.peer import PeerLookup, install_uvicorn_hook
 from psik_api_server.settings import Settings
-from support import LiveServer
+from support import LiveServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -169,6 +170,50 @@ def test_the_uid_is_looked_up_once_per_connection(live_app: LiveServer) -> None:
         assert http.get("/v1/jobs").status_code == 200
         assert http.post("/v1/jobs/new", json={"script": "true"}).status_code == 201
     assert lookup.tcp == 2
+
+
+def test_hypercorn_looks_the_uid_up_at_accept(settings: Settings) -> None:
+    # hypercorn's connections carry their socket too (hypercorn_hook): the uid is taken
+    # when the connection is accepted, before any request, as under uvicorn.
+    serving = pytest.importorskip("hypercorn.asyncio")
+    from hypercorn.config import Config
+
+    app = lazy_app(settings)
+    config = Config()
+    port = free_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(serving.serve(app, config, shutdown_trigger=stop.wait),)
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and thread.is_alive(), "hypercorn did not start"
+            time.sleep(0.05)
+        app.state.peer_lookup = lookup = CountingLookup()
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            deadline = time.monotonic() + 10
+            while lookup.tcp == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert lookup.tcp == 1
+            raw.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert lookup.tcp == 1
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        loop.close()
 
 
 def test_the_uid_is_looked_up_once_per_unix_connection(settings: Settings, tmp_path: Path) -> None:

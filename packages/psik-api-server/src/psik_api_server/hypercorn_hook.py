@@ -71,6 +71,10 @@ def _hooked(original: Callable[..., None]) -> Callable[..., None]:
             _logger.exception("cannot describe a new connection; its requests carry none")
             return
         self.app = _WithConnection(app, connection)
+        try:  # now, while the client's end is surely open (peer's module doc)
+            connection.look_up_at_accept(app)
+        except Exception:  # the first request looks it up instead
+            _logger.exception("cannot look up the peer of a new connection at accept")
 
     setattr(__init__, _MARK, True)
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
