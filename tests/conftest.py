@@ -24,6 +24,13 @@ from tls_support import Identities, TlsServer, make_identities
 from tls_support import tls_server as run_tls_server
 
 
+@pytest.fixture(autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers' state directories (statedir.py) under the test's own temp dir, never
+    in the home of whoever runs the tests (subprocesses inherit it too)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # psik is asyncio-only

@@ -97,6 +97,7 @@ def write_config(path: Path, state: Path, **extra: Any) -> Path:
     doc = {
         "prefix": str(state / "jobs"),
         "database": str(state / "index.sqlite"),
+        "state_dir": str(state),  # the token key at state/token-key.pem
         "backends": {"default": {"type": "local"}},
         "watch_interval": 0.02,
         **extra,

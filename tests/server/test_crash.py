@@ -33,6 +33,7 @@ from psik_api_client._exceptions import (
 )
 from psik_api_core import is_slot_wait
 from psik_api_server import jobdir
+from psik_api_server.settings import default_state_dir
 from support import free_port
 
 pytestmark = pytest.mark.anyio
@@ -105,7 +106,7 @@ async def test_kill_9_under_idempotent_submitters_loses_nothing_and_runs_nothing
 ) -> None:
     server = Server(tmp_path / "data", tmp_path / "server.log")
     prefix = tmp_path / "data" / "psik_api" / "jobs"
-    index = tmp_path / "data" / "psik_api" / "index.sqlite"
+    index = default_state_dir(prefix) / "index.sqlite"
     acked: dict[str, str] = {}
     stop = asyncio.Event()
     deadline = time.monotonic() + 60
@@ -150,7 +151,7 @@ async def test_kill_9_under_idempotent_submitters_loses_nothing_and_runs_nothing
         server.stop()
     elapsed = time.monotonic() - started
 
-    on_disk = {p.name: jobdir.read_job(p) for p in prefix.iterdir()}
+    on_disk = {p.name: jobdir.read_job(p) for p in prefix.iterdir() if p.is_dir()}
     names = collections.Counter(f.spec.name for f in on_disk.values())
     duplicates = {k: n for k, n in names.items() if n > 1}
     stuck = sorted(j for j, f in on_disk.items() if not f.state[0].is_final)

@@ -196,7 +196,7 @@ async def test_idempotency_key(http: httpx.AsyncClient, app: Starlette) -> None:
     items = (await http.get("/v1/jobs")).json()["items"]
     assert len(items) == 1
     prefix: Path = app.state.settings.prefix
-    assert [p.name for p in prefix.iterdir()] == [first.json()["jobid"]]
+    assert [p.name for p in prefix.iterdir() if p.is_dir()] == [first.json()["jobid"]]
 
 
 async def test_secret_is_never_returned(http: httpx.AsyncClient) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from psik_api_server.settings import default_state_dir
 from support import free_port, wait_healthy
 
 BIN = Path(sys.executable).parent
@@ -60,7 +61,7 @@ def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
         job = _run_a_job(url)
         jobs_dir = tmp_path / "data" / "psik_api" / "jobs"
         assert (jobs_dir / str(job["jobid"]) / "log" / "stdout.1").read_text() == "hello\n"
-        index = tmp_path / "data" / "psik_api" / "index.sqlite"
+        index = default_state_dir(jobs_dir) / "index.sqlite"  # the server's own state directory
         # Other users of a login node can read neither the jobs nor who owns them.
         assert stat.S_IMODE(jobs_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE(index.stat().st_mode) == 0o600

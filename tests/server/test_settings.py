@@ -15,9 +15,15 @@ def test_embedded_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.delenv("PSIK_API_CONFIG", raising=False)
     monkeypatch.delenv("VIRTUAL_ENV", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     s = load_settings()
     assert s.prefix == tmp_path / "psik_api" / "jobs"
-    assert s.database_path == tmp_path / "psik_api" / "index.sqlite"
+    # The server's own files: in its state directory, one per prefix (statedir.py).
+    assert s.state_directory.parent == tmp_path / "state" / "psik_api"
+    assert s.state_directory.name.startswith("jobs-")
+    assert s.database_path == s.state_directory / "index.sqlite"
+    assert s.token_key_path == s.state_directory / "token-key.pem"
+    assert s.launcher_log_path == s.state_directory / "launcher.log"
     assert (s.host, s.port, s.authz) == ("127.0.0.1", 8000, "local")
     assert list(s.backends) == ["default"] and s.backends["default"].type == "local"
     monkeypatch.delenv("XDG_DATA_HOME")

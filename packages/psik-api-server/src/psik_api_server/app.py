@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
-from . import __version__
+from . import __version__, statedir
 from .backend import PsikBackend
 from .certnames import ClientNames, find_config
 from .docs import docs_html
@@ -64,7 +64,9 @@ def create_app(
     settings = settings or Settings()
     if policy is None and settings.policy is not None:
         policy = load_policy(settings.policy)
-    backend = backend or PsikBackend(settings.prefix, settings.backends, launcher)
+    backend = backend or PsikBackend(
+        settings.prefix, settings.backends, launcher or LocalLauncher(settings.launcher_log_path)
+    )
     store = store or JobStore(settings.database_path)
     service = JobService(
         store,
@@ -102,6 +104,7 @@ def create_app(
             # finds for a dead server's, which holds only while no other server runs.
             await in_thread(lock.acquire)
             try:
+                await in_thread(statedir.migrate, settings)
                 if tokens is not None:
                     await in_thread(tokens.load)
                 if client_names is not None:

@@ -204,7 +204,11 @@ def serve(args: argparse.Namespace) -> int:
     repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
-    print(f"psik-api-server: starting on {where}; jobs in {settings.prefix}", file=sys.stderr)
+    print(
+        f"psik-api-server: starting on {where}; jobs in {settings.prefix}, "
+        f"the server's own files in {settings.state_directory}",
+        file=sys.stderr,
+    )
     quiet = _QuietStartupError(app.state)
     logging.getLogger("uvicorn.error").addFilter(quiet)
     try:

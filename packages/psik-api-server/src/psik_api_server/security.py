@@ -59,6 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psik_api_core import LOCAL_USER, Principal, ProblemCode
 
+from . import statedir
 from .errors import ApiError, StartupError
 from .hypercorn_hook import install_hypercorn_hook
 from .peer import Connection, PeerLookup, connection_of, install_uvicorn_hook
@@ -555,8 +556,9 @@ def check_private_file(path: Path, what: str) -> None:
 
 
 class LocalLifespan:
-    """Pure ASGI middleware on the lifespan: before the app starts, the prefix and the
-    index must be the owner's alone (:func:`check_private_dir`), so that also
+    """Pure ASGI middleware on the lifespan: before the app starts, the prefix, the state
+    directory (statedir.prepare) and the index must be the owner's alone
+    (:func:`check_private_dir`), so that also
     ``uvicorn psik_api_server.main:app`` refuses a shared prefix; when the app stops,
     the local secrets it wrote are removed. A refusal is ``lifespan.startup.failed``
     with the one-line reason (also kept in ``app.state.startup_error``) and the
@@ -574,6 +576,8 @@ class LocalLifespan:
         if first["type"] == "lifespan.startup":
             try:
                 check_private_dir(self.settings.prefix)
+                # Before the index's mode is read: a link there is refused as a link.
+                statedir.prepare(self.settings)
                 check_private_file(self.settings.database_path, "index")
             except StartupError as e:
                 scope["app"].state.startup_error = e

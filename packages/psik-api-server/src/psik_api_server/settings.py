@@ -16,8 +16,10 @@ a broken file stops start-up with its name and the reason (:class:`ConfigError`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -73,6 +75,18 @@ def default_data_dir() -> Path:
     return Path(base).expanduser() / "psik_api"
 
 
+def default_state_dir(prefix: Path) -> Path:
+    """The state directory of the server of ``prefix``: ``$XDG_STATE_HOME/psik_api/
+    <name>-<digest>`` (``~/.local/state/...`` when unset), named after the prefix's real
+    path, so that one prefix (however it is spelled) has one, and two have two."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    home = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    real = os.path.realpath(prefix.expanduser())
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(real))[:40].lstrip(".") or "prefix"
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
+    return home / "psik_api" / f"{name}-{digest}"
+
+
 class Settings(BaseModel):
     """Everything the server needs to know; built by :func:`load_settings` or by hand."""
 
@@ -80,7 +94,7 @@ class Settings(BaseModel):
 
     prefix: Path = Field(default_factory=lambda: default_data_dir() / "jobs")
     database: Path | None = Field(
-        default=None, description="SQLite index; default: index.sqlite next to the prefix"
+        default=None, description="SQLite index; default: index.sqlite in the state directory"
     )
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
     #: ``local``: only the server's own user, on this host (security.LocalOnly).
@@ -93,7 +107,9 @@ class Settings(BaseModel):
     policy: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     #: Lifetime of the tokens ``GET /v1/token`` mints (seconds; the caller may ask for less).
     token_lifetime: float = Field(default=86400.0, gt=0, le=366 * 86400)
-    #: Where the token signing key lives (``token-key.pem``); default: the prefix's parent.
+    #: The server's own files: the index (unless ``database``), its lock, the launcher's
+    #: log and the token signing key (``token-key.pem``). Never beside the prefix, where
+    #: others may write (/tmp): default :func:`default_state_dir`. See statedir.py.
     state_dir: Path | None = None
     #: The certified config directory ``certified serve`` runs with (its
     #: ``known_clients/`` tells which CA may sign for which user: certnames.py); default:
@@ -167,13 +183,23 @@ class Settings(BaseModel):
         return f"config {self.source or '(default)'}: " + "; ".join(self.notes)
 
     @property
+    def state_directory(self) -> Path:
+        """The state directory in use: ``state_dir``, else the prefix's own default."""
+        return self.state_dir or default_state_dir(self.prefix)
+
+    @property
     def database_path(self) -> Path:
-        return self.database or self.prefix.parent / "index.sqlite"
+        return self.database or self.state_directory / "index.sqlite"
 
     @property
     def token_key_path(self) -> Path:
-        """The token signing key: ``<state_dir>/token-key.pem``."""
-        return (self.state_dir or self.prefix.parent) / "token-key.pem"
+        """The token signing key: ``<state directory>/token-key.pem``."""
+        return self.state_directory / "token-key.pem"
+
+    @property
+    def launcher_log_path(self) -> Path:
+        """The local launcher's log (job names, paths, errors): in the state directory."""
+        return self.state_directory / "launcher.log"
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
