@@ -122,6 +122,10 @@ def _plant(kind: str, settings: Settings, tmp_path: Path) -> tuple[Path, str]:
         (tmp_path / "their-dir").mkdir(mode=0o700)
         state.symlink_to(tmp_path / "their-dir")
         return state, "symbolic link"
+    if kind == "another user's state dir":
+        state.mkdir(parents=True, mode=0o700)
+        os.chown(state, OTHER_UID, OTHER_UID)
+        return state, f"uid {OTHER_UID}"
     if kind == "state dir writable by others":
         state.mkdir(parents=True)
         state.chmod(0o777)
@@ -148,6 +152,7 @@ def _plant(kind: str, settings: Settings, tmp_path: Path) -> tuple[Path, str]:
     [
         "state dir is a link",
         "state dir writable by others",
+        "another user's state dir",
         "index is a link",
         "index lock is a link",
         "launcher log is a link",
