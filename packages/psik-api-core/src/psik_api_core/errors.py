@@ -20,6 +20,7 @@ class ProblemCode(StrEnum):
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     conflict = "conflict"
+    job_files_invalid = "job_files_invalid"
     precondition_failed = "precondition_failed"
     range_not_satisfiable = "range_not_satisfiable"
     too_large = "too_large"
@@ -50,6 +51,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.not_found: 404,
     ProblemCode.method_not_allowed: 405,
     ProblemCode.conflict: 409,
+    ProblemCode.job_files_invalid: 409,
     ProblemCode.precondition_failed: 412,
     ProblemCode.range_not_satisfiable: 416,
     ProblemCode.too_large: 413,
@@ -72,6 +74,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.not_found: "Not found",
     ProblemCode.method_not_allowed: "Method not allowed",
     ProblemCode.conflict: "Conflict with the job's state",
+    ProblemCode.job_files_invalid: "The job's own files are not as the server wrote them",
     ProblemCode.precondition_failed: "Precondition failed",
     ProblemCode.range_not_satisfiable: "Range not satisfiable",
     ProblemCode.too_large: "Request too large",
