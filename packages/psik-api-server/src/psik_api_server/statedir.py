@@ -38,15 +38,6 @@ _logger = logging.getLogger(__name__)
 _WAL, _SHM = "-wal", "-shm"
 
 
-def _user(uid: int) -> str:
-    import pwd
-
-    try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return f"uid {uid}"
-
-
 def own_files(settings: Settings) -> list[Path]:
     """The server's own files (existing or not) that must be its own when they exist."""
     index = settings.database_path
@@ -62,6 +53,8 @@ def own_files(settings: Settings) -> list[Path]:
 
 def _refusal(path: Path, st: os.stat_result, what: str) -> str | None:
     """Why ``path`` (lstat ``st``) cannot be the server's ``what``; None if it can."""
+    from .security import _user  # here: security imports this module
+
     me = os.geteuid()
     if stat.S_ISLNK(st.st_mode):
         return f"{what} {path} is a symbolic link: the server's own files are its own, never links; remove it"
