@@ -197,7 +197,7 @@ def test_job_creation_takes_jobspec_and_idempotency_key(doc: dict[str, Any], pat
         ("post", "/v1/jobs/new", {"400", "409", "413", "415", "422", "503", "507"}),
         ("post", "/v1/jobs/{jobid}/start", {"404", "409", "422", "502", "503", "507"}),
         ("get", "/v1/jobs", {"422"}),
-        ("get", "/v1/jobs/{jobid}", {"404", "422"}),
+        ("get", "/v1/jobs/{jobid}", {"404", "409", "422"}),
         ("delete", "/v1/jobs/{jobid}", {"404", "409", "422", "503", "507"}),
         ("get", "/v1/jobs/{jobid}/state", {"404", "422"}),
         ("get", "/v1/backends/{name}", {"404"}),

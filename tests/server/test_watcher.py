@@ -3,6 +3,8 @@ out-of-order rows, and stops following a job once it is final."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import anyio
 import pytest
 
 from psik_api_core import JobState, derive_state
-from psik_api_server.jobdir import Row
+from psik_api_server.jobdir import JobFileInvalid, Row
 from psik_api_server.watcher import Change, StatusWatcher
 
 pytestmark = pytest.mark.anyio
@@ -71,12 +73,67 @@ async def test_malformed_rows_are_skipped_not_fatal(tmp_path: Path) -> None:
         await w.stop()
 
 
-async def test_a_vanished_file_is_forgotten(tmp_path: Path) -> None:
+async def test_a_purged_job_is_forgotten(tmp_path: Path) -> None:
     seen = Seen()
     w = StatusWatcher(seen, interval=0.01)
-    w.follow("1.0", tmp_path / "gone.csv")
+    w.follow("1.0", tmp_path / "1.0" / "status.csv")  # its directory is gone
     await w.check_all()
     assert len(w) == 0 and seen.calls == []
+
+
+class Broken:
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str, list[Row]]] = []
+
+    async def __call__(self, e: JobFileInvalid, rows: list[Row]) -> None:
+        self.got.append((e.jobid, e.why, rows))
+
+
+@pytest.mark.parametrize("how", ["fifo", "directory", "symlink", "missing"])
+async def test_a_status_file_the_job_replaced_is_given_up_once_and_holds_up_no_other(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO would hold a plain open (and the watcher with it) for ever; a directory was
+    warned about at every tick. Either is told to ``on_broken`` once, with the rows read
+    before, and the other jobs are still seen."""
+    bad, good = tmp_path / "1.0", tmp_path / "2.0"
+    for d in (bad, good):
+        d.mkdir()
+        (d / "status.csv").write_text("1.0,0,new,{}\n2.0,1,queued,7\n")
+    seen, broken = Seen(), Broken()
+    w = StatusWatcher(seen, interval=0.01, on_broken=broken)
+    w.follow("1.0", bad / "status.csv")
+    w.follow("2.0", good / "status.csv")
+    w.start()
+    try:
+        with anyio.fail_after(5):
+            while len(seen.calls) < 2:  # both read once
+                await anyio.sleep(0.01)
+        (bad / "status.csv").unlink()
+        if how == "fifo":
+            os.mkfifo(bad / "status.csv")
+        elif how == "directory":
+            (bad / "status.csv").mkdir()
+        elif how == "symlink":
+            (bad / "status.csv").symlink_to(good / "status.csv")
+        with anyio.fail_after(5):
+            while not broken.got:
+                await anyio.sleep(0.01)
+        with (good / "status.csv").open("a") as f:
+            f.write("3.0,1,active,\n")
+        with anyio.fail_after(5):
+            while ("2.0", JobState.active) not in [(j, r.state) for j, rows in seen.calls for r in rows]:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)  # ten more ticks
+        assert len(broken.got) == 1 and len(w) == 1
+        jobid, why, rows = broken.got[0]
+        assert jobid == "1.0" and [r.state for r in rows] == [JobState.new, JobState.queued]
+        assert why == {"fifo": "is a FIFO", "directory": "is a directory", "missing": "is missing"}.get(
+            how, "is a symbolic link"
+        ) + ("" if how == "missing" else ", not a regular file")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        await w.stop()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from psik_api_core import OVERRULED_INFO, BackendInfo, JobSpec
 from . import jobdir, slurm
 from .callbacks import CallbackRecord, psik_sender, write_record
 from .containment import Containment
-from .jobdir import job_path
+from .jobdir import JobFileInvalid, check_job_files, job_path
 from .launcher import LaunchError, LocalLauncher, forget_slot_wait
 from .liveness import local_pid
+from .proctree import ProcessTable
 from .settings import BackendSettings
 
 _logger = logging.getLogger(__name__)
@@ -108,6 +110,26 @@ def _owner_only(base: Path) -> None:
     for name, mode in (("spec.json", 0o600), ("status.csv", 0o600), ("log", 0o700), ("work", 0o700)):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(base / name, mode, follow_symlinks=False)
+
+
+#: A status.csv the job made unwritable (chmod, or chattr +i when the server is root).
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM})
+
+
+@contextlib.asynccontextmanager
+async def _psik_job(base: Path) -> AsyncIterator[None]:
+    """Around handing the job at ``base`` to psik, which opens its spec.json and
+    status.csv with plain blocking opens: they are checked to be sane regular files
+    first (a FIFO would hold psik's open, and a worker thread, for ever), and a
+    status.csv psik cannot append to is :class:`JobFileInvalid` too (the job's own
+    doing), never an internal error."""
+    await anyio.to_thread.run_sync(check_job_files, base)
+    try:
+        yield
+    except PermissionError as e:
+        if e.errno not in _UNWRITABLE or Path(e.filename or "").name != "status.csv":
+            raise
+        raise JobFileInvalid(base, "status.csv", f"cannot be written ({e.strerror})") from e
 
 
 #: How long a job's callback POST may take before it is given up (and logged).
@@ -277,7 +299,8 @@ class PsikBackend:
         from psik.job import Job as PsikJob
 
         base = self.path(jobid)
-        job = await PsikJob(base)
+        async with _psik_job(base):
+            job = await PsikJob(base)
         if waited is not None:
             forget_slot_wait(job, waited)
         jobndx = job.summarize()[0]
@@ -330,11 +353,12 @@ class PsikBackend:
         from psik.job import Job as PsikJob
         from psik.models import JobState as PsikJobState
 
-        job = await PsikJob(self.path(jobid))
-        jobndx = job.summarize()[0]
-        now = time.time()
-        # backdate: the backend's own `queued` row, when the job starts, fires the callback.
-        await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
+        async with _psik_job(self.path(jobid)):
+            job = await PsikJob(self.path(jobid))
+            jobndx = job.summarize()[0]
+            now = time.time()
+            # backdate: the backend's own `queued` row, when the job starts, fires the callback.
+            await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
         return jobndx, now
 
     async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:
@@ -342,16 +366,22 @@ class PsikBackend:
         from psik.job import Job as PsikJob
         from psik.models import JobState as PsikJobState
 
-        job = PsikJob(self.path(jobid))  # not awaited: appending needs no read
-        # backdate: record only; psik would otherwise also fire the job's callback here.
-        await job.reached(jobndx, PsikJobState.failed, one_line(reason), backdate=time.time())
+        async with _psik_job(self.path(jobid)):
+            job = PsikJob(self.path(jobid))  # not awaited: appending needs no read
+            # backdate: record only; psik would otherwise also fire the job's callback here.
+            await job.reached(jobndx, PsikJobState.failed, one_line(reason), backdate=time.time())
 
     async def cancel(self, jobid: str) -> None:
         """Ask the backend to stop the job; ``canceled`` is recorded first.
 
         A local job's whole process tree gets SIGTERM now and SIGKILL after the grace
         period (:mod:`.containment`), instead of psik's SIGTERM to its runner alone.
-        Returns once SIGTERM is sent: the SIGKILL does not hold up the caller."""
+        Returns once SIGTERM is sent: the SIGKILL does not hold up the caller.
+        :class:`JobFileInvalid` if the job's files are not sane (nothing recorded)."""
+        async with _psik_job(self.path(jobid)):
+            await self._cancel(jobid)
+
+    async def _cancel(self, jobid: str) -> None:
         from psik.job import Job as PsikJob
         from psik.models import JobState as PsikJobState
 
@@ -411,6 +441,32 @@ class PsikBackend:
             await job.reached(run, PsikJobState.canceled, why)
         else:
             await job.reached(0, PsikJobState.canceled)
+
+    async def end_processes(self, jobid: str, run: int, runner: tuple[int, float] | None) -> None:
+        """End every process of run ``run`` of the local job ``jobid`` (``runner``: psik's
+        runner, if known), as a cancel does, with nothing recorded in its files."""
+        if not self.containment.supported:
+            return
+        if runner is None:
+            runner = await anyio.to_thread.run_sync(self._runner_of, jobid, run)
+        with self.containment.hold(jobid):
+            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
+        self.containment.start()
+        self.containment.wake()
+
+    def _runner_of(self, jobid: str, run: int) -> tuple[int, float] | None:
+        """psik's runner of a run whose status.csv cannot be read: the leader of the
+        session a process of the run is in (psik setsid()s each run's runner), else None.
+        Blocking (reads /proc)."""
+        table = ProcessTable.read()
+        base = str(self.path(jobid))
+        for pid, (tagged, tagged_run) in table.tagged().items():
+            if tagged_run != run or os.path.realpath(tagged) != base:
+                continue
+            sid = table.procs[pid].sid
+            if sid > 0 and sid != os.getsid(0) and table.get(sid) is not None:
+                return sid, time.time()
+        return None
 
     def _defer_callbacks(self, job: Any) -> None:
         """psik awaits a job's callback POST inside submit() and cancel(), with aiohttp's

@@ -25,7 +25,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from psik_api_core import JobSpec
 
-from .jobdir import write_private
+from .jobdir import read_job_file, write_private
 
 _logger = logging.getLogger(__name__)
 
@@ -94,13 +93,8 @@ def write_record(base: Path, record: CallbackRecord) -> None:
 
 def read_record(base: Path) -> CallbackRecord | None:
     """The job's record; None if it has none (or it cannot be read, or is not ours)."""
-    try:
-        fd = os.open(base / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            return CallbackRecord.model_validate_json(f.read(_MAX_RECORD + 1)[:_MAX_RECORD])
+    try:  # the job may have made it a FIFO or a link: read only a regular file, bounded
+        return CallbackRecord.model_validate_json(read_job_file(base, RECORD_NAME, _MAX_RECORD))
     except (OSError, ValueError):
         return None
 

@@ -261,6 +261,8 @@ class Containment:
             try:
                 if not self._run_ended(jobid, run):
                     continue
+            except jobdir.JobFileInvalid:
+                continue  # the job broke its own files: the service fails it, and ends it
             except (OSError, ValueError) as e:
                 _logger.warning("job %s: cannot tell whether run %d ended: %s", jobid, run, e)
                 continue

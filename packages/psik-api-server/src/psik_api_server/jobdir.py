@@ -7,15 +7,23 @@ without validation, so a bad row is skipped and logged, never a 500.
 psik's create is not atomic: it makes ``<jobid>/``, ``work/``, ``log/``, writes
 ``spec.json`` and then the first row of ``status.csv``. A server killed part-way leaves
 a directory that is no job yet (:func:`half_created`).
+
+A job runs as the server's user and may replace any of these files by a FIFO (a plain
+open would wait for a writer for ever), a directory, a link or something huge: every
+file of a job directory is read through :func:`open_job_file` (non-blocking, no link
+followed, a regular file of bounded size), and one that is not such a file is
+:class:`JobFileInvalid`, its job's own problem.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +74,94 @@ def job_path(prefix: Path, jobid: str) -> Path:
     return prefix / jobid
 
 
+#: Bounds of the files psik writes in a job directory: far past any real job's (a
+#: status row is ~50 bytes; a spec is bounded by the request body), so only a job that
+#: wrote them itself reaches them.
+MAX_STATUS = 16 * 1024 * 1024
+MAX_SPEC = 16 * 1024 * 1024
+
+
+class JobFileInvalid(OSError):
+    """A job's file ``name`` is not what the server writes there: not a regular file (a
+    FIFO, a directory, a link, a socket...), too large, or not writable. The job itself
+    did it (it runs as the server's user): its own problem, answered
+    ``job_files_invalid`` and never read on."""
+
+    def __init__(self, base: Path, name: str, why: str) -> None:
+        super().__init__(errno.EINVAL, f"job {base.name}: {name} {why}")
+        self.jobid = base.name
+        self.name = name
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"job {self.jobid}: {self.name} {self.why}"
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def open_job_file(base: Path, name: str, limit: int, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file ``base/name`` of at most ``limit`` bytes, opened
+    with ``flags`` (O_RDONLY, or O_WRONLY | O_APPEND), non-blocking and without following
+    a link: a FIFO (which a plain open waits on for ever), a directory or a link is
+    :class:`JobFileInvalid`, and so is a file over ``limit``. FileNotFoundError if there
+    is none; other OSErrors as they come. The caller closes it."""
+    try:
+        fd = os.open(base / name, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise JobFileInvalid(base, name, "is a symbolic link, not a regular file") from None
+        if e.errno == errno.EISDIR:
+            raise JobFileInvalid(base, name, "is a directory, not a regular file") from None
+        if e.errno == errno.ENXIO:  # a socket, or a FIFO opened for writing with no reader
+            raise JobFileInvalid(base, name, "is a FIFO or a socket, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+            raise JobFileInvalid(base, name, f"is {kind}, not a regular file")
+        if st.st_size > limit:
+            raise JobFileInvalid(base, name, f"is larger than {limit} bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_job_file(base: Path, name: str, limit: int) -> bytes:
+    """The content of the regular file ``base/name`` (see :func:`open_job_file`); a file
+    that grew past ``limit`` while it was read is :class:`JobFileInvalid` too."""
+    fd = open_job_file(base, name, limit)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise JobFileInvalid(base, name, f"is larger than {limit} bytes")
+    return data
+
+
+def check_job_files(base: Path) -> None:
+    """Raise :class:`JobFileInvalid` unless the job's spec.json and status.csv are sane
+    regular files: psik reads (and appends to) them with plain blocking opens, so this
+    comes before a job is handed to psik. FileNotFoundError if one is missing."""
+    for name, limit in (("spec.json", MAX_SPEC), ("status.csv", MAX_STATUS)):
+        os.close(open_job_file(base, name, limit))
+
+
 def read_history(base: Path) -> list[Row]:
-    return parse_rows((base / "status.csv").read_text(encoding="utf-8", errors="replace"), str(base))
+    text = read_job_file(base, "status.csv", MAX_STATUS).decode("utf-8", errors="replace")
+    return parse_rows(text, str(base))
 
 
 def read_spec(base: Path) -> JobSpec:
-    return JobSpec.model_validate_json((base / "spec.json").read_bytes())
+    return JobSpec.model_validate_json(read_job_file(base, "spec.json", MAX_SPEC))
 
 
 @dataclass(frozen=True)
@@ -114,7 +204,7 @@ def read_job_settled(base: Path, timeout: float = 10.0) -> JobFiles:
     exclusive flock on status.csv from before it runs the backend until the ``queued``
     row is written, so a job read ``new`` here was not being submitted. TimeoutError
     (an OSError) if a submit holds it longer than ``timeout`` seconds."""
-    with open(base / "status.csv", "rb") as fh:
+    with os.fdopen(open_job_file(base, "status.csv", MAX_STATUS), "rb") as fh:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -152,10 +242,10 @@ def half_created(base: Path) -> bool:
     row, and nothing but what create makes (empty ``work/`` and ``log/``, a spec.json).
     A directory holding anything of a job's own is never one, whatever it lacks."""
     try:
-        status = (base / "status.csv").read_bytes()
+        status = read_job_file(base, "status.csv", MAX_STATUS)
     except FileNotFoundError:
         status = b""
-    except OSError:
+    except OSError:  # JobFileInvalid among them: no directory of psik's making
         return False
     if b"\n" in status:  # psik writes its first row, newline included, in one write
         return False
@@ -213,18 +303,13 @@ def read_owner(base: Path) -> str | None:
     """The owner recorded in ``base``; None if there is none (a job made without the
     server, or before it kept one) or it cannot be read."""
     try:
-        fd = os.open(base / OWNER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_OWNER + 1)
-    except OSError:
+        raw = read_job_file(base, OWNER_NAME, _MAX_OWNER)
+    except OSError:  # none, or not a file of ours (a FIFO, a link...)
         return None
     try:
         owner = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if not owner or len(raw) > _MAX_OWNER or not owner.isprintable():
+    if not owner or not owner.isprintable():
         return None
     return owner

@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from .jobdir import check_job_files
+
 _logger = logging.getLogger(__name__)
 
 
@@ -253,6 +255,9 @@ def _serve(requests: IO[str], replies: IO[str]) -> None:
     _contain_forks(launcher_pid)
 
     async def submit(base: str, run: int | None) -> tuple[int, str]:
+        # psik's plain opens would wait for ever on a FIFO the job put there, and with
+        # them every later submit: its files are checked first (JobFileInvalid).
+        check_job_files(Path(base))
         job = await Job(base)
         if run is not None:
             forget_slot_wait(job, run)

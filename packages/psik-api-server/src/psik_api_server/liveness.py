@@ -24,13 +24,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from psik_api_core import JobState
+from psik_api_core import JobState, derive_state
 
 from . import jobdir
 from .proctree import PROC, boot_time, has_proc, parse_stat
 from .store import JobStore
 
-__all__ = ["PROC", "Vanished", "has_proc", "local_pid", "process_running", "started_by", "vanished_jobs"]
+__all__ = [
+    "PROC",
+    "Vanished",
+    "has_proc",
+    "local_pid",
+    "process_running",
+    "runner_pid",
+    "started_by",
+    "vanished_jobs",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -79,10 +88,15 @@ def _signal_zero(pid: int) -> bool:
 def local_pid(files: jobdir.JobFiles) -> tuple[int, float] | None:
     """The PID psik recorded for the current run of a local job, and when; None if the
     job is final or has no PID recorded (yet)."""
-    state, jobndx = files.state
+    return runner_pid(files.history)
+
+
+def runner_pid(history: list[jobdir.Row]) -> tuple[int, float] | None:
+    """:func:`local_pid` from the rows of a job's status.csv."""
+    state, jobndx = derive_state(history)
     if state.is_final:
         return None
-    queued = [r for r in files.history if r.jobndx == jobndx and r.state is JobState.queued]
+    queued = [r for r in history if r.jobndx == jobndx and r.state is JobState.queued]
     if not queued or not queued[-1].info.isdigit():
         return None
     return int(queued[-1].info), queued[-1].time

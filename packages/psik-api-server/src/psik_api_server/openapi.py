@@ -193,6 +193,12 @@ _BODY_FAILURES = (
         "a request with this `Idempotency-Key` is still running; retry after `Retry-After`",
     ),
 )
+_FILES_INVALID = Failure(
+    ProblemCode.job_files_invalid,
+    "the job replaced its own `status.csv` or `spec.json` (a FIFO, a directory, a link) or made it"
+    " unwritable: its state cannot be read or recorded; `file` names it. A cancel records the job"
+    " `failed` in the index and ends its processes; a purge removes it",
+)
 _SUBMIT_FAILED = Failure(
     ProblemCode.submit_failed,
     "the backend refused the job; the job exists in state `failed` and the problem has `jobid`",
@@ -348,7 +354,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "the job is queued or active; the problem has `jobid` and `state`"),
-            _SUBMIT_FAILED, _UNAVAILABLE, _DISK_FULL,
+            _FILES_INVALID, _SUBMIT_FAILED, _UNAVAILABLE, _DISK_FULL,
         ),
     ),
     Operation(
@@ -378,7 +384,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/v1/jobs/{jobid}", "getJob", "jobs", "Get a job",
         "The job with its spec (`cb_secret` is write-only: never returned) and full history.",
         {200: Reply("The job.", Job)},
-        params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB),
+        params=(_JOBID,), failures=(_BAD_JOBID, _NO_JOB, _FILES_INVALID),
     ),
     Operation(
         "DELETE", "/v1/jobs/{jobid}", "cancelJob", "jobs", "Cancel or purge a job",
@@ -396,6 +402,7 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(
             _BAD_JOBID, _NO_JOB,
             Failure(ProblemCode.conflict, "`purge=true` on a job that is not final; cancel it first"),
+            _FILES_INVALID,
             Failure(
                 ProblemCode.backend_unavailable,
                 "the job's scheduler cannot be reached to cancel it (a Slurm controller down): nothing"

@@ -65,6 +65,9 @@ class Reconciled:
     live: list[tuple[str, Path]] = field(default_factory=list)
     #: Keys linked to a job whose request was never answered (see the module docstring).
     pending: list[OpenKey] = field(default_factory=list)
+    #: Non-final jobs that made their own files invalid (a FIFO for a status.csv...):
+    #: never read, for the service to fail.
+    invalid: list[jobdir.JobFileInvalid] = field(default_factory=list)
 
 
 def reconcile(
@@ -105,6 +108,9 @@ def reconcile(
         path = jobdir.job_path(prefix, row.jobid)
         try:
             files = jobdir.read_job(path)
+        except jobdir.JobFileInvalid as e:
+            done.invalid.append(e)
+            continue
         except (OSError, ValueError) as e:
             _logger.warning("cannot read live job %s: %s", row.jobid, e)
             continue

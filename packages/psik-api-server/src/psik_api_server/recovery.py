@@ -3,8 +3,9 @@
 At start-up the index is opened (rebuilt from the job directories if it is corrupt) and
 reconciled with them (:mod:`.reconcile`), and what a dead server left is finished: a
 keyed create-and-submit whose job is still ``new`` is submitted, claims are released,
-and jobs waiting for a slot wait again. While the server runs, the liveness loop
-records ``failed`` for jobs whose process (or Slurm job) is gone without a final row.
+and jobs waiting for a slot wait again. Jobs that made their own status.csv invalid
+are failed. While the server runs, the liveness loop records
+``failed`` for jobs whose process (or Slurm job) is gone without a final row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from psik_api_core import JobState, slot_wait
 from . import jobdir
 from .aio import in_thread
 from .errors import StartupError
+from .jobdir import JobFileInvalid
 from .liveness import Vanished, vanished_jobs
 from .reconcile import Reconciled, reconcile
 from .service_base import JobServiceBase
@@ -59,6 +61,9 @@ class Recovery(JobServiceBase):
         for jobid, status_csv in done.live:
             self.watcher.follow(jobid, status_csv)
         self.watcher.start()
+        for invalid in done.invalid:
+            async with self._lock(invalid.jobid):
+                await self._fail_invalid(invalid)
         self.backend.warm_up()
         for backend, jobid, since in await in_thread(self._waiting_sync):
             self.slots.wait(backend, jobid, since)
@@ -169,11 +174,20 @@ class Recovery(JobServiceBase):
             jobs = await in_thread(slurm_jobs, self.store, self.backend.prefix, scheduled)
             found += await self._slurm_liveness.check(jobs)
         for job in found:
+            # Each job on its own: one whose status.csv cannot be written (the job made it
+            # so) must not stop the others being decided in this round.
             async with self._lock(job.jobid):
                 files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
                 if files is None or files.state[0].is_final:
                     continue
-                await self.backend.record_failure(job.jobid, files.state[1], job.reason)
+                try:
+                    await self.backend.record_failure(job.jobid, files.state[1], job.reason)
+                except JobFileInvalid as e:
+                    await self._fail_invalid(e, files.history)
+                    continue
+                except OSError as e:  # a full disk: said once, tried again next round
+                    self.disk.write_failed(e, f"recording that job {job.jobid} failed")
+                    continue
                 await in_thread(self._refresh, job.jobid)
                 gone.append(job.jobid)
         return gone

@@ -60,16 +60,17 @@ async def post_callback(request: Request) -> Response:
     if signature is None:
         raise _refused(f"the body is not signed (no {SIGNATURE_HEADER} header)")
     not_signed = _refused("the signature is not that of the job the report names")
+    try:  # what costs nothing comes first: a body that is no report opens no job's files
+        report = Report.model_validate_json(body)
+    except ValidationError:
+        raise not_signed from None
     jobid = report_jobid(body)
     record = None
     if jobid is not None and is_jobid(jobid):
+        # read_record never waits on the job's file (a FIFO there is no record)
         record = await in_thread(read_record, service.backend.path(jobid))
     if not signed_by(body, record.secret if record else _NO_SECRET, signature) or record is None:
         raise not_signed
-    try:
-        report = Report.model_validate_json(body)
-    except ValidationError:
-        raise not_signed from None  # signed by the job, but not a report psik sends
     if report.state is JobState.new:
         raise not_signed
     assert jobid is not None

@@ -64,8 +64,10 @@ from .backend import CancelUnavailable, one_line
 from .callbacks import CallbackRecord, split_spec
 from .errors import ApiError
 from .idempotency import STALE_CLAIM_SECONDS, IdempotentCreates, body_hash
+from .jobdir import JobFileInvalid
 from .recovery import Recovery
 from .sbatch_options import AttributeRefused, sbatch_options
+from .service_base import JobFilesInvalid
 from .store import BadCursor
 
 __all__ = ["STALE_CLAIM_SECONDS", "JobService", "body_hash", "in_thread"]
@@ -266,11 +268,16 @@ class JobService(Recovery, IdempotentCreates):
     async def cancel(self, principal: Principal, jobid: str) -> Job:
         """Cancel a job that is not final; a final job stays as it was (idempotent)."""
         async with self._lock(jobid):
-            _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
+            try:
+                _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
+            except JobFilesInvalid as e:  # what cancel can do without its files: end it
+                raise JobFilesInvalid(e.invalid, await self._fail_invalid(e.invalid)) from None
             # A Slurm job's own end row does not stop a cancel while Slurm still runs it.
             if can_cancel(files.state[0]) or await self.backend.still_scheduled(files):
                 try:
                     await self.backend.cancel(jobid)
+                except JobFileInvalid as e:  # made unwritable, or swapped since the read
+                    raise JobFilesInvalid(e, await self._fail_invalid(e, files.history)) from None
                 except CancelUnavailable as e:
                     raise ApiError(
                         ProblemCode.backend_unavailable,
@@ -293,13 +300,16 @@ class JobService(Recovery, IdempotentCreates):
             recorded = await in_thread(self._record_report_sync, jobid, jobndx, state, info)
         except FileNotFoundError:
             return False  # purged between the signature check and now
+        except JobFileInvalid:
+            return False  # the job broke its status.csv: nothing can be recorded there
         if recorded:
             self.watcher.poke(jobid)
         return recorded
 
     def _record_report_sync(self, jobid: str, jobndx: int, state: JobState, info: str) -> bool:
         base = self.backend.path(jobid)
-        fd = os.open(base / "status.csv", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        # Never a plain open: a FIFO there (the job's doing) would hold it for ever.
+        fd = jobdir.open_job_file(base, "status.csv", jobdir.MAX_STATUS, os.O_WRONLY | os.O_APPEND)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # psik's WriteLock: its own appends wait
             history = jobdir.read_history(base)
@@ -325,7 +335,11 @@ class JobService(Recovery, IdempotentCreates):
         """Remove a final job and its directory (a job whose directory is already gone:
         its index row)."""
         async with self._lock(jobid):
-            has_directory = await in_thread(self._purgeable_sync, principal, jobid)
+            try:
+                has_directory = await in_thread(self._purgeable_sync, principal, jobid)
+            except JobFilesInvalid as e:  # failed (and ended) as it is: nothing more to lose
+                await self._fail_invalid(e.invalid)
+                has_directory = True
             self.watcher.forget(jobid)
             if has_directory:
                 await self.backend.remove(jobid)
@@ -337,7 +351,10 @@ class JobService(Recovery, IdempotentCreates):
         row = self._owned(principal, jobid, Action.write)
         if not os.path.lexists(self.backend.path(jobid)):
             return False
-        files = self._refresh(jobid)
+        try:
+            files = self._refresh(jobid, invalid=True)
+        except JobFileInvalid as e:
+            raise JobFilesInvalid(e) from None
         if files is None:
             # Unreadable is not final: the job may still run, and purging would lose it.
             raise ApiError(

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import anyio.to_thread
@@ -37,6 +37,8 @@ from .backend import PsikBackend, SubmitError
 from .callbacks import CallbackRelay
 from .diskfull import INDEX, Creates, DiskFull
 from .errors import ApiError
+from .jobdir import JobFileInvalid
+from .liveness import runner_pid
 from .slots import JobSlots
 from .slurm_liveness import SlurmLiveness
 from .speclimits import SpecLimits
@@ -57,6 +59,26 @@ def not_submitted(jobid: str, reason: str, unavailable: bool) -> ApiError:
             jobid=jobid,
         )
     return ApiError(ProblemCode.submit_failed, f"job {jobid} was not submitted: {reason}", jobid=jobid)
+
+
+class JobFilesInvalid(ApiError):
+    """The answer about a job that made one of its own bookkeeping files unreadable or
+    unwritable (:class:`~.jobdir.JobFileInvalid`): 409 ``job_files_invalid`` naming the
+    file. Its own problem: no other job is concerned."""
+
+    def __init__(self, invalid: JobFileInvalid, done: str = "") -> None:
+        super().__init__(
+            ProblemCode.job_files_invalid,
+            f"job {invalid.jobid}'s {invalid.name} {invalid.why}: the job changed its own bookkeeping, "
+            f"so its state cannot be read or recorded{done}; purge it (DELETE with purge=true) to remove it",
+            jobid=invalid.jobid,
+            file=invalid.name,
+        )
+        self.invalid = invalid
+
+
+#: How many jobs with invalid files are remembered as already logged.
+_MAX_SAID = 10_000
 
 
 class JobServiceBase:
@@ -90,7 +112,9 @@ class JobServiceBase:
         self.import_owner = import_owner
         self._roots = list(directory_roots)
         self.directory_roots: list[Path] = []
-        self.watcher = StatusWatcher(self._on_changes, interval=watch_interval)
+        self.watcher = StatusWatcher(self._on_changes, interval=watch_interval, on_broken=self._on_broken)
+        # Jobs whose invalid files were logged already: once per job, not per look.
+        self._said_invalid: set[str] = set()
         self.liveness_interval = liveness_interval
         self._liveness: asyncio.Task[None] | None = None
         self._slurm_liveness = SlurmLiveness()
@@ -122,6 +146,38 @@ class JobServiceBase:
             self.disk.cleared(INDEX)
         self._fill_slots()  # a job that ended frees its slot
 
+    async def _on_broken(self, invalid: JobFileInvalid, rows: Sequence[jobdir.Row]) -> None:
+        async with self._lock(invalid.jobid):
+            await self._fail_invalid(invalid, rows)
+
+    async def _fail_invalid(self, invalid: JobFileInvalid, rows: Sequence[jobdir.Row] = ()) -> str:
+        """The job made its own status.csv or spec.json unreadable or unwritable (see
+        :class:`JobFilesInvalid`): its state can no longer be read nor recorded there, so
+        the index records it failed (its job slot is free) and a local job's processes
+        are ended (``rows``: what was read of its status.csv before, naming psik's
+        runner). Logged once per job. Called holding the job's lock. Returns what was done,
+        for an answer."""
+        jobid = invalid.jobid
+        self.watcher.forget(jobid)
+        row = await in_thread(self.store.get, jobid)
+        if row is None:
+            return ""
+        local = self.backend.is_local(row.backend)
+        if jobid not in self._said_invalid:
+            if len(self._said_invalid) < _MAX_SAID:
+                self._said_invalid.add(jobid)
+            _logger.warning(
+                "%s; the job changed it itself: failed in the index%s",
+                invalid,
+                ", its processes are ended" if local else "",
+            )
+        if not row.state.is_final:
+            await in_thread(self.store.set_state, jobid, JobState.failed, row.jobndx, self.clock())
+        if local:
+            await self.backend.end_processes(jobid, row.jobndx, runner_pid(list(rows)))
+        self._fill_slots()
+        return "; it is recorded failed" + (" and its processes are ended" if local else "")
+
     def _lock(self, jobid: str) -> asyncio.Lock:
         lock = self._job_locks.get(jobid)
         if lock is None:
@@ -139,13 +195,23 @@ class JobServiceBase:
         return row
 
     def _refresh(
-        self, jobid: str, read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job, *, strict: bool = False
+        self,
+        jobid: str,
+        read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job,
+        *,
+        strict: bool = False,
+        invalid: bool = False,
     ) -> jobdir.JobFiles | None:
-        """Re-read a job's directory and update its index row. A failed update (a full
-        disk) is said once and ignored, unless ``strict`` (a request that changes the
-        job: it must not act on a stale row)."""
+        """Re-read a job's directory and update its index row; None if it cannot be read
+        (with ``invalid``, files the job made invalid raise :class:`~.jobdir.JobFileInvalid`).
+        A failed update (a full disk) is said once and ignored, unless ``strict`` (a
+        request that changes the job: it must not act on a stale row)."""
         try:
             files = read(self.backend.path(jobid))
+        except JobFileInvalid:
+            if invalid:
+                raise
+            return None
         except (OSError, ValueError):
             return None
         state, jobndx = files.state
@@ -171,9 +237,13 @@ class JobServiceBase:
         self.store.release_start(jobid, state, jobndx, files.updated)
 
     def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
-        """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable."""
+        """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable,
+        :class:`JobFilesInvalid` if the job made its files invalid."""
         owner = self._owned(principal, jobid, action).owner
-        files = self._refresh(jobid, strict=action is not Action.read)
+        try:
+            files = self._refresh(jobid, strict=action is not Action.read, invalid=True)
+        except JobFileInvalid as e:
+            raise JobFilesInvalid(e) from None
         if files is None:
             raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
         return owner, files
@@ -240,6 +310,9 @@ class JobServiceBase:
         except SubmitError as e:
             await in_thread(self._refresh, jobid)
             raise not_submitted(jobid, e.reason, e.unavailable) from e
+        except JobFileInvalid as e:  # swapped since it was read: not submitted
+            await self._fail_invalid(e)
+            raise JobFilesInvalid(e, "; it was not submitted") from None
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
         await in_thread(self._refresh, jobid)
 

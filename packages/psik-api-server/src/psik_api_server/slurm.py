@@ -345,7 +345,8 @@ def adopt(base: Path, native_ids: list[str], clock: float) -> tuple[str | None, 
 
     from . import jobdir
 
-    fd = os.open(base / "status.csv", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    # Non-blocking, no link followed, a regular file: a FIFO there must not hold start-up.
+    fd = jobdir.open_job_file(base, "status.csv", jobdir.MAX_STATUS, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         history = jobdir.read_history(base)

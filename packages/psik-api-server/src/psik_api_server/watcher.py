@@ -17,6 +17,12 @@ new complete rows are parsed on the loop, each job's state is derived from its w
 history, and ``on_change`` gets every job that changed in that look as one list of
 :class:`Change`; a job that reaches a final state is dropped (``follow`` re-adds it).
 
+A status.csv the job replaced by something that is no regular file (a FIFO, which a
+plain open would wait on for ever, a directory, a link) or grew past its bound is never
+read: the job is dropped and given once to ``on_broken`` (the service fails it). Any
+other error reading one job is logged once and that job is looked at again later; no
+job's file holds up the others.
+
 A change is read only once, so one ``on_change`` could not record (a full disk, a busy
 index: :func:`~.diskfull.retryable_write_error`) is kept and given again, merged with
 anything newer, at the next looks (backing off to a second) until it is recorded: the
@@ -39,7 +45,7 @@ from psik_api_core import derive_state
 
 from .aio import wait_event
 from .diskfull import is_disk_full, retryable_write_error
-from .jobdir import Row, parse_rows
+from .jobdir import MAX_STATUS, JobFileInvalid, Row, open_job_file, parse_rows
 
 _logger = logging.getLogger(__name__)
 
@@ -54,9 +60,15 @@ class Change:
 
 
 OnChange = Callable[[list[Change]], Awaitable[None]]
+#: Told once about a followed job whose status.csv cannot be read as one (no longer
+#: followed), with the rows read from it before.
+OnBroken = Callable[[JobFileInvalid, list[Row]], Awaitable[None]]
 
 #: Seconds of tick per followed job, so 1000 live jobs are looked at every 0.1 s.
 _PER_JOB = 0.0001
+
+#: Seconds a followed job's status.csv may be missing before the job is broken.
+_MISSING_GRACE = 1.0
 
 #: Longest wait between two tries at recording changes ``on_change`` failed to record.
 _RETRY_MAX = 1.0
@@ -69,6 +81,7 @@ class _Followed:
     stamp: tuple[int, int] = (-1, -1)  # (mtime_ns, size) at the last read
     partial: bytes = b""
     rows: list[Row] = field(default_factory=list)
+    missing_since: float | None = None  # loop time status.csv was first seen missing
 
 
 @dataclass(frozen=True)
@@ -79,25 +92,34 @@ class _Look:
     followed: _Followed
     stamp: tuple[int, int] | None  # None: the file is gone
     chunk: bytes = b""
+    broken: JobFileInvalid | None = None  # not a file to read (a FIFO, a directory...)
+    error: OSError | None = None  # could not be read this time
+    missing: bool = False  # gone from a directory that is still there
 
 
 def _look(jobs: list[tuple[str, _Followed, Path, int, tuple[int, int]]]) -> list[_Look]:
     """Stat each status.csv and read what was appended since ``offset`` where it changed.
-    Blocking, and never raises: a job that cannot be read is left for the next look."""
+    Blocking, and never raises, nor waits on a job's file (see :func:`jobdir.open_job_file`):
+    what cannot be read is said in the look."""
     found: list[_Look] = []
     for jobid, followed, path, offset, last in jobs:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp == last:
                 continue
-            with open(path, "rb") as fh:
+            with os.fdopen(open_job_file(path.parent, path.name, MAX_STATUS), "rb") as fh:
                 fh.seek(offset)
-                found.append(_Look(jobid, followed, stamp, fh.read()))
+                found.append(_Look(jobid, followed, stamp, fh.read(max(0, MAX_STATUS - offset))))
         except FileNotFoundError:
-            found.append(_Look(jobid, followed, None))
+            if not path.parent.is_dir():  # purged
+                found.append(_Look(jobid, followed, None))
+            else:  # the job removed it (to put something else there?): looked at again
+                found.append(_Look(jobid, followed, None, missing=True))
+        except JobFileInvalid as e:
+            found.append(_Look(jobid, followed, None, broken=e))
         except OSError as e:
-            _logger.warning("watching job %s: %s", jobid, e)
+            found.append(_Look(jobid, followed, None, error=e))
     return found
 
 
@@ -162,8 +184,18 @@ class _Notifier:
 
 
 class StatusWatcher:
-    def __init__(self, on_change: OnChange, interval: float = 0.05, *, notify: bool = True) -> None:
+    def __init__(
+        self,
+        on_change: OnChange,
+        interval: float = 0.05,
+        *,
+        notify: bool = True,
+        on_broken: OnBroken | None = None,
+    ) -> None:
         self._on_change = on_change
+        self._on_broken = on_broken
+        # Jobs whose status.csv could not be read, already logged (once per job).
+        self._said: set[str] = set()
         self._interval = interval
         self._notify = notify
         self._jobs: dict[str, _Followed] = {}
@@ -187,6 +219,7 @@ class StatusWatcher:
     def follow(self, jobid: str, status_csv: Path) -> None:
         """Start following a job (again): its whole file is read at once."""
         self._jobs[jobid] = _Followed(path=status_csv)
+        self._said.discard(jobid)
         if self._notifier is not None:
             self._notifier.add(jobid, status_csv)
         self.poke(jobid)
@@ -194,6 +227,7 @@ class StatusWatcher:
     def forget(self, jobid: str) -> None:
         self._jobs.pop(jobid, None)
         self._dirty.discard(jobid)
+        self._said.discard(jobid)
         if self._notifier is not None:
             self._notifier.remove(jobid)
 
@@ -240,10 +274,27 @@ class StatusWatcher:
     async def _check_some(self, jobids: Iterable[str]) -> None:
         wanted = [(j, f, f.path, f.offset, f.stamp) for j in jobids if (f := self._jobs.get(j)) is not None]
         changes: list[Change] = []
+        broken: list[tuple[JobFileInvalid, list[Row]]] = []
         if wanted:
             for look in await anyio.to_thread.run_sync(_look, wanted):
                 if self._jobs.get(look.jobid) is not look.followed:
                     continue  # forgotten, or followed afresh, while we looked
+                if look.broken is not None:
+                    self.forget(look.jobid)  # nothing more can be read from it
+                    broken.append((look.broken, look.followed.rows))
+                    continue
+                if look.missing:
+                    e = self._missing(look)
+                    if e is not None:
+                        self.forget(look.jobid)
+                        broken.append((e, look.followed.rows))
+                    continue
+                look.followed.missing_since = None
+                if look.error is not None:  # left for the next look; said once
+                    if look.jobid not in self._said:
+                        self._said.add(look.jobid)
+                        _logger.warning("watching job %s: %s", look.jobid, look.error)
+                    continue
                 try:
                     change = self._apply(look)
                 except Exception:  # a bad job must not stop the watcher
@@ -251,7 +302,30 @@ class StatusWatcher:
                     continue
                 if change is not None:
                     changes.append(change)
+        for e, rows in broken:
+            await self._tell_broken(e, rows)
         await self._record(changes)
+
+    def _missing(self, look: _Look) -> JobFileInvalid | None:
+        """A job whose status.csv is missing from its directory: only psik makes it, and
+        never removes it, so it is the job's doing. Looked at again for a moment (it may
+        be about to put something there), then :class:`JobFileInvalid`."""
+        now = asyncio.get_running_loop().time()
+        f = look.followed
+        if f.missing_since is None:
+            f.missing_since = now
+        if now - f.missing_since < _MISSING_GRACE:
+            return None
+        return JobFileInvalid(f.path.parent, f.path.name, "is missing")
+
+    async def _tell_broken(self, e: JobFileInvalid, rows: list[Row]) -> None:
+        if self._on_broken is None:
+            _logger.warning("no longer watching job %s: %s", e.jobid, e)
+            return
+        try:
+            await self._on_broken(e, rows)
+        except Exception:  # a bad job must not stop the watcher
+            _logger.exception("job %s: %s", e.jobid, e)
 
     async def _record(self, changes: list[Change]) -> None:
         """Give ``changes``, and those not recorded before, to ``on_change``; keep them
