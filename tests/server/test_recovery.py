@@ -338,3 +338,37 @@ async def test_an_index_path_that_cannot_be_made_still_stops_start_up(
         async with LifespanManager(app):
             pass
     assert not list(tmp_path.glob("**/*.corrupt-*"))
+
+
+async def test_upload_leftovers_of_a_killed_server_are_removed_at_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """kill -9 during an upload leaves its `.psik-upload-*` temporary file, which no route
+    can name: the next start removes those (regular files, from before it started), and
+    nothing else: not a link of that name, not through a link, not a directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".psik-upload-0123").write_text("not the job's")
+    app = lazy_app(settings)
+    async with LifespanManager(app), _client(app) as http:
+        jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
+    work = settings.prefix / jobid / "work"
+    (work / "sub").mkdir()
+    left = [work / ".psik-upload-aa", work / "sub" / ".psik-upload-bb"]
+    for path in left:
+        path.write_text("half an upload")
+    (work / ".psik-upload-dir").mkdir()
+    (work / "out").symlink_to(outside)
+    (work / ".psik-upload-cc").symlink_to(outside / ".psik-upload-0123")
+    (work / "data.txt").write_text("kept")
+    later = work / ".psik-upload-dd"  # an upload under way (a later mtime): not stale
+    later.write_text("in progress")
+    os.utime(later, (time.time() + 3600, time.time() + 3600))
+    app = lazy_app(settings)
+    async with LifespanManager(app), _client(app):
+        with anyio.fail_after(10):
+            while any(path.exists() for path in left):
+                await anyio.sleep(0.02)
+    assert (outside / ".psik-upload-0123").read_text() == "not the job's"
+    assert (work / ".psik-upload-cc").is_symlink() and (work / ".psik-upload-dir").is_dir()
+    assert (work / "data.txt").read_text() == "kept" and later.is_file()

@@ -4,7 +4,8 @@ At start-up the index is opened (rebuilt from the job directories if it is corru
 reconciled with them (:mod:`.reconcile`), and what a dead server left is finished: a
 keyed create-and-submit whose job is still ``new`` is submitted, claims are released,
 and jobs waiting for a slot wait again. Jobs that made their own status.csv invalid
-are failed. While the server runs, the liveness loop records
+are failed. In the background, the temporary files of uploads a killed server left
+(``.psik-upload-*``) are removed. While the server runs, the liveness loop records
 ``failed`` for jobs whose process (or Slurm job) is gone without a final row.
 """
 
@@ -13,7 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import stat
+import threading
+import time
 from pathlib import Path
 
 from psik_api_core import JobState, slot_wait
@@ -22,6 +27,7 @@ from . import jobdir
 from .aio import in_thread
 from .errors import StartupError
 from .jobdir import JobFileInvalid
+from .jobpaths import TEMP_PREFIX
 from .liveness import Vanished, vanished_jobs
 from .reconcile import Reconciled, reconcile
 from .service_base import JobServiceBase
@@ -29,6 +35,32 @@ from .slurm_liveness import Ended, slurm_jobs
 from .store import CorruptIndex, OpenKey
 
 _logger = logging.getLogger(__name__)
+
+
+def remove_stale_uploads(root: str, before: float, stop: threading.Event) -> int:
+    """Remove the upload temporary files (``.psik-upload-*``, regular files last changed
+    before ``before``) under the directory ``root``; how many. Never follows a link, nor
+    leaves ``root`` (``os.fwalk`` holds each directory open). Stops early once ``stop``
+    is set. The directories an upload made are left: nothing tells them from the job's."""
+    removed = 0
+    try:
+        # A walk given up early closes its descriptors as the generator is dropped.
+        for _, _, names, dirfd in os.fwalk(root, follow_symlinks=False):
+            if stop.is_set():
+                break
+            for name in names:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_mtime < before:
+                        os.unlink(name, dir_fd=dirfd)
+                        removed += 1
+                except OSError:
+                    continue
+    except OSError:  # the root went, or cannot be read
+        pass
+    return removed
 
 
 class Recovery(JobServiceBase):
@@ -69,7 +101,10 @@ class Recovery(JobServiceBase):
             self.slots.wait(backend, jobid, since)
         await self._resume(done.pending)
         self._fill_slots()
-        self._liveness = asyncio.get_running_loop().create_task(self._liveness_loop(), name="liveness")
+        loop = asyncio.get_running_loop()
+        self._liveness = loop.create_task(self._liveness_loop(), name="liveness")
+        self._uploads_stop.clear()
+        self._uploads = loop.create_task(self._clear_uploads(time.time()), name="stale uploads")
 
     def _open_sync(self) -> tuple[Reconciled, tuple[str, Path] | None]:
         """Open psik and the index and reconcile; also what a corrupt index was and
@@ -134,8 +169,44 @@ class Recovery(JobServiceBase):
                 found.append((row.backend, row.jobid, wait[1]))
         return found
 
+    async def _clear_uploads(self, before: float) -> None:
+        """Remove what uploads cut short by a killed server left (see
+        :func:`remove_stale_uploads`) in every job's files, in a worker thread."""
+        try:
+            removed = await in_thread(self._clear_uploads_sync, before)
+        except Exception:  # housekeeping: never a reason to stop
+            _logger.exception("removing the temporary files of interrupted uploads")
+            return
+        if removed:
+            _logger.info("removed %d temporary file(s) of uploads a stopped server left", removed)
+
+    def _clear_uploads_sync(self, before: float) -> int:
+        removed = 0
+        for jobid in sorted(jobdir.list_jobids(self.backend.prefix)):
+            if self._uploads_stop.is_set():
+                break
+            base = self.backend.path(jobid)
+            try:
+                directory = jobdir.read_spec(base).directory
+            except (OSError, ValueError):
+                continue
+            work = str(base / "work")
+            if directory is not None and os.path.normpath(directory) != work:
+                # Only where the file routes would write: inside the allowed roots.
+                real = Path(os.path.realpath(directory))
+                if not any(real == r or real.is_relative_to(r) for r in self.directory_roots):
+                    continue
+                work = str(real)
+            removed += remove_stale_uploads(work, before, self._uploads_stop)
+        return removed
+
     async def aclose(self) -> None:
         """Stop the liveness loop, the watcher and the launcher; close the index."""
+        self._uploads_stop.set()
+        if self._uploads is not None:
+            with contextlib.suppress(Exception):
+                await self._uploads
+            self._uploads = None
         if self._filling is not None:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -117,6 +118,9 @@ class JobServiceBase:
         self._said_invalid: set[str] = set()
         self.liveness_interval = liveness_interval
         self._liveness: asyncio.Task[None] | None = None
+        # Removing the temporary files of cut-short uploads, at start-up (see .recovery).
+        self._uploads: asyncio.Task[None] | None = None
+        self._uploads_stop = threading.Event()
         self._slurm_liveness = SlurmLiveness()
         # One lock per job being started/cancelled/purged; weak, so that locks of jobs
         # nobody is touching do not pile up in a long-running server.
