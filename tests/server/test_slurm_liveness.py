@@ -3,12 +3,15 @@ jobs are failed, after two looks, and nothing is concluded while it cannot be as
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from psik_api_core import OVERRULED_INFO, JobState
 from psik_api_server import slurm
-from psik_api_server.slurm_liveness import SlurmLiveness
+from psik_api_server.slurm_liveness import Claimed, SlurmLiveness, claimed_ends
 
 pytestmark = pytest.mark.anyio
 
@@ -122,3 +125,65 @@ def test_unreachable_messages() -> None:
     assert not slurm.unreachable(
         "sbatch: error: Batch job submission failed: Invalid partition name specified"
     )
+
+
+# ---- an end row the job wrote itself while Slurm still ran it (issue 14) ----
+
+
+async def test_a_job_s_own_completed_that_slurm_contradicts_is_overruled(fake: FakeSlurm) -> None:
+    """The job wrote ``completed`` and went on; Slurm's view is trusted over that row:
+    followed while squeue shows it running, failed with Slurm's word once it ends
+    otherwise (here TIMEOUT); an end Slurm agrees with, or a ``failed`` of the job's own,
+    stands."""
+    live = SlurmLiveness()
+    fake.squeue = (0, "10|RUNNING|None\n11|RUNNING|None\n12|RUNNING|None\n", "")
+    assert await live.check({"a": "10", "b": "11", "c": "12"}) == []  # seen live
+    assert sorted(live.left({})) == ["a", "b", "c"]
+    claimed = {
+        "a": Claimed("10", JobState.completed),
+        "b": Claimed("11", JobState.completed),
+        "c": Claimed("12", JobState.failed),
+    }
+    assert await live.check({}, claimed) == []  # still running: followed, nothing recorded
+    assert sorted(live.left({})) == ["a", "b", "c"]
+    fake.squeue = (0, "10|TIMEOUT|TimeLimit\n11|COMPLETED|None\n12|FAILED|NonZeroExitCode\n", "")
+    [ended] = await live.check({}, claimed)
+    assert ended.jobid == "a" and ended.overrules
+    assert ended.reason == (
+        f"{OVERRULED_INFO}: the job recorded completed, but Slurm job 10 ended TIMEOUT, reason TimeLimit"
+    )
+    assert live.left({}) == []  # all ended: followed no more
+
+
+async def test_a_job_s_own_end_is_not_overruled_while_slurm_cannot_be_asked(fake: FakeSlurm) -> None:
+    live = SlurmLiveness()
+    fake.squeue = (0, "10|RUNNING|None\n", "")
+    await live.check({"a": "10"})
+    fake.ping = (1, "Slurmctld(primary) at x is DOWN\n", "")
+    assert await live.check({}, {"a": Claimed("10", JobState.completed)}) == []
+    assert live.left({}) == ["a"]  # asked again next time
+    fake.ping = (0, "Slurmctld(primary) at x is UP\n", "")
+    fake.squeue = (1, "", "slurm_load_jobs error: Invalid job id specified")
+    assert await live.check({}, {"a": Claimed("10", JobState.completed)}) == []  # forgotten: it stands
+    assert live.left({}) == []
+
+
+def test_only_a_job_s_own_end_is_claimed(tmp_path: Path) -> None:
+    """What :func:`claimed_ends` follows: a run ended ``completed``/``failed`` (rows the job
+    can write), not one the server ended (``canceled``, or a row it marked overruling)."""
+    prefix = tmp_path / "jobs"
+    rows = {
+        "1.1": "1,0,new,\n2,1,queued,10\n3,1,completed,\n",
+        "1.2": "1,0,new,\n2,1,queued,11\n3,1,failed,3\n",
+        "1.3": "1,0,new,\n2,1,queued,12\n3,0,canceled,\n",
+        "1.4": f"1,0,new,\n2,1,queued,13\n3,1,completed,\n4,1,failed,{OVERRULED_INFO}: x\n",
+        "1.5": "1,0,new,\n2,1,queued,14\n3,1,active,\n",
+    }
+    for jobid, status in rows.items():
+        (prefix / jobid).mkdir(parents=True)
+        (prefix / jobid / "status.csv").write_text(status)
+        (prefix / jobid / "spec.json").write_text(json.dumps({"script": "true", "backend": "slurm"}))
+    assert claimed_ends(prefix, [*rows, "1.6"]) == {
+        "1.1": Claimed("10", JobState.completed),
+        "1.2": Claimed("11", JobState.failed),
+    }

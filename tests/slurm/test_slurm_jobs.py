@@ -30,6 +30,7 @@ from psik_api_client import (
     SubmitFailedError,
     UnprocessableEntityError,
 )
+from psik_api_core import OVERRULED_INFO
 from psik_api_server.app import create_app
 from psik_api_server.sbatch_options import SBATCH_OPTIONS, sbatch_options
 from psik_api_server.settings import BackendSettings, Settings
@@ -237,7 +238,7 @@ async def test_options_that_slipped_past_the_deny_list_are_422_and_reach_no_slur
         assert info.value.status_code == 422
     assert [j async for j in api.list()] == []
     await anyio.sleep(1)
-    assert slurm_job_ids() == before
+    assert slurm_job_ids() - before == set()  # (squeue forgets old jobs meanwhile)
 
 
 async def test_an_attribute_that_is_no_sbatch_option_is_refused_by_name(api: AsyncClient) -> None:
@@ -577,5 +578,34 @@ async def test_a_job_that_records_its_own_completed_row_is_still_cancelled(
         assert "still ran after the job recorded completed" in canceled.history[-1].info
         await until(lambda: squeue_state(job.native_id or "") in (None, "CANCELLED"), 10, "Slurm to end it")
         assert (await api.cancel(job.jobid)).state is JobState.canceled  # idempotent
+    finally:
+        subprocess.run(["scancel", job.native_id], capture_output=True, timeout=30, check=False)
+
+
+async def test_slurm_s_end_overrules_a_completed_the_job_wrote_while_it_still_ran(api: AsyncClient) -> None:
+    """Liveness follows a job whose own row says ``completed`` while Slurm still runs it,
+    and once Slurm ends it otherwise (here: ``scancel`` outside psik-api) records what
+    Slurm said, overruling the job's row (see slurm_liveness)."""
+    script = '#!/bin/bash\nsleep 2\necho "$(date +%s.%N),1,completed," >> ../status.csv\nsleep 300'
+    job = await api.submit({"backend": "slurm", "script": script})
+    assert job.native_id is not None
+    try:
+        said = await api.wait(job.jobid, timeout=30, poll_interval=0.1)
+        assert said.state is JobState.completed  # the index mirrors the row the job wrote
+        assert squeue_state(job.native_id) == "RUNNING"
+        await anyio.sleep(2 * LIVENESS)
+        assert (await api.get(job.jobid)).state is JobState.completed  # still running: followed
+        slurm("scancel", job.native_id)
+        t0 = time.monotonic()
+
+        async def failed() -> bool:
+            return (await api.state(job.jobid)).state is JobState.failed
+
+        while not await failed():
+            assert time.monotonic() - t0 < LIVENESS_BOUND, "Slurm's end was not recorded"
+            await anyio.sleep(0.1)
+        info = (await api.get(job.jobid)).history[-1].info
+        assert info.startswith(f"{OVERRULED_INFO}: the job recorded completed, but Slurm job {job.native_id}")
+        assert "ended CANCELLED" in info
     finally:
         subprocess.run(["scancel", job.native_id], capture_output=True, timeout=30, check=False)

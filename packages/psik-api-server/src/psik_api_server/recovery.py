@@ -31,7 +31,7 @@ from .jobpaths import TEMP_PREFIX
 from .liveness import Vanished, vanished_jobs
 from .reconcile import Reconciled, reconcile
 from .service_base import JobServiceBase
-from .slurm_liveness import Ended, slurm_jobs
+from .slurm_liveness import Ended, claimed_ends, overrules, slurm_jobs
 from .store import CorruptIndex, OpenKey
 
 _logger = logging.getLogger(__name__)
@@ -243,13 +243,15 @@ class Recovery(JobServiceBase):
         }
         if scheduled:
             jobs = await in_thread(slurm_jobs, self.store, self.backend.prefix, scheduled)
-            found += await self._slurm_liveness.check(jobs)
+            # Those that ended by a row of their own since: Slurm's view is trusted over it.
+            claimed = await in_thread(claimed_ends, self.backend.prefix, self._slurm_liveness.left(jobs))
+            found += await self._slurm_liveness.check(jobs, claimed)
         for job in found:
             # Each job on its own: one whose status.csv cannot be written (the job made it
             # so) must not stop the others being decided in this round.
             async with self._lock(job.jobid):
                 files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
-                if files is None or files.state[0].is_final:
+                if files is None or (files.state[0].is_final and not overrules(job, files)):
                     continue
                 try:
                     await self.backend.record_failure(job.jobid, files.state[1], job.reason)

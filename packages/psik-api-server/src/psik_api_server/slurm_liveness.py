@@ -16,7 +16,20 @@ job is failed as lost.
 
 A job is never failed when squeue cannot be asked (the controller is down): nothing can
 be concluded then. The end state psik wrote is never overridden (the job is re-read
-under its lock before anything is recorded).
+under its lock before anything is recorded), but for one case:
+
+**An end row the job wrote while Slurm still runs it.** psik's batch script writes the
+run's ``completed``/``failed`` on the compute node, so the job itself can append such a
+row and go on running. Slurm's view is trusted over it: a job followed here (seen live
+at a check) whose history then says it ended stays followed while squeue shows it
+pending or running. The index shows the row the job wrote meanwhile (it mirrors the
+status file, and a ``completed`` psik wrote before a slow callback is no lie); cancel
+still ``scancel``s it (see ``PsikBackend.still_scheduled``). Once Slurm ends it, a
+``completed`` that Slurm contradicts (the job ended FAILED, TIMEOUT, CANCELLED outside
+psik-api, NODE_FAIL...) is overruled: ``failed`` with what Slurm said, in a row marked
+``OVERRULED_INFO`` that wins over the job's own. A ``failed`` the job wrote stands (its
+exit code is the job's), and so does any end Slurm agrees with (COMPLETED) or no longer
+knows. A job that writes its end before any check saw it live is not followed.
 
 Bound: a Slurm job ended outside psik is failed within 2 x ``liveness_interval`` plus the
 time of one squeue call (default: about 4-5 s).
@@ -24,6 +37,7 @@ time of one squeue call (default: about 4-5 s).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +49,28 @@ from .store import JobStore
 
 @dataclass(frozen=True)
 class Ended:
-    """A non-final job whose Slurm job is over; ``reason`` says what Slurm said."""
+    """A non-final job whose Slurm job is over; ``reason`` says what Slurm said.
+    ``overrules``: the job recorded an end Slurm contradicts (``reason`` starts with
+    ``OVERRULED_INFO``), see :func:`overrules`."""
 
     jobid: str
     reason: str
+    overrules: bool = False
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job whose run's end (``state``) is a row it could have written itself, and the
+    run's Slurm job id."""
+
+    nid: str
+    state: JobState
+
+
+def overrules(found: object, files: jobdir.JobFiles) -> bool:
+    """Whether ``found`` (a liveness finding) is recorded over the end ``files`` show:
+    an :class:`Ended` that overrules, while that end is still the job's own."""
+    return isinstance(found, Ended) and found.overrules and claimed_end(files) is not None
 
 
 def native_id(files: jobdir.JobFiles) -> str | None:
@@ -97,24 +129,55 @@ def slurm_jobs(store: JobStore, prefix: Path, backends: set[str]) -> dict[str, s
     return found
 
 
+def claimed_ends(prefix: Path, jobids: Iterable[str]) -> dict[str, Claimed]:
+    """Of ``jobids`` (jobs :meth:`SlurmLiveness.left` lists), those whose end is a row the
+    job could have written (:func:`claimed_end`). Blocking; a job that cannot be read, or
+    purged, is left out."""
+    found: dict[str, Claimed] = {}
+    for jobid in jobids:
+        try:
+            files = jobdir.read_job(jobdir.job_path(prefix, jobid))
+        except (OSError, ValueError):
+            continue
+        nid = claimed_end(files)
+        if nid is not None:
+            found[jobid] = Claimed(nid, files.state[0])
+    return found
+
+
 class SlurmLiveness:
-    """Remembers which jobs were seen ended at the previous check (see the module doc)."""
+    """Remembers which jobs were seen ended at the previous check, and which it follows
+    (see the module doc)."""
 
     def __init__(self) -> None:
         self._suspect: dict[str, str] = {}
+        #: {jobid: Slurm job id}: seen live, or ended by their own row while Slurm ran them.
+        self._followed: dict[str, str] = {}
 
-    async def check(self, jobs: dict[str, str]) -> list[Ended]:
+    def left(self, jobs: Mapping[str, str]) -> list[str]:
+        """The jobs followed at the last check that are not among ``jobs`` (the live
+        ones) any more: ended, by their own row or otherwise, or purged."""
+        return [jobid for jobid in self._followed if jobid not in jobs]
+
+    async def check(self, jobs: dict[str, str], claimed: Mapping[str, Claimed] | None = None) -> list[Ended]:
         """The jobs among ``jobs`` (``{jobid: Slurm job id}``) seen ended in this check
-        and the one before."""
-        if not jobs:
+        and the one before; and those among ``claimed`` (:func:`claimed_ends` of
+        :meth:`left`) that Slurm ended otherwise than they said (overruling)."""
+        claimed = dict(claimed or {})
+        if not jobs and not claimed:
             self._suspect.clear()
+            self._followed.clear()
             return []
         # A cheap ping first: squeue against a controller that is down takes ~18 s of
         # retries, which would hold up the liveness of every other job.
         code, ping, _ = await slurm.run("scontrol", "ping", limit=5)
-        states = await slurm.slurm_states(jobs.values()) if code == 0 and "UP" in ping else None
+        asked = [*jobs.values(), *(c.nid for c in claimed.values())]
+        states = await slurm.slurm_states(asked) if code == 0 and "UP" in ping else None
         if states is None:
+            self._followed = {**jobs, **{j: c.nid for j, c in claimed.items()}}  # ask again
             return []  # the controller could not be asked: conclude nothing
+        self._followed = dict(jobs)
+        overruled = self._contradicted(claimed, states)
         suspect: dict[str, str] = {}
         for jobid, nid in jobs.items():
             seen = states.get(nid)
@@ -126,12 +189,36 @@ class SlurmLiveness:
                 suspect[jobid] = f"Slurm job {nid} ended {seen.state}{why}{outside}"
         ended = [Ended(jobid, why) for jobid, why in suspect.items() if jobid in self._suspect]
         self._suspect = suspect
-        out: list[Ended] = []
+        out: list[Ended] = overruled
         for e in ended:
             reason = e.reason
             if "no longer known" in reason:
                 reason = await self._from_accounting(jobs[e.jobid], reason)
             out.append(Ended(e.jobid, reason + " and psik recorded no end state"))
+        return out
+
+    def _contradicted(
+        self, claimed: Mapping[str, Claimed], states: Mapping[str, slurm.SlurmJob]
+    ) -> list[Ended]:
+        """Of the jobs that recorded their own end, those Slurm ended otherwise (their
+        ``completed`` is overruled); the ones Slurm still runs stay followed."""
+        out: list[Ended] = []
+        for jobid, c in claimed.items():
+            seen = states.get(c.nid)
+            if seen is None:
+                continue  # Slurm no longer knows it: the job's row stands
+            if not seen.ended:
+                self._followed[jobid] = c.nid
+            elif c.state is JobState.completed and seen.state.split(" ", 1)[0] != "COMPLETED":
+                why = "" if seen.reason in ("None", "") else f", reason {seen.reason}"
+                out.append(
+                    Ended(
+                        jobid,
+                        f"{OVERRULED_INFO}: the job recorded completed, but Slurm job {c.nid}"
+                        f" ended {seen.state}{why}",
+                        overrules=True,
+                    )
+                )
         return out
 
     @staticmethod
