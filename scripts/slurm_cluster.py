@@ -153,6 +153,14 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
+    def daemon_env(self) -> dict[str, str]:
+        """A daemon's environment: the cluster's, not its starter's. The daemons outlive
+        whoever started them (a test that restarts slurmctld): nothing of the starter's
+        environment, such as the test session's process marker (tests/leaks.py), may
+        make them look like that starter's leftovers."""
+        keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+        return {**keep, "SLURM_CONF": str(self.conf)}
+
     def pid(self, daemon: str) -> int | None:
         """The daemon's pid if its pid file names a live process of that program."""
         try:
@@ -311,7 +319,7 @@ SlurmdTimeout=30
             argv = [which("slurmctld") or "slurmctld", "-i", "-f", str(self.conf)]
         else:
             argv = [which("slurmd") or "slurmd", "-f", str(self.conf), "-N", "localhost"]
-        result = subprocess.run(argv, env=self.env(), capture_output=True, text=True, check=False)
+        result = subprocess.run(argv, env=self.daemon_env(), capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ClusterError(
                 f"{daemon} did not start ({result.returncode}): {(result.stderr or result.stdout).strip()}"
@@ -378,6 +386,7 @@ SlurmdTimeout=30
                 "--innodb-buffer-pool-size=64M", "--innodb-lock-wait-timeout=900",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+            env=self.daemon_env(),
         )  # fmt: skip
         wait_for(lambda: self.pid("mariadbd") is not None, 30, f"mariadbd's pid file (log: {log_file})")
         wait_for(lambda: self.sql("SELECT 1").returncode == 0, 30, f"mariadbd to answer (log: {log_file})")

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from leaks import MARKER
 from psik_api_client import (
     AsyncClient,
     ConflictError,
@@ -351,6 +352,17 @@ async def test_with_the_controller_stopped_submit_is_503_and_the_job_starts_late
     done = await api.wait(jobid, timeout=60)
     assert done.state is JobState.completed
     assert (await api.logs(jobid))["stdout.2"] == "later\n"
+
+
+def test_a_daemon_a_test_restarts_is_the_cluster_s_not_the_test_s(slurm_cluster: Any) -> None:
+    """tests/leaks.py ends every process carrying the session's marker after each test:
+    a slurmctld a test restarted with the test's environment was killed with it, and
+    every later Slurm test failed. The harness starts daemons with the cluster's own."""
+    slurm_cluster.stop("slurmctld")
+    slurm_cluster.start("slurmctld")
+    environ = Path(f"/proc/{slurm_cluster.pid('slurmctld')}/environ").read_bytes().split(b"\0")
+    assert MARKER in os.environ
+    assert not [v for v in environ if v.startswith(MARKER.encode() + b"=")]
 
 
 async def test_a_controller_that_cannot_be_asked_fails_no_job(api: AsyncClient, slurm_cluster: Any) -> None:
