@@ -11,7 +11,7 @@ import pytest
 
 from psik_api_core import OVERRULED_INFO, JobState
 from psik_api_server import slurm
-from psik_api_server.slurm_liveness import Claimed, SlurmLiveness, claimed_ends
+from psik_api_server.slurm_liveness import Claimed, SlurmLiveness, claimed_ends, still_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +187,16 @@ def test_only_a_job_s_own_end_is_claimed(tmp_path: Path) -> None:
         "1.1": Claimed("10", JobState.completed),
         "1.2": Claimed("11", JobState.failed),
     }
+
+
+async def test_cancel_asks_slurm_whether_a_job_s_own_end_still_runs_only_while_it_answers(
+    fake: FakeSlurm,
+) -> None:
+    fake.squeue = (0, "10|RUNNING|None\n11|COMPLETING|None\n", "")
+    assert await still_runs("10")
+    assert not await still_runs("11")  # its batch script has exited
+    assert not await still_runs("12")  # unknown
+    fake.calls.clear()
+    fake.ping = (1, "Slurmctld(primary) at x is DOWN\n", "")
+    assert not await still_runs("10")  # the row stands; no ~18 s of squeue retries
+    assert "squeue" not in fake.calls

@@ -108,6 +108,10 @@ _MAY_RUN = frozenset(
 async def still_runs(nid: str) -> bool:
     """Whether squeue shows Slurm job ``nid`` pending or running; False if it cannot be
     asked (then the job's own rows stand)."""
+    # The ping first, as for liveness: squeue retries a controller that is down for ~18 s.
+    code, ping, _ = await slurm.run("scontrol", "ping", limit=5)
+    if code != 0 or "UP" not in ping:
+        return False
     states = await slurm.slurm_states([nid])
     seen = (states or {}).get(nid)
     return seen is not None and seen.state in _MAY_RUN
