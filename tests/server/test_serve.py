@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -247,3 +248,62 @@ def test_connections_serve_binds_get_tcp_nodelay(host: str) -> None:
     finally:
         sock.close()
     assert seen and seen[0] != 0, "accepted connections have Nagle on"
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """Ctrl-C as a terminal sends it: SIGINT to the server's whole process group (its
+    launcher included); its exit status and what it wrote."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def test_ctrl_c_ends_a_serving_server_without_a_traceback(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "psik-api-server"), "serve", "--port", str(port)]
+    proc = subprocess.Popen(
+        argv, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_healthy(url, proc, lambda: "")
+        _run_a_job(url)  # the launcher runs: it gets the Ctrl-C too
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+        raise
+    status, err = _interrupt(proc)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert status == 130, err  # ended by the Ctrl-C it was sent, and said so to the shell
+    assert "Application shutdown complete" in err, err
+
+
+@pytest.mark.parametrize("after", ["limits:", "starting on", "Waiting for application startup"])
+def test_ctrl_c_during_start_up_ends_it_without_a_traceback(tmp_path: Path, after: str) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "psik-api-server"), "serve", "--port", str(free_port())],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    # Once start-up has said `after` (the settings read, the socket bound, the lifespan
+    # begun: the index and the prefix next). Earlier, the interpreter itself may still be
+    # starting, and a Ctrl-C there is Python's to report, not ours.
+    assert proc.stderr is not None
+    said = b""
+    while after.encode() not in said:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        said += line
+    status, err = _interrupt(proc)
+    err = said.decode(errors="replace") + err
+    assert after in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert status == 130, (status, err)

@@ -4,7 +4,9 @@ Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``)
 ``authz: local`` mode it refuses to listen anywhere but loopback or a UNIX socket, and
 the socket is created readable and writable by its owner only (uvicorn's own is 0666).
 The listening socket is made before anything else, so that a port already in use stops
-start-up before the prefix or the index is created.
+start-up before the prefix or the index is created. Ctrl-C ends it without a traceback,
+wherever it comes (exit status 130): this module imports only the standard library, and
+the rest is imported inside :func:`main`.
 """
 
 from __future__ import annotations
@@ -20,12 +22,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from . import limits
-from .errors import StartupError
-from .peer import install_uvicorn_hook
-from .security import is_loopback_host
-from .settings import ConfigError, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +102,8 @@ def _unix_socket(path: Path) -> socket.socket:
 def _tcp_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` as uvicorn binds one (it listens once uvicorn
     starts), or :class:`StartupError` saying why not: the port is in use, say."""
+    from .errors import StartupError
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP, as getaddrinfo gives uvicorn: asyncio sets TCP_NODELAY only on
     # connections accepted from a socket that says it is TCP. With proto 0, Nagle held
@@ -126,8 +124,6 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
 #: The listen backlog asked for (uvicorn's default); limits.fit may lower it.
 _BACKLOG = 2048
 
-_STARTUP_ERROR = f"{StartupError.__module__}.{StartupError.__qualname__}"
-
 
 class _QuietStartupError(logging.Filter):
     """Drops uvicorn's traceback of a :class:`StartupError` and its log of the same
@@ -138,13 +134,15 @@ class _QuietStartupError(logging.Filter):
         self.state = state
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from .errors import StartupError
+
         exc = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
         said = self.state.startup_error
         # starlette hands the lifespan's traceback to uvicorn as the failure's message.
         return (
             not isinstance(exc, StartupError)
-            and _STARTUP_ERROR not in message
+            and f"{StartupError.__module__}.{StartupError.__qualname__}" not in message
             and (said is None or message != str(said))
         )
 
@@ -152,7 +150,12 @@ class _QuietStartupError(logging.Filter):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import limits
     from .app import create_app
+    from .errors import StartupError
+    from .peer import install_uvicorn_hook
+    from .security import is_loopback_host
+    from .settings import ConfigError, load_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
@@ -230,10 +233,20 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The exit status of a server ended by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except KeyboardInterrupt:
+        # Ctrl-C during start-up (an import, the index), or after uvicorn's shutdown:
+        # uvicorn raises again the signal it caught, once it has shut down. Either way
+        # the end that was asked for, not a failure: no traceback.
+        return INTERRUPTED
     return 2  # pragma: no cover - argparse requires a command
 
 
