@@ -301,7 +301,10 @@ class JobServiceBase:
             if free > 0 and not self.slots.queue(backend):
                 await self._launch(jobid)
                 return
-            _, since = await self.backend.wait_for_slot(jobid, self.slots.why(backend))
+            try:
+                _, since = await self.backend.wait_for_slot(jobid, self.slots.why(backend))
+            except JobFileInvalid as e:  # swapped since it was read: not queued
+                raise JobFilesInvalid(e, await self._fail_invalid(e)) from None
             self.slots.wait(backend, jobid, since)
             self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
         self._fill_slots()  # a slot may have freed while this one was being recorded
@@ -315,8 +318,7 @@ class JobServiceBase:
             await in_thread(self._refresh, jobid)
             raise not_submitted(jobid, e.reason, e.unavailable) from e
         except JobFileInvalid as e:  # swapped since it was read: not submitted
-            await self._fail_invalid(e)
-            raise JobFilesInvalid(e, "; it was not submitted") from None
+            raise JobFilesInvalid(e, await self._fail_invalid(e)) from None
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
         await in_thread(self._refresh, jobid)
 
