@@ -35,6 +35,7 @@ from .openapi import build_openapi
 from .peer import PeerLookup
 from .policy import load_policy
 from .problems import EXCEPTION_HANDLERS, CatchAll
+from .response_headers import NoSniff
 from .routes import build_routes
 from .security import LocalLifespan, LocalOnly, LocalSecrets
 from .service import JobService, in_thread
@@ -144,6 +145,7 @@ def create_app(
         # LocalLifespan: the prefix is private before start-up, secrets go at shutdown;
         # CatchAll outside LocalOnly, so that a failing check is a 500 problem too.
         middleware=[
+            Middleware(NoSniff),  # outermost: on every response, refusals and 500s too
             Middleware(LocalLifespan, settings=settings),
             Middleware(CatchAll),
             Middleware(LocalOnly) if settings.authz == "local" else Middleware(TokenAuth),

@@ -254,6 +254,10 @@ class Resource:
         methods = set(self.handlers) | ({"HEAD"} if "GET" in self.handlers else set())
         self.allow = ", ".join(sorted(methods))
 
+    def allows(self, method: str) -> bool:
+        """Whether this path takes ``method`` (``security`` asks before judging a body)."""
+        return ("GET" if method == "HEAD" else method) in self.handlers
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         handler = self.handlers.get("GET" if request.method == "HEAD" else request.method)

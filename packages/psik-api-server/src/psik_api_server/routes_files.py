@@ -34,6 +34,7 @@ from .aio import pread_chunks
 from .errors import ApiError
 from .files_service import FileService, OpenFile
 from .params import bad_query, path_jobid, single_params
+from .response_headers import attachment
 from .security import principal
 from .service import in_thread
 
@@ -204,7 +205,9 @@ async def get_job_file(request: Request) -> Response:
     if _names_dir(request):
         await in_thread(got.close)
         raise _not_a_directory(parts, "this is a file")
-    return await _serve(request, got)
+    response = await _serve(request, got)
+    response.headers["Content-Disposition"] = attachment(parts[-1])  # never shown as a page
+    return response
 
 
 # ---- PUT / POST a raw body ----

@@ -55,9 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from psik_api_core import LOCAL_USER, Principal, ProblemCode
+from psik_api_core import LOCAL_USER, Principal, ProblemCode, field_error
 
 from . import statedir
 from .errors import ApiError, StartupError
@@ -292,6 +293,67 @@ def _repeated(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
     return None
 
 
+def _framing(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
+    """400 for a body framed two ways (``Content-Length`` and ``Transfer-Encoding``): a
+    proxy in front of the server could take another body than the server does (request
+    smuggling). The connection is closed after the answer (RFC 9112, 6.3)."""
+    names = {name.lower() for name, _value in raw}
+    if b"content-length" not in names or b"transfer-encoding" not in names:
+        return None
+    return ApiError(
+        ProblemCode.bad_request,
+        "the request gives both Content-Length and Transfer-Encoding; send one of them",
+        errors=[field_error(["header", "Transfer-Encoding"], "not allowed with Content-Length")],
+        headers={"Connection": "close"},
+    )
+
+
+def header_refusal(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
+    """The refusals of a request's head alone, in either mode: a header the checks read
+    given twice, a body framed two ways."""
+    return _repeated(raw) or _framing(raw)
+
+
+def _routed(scope: Scope) -> bool:
+    """Whether a route of the app takes this request's method on its path. One that none
+    takes is answered 404 or 405 without its body being read: its body is then no reason
+    to refuse it, and a 415 would hide the 405 a client needs."""
+    router = getattr(scope.get("app"), "router", None)
+    for route in getattr(router, "routes", ()):
+        match, _child = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        allows = getattr(getattr(route, "endpoint", None), "allows", None)
+        if match is Match.PARTIAL or allows is None:
+            return match is Match.FULL
+        return bool(allows(str(scope.get("method"))))
+    return False
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """There are no websocket routes: a handshake is answered with a 404 problem where
+    the server offers ASGI's denial response (``websocket.http.response``), else closed
+    before it is accepted (which the server answers with a bare 403)."""
+    path = str(scope.get("path", ""))
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        err = ApiError(
+            ProblemCode.not_found,
+            f"{path[:200]} has no websocket: this API is plain HTTP (its events are Server-Sent "
+            "Events, GET /v1/events)",
+        )
+        response = problem_response(err, path)
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": response.body})
+        return
+    await send({"type": "websocket.close", "code": 1008, "reason": "this API has no websocket routes"})
+
+
 def _user(uid: int) -> str:
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
@@ -313,8 +375,8 @@ class LocalOnly:
         install_hypercorn_hook()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":  # there are no websocket routes
-            await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, receive, send)
             return
         if scope["type"] == "http":
             error = self.refusal(scope)
@@ -325,9 +387,9 @@ class LocalOnly:
 
     def refusal(self, scope: Scope) -> ApiError | None:
         """Why this request is refused, or None."""
-        repeated = _repeated(scope.get("headers", []))
-        if repeated is not None:
-            return repeated
+        refused = header_refusal(scope.get("headers", []))
+        if refused is not None:
+            return refused
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         conn = connection_of(scope)
         if conn is not None:
@@ -469,6 +531,8 @@ class LocalOnly:
             said = f"a {media} body" if media else "a body with no Content-Type"
         else:
             return None
+        if not _routed(scope):
+            return None  # 404 or 405 from the router, the body unread
         return ApiError(
             ProblemCode.unsupported_media_type,
             f"{scope.get('method')} {scope.get('path')} takes JSON "

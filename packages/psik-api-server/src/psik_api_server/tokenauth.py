@@ -37,7 +37,7 @@ from psik_api_core import Principal, ProblemCode, is_jobid
 from .certnames import CertificateRefused, ClientNames
 from .errors import ApiError
 from .problems import problem_response
-from .security import PRINCIPAL_KEY, LocalOnly, _repeated
+from .security import PRINCIPAL_KEY, LocalOnly, header_refusal, refuse_websocket
 from .tokens import TokenAuthority, TokenError
 
 #: Where the README says how to serve with TLS.
@@ -124,8 +124,8 @@ class TokenAuth:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":  # there are no websocket routes
-            await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, receive, send)
             return
         if scope["type"] == "http":
             try:
@@ -138,7 +138,7 @@ class TokenAuth:
     def authenticate(self, scope: Scope) -> None:
         """Refuse (:class:`ApiError`) or put the caller (and the principal, on the
         routes that need one) in ``scope["state"]``."""
-        error = _repeated(scope.get("headers", []))
+        error = header_refusal(scope.get("headers", []))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         error = error or LocalOnly._origin(scope, headers) or LocalOnly._body(scope, headers)
         if error is not None:
