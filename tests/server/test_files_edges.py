@@ -129,3 +129,17 @@ async def test_a_unix_socket_file_is_not_found_as_a_fifo_is(wire: httpx.AsyncCli
                 assert r.json()["code"] == "not_found" and "not a regular file" in r.json()["detail"]
         listing = (await wire.get(f"/v1/jobs/{jobid}/files/")).json()["entries"]
         assert {e["name"]: e["type"] for e in listing} == {"keep.txt": "file", "sock": "other"}
+
+
+@pytest.mark.parametrize("path", ["%0A", "a%0A", "a%0D", "a%09b", "a%7F", "a%1B%2Fb"])
+async def test_a_control_character_in_a_path_is_refused_saying_so(wire: httpx.AsyncClient, path: str) -> None:
+    """The schema says so; before, a trailing newline (``%0A``) made the route match an
+    empty path and the answer blamed an encoded separator. (A newline inside the path,
+    ``a%0Ab``, matches no route at all: 404 from the router, before any file route.)"""
+    jobid, work = await _new_job(wire)
+    for method in ("GET", "PUT", "DELETE"):
+        body = b"x" if method == "PUT" else None
+        r = await wire.request(method, f"/v1/jobs/{jobid}/files/{path}", content=body)
+        assert r.status_code == 400, (method, path, r.status_code, r.text)
+        assert r.json()["code"] == "invalid_path" and "control character" in r.json()["detail"], r.text
+    assert not work.exists() or list(work.iterdir()) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ MAX_DEPTH = 64
 TEMP_PREFIX = ".psik-upload-"
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Refused in a path: a name with one cannot be sent in a URL as the router reads it (a
+#: trailing newline matched the route with an empty path), nor listed on one line.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 # ---- refusals ----
@@ -83,6 +87,8 @@ def split_path(text: str, where: str = "path") -> tuple[str, ...]:
         raise invalid(text, "contains a NUL byte", where)
     if "\\" in text:
         raise invalid(text, "contains a backslash", where)
+    if _CONTROL.search(text):
+        raise invalid(text, "contains a control character (a newline, a tab...)", where)
     if text.startswith("/"):
         raise invalid(text, "is absolute; paths are relative to the job's directory", where)
     if text.endswith("/"):
