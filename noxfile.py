@@ -1,4 +1,5 @@
-"""Sessions: `nox` runs tests, lint and typecheck (what CI runs); `nox -s bench` measures.
+"""Sessions: `nox` runs tests, api_fuzz, lint and typecheck (what CI runs); `nox -s bench`
+measures.
 
 Each session installs the three packages from this checkout, so a fresh machine with
 Python >= 3.11 needs nothing else: `python3 -m venv .venv && .venv/bin/python -m pip install
@@ -11,7 +12,7 @@ import nox
 
 # 2025.02.09 reads [dependency-groups] from pyproject.toml.
 nox.needs_version = ">=2025.2.9"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "api_fuzz", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -38,6 +39,15 @@ def tests(session: nox.Session) -> None:
     where that cannot be done, unless CI=true)."""
     session.install(*PACKAGES, *group("test"))
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def api_fuzz(session: nox.Session) -> None:
+    """schemathesis against the /openapi.json of a real server, in local mode and in token
+    mode (mutual TLS): any 5xx, or a status, content type or body the document does not
+    declare, fails (tests_fuzz/). Bounded: a few minutes on two cores."""
+    session.install(*PACKAGES, *group("fuzz"))
+    session.run("pytest", *(session.posargs or ["-q", "tests_fuzz"]))
 
 
 @nox.session

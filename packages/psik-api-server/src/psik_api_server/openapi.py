@@ -36,6 +36,7 @@ from psik_api_core import (
     ProblemCode,
 )
 from psik_api_core.limits import byte_size
+from psik_api_core.models import MAX_COUNT
 
 from ._version import __version__
 from .joblogs import LOG_NAME_REGEX, VALID_NAMES
@@ -169,8 +170,14 @@ _IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
     "header",
     "Makes a retried POST safe: the same key with the same body answers with the job the"
-    " first request created, instead of creating a second one.",
-    {"type": "string", "minLength": 1, "maxLength": LIMITS.max_idempotency_key},
+    " first request created, instead of creating a second one. Printable ASCII (a header"
+    " value's leading and trailing spaces are not part of it).",
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": LIMITS.max_idempotency_key,
+        "pattern": "^[\\u0021-\\u007e]([\\u0020-\\u007e]*[\\u0021-\\u007e])?$",
+    },
 )
 
 _BAD_JOBID = Failure(
@@ -222,9 +229,13 @@ _FILE_PATH = Param(
     "A path relative to the job's working directory, `/`-separated; percent-decoded once, so"
     " `inputs%2Fa.csv` is `inputs/a.csv` (and `%252F` the characters `%2F` of a name). Once"
     " decoded: no `.` or `..` segment, no empty segment (one trailing `/` is allowed), not"
-    " absolute, no NUL or backslash; at most 4096 bytes, 255 a segment.",
-    {"type": "string", "examples": ["data.txt", "inputs/a.csv"]}, True, slashes=True,
+    " absolute, no backslash or control character (NUL, newline...); at most 4096 bytes,"
+    " 255 a segment.",
+    {"type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f\\\\]*$",
+     "examples": ["data.txt", "inputs/a.csv"]}, True, slashes=True,
 )  # fmt: skip
+#: The largest offset or tail the log route reads (18 digits).
+_MOST = 10**18 - 1
 _RECURSIVE = Param(
     "recursive", "query", "List subdirectories too (symlinks are listed, not followed).",
     {"type": "boolean", "default": False},
@@ -439,9 +450,9 @@ OPERATIONS: tuple[Operation, ...] = (
             Param("name", "path", f"The log: {VALID_NAMES}.",
                   {"type": "string", "pattern": LOG_NAME_REGEX}, True),
             Param("offset", "query", "Start this many bytes into the log.",
-                  {"type": "integer", "minimum": 0, "default": 0}),
+                  {"type": "integer", "minimum": 0, "maximum": _MOST, "default": 0}),
             Param("tail", "query", "Only the last this many lines (not with an `offset` other than 0).",
-                  {"type": "integer", "minimum": 1}),
+                  {"type": "integer", "minimum": 1, "maximum": _MOST}),
             Param("follow", "query", "Stream new output until the job is final.",
                   {"type": "boolean", "default": False}),
         ),
@@ -473,7 +484,7 @@ OPERATIONS: tuple[Operation, ...] = (
         params=(
             _JOBID,
             Param("dir", "query", "A relative directory to write the files into (made if missing).",
-                  {"type": "string", "default": ""}),
+                  {"type": "string", "default": "", "pattern": "^[^\\u0000-\\u001f\\u007f\\\\]*$"}),
         ),
         body={"multipart/form-data": {"schema": {
             "type": "object",
@@ -663,6 +674,29 @@ def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
     # at every level of a JobSpec (and it never sends any either).
     for name in ("JobSpec", "ResourceSpec"):
         schemas[name]["additionalProperties"] = False
+    # ... and what JobSpec's and ResourceSpec's validators refuse: counts a backend could
+    # not run, NULs, control characters where a value becomes one line (a header, a
+    # scheduler argument), environment names no shell can reach, a callback that is no
+    # http(s) URL (the rest of what makes one valid is in its description).
+    schemas["ResourceSpec"]["description"] = (
+        "Counts are JSON integers written without a fraction (`10`, not `10.0`, which is refused)."
+    )
+    resources = schemas["ResourceSpec"]["properties"]
+    for name, least in _COUNTS.items():
+        _constrain(resources[name], minimum=least, maximum=MAX_COUNT)
+    spec = schemas["JobSpec"]["properties"]
+    _constrain(spec["script"], pattern=_NO_NUL)
+    _constrain(spec["directory"], pattern=_ABSOLUTE)
+    _constrain(spec["name"], pattern=_ONE_LINE, maxLength=LIMITS.max_job_name)
+    _constrain(spec["callback"], pattern=_HTTP_URL)
+    spec["callback"]["description"] = (
+        "An absolute http(s) URL with a host (in token mode, one of the server's `callback_hosts`)."
+    )
+    _constrain(spec["environment"], propertyNames={"pattern": _SHELL_NAME})
+    _constrain(spec["environment"], additionalProperties={"type": "string", "pattern": _NO_NUL})
+    for pairs in ("attributes", "cb_headers"):
+        _constrain(spec[pairs], propertyNames={"minLength": 1, "pattern": _ONE_LINE})
+        _constrain(spec[pairs], additionalProperties={"type": "string", "pattern": _ONE_LINE})
     codes = ", ".join(f"`{code.value}`" for code in ProblemCode)
     schemas["Problem"]["properties"]["code"]["description"] = f"Stable error code: one of {codes}."
     for schema in schemas.values():
@@ -670,6 +704,30 @@ def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
         if backends and backend is not None:
             backend["examples"] = list(backends)
     return refs, schemas
+
+
+#: ResourceSpec's counts and the least each may be (the most is MAX_COUNT).
+_COUNTS = {
+    "duration": 1,
+    "node_count": 1,
+    "process_count": 1,
+    "processes_per_node": 1,
+    "cpu_cores_per_process": 1,
+    "gpu_cores_per_process": 0,
+}
+#: Regular expressions both JSON Schema (ECMA 262) and Python read alike.
+_NO_NUL = "^[^\\u0000]*$"
+_ONE_LINE = "^[^\\u0000-\\u001f\\u007f]*$"
+_ABSOLUTE = "^/[^\\u0000]*$"
+_SHELL_NAME = "^[A-Za-z_][A-Za-z0-9_]*$"
+_HTTP_URL = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\u0000-\\u001f\\u007f]*$"
+
+
+def _constrain(prop: dict[str, Any], **constraints: object) -> None:
+    """Add ``constraints`` to a property's schema, or to its non-null branch."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") != "null":
+            branch.update(constraints)
 
 
 def _schema_of(body: object, refs: Refs) -> dict[str, Any]:

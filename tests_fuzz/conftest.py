@@ -1,0 +1,3 @@
+"""The fuzz session's tests end what they start, as every test does (tests/leaks.py)."""
+
+from leaks import _ends_what_it_starts, pytest_sessionfinish  # noqa: F401
