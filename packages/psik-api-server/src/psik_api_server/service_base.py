@@ -191,8 +191,11 @@ class JobServiceBase:
     def _owned(self, principal: Principal, jobid: str, action: Action) -> JobRow:
         """The job's index row if ``principal`` may do ``action`` to it; 404 otherwise (a
         job that is not yours is indistinguishable from one that does not exist)."""
-        row = self.store.get(jobid)
-        if row is None or not self.policy.allows(principal, Action.read, row.owner, jobid):
+        # The same work whether the job is another's or does not exist (one query that
+        # yields a row either way, the policy always asked): no timing tells them apart.
+        found, row = self.store.lookup(jobid)
+        readable = self.policy.allows(principal, Action.read, row.owner, jobid)
+        if not (found and readable):
             raise ApiError(ProblemCode.not_found, f"no job {jobid}", jobid=jobid)
         if not self.policy.allows(principal, action, row.owner, jobid):
             raise ApiError(ProblemCode.forbidden, f"not allowed to {action.value} job {jobid}")

@@ -148,6 +148,14 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 _COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated"
 
 
+#: :meth:`JobStore.lookup`'s query: the row of a job id, or the same columns blank.
+_LOOKUP = (
+    "SELECT j.jobid IS NOT NULL, COALESCE(j.jobid, ?), COALESCE(j.backend, ''), COALESCE(j.owner, ''), "
+    "j.name, COALESCE(j.state, 'new'), COALESCE(j.jobndx, 0), COALESCE(j.created, 0.0), "
+    "COALESCE(j.updated, 0.0) FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
+)
+
+
 def _row(r: Sequence[object]) -> JobRow:
     return JobRow(
         jobid=str(r[0]),
@@ -297,6 +305,15 @@ class JobStore:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE jobid = ?", (jobid,))
         r = cur.fetchone()
         return None if r is None else _row(r)
+
+    def lookup(self, jobid: str) -> tuple[bool, JobRow]:
+        """Whether ``jobid`` has a row, and that row or a blank one (owner ``""``, no
+        one's), by the same work either way: one query that always yields one row (a
+        LEFT JOIN on a constant), one :class:`JobRow` built. An ownership check on it
+        then takes as long for another user's job as for one that does not exist."""
+        cur = self._db.execute(_LOOKUP, (jobid, jobid))
+        r = cur.fetchone()
+        return bool(r[0]), _row(r[1:])
 
     def set_state(self, jobid: str, state: JobState, jobndx: int, updated: float) -> bool:
         """Record a job's derived state; True if anything changed. A state read before
