@@ -124,16 +124,18 @@ import http.client, json, socket, sys
 kind, target = sys.argv[1:3]
 if kind == "tcp":
     host, port = target.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    sock = socket.create_connection((host, int(port)), timeout=20)
 else:
-    class Unix(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(target)
-    conn = Unix("localhost", timeout=20)
-body, headers = json.dumps({"script": "true"}), {"Content-Type": "application/json"}
-conn.request("POST", "/v1/jobs", body=body, headers=headers)
-r = conn.getresponse()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(target)
+body = json.dumps({"script": "true"}).encode()
+head = f"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+# One write: a server that refuses on the head may close before reading a second one.
+sock.sendall(head.encode() + body)
+r = http.client.HTTPResponse(sock)
+r.begin()
 print(json.dumps({"status": r.status, "body": r.read().decode()}))
 """
 
@@ -155,3 +157,15 @@ def test_another_user_is_refused_under_each_server(
         assert f"uid {other_user.uid}" in json.loads(answer["body"])["detail"], answer
         with run.client() as api:
             assert list(api.list()) == []
+
+
+def test_the_hypercorn_hook_wraps_its_connections_once() -> None:
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    from psik_api_server.hypercorn_hook import install_hypercorn_hook
+    from psik_api_server.limits import is_wrapped
+
+    assert install_hypercorn_hook() and install_hypercorn_hook()
+    hooked = TCPServer.__init__
+    assert is_wrapped(hooked, "_psik_api_hook")
+    assert not is_wrapped(hooked.__wrapped__, "_psik_api_hook")  # type: ignore[attr-defined]
