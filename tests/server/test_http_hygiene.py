@@ -96,10 +96,11 @@ async def test_every_response_says_nosniff(app: Starlette, http: httpx.AsyncClie
 
 
 async def test_a_500_says_nosniff_too(app: Starlette, http: httpx.AsyncClient) -> None:
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("boom")
+    class Broken:  # a site policy with a bug
+        def allows(self, *args: Any) -> bool:
+            raise RuntimeError("boom")
 
-    app.state.service.store.get = broken
+    app.state.service.policy = Broken()
     r = await http.get("/v1/jobs/1693992878.203")
     assert r.status_code == 500 and r.headers["content-type"] == PROBLEM
     _nosniff(r)
