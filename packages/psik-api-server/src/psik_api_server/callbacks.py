@@ -186,6 +186,7 @@ def psik_sender(job: Any, timeout: float = RELAY_TIMEOUT) -> Callable[[int, Any,
     and, with ``certified`` installed, shows the server's client certificate."""
 
     async def send_callback(jobndx: int, state: Any, info: str) -> bool:
+        from psik.exceptions import CallbackException
         from psik.models import Callback
 
         spec = job.spec
@@ -195,7 +196,12 @@ def psik_sender(job: Any, timeout: float = RELAY_TIMEOUT) -> Callable[[int, Any,
         headers = {"content-type": "application/json", "accept": "application/json"}
         if spec.cb_secret:
             headers[SIGNATURE_HEADER] = sign(body, spec.cb_secret.get_secret_value())
-        return await post_report(spec.callback, body, headers, timeout) < 300
+        try:
+            return await post_report(spec.callback, body, headers, timeout) < 300
+        except Exception as e:
+            # The one failure psik's job process logs and goes on from (as psik's own
+            # sender raises it): anything else ends the job before its script runs.
+            raise CallbackException(f"POST to {spec.callback}: {e}") from e
 
     return send_callback
 
