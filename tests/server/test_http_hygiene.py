@@ -43,6 +43,7 @@ async def _job_with_file(http: httpx.AsyncClient, path: str, data: bytes) -> str
         ("PUT", "/v1/jobs", "GET, HEAD, POST"),
         ("PATCH", "/v1/jobs/1693992878.203", "DELETE, GET, HEAD"),
         ("POST", "/v1/backends", "GET, HEAD"),
+        ("PUT", "/v1/jobs/1693992878.203/files", "GET, HEAD, POST"),  # an upload route's path
     ],
 )
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "image/png"])

@@ -514,6 +514,8 @@ class LocalOnly:
         if kind == "multipart" and (media == "multipart/form-data" or not _has_body(headers)):
             return None
         if kind is not None:
+            if not _routed(scope):
+                return None  # e.g. PUT /files: 405 from the router, the body unread
             wanted = (
                 "multipart/form-data"
                 if kind == "multipart"
