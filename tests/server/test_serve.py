@@ -27,6 +27,7 @@ BIN = Path(sys.executable).parent
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}}
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # where the index and its lock go
     env.update(extra)
     return env
 
@@ -55,13 +56,14 @@ def _run_a_job(url: str) -> dict[str, object]:
     raise AssertionError(f"job {jobid} did not complete")
 
 
-def test_serve_on_the_embedded_default(tmp_path: Path) -> None:
+def test_serve_on_the_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with _running([str(BIN / "psik-api-server"), "serve", "--port", str(port)], _env(tmp_path), url):
         job = _run_a_job(url)
         jobs_dir = tmp_path / "data" / "psik_api" / "jobs"
         assert (jobs_dir / str(job["jobid"]) / "log" / "stdout.1").read_text() == "hello\n"
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # as _env gave the server
         index = default_state_dir(jobs_dir) / "index.sqlite"  # the server's own state directory
         # Other users of a login node can read neither the jobs nor who owns them.
         assert stat.S_IMODE(jobs_dir.stat().st_mode) == 0o700
@@ -135,6 +137,7 @@ def test_a_port_in_use_fails_start_up_before_anything_is_on_disk(tmp_path: Path)
     assert f"127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists(), list((tmp_path / "data").rglob("*"))
+    assert not (tmp_path / "state").exists(), list((tmp_path / "state").rglob("*"))
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o750, 0o701])
@@ -155,7 +158,7 @@ def test_a_prefix_others_can_enter_stops_start_up(tmp_path: Path, mode: int) -> 
     assert f"mode {mode:04o}" in lines[0] and f"chmod 700 {prefix}" in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
     assert stat.S_IMODE(prefix.stat().st_mode) == mode  # not "fixed" behind the user's back
-    assert not (prefix.parent / "index.sqlite").exists()
+    assert not (tmp_path / "state").exists(), list((tmp_path / "state").rglob("*"))  # no index made
 
 
 def test_uvicorn_main_app_refuses_a_group_readable_prefix(tmp_path: Path) -> None:
