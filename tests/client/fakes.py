@@ -34,9 +34,11 @@ def job_json(jobid: str = "1693992878.203", state: str = "queued", **extra: Any)
     }
 
 
-def summary_json(jobid: str, state: str = "queued", name: str | None = "hello") -> dict[str, Any]:
+def summary_json(
+    jobid: str, state: str = "queued", name: str | None = "hello", **extra: Any
+) -> dict[str, Any]:
     """A JobSummary as lists send it."""
-    job = job_json(jobid, state, name=name)
+    job = job_json(jobid, state, name=name, **extra)
     del job["spec"], job["history"]
     return job
 

@@ -125,7 +125,6 @@ def test_ls_prints_a_table_and_sends_filters(
 ) -> None:
     items = [summary_json("2.5", "failed", name="long-name"), summary_json("1.5", "failed", name=None)]
     route = server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
-    server.get(url__regex=r"/v1/jobs/[0-9.]+$").respond(200, json=job_json("2.5", "failed"))
     assert cli.main(["ls", "--state", "failed", "--state", "canceled", "--backend", "default"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED", "(UTC)", "EXIT", "NAME"]
@@ -570,16 +569,21 @@ def test_ls_says_when_there_are_more_jobs_and_all_pages_through(
 def test_ls_shows_when_a_job_ended_and_its_exit_code(
     server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    items = [summary_json("3.5", "completed"), summary_json("2.5", "failed"), summary_json("1.5", "active")]
+    items = [
+        summary_json("4.5", "completed", exit_code=0),
+        summary_json("3.5", "completed"),  # from a server older than exit codes in lists
+        summary_json("2.5", "failed", exit_code=3),
+        summary_json("1.5", "active"),
+    ]
     server.get("/v1/jobs").respond(200, json={"items": items, "next_cursor": None})
-    server.get("/v1/jobs/3.5").mock(return_value=problem(404, "not_found", "no job 3.5"))  # purged since
-    server.get("/v1/jobs/2.5").respond(200, json=job_json("2.5", "failed", exit_code=3))
     assert cli.main(["ls"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED", "(UTC)", "EXIT", "NAME"]
-    assert lines[1].split() == ["3.5", "completed", "1", "default", "2024-01-01", "00:00:00", "-", "hello"]
-    assert lines[2].split() == ["2.5", "failed", "1", "default", "2024-01-01", "00:00:00", "3", "hello"]
-    assert lines[3].split() == ["1.5", "active", "1", "default", "-", "-", "hello"]
+    assert lines[1].split() == ["4.5", "completed", "1", "default", "2024-01-01", "00:00:00", "0", "hello"]
+    assert lines[2].split() == ["3.5", "completed", "1", "default", "2024-01-01", "00:00:00", "-", "hello"]
+    assert lines[3].split() == ["2.5", "failed", "1", "default", "2024-01-01", "00:00:00", "3", "hello"]
+    assert lines[4].split() == ["1.5", "active", "1", "default", "-", "-", "hello"]
+    assert [c.request.url.path for c in server.calls] == ["/v1/jobs"]  # the list alone
 
 
 def test_cancel_and_wait_take_several_ids(

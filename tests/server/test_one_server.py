@@ -172,5 +172,5 @@ def test_the_start_claim_is_taken_once_per_run(tmp_path: Path) -> None:
     store.release_start("1.1", JobState.queued, 1, 2.0)
     assert not other.claim_start("1.1", 0)  # that run was started already
     assert not other.claim_start("1.1", 1)  # and is not final
-    store.set_state("1.1", JobState.completed, 1, 3.0)
+    store.set_state("1.1", JobState.completed, 1, 3.0, exit_code=0)
     assert other.claim_start("1.1", 1)  # a re-run of the final job

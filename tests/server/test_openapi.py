@@ -159,6 +159,9 @@ def test_list_query_parameters(doc: dict[str, Any]) -> None:
     page = op["responses"]["200"]["content"]["application/json"]["schema"]
     items = _pointer(doc, page["$ref"])["properties"]["items"]
     assert items["items"]["$ref"] == "#/components/schemas/JobSummary"
+    # A list item carries its job's exit code: no request per job to show it.
+    exit_code = doc["components"]["schemas"]["JobSummary"]["properties"]["exit_code"]
+    assert exit_code["anyOf"] == [{"type": "integer"}, {"type": "null"}]
 
 
 def test_delete_can_purge(doc: dict[str, Any]) -> None:

@@ -62,12 +62,12 @@ def test_owner_and_filters(store: JobStore) -> None:
 def test_set_state_reports_change(store: JobStore) -> None:
     store.put(_row(1))
     jobid = _row(1).jobid
-    assert store.set_state(jobid, JobState.queued, 1, 5.0)
-    assert not store.set_state(jobid, JobState.queued, 1, 5.0)
+    assert store.set_state(jobid, JobState.queued, 1, 5.0, exit_code=None)
+    assert not store.set_state(jobid, JobState.queued, 1, 5.0, exit_code=None)
     row = store.get(jobid)
     assert row is not None and (row.state, row.jobndx) == (JobState.queued, 1)
     assert [r.jobid for r in store.live()] == [jobid]
-    store.set_state(jobid, JobState.completed, 1, 6.0)
+    store.set_state(jobid, JobState.completed, 1, 6.0, exit_code=0)
     assert store.live() == []
 
 
@@ -108,9 +108,9 @@ def test_a_transaction_is_all_or_nothing(store: JobStore) -> None:
         store.put(_row(1))
         1 / 0  # noqa: B018
     assert store.get(_row(1).jobid) is None
-    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0)])  # no such row: nothing, no error
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None)])  # no such row: nothing, no error
     store.put(_row(2))
-    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0)])
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None)])
     got = store.get(_row(2).jobid)
     assert got is not None and (got.state, got.jobndx, got.updated) == (JobState.active, 1, 5.0)
 
@@ -134,8 +134,8 @@ def test_a_run_never_goes_back(store: JobStore) -> None:
     """A state read before the next run was recorded, written last, changes nothing."""
     store.put(_row(1))
     jobid = _row(1).jobid
-    assert store.set_state(jobid, JobState.queued, 2, 5.0)
-    assert not store.set_state(jobid, JobState.completed, 1, 4.0)
+    assert store.set_state(jobid, JobState.queued, 2, 5.0, exit_code=None)
+    assert not store.set_state(jobid, JobState.completed, 1, 4.0, exit_code=0)
     row = store.get(jobid)
     assert row is not None and (row.state, row.jobndx) == (JobState.queued, 2)
 

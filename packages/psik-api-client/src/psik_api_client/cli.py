@@ -360,8 +360,7 @@ def _ls(api: Client, args: argparse.Namespace) -> int:
     )
     more = limit is not None and len(jobs) > limit
     rows = [
-        [j.jobid, j.state.value, str(j.jobndx), j.backend, *_ended(api, j), j.name or "-"]
-        for j in jobs[:limit]
+        [j.jobid, j.state.value, str(j.jobndx), j.backend, *_ended(j), j.name or "-"] for j in jobs[:limit]
     ]
     _table(["JOBID", "STATE", "JOBNDX", "BACKEND", "ENDED (UTC)", "EXIT", "NAME"], rows)
     if more:
@@ -369,16 +368,13 @@ def _ls(api: Client, args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
-def _ended(api: Client, job: JobSummary) -> list[str]:
-    """When a final job ended and its exit code (``-`` for a job not final, or no code).
-    Lists do not carry exit codes: a final job's is read from the job itself."""
+def _ended(job: JobSummary) -> list[str]:
+    """When a final job ended and its exit code (``-`` for a job not final, or no code),
+    both from the list's own item: no request per job."""
     if not job.state.is_final:
         return ["-", "-"]
-    try:
-        code = api.get(job.jobid).exit_code
-    except NotFoundError:  # purged since the list was read
-        code = None
-    return [job.updated.strftime("%Y-%m-%d %H:%M:%S"), "-" if code is None else str(code)]
+    code = "-" if job.exit_code is None else str(job.exit_code)
+    return [job.updated.strftime("%Y-%m-%d %H:%M:%S"), code]
 
 
 def _get(api: Client, args: argparse.Namespace) -> int:

@@ -416,7 +416,8 @@ class Transition(_Model):
 
 
 class JobSummary(_Model):
-    """A job as lists show it (no spec, no history)."""
+    """A job as lists show it (no spec, no history). ``exit_code`` is the script's exit
+    status once the current run ended, else None (also from a server older than it)."""
 
     jobid: JobID
     name: str | None = None
@@ -426,6 +427,7 @@ class JobSummary(_Model):
     jobndx: int = 0
     created: datetime
     updated: datetime
+    exit_code: int | None = None
 
     # A notebook shows a job by its repr: pydantic's is every field (a Job's spec and
     # history: thousands of characters on one line). These say which job and how it is.
@@ -435,8 +437,8 @@ class JobSummary(_Model):
         yield "name", name
         yield "state", _Bare(self.state.value)
         yield "jobndx", self.jobndx
-        if (exit_code := getattr(self, "exit_code", None)) is not None:
-            yield "exit_code", exit_code
+        if self.exit_code is not None:
+            yield "exit_code", self.exit_code
         yield "backend", self.backend
 
     def __repr__(self) -> str:
@@ -471,12 +473,11 @@ class Job(JobSummary):
     """A job with its spec (the server never returns `cb_secret`) and full history.
 
     ``native_id`` is the backend's own id of the current run (the local process id, the
-    Slurm job id), None before it is submitted; ``exit_code`` is the script's exit status
-    once the run ended, else None.
+    Slurm job id), None before it is submitted; ``exit_code`` (as in the summary) is the
+    script's exit status once the run ended, else None.
     """
 
     native_id: str | None = None
-    exit_code: int | None = None
     spec: JobSpec
     history: list[Transition] = Field(default_factory=list)
 

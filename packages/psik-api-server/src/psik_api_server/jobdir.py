@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from psik_api_core import JobSpec, JobState, Transition, derive_state, is_jobid, utc
+from psik_api_core import JobSpec, JobState, Transition, derive_state, is_jobid, run_outcome, utc
 
 _logger = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class JobFiles:
     @property
     def state(self) -> tuple[JobState, int]:
         return derive_state(self.history)
+
+    @property
+    def exit_code(self) -> int | None:
+        """The current run's exit status once it ended (see :func:`run_outcome`)."""
+        return run_outcome(self.history)[1]
 
     @property
     def created(self) -> float:

@@ -3,7 +3,8 @@
 The job directories are the source of truth; the index (:class:`JobStore`) only makes
 lists cheap and remembers owners. :func:`reconcile` imports jobs made elsewhere (the
 psik command line), drops rows whose directory is gone, and refreshes the state of every
-non-final job. It reads only new and non-final jobs, never the whole prefix's files.
+non-final job. It reads only new and non-final jobs, never the whole prefix's files
+(and, once, the failed jobs of an index made before it kept exit codes).
 
 It also clears up after a server that died (the caller holds the prefix lock, so
 whatever a claim or an unanswered key says was being done, nobody is doing now):
@@ -51,6 +52,7 @@ def index_row(files: jobdir.JobFiles, owner: str) -> JobRow:
         jobndx=jobndx,
         created=files.created,
         updated=files.updated,
+        exit_code=files.exit_code,
     )
 
 
@@ -115,12 +117,26 @@ def reconcile(
             _logger.warning("cannot read live job %s: %s", row.jobid, e)
             continue
         state, jobndx = files.state
-        if store.set_state(row.jobid, state, jobndx, files.updated):
+        if store.set_state(row.jobid, state, jobndx, files.updated, exit_code=files.exit_code):
             done.refreshed += 1
         if not state.is_final:
             done.live.append((row.jobid, path / "status.csv"))
+    _fill_exit_codes(store, prefix)
     done.pending = [k for k in store.open_keys() if k.jobid is not None]
     return done
+
+
+def _fill_exit_codes(store: JobStore, prefix: Path) -> None:
+    """Read, once, the exit codes of the failed jobs an index made before it kept them
+    lacks (:meth:`JobStore.missing_exit_codes`); a job that cannot be read keeps none."""
+    for row in store.missing_exit_codes():
+        try:
+            files = jobdir.read_job(jobdir.job_path(prefix, row.jobid))
+        except (OSError, ValueError):
+            continue
+        state, jobndx = files.state
+        store.set_state(row.jobid, state, jobndx, files.updated, exit_code=files.exit_code)
+    store.exit_codes_filled()
 
 
 def _remove_half_created(prefix: Path, jobids: list[str], grace: float) -> set[str]:

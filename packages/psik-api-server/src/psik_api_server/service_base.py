@@ -136,10 +136,10 @@ class JobServiceBase:
         self._fill_again = False
 
     async def _on_changes(self, changes: list[Change]) -> None:
-        def states() -> Iterable[tuple[str, JobState, int, float]]:
+        def states() -> Iterable[tuple[str, JobState, int, float, int | None]]:
             for c in changes:
                 state, jobndx = derive_state(c.rows)
-                yield c.jobid, state, jobndx, max(r.time for r in c.rows)
+                yield c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1]
 
         try:
             changed = await in_thread(self.store.set_states, list(states()))
@@ -176,7 +176,9 @@ class JobServiceBase:
                 ", its processes are ended" if local else "",
             )
         if not row.state.is_final:
-            await in_thread(self.store.set_state, jobid, JobState.failed, row.jobndx, self.clock())
+            await in_thread(
+                self.store.set_state, jobid, JobState.failed, row.jobndx, self.clock(), exit_code=None
+            )
         if local:
             await self.backend.end_processes(jobid, row.jobndx, runner_pid(list(rows)))
         self._fill_slots()
@@ -223,7 +225,7 @@ class JobServiceBase:
             return None
         state, jobndx = files.state
         try:
-            if self.store.set_state(jobid, state, jobndx, files.updated):
+            if self.store.set_state(jobid, state, jobndx, files.updated, exit_code=files.exit_code):
                 self.disk.cleared(INDEX)
         except (sqlite3.Error, OSError) as e:
             if strict:
@@ -241,7 +243,7 @@ class JobServiceBase:
             self.store.release_start(jobid)
             return
         state, jobndx = files.state
-        self.store.release_start(jobid, state, jobndx, files.updated)
+        self.store.release_start(jobid, state, jobndx, files.updated, files.exit_code)
 
     def _owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
         """``_owned`` and ``_refresh`` in one go; 404 if the directory is unreadable,

@@ -9,6 +9,10 @@ processes sharing the file: taking a key (``claim_key``), taking a job's start
 (``claim_start``), and a state that only moves forward (``set_state`` never goes back
 to an earlier run).
 
+Each row also keeps its current run's exit code (``exit_code``, as :func:`run_outcome`
+reads it from the history), recorded with the state from the same read, so a list page
+carries it without reading any job directory.
+
 Every method is blocking: the JobService calls them from worker threads (one hop per
 request), never on the event loop. One connection serves all threads, behind a lock;
 SQLite's WAL mode lets several server processes share one index.
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     jobndx  INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    claim   TEXT  -- 'start' while a request submits the job (see claim_start)
+    claim   TEXT, -- 'start' while a request submits the job (see claim_start)
+    exit_code INTEGER  -- the current run's exit status once it ended (run_outcome), else NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (owner, state, created DESC, jobid DESC);
@@ -65,13 +70,18 @@ CREATE TABLE IF NOT EXISTS idempotency (
 #: Columns added since the first release: an older index gets them at open. Rows it
 #: already has were settled when they got their job (the old servers settled at once).
 _ADDED = {
-    "jobs": {"claim": "TEXT"},
+    "jobs": {"claim": "TEXT", "exit_code": "INTEGER"},
     "idempotency": {
         "settled": "INTEGER NOT NULL DEFAULT 1",
         "submit": "INTEGER NOT NULL DEFAULT 0",
         "fingerprint": "TEXT",
     },
 }
+
+#: ``PRAGMA user_version`` of an index whose every row has its exit code. An older one
+#: (0) has none: a ``completed`` row's is 0, filled at open; a ``failed`` row's is in
+#: its job's history, read once by ``reconcile`` (see :meth:`JobStore.missing_exit_codes`).
+_EXIT_CODES_VERSION = 1
 
 
 class CorruptIndex(sqlite3.DatabaseError):
@@ -97,6 +107,7 @@ class JobRow:
     jobndx: int
     created: float
     updated: float
+    exit_code: int | None = None
 
     def summary(self) -> JobSummary:
         return JobSummary(
@@ -108,6 +119,7 @@ class JobRow:
             jobndx=self.jobndx,
             created=utc(self.created),
             updated=utc(self.updated),
+            exit_code=self.exit_code,
         )
 
 
@@ -145,14 +157,14 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise BadCursor("not a cursor from this server; pass next_cursor back unchanged") from e
 
 
-_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated"
+_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated, exit_code"
 
 
 #: :meth:`JobStore.lookup`'s query: the row of a job id, or the same columns blank.
 _LOOKUP = (
     "SELECT j.jobid IS NOT NULL, COALESCE(j.jobid, ?), COALESCE(j.backend, ''), COALESCE(j.owner, ''), "
     "j.name, COALESCE(j.state, 'new'), COALESCE(j.jobndx, 0), COALESCE(j.created, 0.0), "
-    "COALESCE(j.updated, 0.0) FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
+    "COALESCE(j.updated, 0.0), j.exit_code FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
 )
 
 
@@ -166,6 +178,7 @@ def _row(r: Sequence[object]) -> JobRow:
         jobndx=int(r[5]),  # type: ignore[call-overload]
         created=float(r[6]),  # type: ignore[arg-type]
         updated=float(r[7]),  # type: ignore[arg-type]
+        exit_code=None if r[8] is None else int(r[8]),  # type: ignore[call-overload]
     )
 
 
@@ -203,8 +216,10 @@ class JobStore:
                 if verdict != "ok":
                     found = " ".join(str(verdict).split())[:200]  # SQLite's report spans lines
                     raise CorruptIndex(f"database disk image is malformed: {found}")
+                fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
                 conn.executescript(_SCHEMA)
                 _add_columns(conn)
+                _fill_exit_codes(conn, fresh)
             except CorruptIndex:
                 conn.close()
                 raise
@@ -272,13 +287,14 @@ class JobStore:
                         db.execute("ROLLBACK")
                 raise
 
-    def set_states(self, changes: Iterable[tuple[str, JobState, int, float]]) -> int:
-        """Several :meth:`set_state` calls in one transaction; how many rows changed.
-        All or nothing: on an error (a full disk: SQLITE_FULL) none is recorded."""
+    def set_states(self, changes: Iterable[tuple[str, JobState, int, float, int | None]]) -> int:
+        """Several :meth:`set_state` calls in one transaction, each ``(jobid, state,
+        jobndx, updated, exit_code)``; how many rows changed. All or nothing: on an error
+        (a full disk: SQLITE_FULL) none is recorded."""
         changed = 0
         with self.transaction():
-            for jobid, state, jobndx, updated in changes:
-                changed += self.set_state(jobid, state, jobndx, updated)
+            for jobid, state, jobndx, updated, exit_code in changes:
+                changed += self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
         return changed
 
     # ---- jobs ----
@@ -287,7 +303,7 @@ class JobStore:
         """Insert or replace the row of ``row.jobid``; ``claim``: born with its start
         claimed (see :meth:`claim_start`) by the request that creates and submits it."""
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.jobid,
                 row.backend,
@@ -297,6 +313,7 @@ class JobStore:
                 row.jobndx,
                 row.created,
                 row.updated,
+                row.exit_code,
                 "start" if claim else None,
             ),
         )
@@ -315,14 +332,19 @@ class JobStore:
         r = cur.fetchone()
         return bool(r[0]), _row(r[1:])
 
-    def set_state(self, jobid: str, state: JobState, jobndx: int, updated: float) -> bool:
-        """Record a job's derived state; True if anything changed. A state read before
-        a later run was recorded (an older read finishing last) changes nothing: runs
-        only ever go forward, and a start claim relies on it."""
+    def set_state(
+        self, jobid: str, state: JobState, jobndx: int, updated: float, *, exit_code: int | None
+    ) -> bool:
+        """Record a job's derived state and its run's ``exit_code`` (None while it runs
+        or when it has none: a new run clears the last one's), both from the same read
+        of its history; True if anything changed. A state read before a later run was
+        recorded (an older read finishing last) changes nothing: runs only ever go
+        forward, and a start claim relies on it."""
         cur = self._db.execute(
-            "UPDATE jobs SET state = ?, jobndx = ?, updated = ? "
-            "WHERE jobid = ? AND jobndx <= ? AND (state != ? OR jobndx != ? OR updated != ?)",
-            (state.value, jobndx, updated, jobid, jobndx, state.value, jobndx, updated),
+            "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ? "
+            "WHERE jobid = ? AND jobndx <= ? "
+            "AND (state != ? OR jobndx != ? OR updated != ? OR exit_code IS NOT ?)",
+            (state.value, jobndx, updated, exit_code, jobid, jobndx, state.value, jobndx, updated, exit_code),
         )
         return cur.rowcount > 0
 
@@ -340,13 +362,19 @@ class JobStore:
         return cur.rowcount > 0
 
     def release_start(
-        self, jobid: str, state: JobState | None = None, jobndx: int = 0, updated: float = 0.0
+        self,
+        jobid: str,
+        state: JobState | None = None,
+        jobndx: int = 0,
+        updated: float = 0.0,
+        exit_code: int | None = None,
     ) -> None:
-        """Give the claim back, recording the state the start left (one step, so no
-        other start sees the job startable between the two); ``state`` None: unknown."""
+        """Give the claim back, recording the state (and exit code) the start left (one
+        step, so no other start sees the job startable between the two); ``state``
+        None: unknown."""
         with self.transaction():
             if state is not None:
-                self.set_state(jobid, state, jobndx, updated)
+                self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
             self._db.execute("UPDATE jobs SET claim = NULL WHERE jobid = ?", (jobid,))
 
     def claimed(self, jobid: str) -> bool:
@@ -368,6 +396,18 @@ class JobStore:
         """Jobs that are not final (the watcher follows these)."""
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('new', 'queued', 'active')")
         return [_row(r) for r in cur]
+
+    def missing_exit_codes(self) -> builtins.list[JobRow]:  # `list` here is the method below
+        """The ``failed`` jobs of an index made before rows had exit codes, whose code
+        is in their history (see :meth:`exit_codes_filled`); none once that was done."""
+        if int(self._db.execute("PRAGMA user_version").fetchone()[0]) >= _EXIT_CODES_VERSION:
+            return []
+        cur = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state = 'failed' AND exit_code IS NULL")
+        return [_row(r) for r in cur]
+
+    def exit_codes_filled(self) -> None:
+        """Every row has its exit code now: :meth:`missing_exit_codes` has no more."""
+        self._db.execute(f"PRAGMA user_version = {_EXIT_CODES_VERSION}")
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM jobs").fetchone()[0])
@@ -499,6 +539,18 @@ def _add_columns(conn: sqlite3.Connection) -> None:
                 except sqlite3.OperationalError as e:  # another process added it just now
                     if "duplicate column" not in str(e):
                         raise
+
+
+def _fill_exit_codes(conn: sqlite3.Connection, fresh: bool) -> None:
+    """Exit codes an index older than them lacks and SQL alone can tell: 0 for every
+    ``completed`` row. A ``failed`` row's is left for ``reconcile`` (its history says);
+    a new index has nothing to fill."""
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= _EXIT_CODES_VERSION:
+        return
+    if fresh:
+        conn.execute(f"PRAGMA user_version = {_EXIT_CODES_VERSION}")
+        return
+    conn.execute("UPDATE jobs SET exit_code = 0 WHERE state = 'completed' AND exit_code IS NULL")
 
 
 class _Locked:
