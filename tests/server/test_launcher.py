@@ -103,3 +103,22 @@ async def test_the_launcher_log_is_owner_only(tmp_path: Path) -> None:
     finally:
         await fresh.aclose()
     assert os.stat(tmp_path / "new").st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+async def test_a_launcher_log_planted_as_a_link_or_fifo_is_refused(tmp_path: Path, planted: str) -> None:
+    """Neither written through (a link to a file of the attacker's choosing) nor waited on
+    (a FIFO with no reader would hold the start for ever)."""
+    target = tmp_path / "elsewhere"
+    log = tmp_path / "launcher.log"
+    if planted == "symlink":
+        log.symlink_to(target)
+    else:
+        os.mkfifo(log)
+    launcher = LocalLauncher(log)
+    try:
+        with anyio.fail_after(10), pytest.raises(OSError):
+            await launcher.start()
+    finally:
+        await launcher.aclose()
+    assert not target.exists()

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -49,7 +51,14 @@ def _open_log(path: Path | None) -> IO[bytes] | int:
     if path is None:
         return asyncio.subprocess.DEVNULL
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Never through a link, nor onto a FIFO (start-up checks the state directory, but a
+    # name planted after that check must not send the log elsewhere or hang the open).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "the launcher's log is not a regular file", str(path))
+    os.set_blocking(fd, True)
     try:
         os.fchmod(fd, 0o600)  # a log an older version left readable by others
     except OSError as e:
