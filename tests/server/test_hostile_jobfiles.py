@@ -331,3 +331,72 @@ async def test_one_unwritable_status_file_does_not_stop_failure_detection(
         finally:
             if os.geteuid() == 0:
                 _immutable(blocked, False)
+
+
+# ---- rows of status.csv that lie ----
+
+#: Rows well formed enough to split, with a time or run number nothing can hold: a
+#: datetime out of range, NaN, a run number past SQLite's INTEGER.
+LYING_ROWS = [
+    "1e400,1,completed,",
+    "nan,1,completed,",
+    "-1e300,1,completed,",
+    "99999999999999,1,completed,",
+    "1796664976.1,99999999999999999999999,completed,",
+]
+
+
+@pytest.mark.parametrize("row", LYING_ROWS)
+async def test_a_status_row_out_of_range_is_malformed_not_a_500(hostile: Settings, row: str) -> None:
+    async with serving(hostile) as http:
+        script = f"while [ ! -e go ]; do sleep 0.02; done; echo '{row}' >> ../status.csv; touch broken"
+        r = await _call(http, "POST", "/v1/jobs", json={"script": script})
+        assert r.status_code == 201, r.text
+        jobid = r.json()["jobid"]
+        (hostile.prefix / jobid / "work" / "go").touch()
+        await _wait_for(hostile.prefix / jobid / "work" / "broken")
+        assert await _wait_state(http, jobid, {"completed", "failed"}) == "completed"  # its real end
+        for url in (f"/v1/jobs/{jobid}", "/v1/jobs", f"/v1/jobs?id={jobid}"):
+            r = await _call(http, "GET", url)
+            assert r.status_code == 200, r.text
+        await _others_work(http)
+    # A restart reads the row again (start-up import and refresh): it starts.
+    async with serving(hostile) as http:
+        assert (await _call(http, "GET", f"/v1/jobs/{jobid}")).status_code == 200
+        r = await _call(http, "DELETE", f"/v1/jobs/{jobid}", params={"purge": "true"})
+        assert r.status_code == 204, r.text
+
+
+async def test_rows_that_lie_written_while_no_server_ran_do_not_stop_start_up(hostile: Settings) -> None:
+    async with serving(hostile) as http:
+        r = await _call(http, "POST", "/v1/jobs", json={"script": "true"})
+        jobid = r.json()["jobid"]
+        assert await _wait_state(http, jobid, {"completed", "failed"}) == "completed"
+    with (hostile.prefix / jobid / "status.csv").open("a") as f:
+        f.write("".join(row + "\n" for row in LYING_ROWS))
+    hostile.database.unlink()  # and the index is rebuilt from the directories
+    async with serving(hostile) as http:
+        r = await _call(http, "GET", f"/v1/jobs/{jobid}")
+        assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+        await _others_work(http)
+
+
+# ---- spec.json that is no spec ----
+
+
+@pytest.mark.parametrize("junk", ["garbage", "{}", "null", "[" * 200_000])
+async def test_a_job_whose_spec_is_junk_answers_its_own_problem_and_can_be_purged(
+    hostile: Settings, junk: str
+) -> None:
+    async with serving(hostile) as http:
+        r = await _call(http, "POST", "/v1/jobs", json={"script": "while [ ! -e go ]; do sleep 0.02; done"})
+        jobid = r.json()["jobid"]
+        assert await _wait_state(http, jobid, {"active"}) == "active"
+        (hostile.prefix / jobid / "work" / "go").touch()
+        assert await _wait_state(http, jobid, {"completed", "failed"}) == "completed"
+        (hostile.prefix / jobid / "spec.json").write_text(junk)
+        _is_job_files_invalid(await _call(http, "GET", f"/v1/jobs/{jobid}"), jobid, "spec.json")
+        await _others_work(http)
+        r = await _call(http, "DELETE", f"/v1/jobs/{jobid}", params={"purge": "true"})
+        assert r.status_code == 204, r.text
+        assert not (hostile.prefix / jobid).exists()

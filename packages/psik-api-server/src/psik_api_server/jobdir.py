@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -46,24 +47,41 @@ class Row:
         return Transition(time=utc(self.time), jobndx=self.jobndx, state=self.state, info=self.info)
 
 
+#: The bounds of a row's time (the UNIX epoch to the end of year 9999, what a datetime
+#: holds) and run number (what SQLite's INTEGER and every client hold). A job can write
+#: its own status.csv: a row outside them is malformed, not a 500 on every read.
+MAX_ROW_TIME = 253402300799.0
+MAX_JOBNDX = 2**31 - 1
+
+
+def _row(line: str) -> Row:
+    parts = line.rstrip("\r\n").split(",", 3)
+    if len(parts) < 3:
+        raise ValueError("fewer than 3 fields")
+    time_, jobndx = float(parts[0]), int(parts[1])
+    if not 0.0 <= time_ <= MAX_ROW_TIME:  # NaN and the infinities fail this too
+        raise ValueError(f"time {parts[0][:40]!r} out of range")
+    if not 0 <= jobndx <= MAX_JOBNDX:
+        raise ValueError(f"run number {parts[1][:40]!r} out of range")
+    return Row(time=time_, jobndx=jobndx, state=JobState(parts[2]), info=parts[3] if len(parts) > 3 else "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _warn_malformed(where: str, line: str, why: str) -> None:
+    """Once per job and row (a job's file is read again on every request), bounded."""
+    _logger.warning("%s: skipping malformed status row %r (%s)", where, line, why)
+
+
 def parse_rows(text: str, where: str = "") -> list[Row]:
     """Rows from (complete lines of) status.csv text; malformed rows are skipped."""
     rows: list[Row] = []
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.rstrip("\r\n").split(",", 3)
         try:
-            rows.append(
-                Row(
-                    time=float(parts[0]),
-                    jobndx=int(parts[1]),
-                    state=JobState(parts[2]),
-                    info=parts[3] if len(parts) > 3 else "",
-                )
-            )
-        except (ValueError, IndexError):
-            _logger.warning("%s: skipping malformed status row %r", where, line[:200])
+            rows.append(_row(line))
+        except ValueError as e:
+            _warn_malformed(where, line[:200], str(e))
     return rows
 
 
@@ -161,7 +179,13 @@ def read_history(base: Path) -> list[Row]:
 
 
 def read_spec(base: Path) -> JobSpec:
-    return JobSpec.model_validate_json(read_job_file(base, "spec.json", MAX_SPEC))
+    """The job's spec.json; :class:`JobFileInvalid` if it is no job spec (a job can
+    rewrite it: its own problem, answered as such, never a 404 or a 500)."""
+    raw = read_job_file(base, "spec.json", MAX_SPEC)
+    try:
+        return JobSpec.model_validate_json(raw)
+    except (ValueError, RecursionError) as e:
+        raise JobFileInvalid(base, "spec.json", "is not a job spec psik wrote") from e
 
 
 @dataclass(frozen=True)
