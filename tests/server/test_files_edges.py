@@ -5,6 +5,7 @@ is not a file to read (404, as a FIFO), never a 500."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -143,3 +144,28 @@ async def test_a_control_character_in_a_path_is_refused_saying_so(wire: httpx.As
         assert r.status_code == 400, (method, path, r.status_code, r.text)
         assert r.json()["code"] == "invalid_path" and "control character" in r.json()["detail"], r.text
     assert not work.exists() or list(work.iterdir()) == []
+
+
+# ---- names a job's program made that no path can carry ----
+
+
+async def test_names_no_path_can_carry_are_left_out_of_listings_and_counted(wire: httpx.AsyncClient) -> None:
+    """A job's program may make any name: bytes that are not UTF-8 (JSON cannot carry
+    them: a 500 before) and control characters (listed, yet every path naming them is
+    refused). Listings leave them out and say how many."""
+    jobid, work = await _new_job(wire)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "good.txt").write_bytes(b"ok")
+    for raw in (b"bad\xff.txt", b"new\nline", b"tab\tbed", b"back\\slash"):
+        (work / os.fsdecode(raw)).write_bytes(b"x")
+    sub = work / os.fsdecode(b"dir\xfe")
+    sub.mkdir()
+    (sub / "inner.txt").write_bytes(b"y")
+    r = await wire.get(f"/v1/jobs/{jobid}/files")
+    assert r.status_code == 200, r.text
+    listing = r.json()
+    assert [e["path"] for e in listing["entries"]] == ["good.txt"]
+    assert listing["unlisted"] == 5
+    r = await wire.get(f"/v1/jobs/{jobid}/files", params={"recursive": "true"})
+    assert r.status_code == 200, r.text
+    assert [e["path"] for e in r.json()["entries"]] == ["good.txt"] and r.json()["unlisted"] == 5

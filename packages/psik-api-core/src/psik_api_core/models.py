@@ -527,11 +527,15 @@ class FileInfo(_Model):
 class FileListing(_Model):
     """A directory of a job's files (``path`` relative, ``""`` for the root), its
     entries sorted by path. ``truncated``: there were more entries than the server
-    lists at once (``LIMITS.max_list_entries``); the rest are left out."""
+    lists at once (``LIMITS.max_list_entries``); the rest are left out. ``unlisted``:
+    entries whose names no path can carry (bytes that are not UTF-8, control
+    characters, a backslash), which a job's program may make, left out (and, in a
+    recursive listing, not walked into)."""
 
     path: str
     entries: list[FileInfo]
     truncated: bool = False
+    unlisted: int = 0
 
 
 class FieldError(_Model):

@@ -125,10 +125,10 @@ class FileService:
                 raise jobfiles.not_found(shown, jobid) from None
         try:
             if stat.S_ISDIR(st.st_mode):
-                entries, truncated = jobfiles.list_dir(
+                entries, truncated, unlisted = jobfiles.list_dir(
                     fd, shown, recursive=recursive, limit=LIMITS.max_list_entries
                 )
-                return FileListing(path=shown, entries=entries, truncated=truncated)
+                return FileListing(path=shown, entries=entries, truncated=truncated, unlisted=unlisted)
             if not stat.S_ISREG(st.st_mode):
                 raise ApiError(
                     ProblemCode.not_found,

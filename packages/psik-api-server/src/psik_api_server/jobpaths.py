@@ -381,20 +381,37 @@ def file_info(path: str, st: os.stat_result) -> FileInfo:
     )
 
 
-def list_dir(fd: int, path: str, *, recursive: bool, limit: int) -> tuple[list[FileInfo], bool]:
+def nameable(name: str) -> bool:
+    """Whether a path of the API can name this entry: UTF-8 (a name of other bytes has
+    surrogates here, which JSON cannot carry) and free of control characters, which
+    :func:`split_path` refuses. A job's program may make any name; one that no path
+    can name is left out of listings (and counted) rather than listed unreachable."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\\" not in name and not _CONTROL.search(name)
+
+
+def list_dir(fd: int, path: str, *, recursive: bool, limit: int) -> tuple[list[FileInfo], bool, int]:
     """The entries of the directory ``fd`` (named under ``path``), sorted by path, at
-    most ``limit`` of them (and whether some were left out). Recursive listings walk
-    subdirectories by descriptor and never follow a symlink."""
+    most ``limit`` of them (and whether some were left out), and how many entries no
+    path can name were left out (:func:`nameable`: not walked into either). Recursive
+    listings walk subdirectories by descriptor and never follow a symlink."""
     found: list[FileInfo] = []
     truncated = False
+    unlisted = 0
 
     def visit(dfd: int, rel: str, depth: int) -> None:
-        nonlocal truncated
+        nonlocal truncated, unlisted
         with os.scandir(dfd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
             if entry.name.startswith(TEMP_PREFIX):
                 continue  # an upload in progress (or left by a server killed during one)
+            if not nameable(entry.name):
+                unlisted += 1
+                continue
             if len(found) >= limit:
                 truncated = True
                 return
@@ -421,4 +438,4 @@ def list_dir(fd: int, path: str, *, recursive: bool, limit: int) -> tuple[list[F
 
     visit(fd, path, 0)
     found.sort(key=lambda f: f.path)
-    return found, truncated
+    return found, truncated, unlisted
