@@ -67,7 +67,7 @@ async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings
         service = app.state.service
         no_proc = tmp_path / "no-proc"
         no_proc.mkdir()
-        assert vanished_jobs(service.store, service.backend.prefix, {"default"}, proc=no_proc) == []
+        assert vanished_jobs(service.store.live(), service.backend.prefix, proc=no_proc) == []
         os.kill(pid, signal.SIGKILL)  # psik's job process dies without writing a row
         os.kill(int((workdir / "script.pid").read_text()), signal.SIGKILL)
         with anyio.fail_after(20):

@@ -24,6 +24,7 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
 from . import __version__, statedir
 from .backend import PsikBackend
+from .backends import driver_class
 from .certnames import ClientNames, find_config
 from .docs import docs_html
 from .errors import StartupError
@@ -110,7 +111,7 @@ def create_app(
                     await in_thread(tokens.load)
                 if client_names is not None:
                     await in_thread(client_names.load)
-                    if any(b.type == "local" for b in settings.backends.values()):
+                    if any(driver_class(b.type).runs_here for b in settings.backends.values()):
                         _logger.warning(
                             "authz: token with a local backend: every user's jobs run as this "
                             "server's Unix user and can read its files, the token key included; "

@@ -20,7 +20,7 @@ from psik_api_core import Job, JobSpec, JobState, Principal, ProblemCode, field_
 
 from . import jobdir
 from .aio import in_thread
-from .backend import UNAVAILABLE_INFO
+from .backends import UNAVAILABLE_INFO
 from .callbacks import CallbackRecord
 from .diskfull import INDEX, PREFIX, is_disk_full
 from .errors import ApiError

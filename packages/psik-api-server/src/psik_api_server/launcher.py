@@ -256,31 +256,29 @@ def _post_detached(send: Any, jobid: str, jobndx: int, state: Any, info: str) ->
 
 
 def _serve(requests: IO[str], replies: IO[str]) -> None:
-    from psik.job import Job  # imported once, here, not in the server's process
-
+    # psik imported once, here, not in the server's process
+    from .backends._psik_job import open_job
     from .callbacks import psik_sender
 
     launcher_pid = os.getpid()
     _contain_forks(launcher_pid)
 
+    async def send_callback(job: Any, jobndx: int, state: Any, info: str) -> bool:
+        send = psik_sender(job)  # psik's own trusts the environment (netrc, proxies)
+        if os.getpid() != launcher_pid:  # in the job's own process, psik's way
+            return bool(await send(jobndx, state, info))
+        # psik awaits the `queued` callback inside submit() (aiohttp: up to 5 min);
+        # a slow callback URL must not hold up everyone else's submits.
+        _post_detached(send, job.stamp, jobndx, state, info)
+        return True
+
     async def submit(base: str, run: int | None) -> tuple[int, str]:
         # psik's plain opens would wait for ever on a FIFO the job put there, and with
         # them every later submit: its files are checked first (JobFileInvalid).
         check_job_files(Path(base))
-        job = await Job(base)
+        job = await open_job(base, send_callback)
         if run is not None:
             forget_slot_wait(job, run)
-        send = psik_sender(job)  # psik's own trusts the environment (netrc, proxies)
-
-        async def send_callback(jobndx: int, state: Any, info: str) -> bool:
-            if os.getpid() != launcher_pid:  # in the job's own process, psik's way
-                return bool(await send(jobndx, state, info))
-            # psik awaits the `queued` callback inside submit() (aiohttp: up to 5 min);
-            # a slow callback URL must not hold up everyone else's submits.
-            _post_detached(send, job.stamp, jobndx, state, info)
-            return True
-
-        job.send_callback = send_callback
         jobndx, native_id = await job.submit()
         return int(jobndx), str(native_id)
 

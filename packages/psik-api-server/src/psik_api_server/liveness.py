@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from psik_api_core import JobState, derive_state
 
 from . import jobdir
 from .proctree import PROC, boot_time, has_proc, parse_stat
-from .store import JobStore
+from .store import JobRow
 
 __all__ = [
     "PROC",
@@ -113,14 +114,18 @@ class Vanished:
     def reason(self) -> str:
         return f"process {self.pid} ended without recording an end state (killed, or the machine restarted)"
 
+    def overrules_end(self, files: jobdir.JobFiles) -> bool:
+        """Never: an end the job recorded since stands."""
+        return False
 
-def vanished_jobs(store: JobStore, prefix: Path, is_local: set[str], *, proc: Path = PROC) -> list[Vanished]:
-    """The non-final jobs on the ``is_local`` backends whose process is gone. Blocking
-    (reads the index, each job's status and ``/proc``): run it in a worker thread. A job
+
+def vanished_jobs(rows: Iterable[JobRow], prefix: Path, *, proc: Path = PROC) -> list[Vanished]:
+    """Of ``rows`` (index rows of non-final local jobs), the jobs whose process is gone.
+    Blocking (reads each job's status and ``/proc``): run it in a worker thread. A job
     that cannot be read is skipped, never failed."""
     gone: list[Vanished] = []
-    for row in store.live():
-        if row.backend not in is_local or row.jobndx == 0:
+    for row in rows:
+        if row.jobndx == 0:
             continue
         try:
             pid = local_pid(jobdir.read_job(jobdir.job_path(prefix, row.jobid)))

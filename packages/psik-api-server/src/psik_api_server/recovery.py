@@ -28,10 +28,8 @@ from .aio import in_thread
 from .errors import StartupError
 from .jobdir import JobFileInvalid
 from .jobpaths import TEMP_PREFIX
-from .liveness import Vanished, vanished_jobs
 from .reconcile import Reconciled, reconcile
 from .service_base import JobServiceBase
-from .slurm_liveness import Ended, claimed_ends, overrules, slurm_jobs
 from .store import CorruptIndex, OpenKey
 
 _logger = logging.getLogger(__name__)
@@ -231,27 +229,17 @@ class Recovery(JobServiceBase):
             await asyncio.sleep(self.liveness_interval)
 
     async def check_liveness(self) -> list[str]:
-        """Record ``failed`` for every non-final local job whose process is gone
-        without a final row (see ``liveness``), and every Slurm job Slurm has ended or
-        forgotten without one (see ``slurm_liveness``); returns their ids."""
-        local = {name for name in self.backend.settings if self.backend.is_local(name)}
+        """Record ``failed`` for every non-final job its backend's driver finds ended
+        without a final row (a local job whose process is gone, see ``liveness``; a Slurm
+        job Slurm has ended or forgotten, see ``slurm_liveness``); returns their ids."""
         gone: list[str] = []
-        found: list[Vanished | Ended] = []
-        found += await in_thread(vanished_jobs, self.store, self.backend.prefix, local)
-        scheduled = {
-            n for n, c in self.backend.settings.items() if c.type == "slurm" and self.backend.usable(n)
-        }
-        if scheduled:
-            jobs = await in_thread(slurm_jobs, self.store, self.backend.prefix, scheduled)
-            # Those that ended by a row of their own since: Slurm's view is trusted over it.
-            claimed = await in_thread(claimed_ends, self.backend.prefix, self._slurm_liveness.left(jobs))
-            found += await self._slurm_liveness.check(jobs, claimed)
+        found = await self.backend.vanished(await in_thread(self.store.live))
         for job in found:
             # Each job on its own: one whose status.csv cannot be written (the job made it
             # so) must not stop the others being decided in this round.
             async with self._lock(job.jobid):
                 files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
-                if files is None or (files.state[0].is_final and not overrules(job, files)):
+                if files is None or (files.state[0].is_final and not job.overrules_end(files)):
                     continue
                 try:
                     await self.backend.record_failure(job.jobid, files.state[1], job.reason)

@@ -28,20 +28,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .backends import AttributeRefused
+
 #: Backend attributes psik itself reads; never sbatch options.
 PSIK_ATTRIBUTES = frozenset({"psik_python"})
 
 #: The longest attribute value sbatch is given.
 MAX_VALUE = 1024
-
-
-class AttributeRefused(ValueError):
-    """An attribute sbatch must not get: ``name`` is the attribute, ``why`` the reason."""
-
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"attribute {name[:100]!r} {why}")
-        self.name = name
-        self.why = why
 
 
 @dataclass(frozen=True)

@@ -60,13 +60,13 @@ from psik_api_core import (
 
 from . import jobdir
 from .aio import in_thread
-from .backend import CancelUnavailable, one_line
+from .backend import one_line
+from .backends import AttributeRefused, CancelUnavailable
 from .callbacks import CallbackRecord, split_spec
 from .errors import ApiError
 from .idempotency import STALE_CLAIM_SECONDS, IdempotentCreates, body_hash
 from .jobdir import JobFileInvalid
 from .recovery import Recovery
-from .sbatch_options import AttributeRefused, sbatch_options
 from .service_base import JobFilesInvalid
 from .store import BadCursor
 
@@ -139,15 +139,15 @@ class JobService(Recovery, IdempotentCreates):
                 f"no backend {spec.backend!r}; configured: " + ", ".join(sorted(self.backend.settings)),
                 errors=[field_error(["body", "backend"], "not a configured backend")],
             )
-        if self.backend.settings[spec.backend].type == "slurm":
-            try:
-                sbatch_options(spec.attributes)  # refused before anything is made or submitted
-            except AttributeRefused as e:
-                raise ApiError(
-                    ProblemCode.validation_error,
-                    str(e),
-                    errors=[field_error(["body", "attributes", e.name], e.why)],
-                ) from None
+        try:
+            # Refused before anything is made or submitted (a Slurm backend: sbatch's allow-list).
+            self.backend.check_attributes(spec.backend, spec.attributes)
+        except AttributeRefused as e:
+            raise ApiError(
+                ProblemCode.validation_error,
+                str(e),
+                errors=[field_error(["body", "attributes", e.name], e.why)],
+            ) from None
         if not self.backend.usable(spec.backend):
             raise ApiError(
                 ProblemCode.backend_unavailable,

@@ -41,7 +41,6 @@ from .errors import ApiError
 from .jobdir import JobFileInvalid
 from .liveness import runner_pid
 from .slots import JobSlots
-from .slurm_liveness import SlurmLiveness
 from .speclimits import SpecLimits
 from .store import JobRow, JobStore
 from .watcher import Change, StatusWatcher
@@ -121,7 +120,6 @@ class JobServiceBase:
         # Removing the temporary files of cut-short uploads, at start-up (see .recovery).
         self._uploads: asyncio.Task[None] | None = None
         self._uploads_stop = threading.Event()
-        self._slurm_liveness = SlurmLiveness()
         # One lock per job being started/cancelled/purged; weak, so that locks of jobs
         # nobody is touching do not pile up in a long-running server.
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()

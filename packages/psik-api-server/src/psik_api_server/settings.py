@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .sbatch_options import sbatch_options
+from .backends import driver_class
 
 CONFIG_ENV = "PSIK_API_CONFIG"
 
@@ -51,11 +51,11 @@ class BackendSettings(BaseModel):
     max_running: int | None = Field(default=None, ge=1, le=100_000)
 
     @model_validator(mode="after")
-    def _attributes_sbatch_may_take(self) -> BackendSettings:
-        # Merged into every job's attributes: a Slurm backend's must pass the same allow-
-        # list (AttributeRefused is a ValueError: start-up stops naming the attribute).
-        if self.type == "slurm":
-            sbatch_options(self.attributes)
+    def _attributes_the_backend_may_take(self) -> BackendSettings:
+        # Merged into every job's attributes: a backend's must pass the check each job's
+        # do (a Slurm backend's: sbatch's allow-list). AttributeRefused is a ValueError:
+        # start-up stops naming the attribute.
+        driver_class(self.type).check_attributes(self.attributes)
         return self
 
     def psik_fields(self) -> dict[str, Any]:
@@ -66,7 +66,7 @@ class BackendSettings(BaseModel):
         """How many of this backend's jobs may run at once; None: no cap."""
         if self.max_running is not None:
             return self.max_running
-        return (os.cpu_count() or 1) if self.type == "local" else None
+        return driver_class(self.type).default_slots()
 
 
 def default_data_dir() -> Path:

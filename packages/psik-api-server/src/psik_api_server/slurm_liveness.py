@@ -24,7 +24,7 @@ row and go on running. Slurm's view is trusted over it: a job followed here (see
 at a check) whose history then says it ended stays followed while squeue shows it
 pending or running. The index shows the row the job wrote meanwhile (it mirrors the
 status file, and a ``completed`` psik wrote before a slow callback is no lie); cancel
-still ``scancel``s it (see ``PsikBackend.still_scheduled``). Once Slurm ends it, a
+still ``scancel``s it (see ``SlurmDriver.still_scheduled``). Once Slurm ends it, a
 ``completed`` that Slurm contradicts (the job ended FAILED, TIMEOUT, CANCELLED outside
 psik-api, NODE_FAIL...) is overruled: ``failed`` with what Slurm said, in a row marked
 ``OVERRULED_INFO`` that wins over the job's own. A ``failed`` the job wrote stands (its
@@ -44,18 +44,23 @@ from pathlib import Path
 from psik_api_core import OVERRULED_INFO, JobState
 
 from . import jobdir, slurm
-from .store import JobStore
+from .store import JobRow
 
 
 @dataclass(frozen=True)
 class Ended:
     """A non-final job whose Slurm job is over; ``reason`` says what Slurm said.
     ``overrules``: the job recorded an end Slurm contradicts (``reason`` starts with
-    ``OVERRULED_INFO``), see :func:`overrules`."""
+    ``OVERRULED_INFO``), see :meth:`overrules_end`."""
 
     jobid: str
     reason: str
     overrules: bool = False
+
+    def overrules_end(self, files: jobdir.JobFiles) -> bool:
+        """Whether it is recorded over the end ``files`` show: it overrules, while that
+        end is still the job's own."""
+        return self.overrules and claimed_end(files) is not None
 
 
 @dataclass(frozen=True)
@@ -65,12 +70,6 @@ class Claimed:
 
     nid: str
     state: JobState
-
-
-def overrules(found: object, files: jobdir.JobFiles) -> bool:
-    """Whether ``found`` (a liveness finding) is recorded over the end ``files`` show:
-    an :class:`Ended` that overrules, while that end is still the job's own."""
-    return isinstance(found, Ended) and found.overrules and claimed_end(files) is not None
 
 
 def native_id(files: jobdir.JobFiles) -> str | None:
@@ -117,12 +116,12 @@ async def still_runs(nid: str) -> bool:
     return seen is not None and seen.state in _MAY_RUN
 
 
-def slurm_jobs(store: JobStore, prefix: Path, backends: set[str]) -> dict[str, str]:
-    """``{jobid: Slurm job id}`` of the non-final jobs on ``backends``. Blocking; a job
-    that cannot be read is left out (never failed)."""
+def slurm_jobs(rows: Iterable[JobRow], prefix: Path) -> dict[str, str]:
+    """``{jobid: Slurm job id}`` of ``rows`` (index rows of non-final Slurm jobs).
+    Blocking; a job that cannot be read is left out (never failed)."""
     found: dict[str, str] = {}
-    for row in store.live():
-        if row.backend not in backends or row.jobndx == 0:
+    for row in rows:
+        if row.jobndx == 0:
             continue
         try:
             nid = native_id(jobdir.read_job(jobdir.job_path(prefix, row.jobid)))
