@@ -1,4 +1,4 @@
-"""Which backend or job attributes reach sbatch (:mod:`psik_api_server.sbatch_options`):
+"""Which backend or job attributes reach sbatch (:mod:`psik_api_server.backends.slurm.options`):
 an allow-list of sbatch options, each with the kind of value it takes, passed as one
 ``--name=value`` argument; psik's own attributes never reach sbatch; anything else is
 refused by name, before anything is submitted. Runs without Slurm.
@@ -17,7 +17,7 @@ import httpx
 import pydantic
 import pytest
 
-from psik_api_server.sbatch_options import (
+from psik_api_server.backends.slurm.options import (
     MAX_VALUE,
     SBATCH_OPTIONS,
     SHORT_OPTIONS,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from psik_api_core import OVERRULED_INFO, JobState
-from psik_api_server import slurm
-from psik_api_server.slurm_liveness import Claimed, SlurmLiveness, claimed_ends, still_runs
+from psik_api_server.backends.slurm import commands
+from psik_api_server.backends.slurm.liveness import Claimed, SlurmLiveness, claimed_ends, still_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +36,7 @@ class FakeSlurm:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
     f = FakeSlurm()
-    monkeypatch.setattr(slurm, "run", f)
+    monkeypatch.setattr(commands, "run", f)
     return f
 
 
@@ -113,16 +113,18 @@ async def test_without_accounting_a_job_squeue_forgot_is_lost(fake: FakeSlurm) -
 
 
 async def test_health_says_why(fake: FakeSlurm) -> None:
-    health = slurm.SlurmHealth("debug", ttl=0)
+    health = commands.SlurmHealth("debug", ttl=0)
     fake.squeue = (0, "", "")
     fake.ping = (1, "Slurmctld(primary) at x is DOWN\n", "")
     assert (await health.check() or "").startswith("Slurm controller unreachable")
 
 
 def test_unreachable_messages() -> None:
-    assert slurm.unreachable("sbatch: error: Batch job submission failed: Unable to contact slurm controller")
-    assert slurm.unreachable("sbatch: error: fetch_config: DNS SRV lookup failed")
-    assert not slurm.unreachable(
+    assert commands.unreachable(
+        "sbatch: error: Batch job submission failed: Unable to contact slurm controller"
+    )
+    assert commands.unreachable("sbatch: error: fetch_config: DNS SRV lookup failed")
+    assert not commands.unreachable(
         "sbatch: error: Batch job submission failed: Invalid partition name specified"
     )
 

@@ -33,13 +33,13 @@ from psik_api_client import (
 )
 from psik_api_core import OVERRULED_INFO
 from psik_api_server.app import create_app
-from psik_api_server.sbatch_options import SBATCH_OPTIONS, sbatch_options
+from psik_api_server.backends.slurm.options import SBATCH_OPTIONS, sbatch_options
 from psik_api_server.settings import BackendSettings, Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("slurm_cluster")]
 
 #: The liveness interval these tests run with; a job ended outside psik must be failed
-#: within 2 intervals and a squeue call (see slurm_liveness), plus a margin for the checks.
+#: within 2 intervals and a squeue call (see backends/slurm/liveness.py), plus a margin for the checks.
 LIVENESS = 0.5
 LIVENESS_BOUND = 2 * LIVENESS + 3.0
 
@@ -597,7 +597,7 @@ async def test_a_job_that_records_its_own_completed_row_is_still_cancelled(
 async def test_slurm_s_end_overrules_a_completed_the_job_wrote_while_it_still_ran(api: AsyncClient) -> None:
     """Liveness follows a job whose own row says ``completed`` while Slurm still runs it,
     and once Slurm ends it otherwise (here: ``scancel`` outside psik-api) records what
-    Slurm said, overruling the job's row (see slurm_liveness)."""
+    Slurm said, overruling the job's row (see backends/slurm/liveness.py)."""
     script = '#!/bin/bash\nsleep 2\necho "$(date +%s.%N),1,completed," >> ../status.csv\nsleep 300'
     job = await api.submit({"backend": "slurm", "script": script})
     assert job.native_id is not None

@@ -231,7 +231,7 @@ class Recovery(JobServiceBase):
     async def check_liveness(self) -> list[str]:
         """Record ``failed`` for every non-final job its backend's driver finds ended
         without a final row (a local job whose process is gone, see ``liveness``; a Slurm
-        job Slurm has ended or forgotten, see ``slurm_liveness``); returns their ids."""
+        job Slurm has ended or forgotten, see ``backends/slurm/liveness.py``); returns their ids."""
         gone: list[str] = []
         found = await self.backend.vanished(await in_thread(self.store.live))
         for job in found:

@@ -1,9 +1,8 @@
-"""The Slurm driver: jobs submitted with sbatch and cancelled with scancel by
-:mod:`psik_api_server.slurm` (sbatch's own message is the reason of a refusal;
-attributes meant for psik never reach sbatch, :mod:`~psik_api_server.sbatch_options`),
-each backend's health asked of its controller (cached a few seconds), liveness asked of
-squeue (:mod:`~psik_api_server.slurm_liveness`), and the Slurm jobs of a server that
-died mid-submit adopted at start-up."""
+"""The Slurm driver: jobs submitted with sbatch and cancelled with scancel
+(:mod:`.commands`: sbatch's own message is the reason of a refusal; attributes meant
+for psik never reach sbatch, :mod:`.options`), each backend's health asked of its
+controller (cached a few seconds), liveness asked of squeue (:mod:`.liveness`), and the
+Slurm jobs of a server that died mid-submit adopted at start-up."""
 
 from __future__ import annotations
 
@@ -17,10 +16,8 @@ import anyio.to_thread
 
 from psik_api_core import OVERRULED_INFO
 
-from .. import jobdir, slurm
-from ..sbatch_options import sbatch_options
-from ..slurm_liveness import SlurmLiveness, claimed_end, claimed_ends, run_native_id, slurm_jobs, still_runs
-from . import (
+from ... import jobdir
+from .. import (
     UNAVAILABLE_INFO,
     BackendDriver,
     BackendRefused,
@@ -29,10 +26,13 @@ from . import (
     Finding,
     register,
 )
+from . import commands
+from .liveness import SlurmLiveness, claimed_end, claimed_ends, run_native_id, slurm_jobs, still_runs
+from .options import sbatch_options
 
 if TYPE_CHECKING:
-    from ..settings import BackendSettings
-    from ..store import JobRow
+    from ...settings import BackendSettings
+    from ...store import JobRow
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SlurmDriver(BackendDriver):
     def __init__(self, ctx: DriverContext, type_name: str, backends: Mapping[str, BackendSettings]) -> None:
         super().__init__(ctx, type_name, backends)
         #: Each backend's controller and partition, asked when someone wants to know.
-        self.checks = {name: slurm.SlurmHealth(cfg.queue_name) for name, cfg in backends.items()}
+        self.checks = {name: commands.SlurmHealth(cfg.queue_name) for name, cfg in backends.items()}
         self.liveness = SlurmLiveness()
 
     @classmethod
@@ -53,12 +53,12 @@ class SlurmDriver(BackendDriver):
 
     def adopt_orphans(self) -> None:
         """A server killed while sbatch ran leaves a Slurm job no status row names: give
-        each job its Slurm job back (:func:`.slurm.adopt`), and cancel any further ones
+        each job its Slurm job back (:func:`.commands.adopt`), and cancel any further ones
         (a job is one Slurm job per run). Blocking; the controller down: nothing done."""
-        found = slurm.jobs_by_console(self.ctx.prefix)
+        found = commands.jobs_by_console(self.ctx.prefix)
         for jobid, nids in (found or {}).items():
             try:
-                adopted, extra = slurm.adopt(self.ctx.path(jobid), nids, time.time())
+                adopted, extra = commands.adopt(self.ctx.path(jobid), nids, time.time())
             except OSError:
                 continue  # purged, or not a job directory
             if adopted is not None:
@@ -76,7 +76,7 @@ class SlurmDriver(BackendDriver):
                 subprocess.run(
                     ["scancel", *extra],  # noqa: S607 (on PATH, as sbatch is)
                     capture_output=True,
-                    timeout=slurm.COMMAND_TIMEOUT,
+                    timeout=commands.COMMAND_TIMEOUT,
                     check=False,
                 )
 
@@ -93,15 +93,15 @@ class SlurmDriver(BackendDriver):
         check = self.checks.get(name)
         try:
             try:
-                native_id = await slurm.submit(job, jobndx)
-            except slurm.SbatchRefused as e:
+                native_id = await commands.submit(job, jobndx)
+            except commands.SbatchRefused as e:
                 if check is not None:
                     check.forget()
                     why = await check.check()
                     if why is not None and not e.unavailable and "unreachable" in why:
-                        raise slurm.SbatchRefused(str(e), unavailable=True) from e
+                        raise commands.SbatchRefused(str(e), unavailable=True) from e
                 raise
-        except slurm.SbatchRefused as e:
+        except commands.SbatchRefused as e:
             if e.unavailable:
                 raise BackendRefused(
                     f"{UNAVAILABLE_INFO}: Slurm backend {name!r} cannot be reached: {e}", unavailable=True
@@ -125,8 +125,8 @@ class SlurmDriver(BackendDriver):
         state, run = files.state
         nid = run_native_id(files)
         if nid is not None:
-            said = await slurm.cancel([nid])
-            if said is not None and slurm.unreachable(said):
+            said = await commands.cancel([nid])
+            if said is not None and commands.unreachable(said):
                 raise CancelUnavailable(jobid, f"scancel {nid}: {said}")
         if state.is_final:
             why = f"{OVERRULED_INFO}: Slurm job {nid} still ran after the job recorded {state.value}"

@@ -10,7 +10,7 @@ options), but submission is made here, because psik's:
   slurm controller") into the server log and raises "Job submission failed.".
 
 Here only the sbatch options of an allow-list reach sbatch, one ``--name=value``
-argument each (:mod:`.sbatch_options`: attributes meant for psik never do, anything else
+argument each (:mod:`.options`: attributes meant for psik never do, anything else
 is refused by name before the job is made), and sbatch's message is the reason a refused
 job's history and the problem's ``detail`` give. An answer that is no job id (the job
 may still have been submitted) has any Slurm job with this job's console cancelled. A refusal because
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sbatch_options import sbatch_options
+from .options import sbatch_options
 
 _logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ async def run(*argv: str, stdin: str | None = None, limit: float = COMMAND_TIMEO
 
 def sbatch_args(spec: Any, info: Any) -> list[str]:
     """sbatch's arguments for a psik job: psik's mapping of its resources, then its
-    attributes (:func:`.sbatch_options.sbatch_options`), every option one ``--name=value``
+    attributes (:func:`.options.sbatch_options`), every option one ``--name=value``
     argument so that no value is ever read as an option of its own."""
     from psik.backends.slurm import mk_args
 
@@ -134,7 +134,7 @@ async def submit(job: Any, jobndx: int) -> str:
     ``queued`` with the Slurm job id as psik does (under its status.csv lock, so a
     concurrent reader sees the submission or nothing). Returns the Slurm job id;
     raises :class:`SbatchRefused` with sbatch's message, or
-    :class:`.sbatch_options.AttributeRefused` (a ValueError) for a bad attribute."""
+    :class:`~psik_api_server.backends.AttributeRefused` (a ValueError) for a bad attribute."""
     from anyio import open_file
     from psik.backends.slurm import slurm_script
     from psik.models import JobState as PsikJobState
@@ -343,7 +343,7 @@ def adopt(base: Path, native_ids: list[str], clock: float) -> tuple[str | None, 
     from psik_api_core import JobState as CoreState
     from psik_api_core import derive_state
 
-    from . import jobdir
+    from ... import jobdir
 
     # Non-blocking, no link followed, a regular file: a FIFO there must not hold start-up.
     fd = jobdir.open_job_file(base, "status.csv", jobdir.MAX_STATUS, os.O_WRONLY | os.O_APPEND)

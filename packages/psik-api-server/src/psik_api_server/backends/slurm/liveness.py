@@ -43,8 +43,9 @@ from pathlib import Path
 
 from psik_api_core import OVERRULED_INFO, JobState
 
-from . import jobdir, slurm
-from .store import JobRow
+from ... import jobdir
+from ...store import JobRow
+from . import commands
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,10 @@ async def still_runs(nid: str) -> bool:
     """Whether squeue shows Slurm job ``nid`` pending or running; False if it cannot be
     asked (then the job's own rows stand)."""
     # The ping first, as for liveness: squeue retries a controller that is down for ~18 s.
-    code, ping, _ = await slurm.run("scontrol", "ping", limit=5)
+    code, ping, _ = await commands.run("scontrol", "ping", limit=5)
     if code != 0 or "UP" not in ping:
         return False
-    states = await slurm.slurm_states([nid])
+    states = await commands.slurm_states([nid])
     seen = (states or {}).get(nid)
     return seen is not None and seen.state in _MAY_RUN
 
@@ -173,9 +174,9 @@ class SlurmLiveness:
             return []
         # A cheap ping first: squeue against a controller that is down takes ~18 s of
         # retries, which would hold up the liveness of every other job.
-        code, ping, _ = await slurm.run("scontrol", "ping", limit=5)
+        code, ping, _ = await commands.run("scontrol", "ping", limit=5)
         asked = [*jobs.values(), *(c.nid for c in claimed.values())]
-        states = await slurm.slurm_states(asked) if code == 0 and "UP" in ping else None
+        states = await commands.slurm_states(asked) if code == 0 and "UP" in ping else None
         if states is None:
             self._followed = {**jobs, **{j: c.nid for j, c in claimed.items()}}  # ask again
             return []  # the controller could not be asked: conclude nothing
@@ -201,7 +202,7 @@ class SlurmLiveness:
         return out
 
     def _contradicted(
-        self, claimed: Mapping[str, Claimed], states: Mapping[str, slurm.SlurmJob]
+        self, claimed: Mapping[str, Claimed], states: Mapping[str, commands.SlurmJob]
     ) -> list[Ended]:
         """Of the jobs that recorded their own end, those Slurm ended otherwise (their
         ``completed`` is overruled); the ones Slurm still runs stay followed."""
@@ -228,7 +229,7 @@ class SlurmLiveness:
     async def _from_accounting(nid: str, lost: str) -> str:
         """Why a job squeue no longer shows is over: its end per ``sacct`` (squeue forgets
         a job MinJobAge after its end), else ``lost``."""
-        acct = await slurm.accounting_state(nid)
+        acct = await commands.accounting_state(nid)
         if acct is None:
             return lost
         if acct.ended:

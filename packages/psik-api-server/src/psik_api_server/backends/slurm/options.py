@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .backends import AttributeRefused
+from .. import AttributeRefused
 
 #: Backend attributes psik itself reads; never sbatch options.
 PSIK_ATTRIBUTES = frozenset({"psik_python"})
