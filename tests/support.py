@@ -22,6 +22,7 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from psik_api_client import AsyncClient, Client
+from psik_api_server.uvicorn_protocol import ConnectionHooks
 
 
 class LiveServer:
@@ -30,6 +31,8 @@ class LiveServer:
     def __init__(self, app: Starlette, uds: str | None = None) -> None:
         self.uds = uds
         kwargs: dict[str, Any] = {"uds": uds} if uds else {"host": "127.0.0.1", "port": 0}
+        # serve's protocol class (uvicorn_protocol), without serve's connection limits.
+        kwargs["http"] = ConnectionHooks().protocol()
         self.server = uvicorn.Server(
             uvicorn.Config(app, proxy_headers=False, log_level="warning", lifespan="on", **kwargs)
         )

@@ -28,8 +28,9 @@ from starlette.applications import Starlette
 from conftest import lazy_app
 from local_users import Other, another_user, run_as
 from psik_api_client import Client, PermissionDeniedError
-from psik_api_server.peer import PeerLookup, install_uvicorn_hook
+from psik_api_server.peer import PeerLookup
 from psik_api_server.settings import Settings
+from psik_api_server.uvicorn_protocol import install as install_uvicorn_hook
 from support import LiveServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -578,3 +579,33 @@ def test_client_and_server_agree_on_the_secret(
         monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     assert security.LocalSecrets().path(8000) == client_side.secret_files(8000)[0]
     assert security.SECRET_HEADER == client_side.HEADER
+
+
+# ---- one seam: serve's protocol class, the patch only for other launchers ----
+
+
+def test_the_protocol_class_subclasses_uvicorns_and_patches_nothing() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from psik_api_server.uvicorn_protocol import ConnectionHooks, ServedProtocol
+
+    before = dict(vars(H11Protocol))
+    hooks = ConnectionHooks()
+    served = hooks.protocol(H11Protocol)
+    assert issubclass(served, H11Protocol) and issubclass(served, ServedProtocol)
+    assert served.hooks is hooks  # type: ignore[attr-defined]
+    assert dict(vars(H11Protocol)) == before
+
+
+def test_a_connection_of_the_protocol_class_is_followed_once_where_uvicorn_is_patched_too(
+    settings: Settings,
+) -> None:
+    # The patch path stands aside for a connection of our own class: one tag, one lookup.
+    install_uvicorn_hook()
+    app = lazy_app(settings)
+    with LiveServer(app) as live:
+        app.state.peer_lookup = lookup = CountingLookup()
+        with httpx.Client(base_url=live.url) as http:
+            for _ in range(3):
+                assert http.get("/v1/jobs").status_code == 200
+        assert lookup.tcp == 1

@@ -310,3 +310,57 @@ def test_ctrl_c_during_start_up_ends_it_without_a_traceback(tmp_path: Path, afte
     assert after in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert status == 130, (status, err)
+
+
+SERVE_AND_LOOK = """
+import gc, json, os, signal, sys, threading, time
+import httpx
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from psik_api_server import cli
+from psik_api_server.uvicorn_protocol import ServedProtocol, WithConnection, installed
+
+HOOKED = ("connection_made", "data_received", "on_response_complete", "connection_lost")
+originals = {name: H11Protocol.__dict__[name] for name in HOOKED}
+port = sys.argv[1]
+seen = {}
+
+def look():
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            seen["status"] = http.get("/v1/jobs").status_code
+            served = [o for o in gc.get_objects() if isinstance(o, ServedProtocol)]
+            seen["served"] = len(served)
+            mro = {c for p in served for c in type(p).__mro__[1:]}
+            seen["bases"] = sorted(c.__name__ for c in mro if c.__module__.startswith("uvicorn."))
+            seen["tagged"] = all(isinstance(p.app, WithConnection) for p in served)
+        seen["patched"] = [n for n in HOOKED if H11Protocol.__dict__[n] is not originals[n]]
+        seen["installed"] = installed(H11Protocol) is not None
+    finally:
+        os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=look, daemon=True).start()
+code = cli.main(["serve", "--port", port])
+print(json.dumps({**seen, "code": code}))
+"""
+
+
+def test_serve_uses_its_own_protocol_class_and_leaves_uvicorns_unpatched(tmp_path: Path) -> None:
+    # One seam into uvicorn: `serve` passes uvicorn_protocol's class as Config(http=...);
+    # the run-time patch is only for launchers we do not control (main:app).
+    argv = [sys.executable, "-c", SERVE_AND_LOOK, str(free_port())]
+    out = subprocess.run(argv, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip(), out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["status"] == 200, seen
+    assert seen["served"] >= 1 and "H11Protocol" in seen["bases"] and seen["tagged"], seen
+    assert seen["patched"] == [] and seen["installed"] is False, seen
+    assert seen["code"] == 130, out.stderr[-3000:]

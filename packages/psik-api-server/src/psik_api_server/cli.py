@@ -1,6 +1,8 @@
 """``psik-api-server serve [--config FILE] [--host H] [--port P] [--uds PATH]``.
 
-Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``). In
+Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``) and its
+own HTTP protocol class (``uvicorn.Config(http=...)``, :mod:`.uvicorn_protocol`: the
+peer's uid at accept, the connection limits; uvicorn's classes are not patched). In
 ``authz: local`` mode it refuses to listen anywhere but loopback or a UNIX socket, and
 the socket is created readable and writable by its owner only (uvicorn's own is 0666).
 The listening socket is made before anything else, so that a port already in use stops
@@ -153,9 +155,9 @@ def serve(args: argparse.Namespace) -> int:
     from . import limits
     from .app import create_app
     from .errors import StartupError
-    from .peer import install_uvicorn_hook
     from .security import is_loopback_host
     from .settings import ConfigError, load_settings
+    from .uvicorn_protocol import ConnectionHooks
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
@@ -187,9 +189,11 @@ def serve(args: argparse.Namespace) -> int:
         return 3
     if path is None:
         port = sockets[0].getsockname()[1]  # --port 0 picked one
-    install_uvicorn_hook()  # every connection carries its socket, for the uid check
-    _cap, backlog = limits.start(settings, backlog=_BACKLOG)
+    connection_limits, backlog = limits.start(settings, backlog=_BACKLOG)
     app = create_app(settings)
+    # Our own protocol class, uvicorn's left as they are: every connection carries its
+    # socket (the uid check) and the connection limits are enforced (uvicorn_protocol).
+    hooks = ConnectionHooks(connection_limits)
     config = uvicorn.Config(
         app,
         host=host,
@@ -200,8 +204,9 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.keep_alive_timeout,
         backlog=backlog,
+        http=hooks.protocol(),
         # No limit_concurrency: it counts idle connections and answers 503 past it, so
-        # idle sockets would shut real clients out. limits.install caps connections.
+        # idle sockets would shut real clients out. The hooks cap connections.
     )
     server = uvicorn.Server(config)
     repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging

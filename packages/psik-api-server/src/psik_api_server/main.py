@@ -7,11 +7,16 @@ built on its first ASGI call (the
 server's lifespan start-up, before it accepts a connection), from the config file
 (``$PSIK_API_CONFIG``, ``$VIRTUAL_ENV/etc/psik_api.json``) or the embedded default, so
 importing this module does no I/O and a broken config is reported when the server
-starts. Building it also hooks uvicorn's and hypercorn's connections
-(``peer.install_uvicorn_hook``, ``hypercorn_hook``), so that each connection carries its
-socket (``authz: local`` checks the caller's uid on it), and puts the connection limits
-of the settings on uvicorn's (``limits``: a request-head timeout, a connection cap, the
-open-file limit raised; uvicorn's ``--timeout-keep-alive`` applies).
+starts.
+
+Whoever launches this app picks uvicorn's protocol class, so building it is where the
+run-time patch path is taken (``psik-api-server serve`` passes its own class instead):
+uvicorn's protocols get the server's :class:`~.uvicorn_protocol.ConnectionHooks` (each
+connection carries its socket, the peer's uid looked up at accept, for ``authz:
+local``; the connection limits of the settings: a request-head timeout, a body-rate
+floor, a connection cap, the open-file limit raised; uvicorn's ``--timeout-keep-alive``
+applies), hypercorn's connections their socket (``hypercorn_hook``), and failed TLS
+handshakes are logged (``tls_refusals``, for ``certified serve``).
 """
 
 from __future__ import annotations
@@ -47,19 +52,20 @@ class LazyApp:
 
 
 def _build() -> Starlette:
-    from . import limits, tls_refusals
+    from . import limits, tls_refusals, uvicorn_protocol
     from .app import create_app
     from .hypercorn_hook import install_hypercorn_hook
-    from .peer import install_uvicorn_hook
     from .settings import load_settings
 
     settings = load_settings()
-    install_uvicorn_hook()
     install_hypercorn_hook()
     tls_refusals.install()  # certified serve's TLS refuses a client unknown: say so, once
     # uvicorn has configured its logging by now; its backlog (--backlog) is not known
     # here: its default is assumed when fitting the connection cap under the file limit.
-    limits.start(settings, backlog=2048, keep_alive=False, logger=logging.getLogger("uvicorn.error"))
+    connection_limits, _backlog = limits.start(
+        settings, backlog=2048, keep_alive=False, logger=logging.getLogger("uvicorn.error")
+    )
+    uvicorn_protocol.install(uvicorn_protocol.ConnectionHooks(connection_limits))
     limits.quiet_repeats()
     return create_app(settings)
 

@@ -20,38 +20,30 @@
   end without an inode.
 
 How the app sees its connection: an ASGI scope has the peer's address but not the
-socket. :func:`install_uvicorn_hook` wraps ``connection_made`` of uvicorn's HTTP
-protocols (h11, httptools, zttp; whichever are importable) so that every request of a
-connection carries that connection's :class:`Connection` in
-``scope["extensions"]["psik_api.connection"]``. The wrapper only adds that key: it calls
-uvicorn's own ``connection_made`` first and changes nothing it does. It also looks the
-peer's uid up there, at accept, with the app's lookup (``app.state.peer_lookup``, found
-through the ``.app`` of the middleware uvicorn wraps it in): the later the lookup, the
-likelier the client has closed its end meanwhile (a server busy for 40 ms is enough).
-Because the :class:`Connection` lives as long as the connection, that one lookup serves
-every request of a keep-alive connection; where the app's lookup cannot be found, the
-first request looks the uid up instead.
+socket. The server's connection hooks (:mod:`.uvicorn_protocol` for uvicorn,
+:mod:`.hypercorn_hook` for hypercorn) make every request of a connection carry that
+connection's :class:`Connection` in ``scope["extensions"]["psik_api.connection"]``, and
+look the peer's uid up at accept with the app's lookup (``app.state.peer_lookup``, found
+through the ``.app`` of the middleware the server wraps it in,
+:meth:`Connection.look_up_at_accept`): the later the lookup, the likelier the client has
+closed its end meanwhile (a server busy for 40 ms is enough). Because the
+:class:`Connection` lives as long as the connection, that one lookup serves every
+request of a keep-alive connection; where the app's lookup cannot be found, the first
+request looks the uid up instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import importlib
 import ipaddress
-import logging
 import socket
 import struct
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from .limits import is_wrapped
-
-_logger = logging.getLogger(__name__)
+from starlette.types import Scope
 
 #: The key of a request's :class:`Connection` in ``scope["extensions"]``.
 CONNECTION = "psik_api.connection"
@@ -285,70 +277,3 @@ def connection_of(scope: Scope) -> Connection | None:
     extensions = scope.get("extensions") or {}
     conn = extensions.get(CONNECTION)
     return conn if isinstance(conn, Connection) else None
-
-
-class _WithConnection:
-    """The app a hooked uvicorn connection calls: adds the connection to each scope."""
-
-    __slots__ = ("app", "connection")
-
-    def __init__(self, app: ASGIApp, connection: Connection) -> None:
-        self.app = app
-        self.connection = connection
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            scope["extensions"] = {**(scope.get("extensions") or {}), CONNECTION: self.connection}
-        await self.app(scope, receive, send)
-
-
-_PROTOCOLS = [
-    ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
-    ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
-    ("uvicorn.protocols.http.zttp_impl", "ZttpProtocol"),
-]
-
-
-def install_uvicorn_hook() -> list[str]:
-    """Hook uvicorn's HTTP protocols (idempotent); returns the classes now hooked.
-
-    A protocol that does not look as expected (no ``connection_made``, no ``app``
-    attribute after it) is left alone: its requests then carry no connection, and
-    ``security`` falls back to what the scope says (a lookup per request over TCP,
-    refusal over a UNIX socket)."""
-    hooked: list[str] = []
-    for module_name, class_name in _PROTOCOLS:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            continue  # that protocol's library is not installed
-        original = cls.__dict__.get("connection_made")
-        if original is None:
-            continue
-        # limits.install wraps connection_made too: look through its wrapper.
-        if not is_wrapped(original, "_psik_api_hook"):
-            cls.connection_made = _hooked(original)
-        hooked.append(f"{module_name}.{class_name}")
-    return hooked
-
-
-def _hooked(original: Callable[..., None]) -> Callable[..., None]:
-    def connection_made(self: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, transport, *args, **kwargs)
-        app = getattr(self, "app", None)
-        if app is not None:
-            try:
-                connection = Connection.of_transport(transport)
-            except Exception:  # never break uvicorn's accept path
-                _logger.exception("cannot describe a new connection; its requests carry none")
-                return
-            self.app = _WithConnection(app, connection)
-            try:
-                if not transport.is_closing():  # else refused (limits): no request will come
-                    connection.look_up_at_accept(app)
-            except Exception:  # the first request looks it up instead
-                _logger.exception("cannot look up the peer of a new connection at accept")
-
-    connection_made._psik_api_hook = True  # type: ignore[attr-defined]
-    connection_made.__wrapped__ = original  # type: ignore[attr-defined]
-    return connection_made

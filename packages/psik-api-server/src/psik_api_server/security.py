@@ -26,8 +26,9 @@ Every request passes :class:`LocalOnly`, which refuses, in this order:
 No CORS headers are ever sent. Forwarded headers (``X-Forwarded-For``, ``Forwarded``,
 ``X-Real-IP``) are never read: the peer is the connection's own.
 
-Which connections: uvicorn's and hypercorn's connections carry their socket (see
-``peer.install_uvicorn_hook`` and ``hypercorn_hook``) and get every check. A request with
+Which connections: the server's connections carry their socket (``serve``'s protocol
+class, :mod:`.uvicorn_protocol`; the hooks ``main:app`` installs on uvicorn and
+hypercorn: README, "What each launcher gets") and get every check. A request with
 no socket behind it comes from an in-process ASGI transport (``httpx.ASGITransport``):
 code already running in the server's own process, as its owner, so it gets no uid and no
 Host check (its Host is a made-up name like ``testserver``); the other checks apply. A
@@ -63,7 +64,7 @@ from psik_api_core import LOCAL_USER, Principal, ProblemCode, field_error
 from . import statedir
 from .errors import ApiError, StartupError
 from .hypercorn_hook import install_hypercorn_hook
-from .peer import Connection, PeerLookup, connection_of, install_uvicorn_hook
+from .peer import Connection, PeerLookup, connection_of
 from .problems import problem_response
 from .settings import Settings, default_data_dir
 
@@ -365,13 +366,13 @@ class LocalOnly:
     """Pure ASGI middleware: the checks of the module doc, before anything else runs.
 
     The peer lookup and the local secrets are the app's (``app.state.peer_lookup``,
-    ``app.state.local_secrets``; tests swap them). Building it hooks uvicorn's
-    protocols and hypercorn's connections (idempotent), so every connection either
-    accepts carries its socket."""
+    ``app.state.local_secrets``; tests swap them). Building it hooks hypercorn's
+    connections (idempotent; hypercorn has no protocol class to pass, and ``serve``
+    never runs it), so that they carry their socket; uvicorn's get theirs from whoever
+    runs the app (module doc)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        install_uvicorn_hook()
         install_hypercorn_hook()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
