@@ -4,8 +4,13 @@ header changes who the caller is; the UNIX socket is the owner's alone."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from local_users import Other, another_user
 from psik_api_server.cli import _unix_socket, main
 from psik_api_server.errors import StartupError
 from psik_api_server.security import check_private_dir, is_loopback_authority, is_loopback_host
@@ -290,7 +296,9 @@ async def test_a_request_on_a_non_loopback_socket_is_refused(app: Starlette, ser
 
 
 def test_a_private_prefix_passes(tmp_path: Path) -> None:
-    check_private_dir(tmp_path / "not-yet")  # the backend creates it 0700
+    check_private_dir(tmp_path / "not-yet" / "jobs")  # made here, 0700, then checked
+    made = (tmp_path / "not-yet" / "jobs").stat()
+    assert made.st_uid == os.geteuid() and stat.S_IMODE(made.st_mode) == 0o700
     (tmp_path / "jobs").mkdir(mode=0o700)
     check_private_dir(tmp_path / "jobs")
     sticky = tmp_path / "tmp"
@@ -403,3 +411,87 @@ async def test_the_lifespan_refuses_an_index_others_can_read(settings: Any) -> N
 )
 def test_loopback_authority(host: str, ok: bool) -> None:
     assert is_loopback_authority(host) is ok
+
+
+@pytest.fixture(scope="module")
+def other() -> Iterator[Other]:
+    yield from another_user()
+
+
+def test_a_prefix_another_user_makes_while_start_up_runs_is_never_used(other: Other) -> None:
+    """The race a hostile tester won 25 of 25 times: the prefix does not exist when it is
+    checked, another user makes it (in a sticky directory anyone may write, like /tmp)
+    before the server does, and the server used it. Now whichever of the two makes it,
+    what start-up goes on with is this user's, 0700, or start-up stops."""
+    sticky = Path(tempfile.mkdtemp(prefix="psik-api-race-"))  # reachable by the other user
+    try:
+        sticky.chmod(0o1777)
+        prefix = sticky / "jobs"
+        racer = subprocess.Popen(
+            [other.python, "-c", _MKDIR_RMDIR_LOOP, str(prefix)],
+            user=other.uid,
+            group=other.gid,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        outcomes: set[str] = set()
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and len(outcomes) < 2:
+                try:
+                    check_private_dir(prefix)
+                except StartupError as e:
+                    assert "belongs to" in str(e) or "mode" in str(e), e
+                    outcomes.add("refused")
+                    continue
+                st = prefix.stat()
+                assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+                outcomes.add("ours")
+                os.rmdir(prefix)  # and the race goes on
+        finally:
+            racer.kill()
+            racer.wait()
+        assert outcomes, "no attempt ran"
+    finally:
+        shutil.rmtree(sticky, ignore_errors=True)
+
+
+#: The attacker's loop: make the prefix open to all for a moment, remove it, again.
+_MKDIR_RMDIR_LOOP = """
+import os, sys, time
+p = sys.argv[1]
+while True:
+    try:
+        os.mkdir(p, 0o777); os.chmod(p, 0o777); time.sleep(0.002); os.rmdir(p)
+    except OSError:
+        pass
+    time.sleep(0.002)
+"""
+
+
+def test_a_prefix_through_another_users_symlink_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a link to another user")
+    (tmp_path / "mine").mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "mine")
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(StartupError, match=r"a symbolic link of uid 65534\b"):
+        check_private_dir(link / "jobs")
+    assert not (tmp_path / "mine" / "jobs").exists()
+
+
+def test_the_backend_never_uses_a_prefix_another_user_made(settings: Any) -> None:
+    """In every mode (token mode has no lifespan check of the prefix's mode): a prefix
+    that another user made, first or while start-up ran, is refused when psik is opened."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a directory to another user")
+    from psik_api_server.backend import PsikBackend
+    from psik_api_server.launcher import LocalLauncher
+
+    settings.prefix.mkdir(mode=0o700)
+    os.chown(settings.prefix, 65534, 65534)
+    backend = PsikBackend(settings.prefix, settings.backends, LocalLauncher(None, eager=False))
+    with pytest.raises(StartupError, match="belongs to uid 65534"):
+        backend.open()

@@ -30,6 +30,7 @@ from psik_api_core import BackendInfo, JobSpec
 from . import jobdir
 from .backends import BackendDriver, BackendRefused, DriverContext, Finding, driver_class
 from .callbacks import CallbackRecord, psik_sender, write_record
+from .errors import StartupError
 from .jobdir import JobFileInvalid, check_job_files, job_path
 from .launcher import LocalLauncher, forget_slot_wait
 from .settings import BackendSettings
@@ -154,6 +155,14 @@ class PsikBackend:
         # secret in clear): a prefix we create is the owner's alone.
         self._ctx.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._ctx.prefix = self._ctx.prefix.resolve()
+        # In every mode: a prefix another user made (first, or in between) is theirs to
+        # fill with job directories of their choosing; never use one.
+        owner = self._ctx.prefix.stat().st_uid
+        if owner != os.geteuid():
+            raise StartupError(
+                f"prefix {self._ctx.prefix} belongs to uid {owner}, not to this server's user "
+                f"(uid {os.geteuid()}): use a prefix of your own"
+            )
         usable: dict[str, BackendConfig] = {}
         for driver in self.drivers.values():
             why = driver.load()

@@ -569,15 +569,26 @@ def check_private_dir(path: Path, what: str = "prefix") -> None:
     and no directory above it may be writable by every user (who could swap it for
     their own) unless it is sticky (``/tmp``). A directory above that only a group may
     write, or that belongs to another user (a project directory, often), is logged as a
-    warning: its members could do the same. Nothing is checked if ``path`` does not exist
-    yet (the backend creates it 0700). The message names the mode and the fix."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise StartupError(f"{what} {path}: cannot be read: {e.strerror}") from None
+    warning: its members could do the same. A ``path`` that does not exist is made here,
+    0700, and then checked like any other: had it been left to be made later, another
+    user could make it in between (in /tmp, say) and own every job of ours. A component
+    of ``path`` that is a symbolic link of another user's (in /tmp: theirs to re-point at
+    will) is refused too. The message names the mode and the fix."""
     me = os.geteuid()
+    if (link := _foreign_link(path, me)) is not None:
+        raise StartupError(
+            f"{what} {path} goes through {link}, a symbolic link of {_user(link.lstat().st_uid)}'s: "
+            f"its owner can point it elsewhere at any time; use a {what} whose path is yours"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)  # not exist_ok: whoever made one first, it is checked below
+        st = path.stat()
+    except OSError as e:
+        raise StartupError(f"{what} {path}: cannot be made or read: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"{what} {path} is not a directory")
     if st.st_uid != me:
         raise StartupError(
             f"{what} {path} belongs to {_user(st.st_uid)}, not to you ({_user(me)}): "
@@ -609,6 +620,21 @@ def check_private_dir(path: Path, what: str = "prefix") -> None:
                 what, path, parent, pmode, _user(pst.st_uid), who, what,
             )  # fmt: skip
             return  # one warning: the directories above it matter no more
+
+
+def _foreign_link(path: Path, me: int) -> Path | None:
+    """The first component of ``path`` that is a symbolic link owned by neither ``me``
+    nor root, if any (components that do not exist yet end the walk)."""
+    current = Path(path.absolute().anchor)
+    for part in path.absolute().parts[1:]:
+        current = current / part
+        try:
+            st = current.lstat()
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (me, 0):
+            return current
+    return None
 
 
 def check_private_file(path: Path, what: str) -> None:
