@@ -3,6 +3,7 @@ the seed README's `uvicorn psik_api_server.main:app` (the original answered 501 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -310,6 +311,105 @@ def test_ctrl_c_during_start_up_ends_it_without_a_traceback(tmp_path: Path, afte
     assert after in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert status == 130, (status, err)
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (the job launcher runs in its own session,
+    out of reach of a Ctrl-C sent to the server's process group)."""
+    found = set()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        if int(text.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(stat_file.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie nobody has reaped yet is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _interrupt_twice(proc: subprocess.Popen[bytes], gap: float) -> tuple[int, str]:
+    """Two quick Ctrl-Cs, ``gap`` seconds apart: the impatient user's."""
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(gap)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    return _interrupt_wait(proc)
+
+
+def _interrupt_wait(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for the server's children")
+@pytest.mark.parametrize("gap", [0.05, 0.1, 0.3])
+def test_two_quick_ctrl_cs_end_a_serving_server_without_a_traceback(tmp_path: Path, gap: float) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "psik-api-server"), "serve", "--port", str(port)]
+    proc = subprocess.Popen(
+        argv, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_healthy(url, proc, lambda: "")
+        _run_a_job(url)  # the launcher runs
+        children = _children(proc.pid)
+        assert children, "the server has no launcher process"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+        raise
+    status, err = _interrupt_twice(proc, gap)
+    assert "Traceback" not in err and "CancelledError" not in err and "KeyboardInterrupt" not in err, err
+    assert status == 130, (status, err)
+    deadline = time.monotonic() + 10
+    while (left := {pid for pid in children if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("gap", [0.1, 0.3])
+@pytest.mark.parametrize("after", ["starting on", "Waiting for application startup"])
+def test_two_quick_ctrl_cs_during_start_up_end_it_without_a_traceback(
+    tmp_path: Path, after: str, gap: float
+) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "psik-api-server"), "serve", "--port", str(free_port())],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stderr is not None
+    said = b""
+    while after.encode() not in said:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        said += line
+    status, err = _interrupt_twice(proc, gap)
+    err = said.decode(errors="replace") + err
+    assert after in err, err
+    assert "Traceback" not in err and "CancelledError" not in err and "KeyboardInterrupt" not in err, err
+    assert status == 130, (status, err)
+    with pytest.raises(ProcessLookupError):  # nothing of its process group is left
+        os.killpg(proc.pid, 0)
 
 
 SERVE_AND_LOOK = """

@@ -6,9 +6,9 @@ peer's uid at accept, the connection limits; uvicorn's classes are not patched).
 ``authz: local`` mode it refuses to listen anywhere but loopback or a UNIX socket, and
 the socket is created readable and writable by its owner only (uvicorn's own is 0666).
 The listening socket is made before anything else, so that a port already in use stops
-start-up before the prefix or the index is created. Ctrl-C ends it without a traceback,
-wherever it comes (exit status 130): this module imports only the standard library, and
-the rest is imported inside :func:`main`.
+start-up before the prefix or the index is created. Ctrl-C (once, or twice in a hurry)
+ends it without a traceback, wherever it comes (exit status 130): this module imports
+only the standard library, and the rest is imported inside :func:`main`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -208,7 +209,7 @@ def serve(args: argparse.Namespace) -> int:
         # No limit_concurrency: it counts idle connections and answers 503 past it, so
         # idle sockets would shut real clients out. The hooks cap connections.
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
@@ -238,6 +239,26 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_class() -> Any:
+    """uvicorn's server, but a second Ctrl-C still lets the app shut down. uvicorn takes
+    one to mean "force quit": it stops waiting for connections and tasks (kept here) and
+    also skips the app's lifespan shutdown, which asyncio then cancels as it ends the
+    loop: a ``CancelledError`` traceback per pending step, and the app's own clean-up
+    (the job service, the prefix lock, the local secret) never runs."""
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            lifespan = getattr(self, "lifespan", None)
+            done = getattr(lifespan, "shutdown_event", None)
+            if self.force_exit and lifespan is not None and done is not None and not done.is_set():
+                await lifespan.shutdown()
+
+    return Server
+
+
 #: The exit status of a server ended by Ctrl-C (128 + SIGINT, as a shell reports it).
 INTERRUPTED = 130
 
@@ -250,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C during start-up (an import, the index), or after uvicorn's shutdown:
         # uvicorn raises again the signal it caught, once it has shut down. Either way
-        # the end that was asked for, not a failure: no traceback.
+        # the end that was asked for, not a failure: no traceback. Another Ctrl-C from
+        # now on changes nothing: left to Python, whose finalization puts SIGINT back to
+        # its default action, it would kill the ending process (no status 130).
+        with contextlib.suppress(ValueError):  # not the main thread: Python's rules
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return INTERRUPTED
     return 2  # pragma: no cover - argparse requires a command
 
