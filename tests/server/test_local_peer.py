@@ -426,8 +426,8 @@ def test_a_closed_client_end_names_nobody_in_the_tables(tmp_path: Path) -> None:
         ("09", 0, 0),  # LAST_ACK
         ("07", 0, 0),  # CLOSE
         ("01", 0, 0),  # open, yet no inode: nothing proves the uid
-        ("04", 1234, 4321),  # FIN_WAIT1 with an inode (half-closed): still not held open
         ("08", 1234, 5555),  # CLOSE_WAIT: the server closed its half; the client holds its end
+        ("04", 1234, 4321),  # FIN_WAIT1 with an inode: half-closed (shutdown), still held
     ]
     (net / "tcp").write_text(
         TCP_HEADER
@@ -441,7 +441,7 @@ def test_a_closed_client_end_names_nobody_in_the_tables(tmp_path: Path) -> None:
     (net / "tcp6").write_text(TCP_HEADER + _row(0, f"{mapped}:D451", f"{mapped}:1F40", "05", 0, 0))
     lookup = PeerLookup(proc_root=tmp_path, sock_diag=False)
     found = [lookup.tcp_uid(("127.0.0.1", 0xD431 + n), ("127.0.0.1", 8000)) for n in range(len(rows))]
-    assert found == [None] * (len(rows) - 1) + [1234]
+    assert found == [None] * (len(rows) - 2) + [1234, 1234]
     assert lookup.tcp_uid(("127.0.0.1", 0xD451), ("127.0.0.1", 8000)) is None
 
 

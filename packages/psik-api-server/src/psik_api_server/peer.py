@@ -11,13 +11,17 @@
   the tables are the fallback where netlink is not allowed. Systems with neither
   (macOS) cannot tell: :meth:`PeerLookup.tcp_uid` answers None, and ``security`` asks
   for the local secret instead.
-* Only an end its owner still holds names a uid. Once the client has closed its socket,
-  its end is an orphan with no inode (FIN_WAIT1/2, CLOSING, LAST_ACK, CLOSE; after the
-  delayed ACK a FIN_WAIT2 mini-socket), which both lookups report as uid 0, or on newer
-  kernels as the socket's creator: neither is proof. A client that sends its whole
-  request corked and closes at once while the server is busy would otherwise be root to
-  a server run as root. Such an end is "cannot tell" (None), never a uid; so is an open
-  end without an inode.
+* Only an end its owner still holds names a uid: one with an inode (the kernel reads
+  the uid before the inode, and an orphan never gets one back), in ESTABLISHED,
+  CLOSE_WAIT (the server closed its half) or FIN_WAIT1/FIN_WAIT2 (the client shut its
+  sending half down after its request, ``shutdown(SHUT_WR)`` as ``nc -N`` does, and
+  still holds the socket, waiting for the answer). Once the client has closed its
+  socket, its end is an orphan with no inode (FIN_WAIT1/2, CLOSING, LAST_ACK, CLOSE;
+  after the delayed ACK a FIN_WAIT2 mini-socket), which both lookups report as uid 0,
+  or on newer kernels as the socket's creator: neither is proof. A client that sends
+  its whole request corked and closes at once while the server is busy would otherwise
+  be root to a server run as root. Such an end is "cannot tell" (None), never a uid; so
+  is an end without an inode in any state, and one in any other state.
 
 How the app sees its connection: an ASGI scope has the peer's address but not the
 socket. The server's connection hooks (:mod:`.uvicorn_protocol` for uvicorn,
@@ -52,11 +56,13 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # /proc/net/tcp states. Rows that are not the client's socket are passed over:
 # TIME_WAIT (an earlier connection of the same ports), LISTEN, NEW_SYN_RECV. Of the
-# others only an end its owner still holds names a uid: ESTABLISHED, or CLOSE_WAIT (the
-# server closed its half). Any other state of the client's end (FIN_WAIT1/2, CLOSING,
-# LAST_ACK, CLOSE) means it was closed: an orphan, whose uid column says nothing.
+# others only an end its owner still holds names a uid, and only with an inode:
+# ESTABLISHED, CLOSE_WAIT (the server closed its half), FIN_WAIT1 and FIN_WAIT2 (the
+# client shut down its sending half and waits for the answer). The same states without
+# an inode are an orphan (the client closed its socket), whose uid column says nothing;
+# so are CLOSING, LAST_ACK and CLOSE.
 _NOT_A_CLIENT_END = {"06", "0A", "0C"}
-_HELD = {"01", "08"}
+_HELD = {"01", "08", "04", "05"}
 
 
 class Connection:
@@ -223,7 +229,7 @@ _NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NO_COOKIE = 0xFFFFFFFF
 _NO_NETLINK = object()
-_TCP_HELD = {1, 8}  # ESTABLISHED, CLOSE_WAIT: as _HELD above; any other state: None
+_TCP_HELD = {1, 8, 4, 5}  # ESTABLISHED, CLOSE_WAIT, FIN_WAIT1/2: as _HELD above (and an inode)
 
 
 def _sock_diag_uid(family: int, local: IP, lport: int, remote: IP, rport: int) -> int | object | None:

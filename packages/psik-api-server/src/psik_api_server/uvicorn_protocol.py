@@ -10,6 +10,15 @@ before its first request, nor one that never sends a request:
 * **Connection limits** (with a :class:`~.limits.ConnectionLimits`): a request head has
   a deadline, a request body must keep coming, open connections are capped and the
   longest waiting (or most stalled) one makes room (``limits``' module doc).
+* **A client that half-closes** after its request (``shutdown(SHUT_WR)``, as ``nc -N``
+  does) gets its answer. uvicorn's ``eof_received`` returns None, and asyncio then
+  closes the transport: the request already read was run (a job created) and its
+  response lost. :meth:`ConnectionHooks.eof` keeps the connection half-open while a
+  whole request is being answered, and has uvicorn close it once the response is
+  written (``cycle.keep_alive = False``, as uvicorn's own shutdown does); with no
+  request in progress, or only part of one, the EOF closes the connection at once, as
+  before (nothing more can come). Not over TLS: asyncio's TLS transport closes on EOF
+  whatever the protocol answers.
 
 :class:`ConnectionHooks` holds that work and its state (the limits, the connections of
 each event loop): the server builds one. It reaches uvicorn in one of two ways:
@@ -25,7 +34,7 @@ each event loop): the server builds one. It reaches uvicorn in one of two ways:
 Tested with uvicorn 0.55 and its h11 protocol (httptools and zttp are hooked the same
 way where installed; the package pins the tested uvicorn release): the hooks
 read the protocol's ``transport``, ``app``, ``cycle`` (``body``, ``more_body``,
-``response_started``, ``response_complete``, ``disconnected``,
+``response_started``, ``response_complete``, ``disconnected``, ``keep_alive``,
 ``waiting_for_100_continue``), ``flow.read_paused`` and ``client``.
 """
 
@@ -57,7 +66,7 @@ UVICORN_PROTOCOLS = [
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
     ("uvicorn.protocols.http.zttp_impl", "ZttpProtocol"),
 ]
-_HOOKED = ("connection_made", "data_received", "on_response_complete", "connection_lost")
+_HOOKED = ("connection_made", "data_received", "on_response_complete", "connection_lost", "eof_received")
 
 
 class WithConnection:
@@ -172,6 +181,30 @@ class ConnectionHooks:
 
     def lost(self, proto: Any) -> None:
         self._call(self._forget, proto)
+
+    def eof(self, proto: Any) -> bool:
+        """The client sent its EOF (uvicorn's ``eof_received`` has run): whether to keep
+        the connection half-open, for asyncio. Only while a request read whole is being
+        answered; uvicorn then closes the connection once the response is written."""
+        try:
+            cycle = getattr(proto, "cycle", None)
+            transport = getattr(proto, "transport", None)
+            if (
+                cycle is None
+                or transport is None
+                or transport.is_closing()
+                or transport.get_extra_info("sslcontext") is not None  # asyncio's TLS ends anyway
+                or getattr(cycle, "more_body", True)  # the body will never be complete
+                or getattr(cycle, "response_complete", True)  # answered: nothing to wait for
+                or getattr(cycle, "disconnected", True)
+                or not hasattr(cycle, "keep_alive")
+            ):
+                return False
+            cycle.keep_alive = False
+            return True
+        except Exception:  # never break uvicorn's connection handling
+            _logger.exception("cannot follow a connection")
+            return False
 
     @staticmethod
     def _call(hook: Callable[..., None], *args: Any) -> None:
@@ -409,6 +442,10 @@ class ServedProtocol(asyncio.Protocol):
         super().connection_lost(exc)
         self.hooks.lost(self)
 
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()
+        return self.hooks.eof(self) or keep_open
+
 
 # --- the patch path: uvicorn launched by someone else ------------------------------------
 
@@ -466,6 +503,8 @@ def _wrap(original: Callable[..., Any], name: str, patch: _Patch) -> Callable[..
             hooks.received(self, before, args[0])
         elif name == "on_response_complete":
             hooks.responded(self)
+        elif name == "eof_received":
+            return hooks.eof(self) or result
         else:
             hooks.lost(self)
         return result
