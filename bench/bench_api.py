@@ -132,6 +132,11 @@ async def fill(url: str, count: int, concurrency: int = 8) -> float:
     return time.perf_counter() - t0
 
 
+def _job_dirs(prefix: Path) -> int:
+    """The job directories in ``prefix`` (not the server's ``.psik-api.lock`` beside them)."""
+    return sum(1 for name in os.listdir(prefix) if not name.startswith("."))
+
+
 def bench_list(
     url: str, rounds: int, filters: dict[str, str] | None = None, expect: int | None = 100
 ) -> list[float]:
@@ -195,13 +200,13 @@ def main() -> None:
 
             # The list's cost should follow the page, not the number of jobs: measure it
             # with a tenth of the jobs and with all of them.
-            have = len(os.listdir(data / "psik_api" / "jobs"))
+            have = _job_dirs(data / "psik_api" / "jobs")
             asyncio.run(fill(url, max(0, args.jobs // 10 - have)))
             res["list_limit100_median_s_at_tenth"] = statistics.median(bench_list(url, 50))
-            have = len(os.listdir(data / "psik_api" / "jobs"))
+            have = _job_dirs(data / "psik_api" / "jobs")
             res["fill_seconds"] = asyncio.run(fill(url, max(0, args.jobs - have)))
             res["fill_creates_per_s"] = (args.jobs - have) / res["fill_seconds"]
-            res["jobs_in_index"] = len(os.listdir(data / "psik_api" / "jobs"))
+            res["jobs_in_index"] = _job_dirs(data / "psik_api" / "jobs")
             lst = bench_list(url, 50)
             res["list_limit100_median_s"] = statistics.median(lst)
             res["list_limit100_p90_s"] = pct(lst, 0.9)
