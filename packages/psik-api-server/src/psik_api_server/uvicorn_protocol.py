@@ -184,8 +184,8 @@ class ConnectionHooks:
 
     def eof(self, proto: Any) -> bool:
         """The client sent its EOF (uvicorn's ``eof_received`` has run): whether to keep
-        the connection half-open, for asyncio. Only while a request read whole is being
-        answered; uvicorn then closes the connection once the response is written."""
+        the connection half-open, for asyncio. Only while a request read whole awaits its
+        answer, not yet begun; uvicorn then closes the connection once it is written."""
         try:
             cycle = getattr(proto, "cycle", None)
             transport = getattr(proto, "transport", None)
@@ -196,6 +196,10 @@ class ConnectionHooks:
                 or transport.get_extra_info("sslcontext") is not None  # asyncio's TLS ends anyway
                 or getattr(cycle, "more_body", True)  # the body will never be complete
                 or getattr(cycle, "response_complete", True)  # answered: nothing to wait for
+                # A response under way (a log follow streams for as long as the job runs):
+                # the EOF is the client leaving, which the app must learn of (http.disconnect)
+                # rather than stream on to nobody, holding the log open.
+                or getattr(cycle, "response_started", True)
                 or getattr(cycle, "disconnected", True)
                 or not hasattr(cycle, "keep_alive")
             ):
