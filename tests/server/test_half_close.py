@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -72,10 +73,13 @@ def test_a_half_closed_end_still_held_names_its_owner_in_the_tables(tmp_path: Pa
     assert found == [1234, 1234, None, None, None, None]
 
 
-def _client_state(port: int) -> str | None:
+def _client_state(port: int, server_port: int) -> str | None:
+    """The state of the client end ``port -> server_port`` (both ports: a TIME_WAIT row of
+    an earlier connection from the same ephemeral port to elsewhere may come first)."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+        if (local, remote) == (port, server_port):
             return fields[3]
     return None
 
@@ -91,9 +95,10 @@ def test_both_lookups_name_the_owner_of_a_half_closed_end() -> None:
             client.sendall(b"POST /v1/jobs HTTP/1.1\r\n\r\n")
             client.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + 10
-            while _client_state(client.getsockname()[1]) != "05" and time.monotonic() < deadline:
+            ends = (client.getsockname()[1], server.getsockname()[1])
+            while _client_state(*ends) != "05" and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert _client_state(client.getsockname()[1]) == "05"  # FIN_WAIT2, still held
+            assert _client_state(*ends) == "05"  # FIN_WAIT2, still held
             for lookup in (PeerLookup(), PeerLookup(sock_diag=False)):
                 assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) == os.geteuid()
 
@@ -203,7 +208,13 @@ def test_a_keep_alive_client_that_half_closes_after_its_answer_is_closed(live: L
         raw.sendall(f"GET /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{url.port}\r\n\r\n".encode())
         raw.settimeout(10)
         first = raw.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200 "), first
+        while b"\r\n\r\n" not in first:  # the head may come in pieces, and the body after it
+            first += raw.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), first
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += raw.recv(65536)
         raw.shutdown(socket.SHUT_WR)
         assert _read_to_eof(raw, timeout=5) == b""  # closed at once, not at keep-alive's end
     _until("no connection is left", lambda: not live.server.server_state.connections)
@@ -238,7 +249,7 @@ def test_a_client_accepted_after_its_half_close_is_named(live: LiveServer, sock_
             raw.sendall(_request(url.port, f"late-{n}"))
             raw.shutdown(socket.SHUT_WR)
             port = raw.getsockname()[1]
-            _until("the client's end is FIN_WAIT2", lambda: _client_state(port) == "05")  # noqa: B023
+            _until("the client's end is FIN_WAIT2", lambda: _client_state(port, url.port) == "05")  # noqa: B023
         finally:
             release.set()
         with raw:

@@ -445,10 +445,13 @@ def test_a_closed_client_end_names_nobody_in_the_tables(tmp_path: Path) -> None:
     assert lookup.tcp_uid(("127.0.0.1", 0xD451), ("127.0.0.1", 8000)) is None
 
 
-def _client_state(port: int) -> str | None:
+def _client_state(port: int, server_port: int) -> str | None:
+    """The state of the client end ``port -> server_port`` (both ports: a TIME_WAIT row of
+    an earlier connection from the same ephemeral port to elsewhere may come first)."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+        if (local, remote) == (port, server_port):
             return fields[3]
     return None
 
@@ -468,7 +471,7 @@ def test_both_lookups_name_nobody_for_a_closed_end() -> None:
             seen = set()
             deadline = time.monotonic() + 10
             while True:
-                state = _client_state(port)
+                state = _client_state(port, server.getsockname()[1])
                 seen.add(state)
                 for lookup in (PeerLookup(), PeerLookup(sock_diag=False)):
                     assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) is None, state
