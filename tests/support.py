@@ -1,9 +1,11 @@
 """Test support shared by the test trees: a live uvicorn in a thread, a free port and a
 wait for a server process to answer, a sync transport into an in-process app, and
-adapters that let one async test body drive both clients."""
+adapters that let one async test body drive both clients; the state of a TCP client end
+and a hold of a live server's event loop, for the peer-lookup tests."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import socket
@@ -11,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -56,6 +59,33 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+def client_tcp_state(port: int, server_port: int) -> str | None:
+    """The /proc/net/tcp state of the client end ``port -> server_port`` (by both ports: a
+    TIME_WAIT row of an earlier connection from the same ephemeral port to elsewhere may
+    come first)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+        if (local, remote) == (port, server_port):
+            return fields[3]
+    return None
+
+
+def hold_loop(live: LiveServer) -> threading.Event:
+    """Hold the live server's event loop until the returned event is set: nothing is
+    accepted or read meanwhile (a server busy in its loop, made exact)."""
+    release, held = threading.Event(), threading.Event()
+    loop: asyncio.AbstractEventLoop = live.server.servers[0].get_loop()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    loop.call_soon_threadsafe(hold)
+    assert held.wait(30), "the server's loop never ran the hold"
+    return release
 
 
 def free_port() -> int:

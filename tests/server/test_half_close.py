@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from psik_api_server.peer import PeerLookup
 from psik_api_server.settings import Settings
 from psik_api_server.uvicorn_protocol import ConnectionHooks
 from psik_api_server.uvicorn_protocol import install as install_uvicorn_hook
-from support import LiveServer
+from support import LiveServer, client_tcp_state, hold_loop
 
 TCP_HEADER = (
     "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
@@ -73,17 +72,6 @@ def test_a_half_closed_end_still_held_names_its_owner_in_the_tables(tmp_path: Pa
     assert found == [1234, 1234, None, None, None, None]
 
 
-def _client_state(port: int, server_port: int) -> str | None:
-    """The state of the client end ``port -> server_port`` (both ports: a TIME_WAIT row of
-    an earlier connection from the same ephemeral port to elsewhere may come first)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-        if (local, remote) == (port, server_port):
-            return fields[3]
-    return None
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="TCP states are Linux's /proc and sock_diag")
 def test_both_lookups_name_the_owner_of_a_half_closed_end() -> None:
     with (
@@ -96,9 +84,9 @@ def test_both_lookups_name_the_owner_of_a_half_closed_end() -> None:
             client.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + 10
             ends = (client.getsockname()[1], server.getsockname()[1])
-            while _client_state(*ends) != "05" and time.monotonic() < deadline:
+            while client_tcp_state(*ends) != "05" and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert _client_state(*ends) == "05"  # FIN_WAIT2, still held
+            assert client_tcp_state(*ends) == "05"  # FIN_WAIT2, still held
             for lookup in (PeerLookup(), PeerLookup(sock_diag=False)):
                 assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) == os.geteuid()
 
@@ -220,20 +208,6 @@ def test_a_keep_alive_client_that_half_closes_after_its_answer_is_closed(live: L
     _until("no connection is left", lambda: not live.server.server_state.connections)
 
 
-def _hold(live: LiveServer) -> threading.Event:
-    """Hold the server's event loop until the returned event is set."""
-    release, held = threading.Event(), threading.Event()
-    loop: asyncio.AbstractEventLoop = live.server.servers[0].get_loop()
-
-    def hold() -> None:
-        held.set()
-        release.wait(60)
-
-    loop.call_soon_threadsafe(hold)
-    assert held.wait(30), "the server's loop never ran the hold"
-    return release
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="TCP states are Linux's /proc and sock_diag")
 @pytest.mark.parametrize("sock_diag", [True, False], ids=["sock_diag", "proc-tables"])
 def test_a_client_accepted_after_its_half_close_is_named(live: LiveServer, sock_diag: bool) -> None:
@@ -243,13 +217,13 @@ def test_a_client_accepted_after_its_half_close_is_named(live: LiveServer, sock_
     url = httpx.URL(live.url)
     assert url.port is not None
     for n in range(3):
-        release = _hold(live)
+        release = hold_loop(live)
         try:
             raw = socket.create_connection((url.host, url.port))
             raw.sendall(_request(url.port, f"late-{n}"))
             raw.shutdown(socket.SHUT_WR)
             port = raw.getsockname()[1]
-            _until("the client's end is FIN_WAIT2", lambda: _client_state(port, url.port) == "05")  # noqa: B023
+            _until("the client's end is FIN_WAIT2", lambda: client_tcp_state(port, url.port) == "05")  # noqa: B023
         finally:
             release.set()
         with raw:

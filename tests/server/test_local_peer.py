@@ -31,7 +31,7 @@ from psik_api_client import Client, PermissionDeniedError
 from psik_api_server.peer import PeerLookup
 from psik_api_server.settings import Settings
 from psik_api_server.uvicorn_protocol import install as install_uvicorn_hook
-from support import LiveServer, free_port
+from support import LiveServer, client_tcp_state, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -445,17 +445,6 @@ def test_a_closed_client_end_names_nobody_in_the_tables(tmp_path: Path) -> None:
     assert lookup.tcp_uid(("127.0.0.1", 0xD451), ("127.0.0.1", 8000)) is None
 
 
-def _client_state(port: int, server_port: int) -> str | None:
-    """The state of the client end ``port -> server_port`` (both ports: a TIME_WAIT row of
-    an earlier connection from the same ephemeral port to elsewhere may come first)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-        if (local, remote) == (port, server_port):
-            return fields[3]
-    return None
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="orphaned ends are Linux's /proc and sock_diag")
 def test_both_lookups_name_nobody_for_a_closed_end() -> None:
     # A client that sends corked and closes at once: its end is an orphan in FIN_WAIT1,
@@ -471,7 +460,7 @@ def test_both_lookups_name_nobody_for_a_closed_end() -> None:
             seen = set()
             deadline = time.monotonic() + 10
             while True:
-                state = _client_state(port, server.getsockname()[1])
+                state = client_tcp_state(port, server.getsockname()[1])
                 seen.add(state)
                 for lookup in (PeerLookup(), PeerLookup(sock_diag=False)):
                     assert lookup.tcp_uid(accepted.getpeername(), accepted.getsockname()) is None, state

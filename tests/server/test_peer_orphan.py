@@ -13,7 +13,6 @@ held by a callback until the attacker's ends are in the state the attack needs."
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from local_users import Other, another_user, cannot
 from psik_api_client import Client
 from psik_api_server.peer import PeerLookup
 from psik_api_server.settings import Settings
-from support import LiveServer
+from support import LiveServer, hold_loop
 
 ATTEMPTS = 15
 
@@ -110,21 +109,6 @@ class Load:
             t.join(timeout=60)
 
 
-def _hold(live: LiveServer) -> threading.Event:
-    """Hold the server's event loop until the returned event is set: nothing is accepted
-    or read meanwhile (a server busy in its loop, made exact)."""
-    release, held = threading.Event(), threading.Event()
-    loop: asyncio.AbstractEventLoop = live.server.servers[0].get_loop()
-
-    def hold() -> None:
-        held.set()
-        release.wait(60)
-
-    loop.call_soon_threadsafe(hold)
-    assert held.wait(30), "the server's loop never ran the hold"
-    return release
-
-
 def _states(ports: set[int]) -> dict[int, str]:
     """The /proc/net/tcp state of each client end whose local port is in ``ports``."""
     found: dict[int, str] = {}
@@ -175,14 +159,14 @@ def test_a_closed_client_end_is_not_root(
         try:
             release = None
             if mode == "early":
-                release = _hold(live)
+                release = hold_loop(live)
             assert attacker.stdout is not None and attacker.stdin is not None
             ports = {int(p) for p in attacker.stdout.readline().split()}
             assert len(ports) == ATTEMPTS, "the attacker could not connect"
             if mode == "late":
                 connections = live.server.server_state.connections
                 _until("the server accepted them", lambda: ports <= {c.client[1] for c in list(connections)})
-                release = _hold(live)
+                release = hold_loop(live)
                 attacker.stdin.write("go\n")
                 attacker.stdin.flush()
             assert attacker.wait(30) == 0
