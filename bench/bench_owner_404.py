@@ -22,7 +22,7 @@ from typing import Any
 from asgi_lifespan import LifespanManager
 
 from psik_api_server.app import create_app
-from psik_api_server.launcher import LocalLauncher
+from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings
 
 

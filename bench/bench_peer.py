@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 from psik_api_server.app import create_app
-from psik_api_server.peer import PeerLookup
+from psik_api_server.auth.peer import PeerLookup
 from psik_api_server.settings import Settings
 from support import LiveServer
 

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from leaks import _ends_what_it_starts, pytest_sessionfinish  # noqa: F401
 from psik_api_client import AsyncClient, Client
 from psik_api_server.app import create_app
-from psik_api_server.launcher import LocalLauncher
+from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings
 from support import ASGIThreadTransport, AsyncApi, LiveServer, SyncApi
 from tls_support import Identities, TlsServer, make_identities

@@ -25,7 +25,7 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from psik_api_client import AsyncClient, Client
-from psik_api_server.uvicorn_protocol import ConnectionHooks
+from psik_api_server.serving.uvicorn_seam import ConnectionHooks
 
 
 class LiveServer:

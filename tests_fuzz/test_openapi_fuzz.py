@@ -43,7 +43,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from psik_api_server import __version__
-from psik_api_server.openapi import build_openapi
+from psik_api_server.http.openapi import build_openapi
 from support import free_port, wait_healthy
 from tls_support import make_identities, tls_server, write_config
 

@@ -162,7 +162,7 @@ def test_another_user_is_refused_under_each_server(
 def test_the_hypercorn_hook_wraps_its_connections_once() -> None:
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    from psik_api_server.hypercorn_hook import install_hypercorn_hook, is_wrapped
+    from psik_api_server.serving.hypercorn_seam import install_hypercorn_hook, is_wrapped
 
     assert install_hypercorn_hook() and install_hypercorn_hook()
     hooked = TCPServer.__init__

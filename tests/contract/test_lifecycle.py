@@ -20,7 +20,7 @@ from psik_api_client import (
     UnprocessableEntityError,
     WaitTimeout,
 )
-from psik_api_server.liveness import process_running
+from psik_api_server.backends.local.liveness import process_running
 from psik_api_server.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -19,7 +19,7 @@ from tls_support import tls_server as run_tls_server
 
 #: The server's token routes (issue 8) are being built alongside this client.
 needs_tokens = pytest.mark.skipif(
-    importlib.util.find_spec("psik_api_server.tokens") is None, reason="the server mints no tokens yet"
+    importlib.util.find_spec("psik_api_server.auth.tokens") is None, reason="the server mints no tokens yet"
 )
 
 

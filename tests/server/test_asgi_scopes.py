@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 
-from psik_api_server.peer import PeerLookup
+from psik_api_server.auth.peer import PeerLookup
 
 pytestmark = pytest.mark.anyio
 

@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from psik_api_core import OwnerPolicy
+from psik_api_server.auth.policy import load_policy
+from psik_api_server.auth.tokens import load_or_create_key
 from psik_api_server.errors import StartupError
-from psik_api_server.policy import load_policy
 from psik_api_server.settings import Settings, parse_config
-from psik_api_server.tokens import load_or_create_key
 from tls_support import Identities, TlsServer, tls_server
 
 biscuit = pytest.importorskip("biscuit_auth")
@@ -507,8 +507,8 @@ def test_a_path_with_a_trailing_newline_is_still_a_job_route() -> None:
     """Starlette's route pattern ends in ``$``, which also matches before a trailing
     newline: ``/v1/jobs%0A`` reached the list handler while TokenAuth, matching the
     whole path, took it for an open route."""
+    from psik_api_server.auth.token import TokenAuth
     from psik_api_server.errors import ApiError
-    from psik_api_server.tokenauth import TokenAuth
 
     auth = TokenAuth(app=None)  # type: ignore[arg-type]
     for path in ("/v1/jobs\n", "/v1/jobs/1.5\n", "/v1/events\n"):

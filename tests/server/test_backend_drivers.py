@@ -17,12 +17,12 @@ from psik_api_core import JobSpec
 from psik_api_server.app import create_app
 from psik_api_server.backends import DRIVERS, BackendDriver, Finding, driver_class, register
 from psik_api_server.backends.local import LocalDriver
+from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.backends.psik_plain import PsikDriver
 from psik_api_server.backends.slurm import SlurmDriver
-from psik_api_server.callbacks import CallbackRecord
-from psik_api_server.launcher import LocalLauncher
+from psik_api_server.jobs.callbacks import CallbackRecord
+from psik_api_server.jobs.store import JobRow
 from psik_api_server.settings import BackendSettings, Settings
-from psik_api_server.store import JobRow
 
 pytestmark = pytest.mark.anyio
 

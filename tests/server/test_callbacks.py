@@ -25,10 +25,10 @@ from starlette.applications import Starlette
 
 from conftest import lazy_app
 from psik_api_core import JobSpec
-from psik_api_server.callbacks import RECORD_NAME, read_record
 from psik_api_server.errors import ApiError
+from psik_api_server.jobs.callbacks import RECORD_NAME, read_record
+from psik_api_server.jobs.speclimits import SpecLimits, host_allowed
 from psik_api_server.settings import Settings
-from psik_api_server.speclimits import SpecLimits, host_allowed
 from support import LiveServer
 
 pytestmark = pytest.mark.anyio

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from psik_api_server.containment import GRACE, SWEEP_INTERVAL
+from psik_api_server.backends.local.containment import GRACE, SWEEP_INTERVAL
 
 pytestmark = pytest.mark.anyio
 
@@ -233,7 +233,7 @@ async def test_job_directories_are_owner_only(app: Starlette, http: httpx.AsyncC
 
 
 def test_a_reused_pid_is_never_signalled() -> None:
-    from psik_api_server.proctree import read_proc, send
+    from psik_api_server.backends.local.proctree import read_proc, send
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
@@ -253,7 +253,7 @@ def test_a_reused_pid_is_never_signalled() -> None:
 def test_the_server_and_its_ancestors_are_never_signalled(tmp_path: Path) -> None:
     """A job directory that names the server's own PID as its runner (a PID reused by
     the server after a reboot, say) gets nothing signalled."""
-    from psik_api_server.containment import Containment
+    from psik_api_server.backends.local.containment import Containment
 
     containment = Containment(tmp_path, {"default"})
     assert containment.end_job("1693992878.203", 1, (os.getpid(), time.time())) == 0
@@ -261,7 +261,7 @@ def test_the_server_and_its_ancestors_are_never_signalled(tmp_path: Path) -> Non
 
 
 def test_a_tag_is_read_from_the_environment_a_process_started_with(tmp_path: Path) -> None:
-    from psik_api_server.proctree import read_tag
+    from psik_api_server.backends.local.proctree import read_tag
 
     env = {"PATH": os.environ.get("PATH", ""), "base": str(tmp_path / "1693992878.203"), "jobndx": "3"}
     code = "import time; print(flush=True); time.sleep(300)"

@@ -32,7 +32,7 @@ from psik_api_client._exceptions import (
     ServiceUnavailableError,
 )
 from psik_api_core import is_slot_wait
-from psik_api_server import jobdir
+from psik_api_server.jobs import directory as jobdir
 from psik_api_server.settings import default_state_dir
 from support import free_port
 

@@ -61,7 +61,7 @@ async def test_a_submit_stopped_by_a_full_disk_leaves_nothing_and_a_retry_works(
 
 
 def test_what_counts_as_a_full_disk_and_where() -> None:
-    from psik_api_server.diskfull import INDEX, PREFIX, full_place
+    from psik_api_server.jobs.diskfull import INDEX, PREFIX, full_place
 
     assert full_place(OSError(errno.ENOSPC, "x")) == PREFIX
     assert full_place(OSError(errno.EDQUOT, "x")) == PREFIX

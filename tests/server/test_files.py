@@ -25,7 +25,9 @@ from starlette.applications import Starlette
 
 from conftest import lazy_app
 from psik_api_core import Limits
-from psik_api_server import files_service, jobfiles, routes_files
+from psik_api_server.files import checksums
+from psik_api_server.files import service as files_service
+from psik_api_server.http import files as routes_files
 from psik_api_server.settings import Settings
 from support import LiveServer
 
@@ -636,14 +638,14 @@ def _slow_checksums(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, l
     release, and the sizes of the files hashed."""
     release = threading.Event()
     hashed: list[int] = []
-    original = jobfiles.ChecksumCache.checksum
+    original = checksums.ChecksumCache.checksum
 
-    def slow(self: jobfiles.ChecksumCache, fd: int, st: os.stat_result) -> str:
+    def slow(self: checksums.ChecksumCache, fd: int, st: os.stat_result) -> str:
         hashed.append(st.st_size)
         release.wait(30)
         return original(self, fd, st)
 
-    monkeypatch.setattr(jobfiles.ChecksumCache, "checksum", slow)
+    monkeypatch.setattr(checksums.ChecksumCache, "checksum", slow)
     return release, hashed
 
 

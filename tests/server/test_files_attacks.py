@@ -453,7 +453,7 @@ def test_a_symlink_swapped_for_a_directory_mid_resolve_is_a_changed_path(
     that went, FileNotFoundError (404 for a read, 409 for a write)."""
     import errno
 
-    from psik_api_server.jobpaths import Root, resolve
+    from psik_api_server.files.paths import Root, resolve
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "root").mkdir()

@@ -26,11 +26,11 @@ import httpx
 import pytest
 
 from conftest import lazy_app
-from psik_api_server.limits import ConnectionLimits
-from psik_api_server.peer import PeerLookup
+from psik_api_server.auth.peer import PeerLookup
+from psik_api_server.serving.limits import ConnectionLimits
+from psik_api_server.serving.uvicorn_seam import ConnectionHooks
+from psik_api_server.serving.uvicorn_seam import install as install_uvicorn_hook
 from psik_api_server.settings import Settings
-from psik_api_server.uvicorn_protocol import ConnectionHooks
-from psik_api_server.uvicorn_protocol import install as install_uvicorn_hook
 from support import LiveServer, client_tcp_state, hold_loop
 
 TCP_HEADER = (

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from conftest import lazy_app
-from psik_api_server.proctree import ProcessTable
+from psik_api_server.backends.local.proctree import ProcessTable
 from psik_api_server.settings import BackendSettings, Settings
 from support import LiveServer
 

@@ -267,7 +267,7 @@ def test_problem_bodies_are_json_documents() -> None:
     # A guard that the problem helper emits real JSON (not repr) for extension members.
     from psik_api_core import ProblemCode
     from psik_api_server.errors import ApiError
-    from psik_api_server.problems import problem_response
+    from psik_api_server.http.problems import problem_response
 
     r = problem_response(ApiError(ProblemCode.conflict, "busy", jobid="1.2", state="active"), "/x")
     assert json.loads(bytes(r.body))["state"] == "active"
@@ -277,7 +277,7 @@ async def test_idempotency_key_in_flight_is_409_with_retry_after(
     http: httpx.AsyncClient, app: Starlette
 ) -> None:
     from psik_api_core import JobSpec
-    from psik_api_server.service import body_hash
+    from psik_api_server.jobs.service import body_hash
 
     body = {"script": "true"}
     store = app.state.service.store

@@ -17,8 +17,8 @@ from asgi_lifespan import LifespanManager
 
 from conftest import lazy_app
 from psik_api_core import JobState
+from psik_api_server.jobs.store import JobRow, JobStore
 from psik_api_server.settings import Settings
-from psik_api_server.store import JobRow, JobStore
 
 #: The index as the release before exit codes made it (``PRAGMA user_version`` 0).
 BEFORE_EXIT_CODES = """

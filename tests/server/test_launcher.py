@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from psik_api_server.launcher import LocalLauncher
-from psik_api_server.liveness import process_running
+from psik_api_server.backends.local.launcher import LocalLauncher
+from psik_api_server.backends.local.liveness import process_running
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +27,7 @@ async def execute(self, jobndx, **env):
 
 psik.job.Job.execute = execute
 
-from psik_api_server.launcher import main
+from psik_api_server.backends.local.launcher import main
 
 main()
 """

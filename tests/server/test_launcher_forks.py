@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from psik_api_server.launcher import LocalLauncher
+from psik_api_server.backends.local.launcher import LocalLauncher
 
 pytestmark = pytest.mark.anyio
 

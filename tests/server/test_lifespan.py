@@ -14,8 +14,9 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from conftest import lazy_app
-from psik_api_server import jobdir, watcher
 from psik_api_server.app import create_app
+from psik_api_server.jobs import directory as jobdir
+from psik_api_server.jobs import watcher
 from psik_api_server.settings import Settings
 
 pytestmark = pytest.mark.anyio

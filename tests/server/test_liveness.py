@@ -16,7 +16,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from psik_api_server.app import create_app
-from psik_api_server.liveness import has_proc, process_running, vanished_jobs
+from psik_api_server.backends.local.liveness import has_proc, process_running, vanished_jobs
 from psik_api_server.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -185,7 +185,7 @@ async def test_a_dead_callback_url_delays_neither_submit_nor_cancel(app: Starlet
     failed one stopped cancel() before it signalled the job."""
     import socket
 
-    from psik_api_server.liveness import process_running
+    from psik_api_server.backends.local.liveness import process_running
 
     blackhole = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
     hook = f"http://127.0.0.1:{blackhole.getsockname()[1]}/hook"
@@ -217,7 +217,7 @@ sleep 60 & wait
 
 
 async def test_a_late_row_after_cancel_changes_neither_the_index_nor_liveness(app: Starlette) -> None:
-    from psik_api_server.liveness import process_running
+    from psik_api_server.backends.local.liveness import process_running
 
     service = app.state.service
     # The watcher's background task is stopped, so that its only look at the job is the

@@ -28,9 +28,9 @@ from starlette.applications import Starlette
 from conftest import lazy_app
 from local_users import Other, another_user, run_as
 from psik_api_client import Client, PermissionDeniedError
-from psik_api_server.peer import PeerLookup
+from psik_api_server.auth.peer import PeerLookup
+from psik_api_server.serving.uvicorn_seam import install as install_uvicorn_hook
 from psik_api_server.settings import Settings
-from psik_api_server.uvicorn_protocol import install as install_uvicorn_hook
 from support import LiveServer, client_tcp_state, free_port
 
 pytestmark = pytest.mark.anyio
@@ -561,7 +561,7 @@ def test_client_and_server_agree_on_the_secret(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runtime_dir: str | None
 ) -> None:
     from psik_api_client import _local_secret as client_side
-    from psik_api_server import security
+    from psik_api_server.auth import local as security
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
@@ -579,7 +579,7 @@ def test_client_and_server_agree_on_the_secret(
 def test_the_protocol_class_subclasses_uvicorns_and_patches_nothing() -> None:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    from psik_api_server.uvicorn_protocol import ConnectionHooks, ServedProtocol
+    from psik_api_server.serving.uvicorn_seam import ConnectionHooks, ServedProtocol
 
     before = dict(vars(H11Protocol))
     hooks = ConnectionHooks()

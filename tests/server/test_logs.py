@@ -23,8 +23,9 @@ from starlette.applications import Starlette
 
 from conftest import lazy_app
 from psik_api_core import LIMITS, LOCAL_USER, Principal, ProblemCode
-from psik_api_server import joblogs, routes_logs
 from psik_api_server.errors import ApiError
+from psik_api_server.http import logs as routes_logs
+from psik_api_server.jobs import logs as joblogs
 from psik_api_server.settings import Settings
 from support import LiveServer
 

@@ -19,12 +19,12 @@ from asgi_lifespan import LifespanManager
 
 from conftest import lazy_app
 from psik_api_core import LOCAL_USER, OwnerPolicy, Principal
-from psik_api_server.backend import PsikBackend
+from psik_api_server.backends.local.launcher import LocalLauncher
+from psik_api_server.backends.psik_backend import PsikBackend
 from psik_api_server.errors import ApiError, StartupError
-from psik_api_server.launcher import LocalLauncher
-from psik_api_server.service import JobService
+from psik_api_server.jobs.service import JobService
+from psik_api_server.jobs.store import JobStore
 from psik_api_server.settings import Settings
-from psik_api_server.store import JobStore
 from support import free_port
 
 pytestmark = pytest.mark.anyio
@@ -162,7 +162,7 @@ async def test_concurrent_starts_of_one_job_run_it_once(settings: Settings) -> N
 
 def test_the_start_claim_is_taken_once_per_run(tmp_path: Path) -> None:
     from psik_api_core import JobState
-    from psik_api_server.store import JobRow
+    from psik_api_server.jobs.store import JobRow
 
     store = JobStore(tmp_path / "i.sqlite").open()
     other = JobStore(tmp_path / "i.sqlite").open()  # another process on the same index

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from psik_api_core import JOBID_PATTERN, LIMITS, STRICT_INPUT, Job, JobSpec, JobState, ResourceSpec
 from psik_api_core.limits import byte_size
-from psik_api_server.docs import docs_html
-from psik_api_server.openapi import build_openapi
+from psik_api_server.http.docs import docs_html
+from psik_api_server.http.openapi import build_openapi
 
 CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "http-api.md"
 JOB_ROUTES = [
@@ -297,7 +297,7 @@ def test_jobspec_schema_rejects_what_core_rejects(doc: dict[str, Any], body: dic
 
 def test_the_table_needs_no_web_framework() -> None:
     """The operations table is data: reading it (the client, tools) pulls in no server."""
-    code = "import sys; sys.modules.update(starlette=None, psik=None); import psik_api_server.openapi"
+    code = "import sys; sys.modules.update(starlette=None, psik=None); import psik_api_server.http.openapi"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

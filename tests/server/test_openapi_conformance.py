@@ -13,7 +13,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from psik_api_server.routes import Resource
+from psik_api_server.http.routes import Resource
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 
 from psik_api_core import Action, OwnerPolicy, Principal
 from psik_api_server.app import create_app
-from psik_api_server.launcher import LocalLauncher
+from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings
 
 pytestmark = pytest.mark.anyio

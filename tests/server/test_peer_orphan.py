@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from conftest import lazy_app
 from local_users import Other, another_user, cannot
 from psik_api_client import Client
-from psik_api_server.peer import PeerLookup
+from psik_api_server.auth.peer import PeerLookup
 from psik_api_server.settings import Settings
 from support import LiveServer, hold_loop
 

@@ -19,9 +19,9 @@ import pytest
 from starlette.applications import Starlette
 
 from local_users import Other, another_user
+from psik_api_server.auth.local import check_private_dir, is_loopback_authority, is_loopback_host
 from psik_api_server.cli import _unix_socket, main
 from psik_api_server.errors import StartupError
-from psik_api_server.security import check_private_dir, is_loopback_authority, is_loopback_host
 from support import LiveServer
 
 pytestmark = pytest.mark.anyio
@@ -337,7 +337,7 @@ def test_a_prefix_in_a_group_directory_is_a_warning(tmp_path: Path, caplog: pyte
     project.mkdir()
     project.chmod(0o2770)  # an HPC project directory: the group's members could do it
     (project / "me" / "jobs").mkdir(parents=True, mode=0o700)
-    with caplog.at_level("WARNING", logger="psik_api_server.security"):
+    with caplog.at_level("WARNING", logger="psik_api_server.auth.local"):
         check_private_dir(project / "me" / "jobs")
     [record] = caplog.records
     assert (
@@ -487,8 +487,8 @@ def test_the_backend_never_uses_a_prefix_another_user_made(settings: Any) -> Non
     that another user made, first or while start-up ran, is refused when psik is opened."""
     if os.geteuid() != 0:
         pytest.skip("only root can give a directory to another user")
-    from psik_api_server.backend import PsikBackend
-    from psik_api_server.launcher import LocalLauncher
+    from psik_api_server.backends.local.launcher import LocalLauncher
+    from psik_api_server.backends.psik_backend import PsikBackend
 
     settings.prefix.mkdir(mode=0o700)
     os.chown(settings.prefix, 65534, 65534)

@@ -20,9 +20,9 @@ from asgi_lifespan import LifespanManager
 
 from conftest import lazy_app
 from psik_api_core import SLOT_WAIT_INFO, JobState, Transition
+from psik_api_server.jobs.slots import JobSlots
+from psik_api_server.jobs.store import JobRow
 from psik_api_server.settings import BackendSettings, Settings
-from psik_api_server.slots import JobSlots
-from psik_api_server.store import JobRow
 
 pytestmark = pytest.mark.anyio
 

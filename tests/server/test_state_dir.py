@@ -21,10 +21,10 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from psik_api_server.app import create_app
+from psik_api_server.auth.tokens import TokenAuthority
+from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.errors import StartupError
-from psik_api_server.launcher import LocalLauncher
 from psik_api_server.settings import BackendSettings, Settings, default_state_dir
-from psik_api_server.tokens import TokenAuthority
 
 pytestmark = pytest.mark.anyio
 
@@ -217,13 +217,13 @@ async def test_an_older_layout_is_moved_and_its_jobs_and_tokens_still_work(
 
     new = _settings(prefix)  # this version's default: the state directory
     app = _app(new)
-    with caplog.at_level(logging.WARNING, logger="psik_api_server.statedir"):
+    with caplog.at_level(logging.WARNING, logger="psik_api_server.jobs.statedir"):
         async with LifespanManager(app), _client(app) as c:
             assert (await c.get(f"/v1/jobs/{jobid}")).status_code == 200
             # The same index, not one rebuilt from the prefix: the key still replays.
             r = await c.post("/v1/jobs/new", json={"script": "true"}, headers={"Idempotency-Key": "k-1"})
             assert r.status_code == 201 and r.json()["jobid"] == jobid
-    moved = [r.getMessage() for r in caplog.records if r.name == "psik_api_server.statedir"]
+    moved = [r.getMessage() for r in caplog.records if r.name == "psik_api_server.jobs.statedir"]
     assert len(moved) == 1 and "index.sqlite, launcher.log, token-key.pem" in moved[0], moved
     assert str(new.state_directory) in moved[0]
     assert sorted(os.listdir(sticky_tmp)) == ["psik_jobs"]  # nothing left beside the prefix
@@ -255,7 +255,7 @@ async def test_what_is_not_ours_beside_the_prefix_is_left_alone(
     (sticky_tmp / "index.sqlite").symlink_to(sticky_tmp / "elsewhere")
     settings = _settings(prefix)
     app = _app(settings)
-    with caplog.at_level(logging.WARNING, logger="psik_api_server.statedir"):
+    with caplog.at_level(logging.WARNING, logger="psik_api_server.jobs.statedir"):
         async with LifespanManager(app):
             pass
     assert (sticky_tmp / "index.sqlite").is_symlink() and not settings.database_path.is_symlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from psik_api_core import JobState
-from psik_api_server.store import BadCursor, JobRow, JobStore
+from psik_api_server.jobs.store import BadCursor, JobRow, JobStore
 
 
 def _row(i: int, owner: str = "u", state: JobState = JobState.new, created: float | None = None) -> JobRow:
@@ -174,7 +174,7 @@ def test_an_index_of_the_first_release_is_upgraded_in_place(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("content", [b"not an index\n" * 500, b"SQLite format 3\x00" + b"\xff" * 8000])
 def test_a_corrupt_index_is_told_apart_and_moved_aside_with_its_wal(tmp_path: Path, content: bytes) -> None:
-    from psik_api_server.store import CorruptIndex
+    from psik_api_server.jobs.store import CorruptIndex
 
     path = tmp_path / "index.sqlite"
     path.write_bytes(content)

@@ -1,4 +1,4 @@
-"""The TLS refusal log (psik_api_server.tls_refusals): once per address and reason per
+"""The TLS refusal log (psik_api_server.auth.tls_refusals): once per address and reason per
 window, then how many more there were. The real handshake is in tests/contract/test_tls.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from psik_api_server.tls_refusals import RefusalLog, describe
+from psik_api_server.auth.tls_refusals import RefusalLog, describe
 
 
 def test_the_same_refusal_is_logged_once_per_window(caplog: pytest.LogCaptureFixture) -> None:

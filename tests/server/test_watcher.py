@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 from psik_api_core import JobState, derive_state
-from psik_api_server.jobdir import JobFileInvalid, Row
-from psik_api_server.watcher import Change, StatusWatcher
+from psik_api_server.jobs.directory import JobFileInvalid, Row
+from psik_api_server.jobs.watcher import Change, StatusWatcher
 
 pytestmark = pytest.mark.anyio
 

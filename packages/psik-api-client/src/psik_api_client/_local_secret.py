@@ -13,7 +13,7 @@ start, and asks for it with 401 ``WWW-Authenticate: Psik-Local-Secret``: the cli
 reads the file again and repeats the request once (the server refused it before doing
 anything). A caller that sets the header itself is left alone.
 
-The server's side is ``psik_api_server.security``: the header name and the two
+The server's side is ``psik_api_server.auth.local``: the header name and the two
 directories must match (a test checks they do).
 """
 

@@ -7,7 +7,7 @@ __all__ = ["__version__", "create_app"]
 
 
 def __getattr__(name: str) -> object:
-    # Lazy, so `python -m psik_api_server.launcher` does not import starlette.
+    # Lazy, so `python -m psik_api_server.backends.local.launcher` does not import starlette.
     if name == "create_app":
         from .app import create_app
 

@@ -22,29 +22,30 @@ from starlette.middleware import Middleware
 
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
-from . import __version__, statedir
-from .backend import PsikBackend
+from . import __version__
+from .auth.certnames import ClientNames, find_config
+from .auth.local import LocalLifespan, LocalOnly, LocalSecrets
+from .auth.peer import PeerLookup
+from .auth.policy import load_policy
+from .auth.token import TokenAuth
+from .auth.tokens import TokenAuthority
 from .backends import driver_class
-from .certnames import ClientNames, find_config
-from .docs import docs_html
+from .backends.local.launcher import LocalLauncher
+from .backends.psik_backend import PsikBackend
 from .errors import StartupError
-from .files_service import FileService
-from .launcher import LocalLauncher
-from .limits import flush_repeats
-from .lock import PrefixLock
-from .openapi import build_openapi
-from .peer import PeerLookup
-from .policy import load_policy
-from .problems import EXCEPTION_HANDLERS, CatchAll
-from .response_headers import NoSniff
-from .routes import build_routes
-from .security import LocalLifespan, LocalOnly, LocalSecrets
-from .service import JobService, in_thread
+from .files.service import FileService
+from .http.docs import docs_html
+from .http.headers import NoSniff
+from .http.openapi import build_openapi
+from .http.problems import EXCEPTION_HANDLERS, CatchAll
+from .http.routes import build_routes
+from .jobs import statedir
+from .jobs.prefix_lock import PrefixLock
+from .jobs.service import JobService, in_thread
+from .jobs.speclimits import SpecLimits
+from .jobs.store import JobStore
+from .serving.limits import flush_repeats
 from .settings import Settings
-from .speclimits import SpecLimits
-from .store import JobStore
-from .tokenauth import TokenAuth
-from .tokens import TokenAuthority
 
 _logger = logging.getLogger(__name__)
 

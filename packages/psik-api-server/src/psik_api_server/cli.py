@@ -1,7 +1,7 @@
 """``psik-api-server serve [--config FILE] [--host H] [--port P] [--uds PATH]``.
 
 Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``) and its
-own HTTP protocol class (``uvicorn.Config(http=...)``, :mod:`.uvicorn_protocol`: the
+own HTTP protocol class (``uvicorn.Config(http=...)``, :mod:`psik_api_server.serving.uvicorn_seam`: the
 peer's uid at accept, the connection limits; uvicorn's classes are not patched). In
 ``authz: local`` mode it refuses to listen anywhere but loopback or a UNIX socket, and
 the socket is created readable and writable by its owner only (uvicorn's own is 0666).
@@ -153,12 +153,12 @@ class _QuietStartupError(logging.Filter):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from . import limits
     from .app import create_app
+    from .auth.local import is_loopback_host
     from .errors import StartupError
-    from .security import is_loopback_host
+    from .serving import limits
+    from .serving.uvicorn_seam import ConnectionHooks
     from .settings import ConfigError, load_settings
-    from .uvicorn_protocol import ConnectionHooks
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:

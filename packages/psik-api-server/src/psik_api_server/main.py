@@ -11,7 +11,7 @@ starts.
 
 Whoever launches this app picks uvicorn's protocol class, so building it is where the
 run-time patch path is taken (``psik-api-server serve`` passes its own class instead):
-uvicorn's protocols get the server's :class:`~.uvicorn_protocol.ConnectionHooks` (each
+uvicorn's protocols get the server's :class:`~psik_api_server.serving.uvicorn_seam.ConnectionHooks` (each
 connection carries its socket, the peer's uid looked up at accept, for ``authz:
 local``; the connection limits of the settings: a request-head timeout, a body-rate
 floor, a connection cap, the open-file limit raised; uvicorn's ``--timeout-keep-alive``
@@ -52,9 +52,11 @@ class LazyApp:
 
 
 def _build() -> Starlette:
-    from . import limits, tls_refusals, uvicorn_protocol
     from .app import create_app
-    from .hypercorn_hook import install_hypercorn_hook
+    from .auth import tls_refusals
+    from .serving import limits
+    from .serving import uvicorn_seam as uvicorn_protocol
+    from .serving.hypercorn_seam import install_hypercorn_hook
     from .settings import load_settings
 
     settings = load_settings()

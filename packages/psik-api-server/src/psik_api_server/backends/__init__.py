@@ -1,7 +1,7 @@
 """Backend drivers: what the server does differently for each psik backend type.
 
 One :class:`BackendDriver` per configured backend *type*, serving every configured
-backend of that type; :class:`~psik_api_server.backend.PsikBackend` asks the driver and
+backend of that type; :class:`~psik_api_server.backends.psik_backend.PsikBackend` asks the driver and
 never compares type names. The driver class of a type comes from a registry
 (:func:`register`, :func:`driver_class`): ``local`` (:mod:`.local`: the launcher, process
 containment and liveness), ``slurm`` (:mod:`.slurm`: sbatch, scancel, squeue) and, for
@@ -35,16 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..jobdir import job_path
+from ..jobs.directory import job_path
 
 if TYPE_CHECKING:
     from psik_api_core import JobSpec
 
-    from ..callbacks import CallbackRecord
-    from ..jobdir import JobFiles
-    from ..launcher import LocalLauncher
+    from ..jobs.callbacks import CallbackRecord
+    from ..jobs.directory import JobFiles
+    from ..jobs.store import JobRow
     from ..settings import BackendSettings
-    from ..store import JobRow
+    from .local.launcher import LocalLauncher
 
 __all__ = [
     "DRIVERS",

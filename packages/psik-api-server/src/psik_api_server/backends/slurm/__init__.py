@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from psik_api_core import OVERRULED_INFO
 
-from ... import jobdir
+from ...jobs import directory as jobdir
 from .. import (
     UNAVAILABLE_INFO,
     BackendDriver,
@@ -31,8 +31,8 @@ from .liveness import SlurmLiveness, claimed_end, claimed_ends, run_native_id, s
 from .options import sbatch_options
 
 if TYPE_CHECKING:
+    from ...jobs.store import JobRow
     from ...settings import BackendSettings
-    from ...store import JobRow
 
 _logger = logging.getLogger(__name__)
 

@@ -343,7 +343,7 @@ def adopt(base: Path, native_ids: list[str], clock: float) -> tuple[str | None, 
     from psik_api_core import JobState as CoreState
     from psik_api_core import derive_state
 
-    from ... import jobdir
+    from ...jobs import directory as jobdir
 
     # Non-blocking, no link followed, a regular file: a FIFO there must not hold start-up.
     fd = jobdir.open_job_file(base, "status.csv", jobdir.MAX_STATUS, os.O_WRONLY | os.O_APPEND)

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from psik_api_core import OVERRULED_INFO, JobState
 
-from ... import jobdir
-from ...store import JobRow
+from ...jobs import directory as jobdir
+from ...jobs.store import JobRow
 from . import commands
 
 
