@@ -79,7 +79,7 @@ async def main(samples: int) -> dict[str, dict[str, float]]:
         )
         app = create_app(settings, launcher=LocalLauncher(root / "launcher.log", eager=False))
         async with LifespanManager(app):
-            app.state.client_names = _Names()
+            app.state.context.client_names = _Names()
             status, body = await call(
                 app, "alice", "POST", "/v1/jobs/new", json.dumps({"script": "true"}).encode()
             )

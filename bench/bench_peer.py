@@ -94,13 +94,13 @@ def bench_http(n: int) -> dict[str, Any]:
                 fresh.get(url)
             for _ in range(n):  # interleaved, so that noise hits both alike
                 for name, lookup in lookups.items():
-                    app.state.peer_lookup = lookup
+                    app.state.context.peer_lookup = lookup
                     t = time.perf_counter()
                     fresh.get(url).raise_for_status()  # a new connection: one lookup
                     times[f"new_{name}"].append(time.perf_counter() - t)
             kept.get(url)
             for name, lookup in lookups.items():
-                app.state.peer_lookup = lookup
+                app.state.context.peer_lookup = lookup
                 for _ in range(n):
                     t = time.perf_counter()
                     kept.get(url).raise_for_status()  # one connection: no further lookup

@@ -83,7 +83,7 @@ async def test_an_odd_address_is_a_refusal_not_a_500(app: Starlette, addresses: 
     # The real lookup, and one that would name the owner: no address to look up with,
     # so no uid can be believed either way.
     for lookup in (PeerLookup(), Fixed(os.geteuid())):
-        app.state.peer_lookup = lookup
+        app.state.context.peer_lookup = lookup
         status, body = await call(app, **addresses)
         assert status in (401, 403), body
         assert body["code"] in ("forbidden", "unauthorized") and "cannot tell" in body["detail"], body
@@ -96,7 +96,7 @@ async def test_a_server_named_by_a_host_name_is_checked_as_a_real_socket(
 ) -> None:
     # A launcher that reports the name it was told to bind, not the socket's address: a
     # socket all the same (it has a port). Neither the Host check nor the uid is skipped.
-    app.state.peer_lookup = Fixed(os.geteuid() + 1)
+    app.state.context.peer_lookup = Fixed(os.geteuid() + 1)
     status, body = await call(app, host=b"evil.example", server=server, client=LOOPBACK_CLIENT)
     assert status == 403 and "Host 'evil.example'" in body["detail"], body
     status, body = await call(app, host=b"localhost", server=server, client=LOOPBACK_CLIENT)
@@ -105,10 +105,10 @@ async def test_a_server_named_by_a_host_name_is_checked_as_a_real_socket(
 
 
 async def test_a_tcp_scope_by_ip_is_looked_up(app: Starlette) -> None:
-    app.state.peer_lookup = lookup = Fixed(os.geteuid())
+    app.state.context.peer_lookup = lookup = Fixed(os.geteuid())
     status, _ = await call(app, server=("127.0.0.1", 8000), client=LOOPBACK_CLIENT)
     assert status == 200 and lookup.calls == 1
-    app.state.peer_lookup = Fixed(os.geteuid() + 1)
+    app.state.context.peer_lookup = Fixed(os.geteuid() + 1)
     status, body = await call(app, server=("127.0.0.1", 8000), client=LOOPBACK_CLIENT)
     assert status == 403 and f"uid {os.geteuid() + 1}" in body["detail"], body
 
@@ -125,7 +125,7 @@ async def test_a_scope_without_addresses_is_an_unhooked_unix_socket_and_refused(
 
 async def test_an_in_process_transport_still_works(app: Starlette) -> None:
     # httpx.ASGITransport: a made-up host name without a port: no socket at all.
-    app.state.peer_lookup = lookup = Fixed(os.geteuid() + 1)
+    app.state.context.peer_lookup = lookup = Fixed(os.geteuid() + 1)
     status, _ = await call(app, host=b"testserver", server=("testserver", None), client=("127.0.0.1", 123))
     assert status == 200 and lookup.calls == 0
     status, body = await call(app, host=b"testserver", server=("testserver", None), client=("10.1.2.3", 1))

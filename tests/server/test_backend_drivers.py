@@ -112,10 +112,10 @@ async def test_a_driver_registered_under_a_new_type_name_is_used(toy: None, tmp_
         assert job["state"] == "queued" and job["native_id"] == "toy-1"
         assert ("create", jobid) in CALLS and ("submit", jobid) in CALLS
 
-        assert await app.state.service.check_liveness() == []
+        assert await app.state.context.service.check_liveness() == []
         assert ("vanished", [jobid]) in CALLS  # the index rows of its jobs, handed over
 
         assert (await http.delete(f"/v1/jobs/{jobid}")).status_code < 300
         assert ("cancel", jobid) in CALLS
         assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "canceled"
-        assert not app.state.service.backend._launcher.running  # no local job: no launcher
+        assert not app.state.context.service.backend._launcher.running  # no local job: no launcher

@@ -107,7 +107,7 @@ async def test_a_callback_carries_no_netrc_credentials_and_skips_the_proxy(
     app = lazy_app(settings)
     with LiveServer(app) as live:
         if route == "relay":
-            app.state.service.callback_url = f"{live.url}/v1/callback"
+            app.state.context.service.callback_url = f"{live.url}/v1/callback"
         spec = {"script": "true", "callback": f"{hook.url}/hook", "cb_secret": "users-secret"}
         async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
             r = await http.post("/v1/jobs", json=spec)
@@ -120,7 +120,7 @@ async def test_a_callback_carries_no_netrc_credentials_and_skips_the_proxy(
                     await anyio.sleep(0.02)
                 while (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] != "completed":
                     await anyio.sleep(0.02)
-            await app.state.service.relay.wait()
+            await app.state.context.service.relay.wait()
     assert proxy.got == [], [(target, headers) for target, headers, _ in proxy.got]
     assert {"active", "completed"} <= set(hook.states())
     for target, headers, body in hook.got:

@@ -114,7 +114,7 @@ async def test_a_local_job_reports_to_the_live_server_and_is_relayed_signed(
 ) -> None:
     app = lazy_app(settings)
     with LiveServer(app) as live:
-        service = app.state.service
+        service = app.state.context.service
         url = service.callback_url = f"{live.url}/v1/callback"  # known once the port is
         spec = {"script": "true", "callback": receiver.url, "cb_secret": "users-secret"}
         spec["cb_headers"] = {"X-Users-Header": "users-header-value"}
@@ -149,7 +149,7 @@ async def test_the_secret_file_is_owner_only_and_only_with_callback_url(
 ) -> None:
     app, http = cb_http
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-    path = app.state.settings.prefix / jobid / RECORD_NAME
+    path = app.state.context.settings.prefix / jobid / RECORD_NAME
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     record = read_record(path.parent)
     assert record is not None and len(record.secret) == 64 and record.callback is None
@@ -216,7 +216,7 @@ async def test_forged_reports_are_401_and_record_nothing(
     cb_http: tuple[Starlette, httpx.AsyncClient],
 ) -> None:
     app, http = cb_http
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     a = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
     time.sleep(0.002)  # psik names a job by the millisecond
     b = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
@@ -257,7 +257,7 @@ async def test_a_signed_report_is_recorded_once_as_psik_records_a_remote_one(
     cb_http: tuple[Starlette, httpx.AsyncClient],
 ) -> None:
     app, http = cb_http
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
     secret = read_record(prefix / jobid).secret  # type: ignore[union-attr]
     _submitted(prefix, jobid)  # the job's own reports follow
@@ -283,7 +283,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     earlier run was written after ``completed``, every replay was relayed to the user's
     callback again, and a report for a job purged meanwhile was a 500."""
     app, http = cb_http
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     spec = {"script": "true", "callback": receiver.url, "cb_secret": "users-secret"}
     jobid = (await http.post("/v1/jobs/new", json=spec)).json()["jobid"]
     secret = read_record(prefix / jobid).secret  # type: ignore[union-attr]
@@ -291,7 +291,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     reports = {s: _report(jobid, s) for s in ("queued", "active", "completed")}
     for body in reports.values():
         assert (await _post(http, body, sign(body, secret))).status_code == 204
-    await app.state.service.relay.wait()
+    await app.state.context.service.relay.wait()
     assert receiver.states() == ["queued", "active", "completed"]
     before = (prefix / jobid / "status.csv").read_bytes()
 
@@ -299,7 +299,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     never = _report(jobid, "completed", jobndx=7)  # a run never submitted
     for body in (reports["active"], reports["queued"], reports["completed"], stale, never):
         assert (await _post(http, body, sign(body, secret))).status_code == 204
-    await app.state.service.relay.wait()
+    await app.state.context.service.relay.wait()
     assert (prefix / jobid / "status.csv").read_bytes() == before
     assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "completed"
     assert receiver.states() == ["queued", "active", "completed"]
@@ -315,7 +315,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     assert (await http.get(f"/v1/jobs/{fresh}/state")).json()["state"] == "new"
 
     # Purged between the signature check and the write: nothing to record, no 500.
-    service = app.state.service
+    service = app.state.context.service
     real = service._record_report_sync
 
     def purged_meanwhile(*args: Any) -> bool:
@@ -326,7 +326,7 @@ async def test_replays_and_stale_reports_change_nothing_and_are_not_relayed(
     body = _report(jobid, "active", jobndx=2)
     r = await _post(http, body, sign(body, secret))
     assert r.status_code == 204, r.text
-    await app.state.service.relay.wait()
+    await app.state.context.service.relay.wait()
     assert receiver.states() == ["queued", "active", "completed"]
 
 
@@ -340,14 +340,14 @@ async def test_a_users_dead_callback_holds_up_no_report(
     dead = f"http://127.0.0.1:{blackhole.getsockname()[1]}/hook"
     try:
         jobid = (await http.post("/v1/jobs/new", json={"script": "true", "callback": dead})).json()["jobid"]
-        secret = read_record(app.state.settings.prefix / jobid).secret  # type: ignore[union-attr]
-        _submitted(app.state.settings.prefix, jobid)
-        app.state.service.relay.timeout = 0.3
+        secret = read_record(app.state.context.settings.prefix / jobid).secret  # type: ignore[union-attr]
+        _submitted(app.state.context.settings.prefix, jobid)
+        app.state.context.service.relay.timeout = 0.3
         with anyio.fail_after(5):
             for state in ("queued", "active"):
                 body = _report(jobid, state)
                 assert (await _post(http, body, sign(body, secret))).status_code == 204
-        await app.state.service.relay.wait()
+        await app.state.context.service.relay.wait()
     finally:
         blackhole.close()
     said = [r for r in caplog.records if "not delivered" in r.getMessage() and r.levelname == "WARNING"]
@@ -420,7 +420,7 @@ def test_token_mode_inherit_environment() -> None:
 
 
 async def test_the_service_applies_the_limits(app: Starlette, http: httpx.AsyncClient) -> None:
-    app.state.service.spec_limits = LIMITS  # as app.py builds them for authz "token"
+    app.state.context.service.spec_limits = LIMITS  # as app.py builds them for authz "token"
     r = await http.post("/v1/jobs/new", json={"script": "true", "callback": "http://10.0.0.1/h"})
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["loc"] == ["body", "callback"]
@@ -428,7 +428,7 @@ async def test_the_service_applies_the_limits(app: Starlette, http: httpx.AsyncC
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "inherit_environment"]
     r = await http.post("/v1/jobs/new", json={"script": "true"})
     assert r.status_code == 201
-    spec = json.loads((app.state.settings.prefix / r.json()["jobid"] / "spec.json").read_text())
+    spec = json.loads((app.state.context.settings.prefix / r.json()["jobid"] / "spec.json").read_text())
     assert spec["inherit_environment"] is False
 
 

@@ -115,7 +115,7 @@ async def test_cancel_ends_the_whole_process_tree_term_then_kill(
     with _no_strays() as procs:
         job = (await http.post("/v1/jobs", json={"script": SPREADING})).json()
         jobid = job["jobid"]
-        workdir: Path = app.state.settings.prefix / jobid / "work"
+        workdir: Path = app.state.context.settings.prefix / jobid / "work"
         await _pids(workdir / "pids", SPREADING_COUNT, procs)
         runner = int((await http.get(f"/v1/jobs/{jobid}")).json()["native_id"])
         if (seen := _stat(runner)) is not None:
@@ -143,7 +143,7 @@ echo bye
 """
     with _no_strays() as procs:
         jobid = (await http.post("/v1/jobs", json={"script": script})).json()["jobid"]
-        workdir: Path = app.state.settings.prefix / jobid / "work"
+        workdir: Path = app.state.context.settings.prefix / jobid / "work"
         await _pids(workdir / "pids", 2, procs)
         assert await _wait_state(http, jobid, {"completed", "failed", "canceled"}) == "completed"
         # The script ended; what it left running is TERMed, then KILLed after the grace.
@@ -170,7 +170,8 @@ async def test_a_runner_that_hangs_on_term_is_killed_after_the_grace(
     try:
         assert hung.stdout is not None and hung.stdout.readline()  # TERM is ignored from here
         jobid = (await http.post("/v1/jobs/new", json={"script": "sleep 300"})).json()["jobid"]
-        _append_rows(app.state.settings.prefix / jobid, (1, "queued", str(hung.pid)), (1, "active", ""))
+        prefix = app.state.context.settings.prefix
+        _append_rows(prefix / jobid, (1, "queued", str(hung.pid)), (1, "active", ""))
         t0 = time.monotonic()
         canceled = (await http.delete(f"/v1/jobs/{jobid}")).json()
         assert canceled["state"] == "canceled"
@@ -190,7 +191,7 @@ async def test_cancelling_a_job_whose_process_is_already_gone_logs_no_error(
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # reaped: its PID names no process
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-    _append_rows(app.state.settings.prefix / jobid, (1, "queued", str(gone.pid)), (1, "active", ""))
+    _append_rows(app.state.context.settings.prefix / jobid, (1, "queued", str(gone.pid)), (1, "active", ""))
     with caplog.at_level(logging.DEBUG):
         canceled = (await http.delete(f"/v1/jobs/{jobid}")).json()
         assert canceled["state"] == "canceled"
@@ -208,7 +209,7 @@ async def test_a_second_run_is_not_ended_for_the_first_runs_leftovers(
         jobid = (await http.post("/v1/jobs", json={"script": script})).json()["jobid"]
         assert await _wait_state(http, jobid, {"completed", "failed", "canceled"}) == "completed"
         assert (await http.post(f"/v1/jobs/{jobid}/start")).status_code == 200
-        workdir: Path = app.state.settings.prefix / jobid / "work"
+        workdir: Path = app.state.context.settings.prefix / jobid / "work"
         pids = await _pids(workdir / "pids", 2, procs)
         await anyio.sleep(2 * SWEEP_INTERVAL + 0.5)
         assert _running(pids[1], procs[pids[1]])
@@ -219,11 +220,11 @@ async def test_a_second_run_is_not_ended_for_the_first_runs_leftovers(
 
 async def test_job_directories_are_owner_only(app: Starlette, http: httpx.AsyncClient) -> None:
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-    base = app.state.settings.prefix / jobid
+    base = app.state.context.settings.prefix / jobid
     old = os.umask(0o022)  # as most users have it: psik's files would be 0644 and 0755
     try:
         jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-        base = app.state.settings.prefix / jobid
+        base = app.state.context.settings.prefix / jobid
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in [base, *base.iterdir()]}

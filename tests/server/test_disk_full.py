@@ -133,7 +133,7 @@ async def _scenario(
     script: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    service = app.state.service
+    service = app.state.context.service
     r = await http.post("/v1/jobs", json={"name": "before", "script": script})
     assert r.status_code == 201, r.text
     first = r.json()["jobid"]

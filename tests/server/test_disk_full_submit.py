@@ -28,7 +28,7 @@ async def no_space(*args: Any, **kwargs: Any) -> Any:
 async def test_a_submit_stopped_by_a_full_disk_leaves_nothing_and_a_retry_works(
     app: Starlette, http: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = app.state.service
+    service = app.state.context.service
     body = {"name": "full", "script": "#!/bin/sh\ntrue\n"}
     with monkeypatch.context() as m:
         m.setattr(service.backend, "submit", no_space)

@@ -62,7 +62,7 @@ async def _new_job(http: httpx.AsyncClient, script: str = "cat data.txt") -> str
 
 def _work(http: httpx.AsyncClient, jobid: str) -> Path:
     app: Starlette = http.app  # type: ignore[attr-defined]
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     return prefix.resolve() / jobid / "work"
 
 

@@ -88,7 +88,7 @@ def job(live: Raw, live_app: LiveServer, tmp_path: Path) -> Iterator[tuple[str, 
     assert status == 201, body
     jobid = httpx.Response(200, content=body).json()["jobid"]
     app: Starlette = live_app.server.config.app
-    base = app.state.settings.prefix.resolve() / jobid
+    base = app.state.context.settings.prefix.resolve() / jobid
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(SECRET)
@@ -432,7 +432,7 @@ def test_another_users_job_is_not_found(live_app: LiveServer, live: Raw, job: tu
     """A job owned by someone else (in the index) is 404 on every file route."""
     jobid, work, _outside = job
     app: Starlette = live_app.server.config.app
-    store = app.state.service.store
+    store = app.state.context.service.store
     row = store.get(jobid)
     store.put(dataclasses.replace(row, owner="mallory"))
     (work / "mine").write_bytes(b"x")

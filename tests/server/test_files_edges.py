@@ -45,7 +45,7 @@ async def _new_job(http: httpx.AsyncClient) -> tuple[str, Path]:
     assert r.status_code == 201, r.text
     jobid: str = r.json()["jobid"]
     app: Starlette = http.app  # type: ignore[attr-defined]
-    return jobid, app.state.settings.prefix.resolve() / jobid / "work"
+    return jobid, app.state.context.settings.prefix.resolve() / jobid / "work"
 
 
 # ---- percent-encoded paths ----

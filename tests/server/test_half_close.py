@@ -213,7 +213,7 @@ def test_a_keep_alive_client_that_half_closes_after_its_answer_is_closed(live: L
 def test_a_client_accepted_after_its_half_close_is_named(live: LiveServer, sock_diag: bool) -> None:
     # A busy server accepts the connection after the client's FIN: the end is FIN_WAIT2,
     # still held by its owner. Before, that was "cannot tell" (401, as the tester saw).
-    live.server.config.app.state.peer_lookup = PeerLookup(sock_diag=sock_diag)
+    live.server.config.app.state.context.peer_lookup = PeerLookup(sock_diag=sock_diag)
     url = httpx.URL(live.url)
     assert url.port is not None
     for n in range(3):

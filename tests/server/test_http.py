@@ -195,7 +195,7 @@ async def test_idempotency_key(http: httpx.AsyncClient, app: Starlette) -> None:
     )
     items = (await http.get("/v1/jobs")).json()["items"]
     assert len(items) == 1
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     assert [p.name for p in prefix.iterdir() if p.is_dir()] == [first.json()["jobid"]]
 
 
@@ -257,7 +257,7 @@ async def test_list_is_served_from_the_index(http: httpx.AsyncClient, app: Starl
     """Deleting a job's files behind the server's back does not slow or break a list:
     the list reads the index only (the directory is the truth again at restart)."""
     jobid = (await http.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
-    prefix: Path = app.state.settings.prefix
+    prefix: Path = app.state.context.settings.prefix
     (prefix / jobid / "spec.json").unlink()
     items = (await http.get("/v1/jobs")).json()["items"]
     assert [j["jobid"] for j in items] == [jobid]
@@ -280,7 +280,7 @@ async def test_idempotency_key_in_flight_is_409_with_retry_after(
     from psik_api_server.jobs.service import body_hash
 
     body = {"script": "true"}
-    store = app.state.service.store
+    store = app.state.context.service.store
     # Another worker has claimed the key and not finished yet.
     store.claim_key("local:psik_api", "busy", body_hash(JobSpec.model_validate(body), True), time.time())
     r = await http.post("/v1/jobs", json=body, headers={"Idempotency-Key": "busy"})

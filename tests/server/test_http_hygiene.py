@@ -101,7 +101,7 @@ async def test_a_500_says_nosniff_too(app: Starlette, http: httpx.AsyncClient) -
         def allows(self, *args: Any) -> bool:
             raise RuntimeError("boom")
 
-    app.state.service.policy = Broken()
+    app.state.context.service.policy = Broken()
     r = await http.get("/v1/jobs/1693992878.203")
     assert r.status_code == 500 and r.headers["content-type"] == PROBLEM
     _nosniff(r)

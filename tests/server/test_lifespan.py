@@ -48,7 +48,7 @@ async def test_building_the_app_touches_no_file_and_starts_no_process(settings: 
     async with LifespanManager(app), _client(app) as http:
         assert settings.prefix.is_dir() and settings.database_path.is_file()
         assert (await http.get("/v1/jobs")).json()["items"] == []
-        launcher = app.state.service.backend._launcher
+        launcher = app.state.context.service.backend._launcher
         with anyio.fail_after(20):  # the default launcher starts with the app
             while not launcher.running:
                 await anyio.sleep(0.01)
@@ -60,10 +60,10 @@ async def test_a_lazy_launcher_is_not_spawned_by_an_app_that_runs_no_job(setting
     async with LifespanManager(app), _client(app) as http:
         job = (await http.post("/v1/jobs/new", json={"script": "true"})).json()
         assert (await http.get(f"/v1/jobs/{job['jobid']}")).json()["state"] == "new"
-        assert not app.state.service.backend._launcher.running
+        assert not app.state.context.service.backend._launcher.running
         started = (await http.post(f"/v1/jobs/{job['jobid']}/start")).json()
         assert started["state"] in {"queued", "active", "completed"}  # started on first use
-        assert app.state.service.backend._launcher.running
+        assert app.state.context.service.backend._launcher.running
 
 
 async def test_a_request_without_the_lifespan_is_refused_not_half_served(settings: Settings) -> None:
@@ -127,7 +127,7 @@ async def test_a_slow_status_file_stalls_the_watcher_not_the_server(
             return real(jobs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(watcher, "_look", slow_look)
-        service = app.state.service
+        service = app.state.context.service
         service.watcher.follow(jobid, service.backend.path(jobid) / "status.csv")
         try:
             assert await anyio.to_thread.run_sync(entered.wait, 5)

@@ -61,10 +61,10 @@ async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings
                 await anyio.sleep(0.02)
         history = (await http.get(f"/v1/jobs/{jobid}")).json()["history"]
         pid = int(next(t["info"] for t in history if t["state"] == "queued"))
-        assert await app.state.service.check_liveness() == []  # alive: untouched
+        assert await app.state.context.service.check_liveness() == []  # alive: untouched
         assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "active"
         # Without /proc (macOS), only kill(pid, 0) is asked: the live job is still alive.
-        service = app.state.service
+        service = app.state.context.service
         no_proc = tmp_path / "no-proc"
         no_proc.mkdir()
         assert vanished_jobs(service.store.live(), service.backend.prefix, proc=no_proc) == []

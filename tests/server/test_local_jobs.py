@@ -56,7 +56,7 @@ async def test_a_job_holds_none_of_the_servers_sockets_pipes_or_stdio(app: Starl
             job = (await http.post("/v1/jobs", json={"script": script})).json()
             done = await _wait_final(http, job["jobid"])
         assert done["state"] == "completed", done
-        launcher = app.state.service.backend._launcher._proc
+        launcher = app.state.context.service.backend._launcher._proc
         assert launcher is not None
         forbidden = {t for t in _fd_targets("self") if t.startswith(("socket:", "pipe:"))}
         forbidden |= {t for t in _fd_targets(launcher.pid) if t.startswith(("socket:", "pipe:"))}
@@ -65,7 +65,7 @@ async def test_a_job_holds_none_of_the_servers_sockets_pipes_or_stdio(app: Starl
             if target != "/dev/null":
                 forbidden.add(target)
         assert f"socket:[{os.fstat(listener.fileno()).st_ino}]" in forbidden
-        out = (app.state.settings.prefix / job["jobid"] / "log" / "stdout.1").read_text()
+        out = (app.state.context.settings.prefix / job["jobid"] / "log" / "stdout.1").read_text()
         seen = set(out.splitlines())
         assert any(line.startswith("ppid=") for line in seen)
         assert not (seen & forbidden), seen & forbidden
@@ -138,7 +138,7 @@ async def test_index_states_are_brought_up_to_date_at_start(settings: Settings) 
         assert (state["state"], state["jobndx"]) == ("failed", 1)
         listed = (await http.get("/v1/jobs?state=failed")).json()["items"]
         assert [j["jobid"] for j in listed] == [job["jobid"]]
-    await again.state.service.aclose()
+    await again.state.context.service.aclose()
 
 
 async def test_many_concurrent_submits_all_end_completed(http: httpx.AsyncClient) -> None:
@@ -171,13 +171,13 @@ async def test_a_dead_launcher_is_replaced(app: Starlette) -> None:
     async with _client(app) as http:
         first = (await http.post("/v1/jobs", json={"script": "true"})).json()
         assert (await _wait_final(http, first["jobid"]))["state"] == "completed"
-        launcher = app.state.service.backend._launcher._proc
+        launcher = app.state.context.service.backend._launcher._proc
         os.kill(launcher.pid, signal.SIGKILL)
         await launcher.wait()
         second = await http.post("/v1/jobs", json={"script": "true"})
         assert second.status_code == 201, second.text
         assert (await _wait_final(http, second.json()["jobid"]))["state"] == "completed"
-        assert app.state.service.backend._launcher._proc.pid != launcher.pid
+        assert app.state.context.service.backend._launcher._proc.pid != launcher.pid
 
 
 async def test_a_dead_callback_url_delays_neither_submit_nor_cancel(app: Starlette) -> None:
@@ -219,13 +219,13 @@ sleep 60 & wait
 async def test_a_late_row_after_cancel_changes_neither_the_index_nor_liveness(app: Starlette) -> None:
     from psik_api_server.backends.local.liveness import process_running
 
-    service = app.state.service
+    service = app.state.context.service
     # The watcher's background task is stopped, so that its only look at the job is the
     # one below, made once the late row is written: the case where it does see the row.
     await service.watcher.stop()
     async with _client(app) as http:
         jobid = (await http.post("/v1/jobs", json={"script": LATE_COMPLETED})).json()["jobid"]
-        base: Path = app.state.settings.prefix / jobid
+        base: Path = app.state.context.settings.prefix / jobid
         with anyio.fail_after(20):
             while not (base / "trap-set").exists():
                 await anyio.sleep(0.02)

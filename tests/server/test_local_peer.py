@@ -89,7 +89,7 @@ def test_another_uid_over_loopback_tcp_is_refused(
         status, body = _attack(other_user, "tcp", target, method, path)
         assert status == 403, body
         assert body["code"] == "forbidden" and str(other_user.uid) in str(body["detail"])
-        assert app.state.service.store.count() == 0
+        assert app.state.context.service.store.count() == 0
         # The owner still gets in, on the same server.
         assert httpx.get(f"{live.url}/v1/jobs").status_code == 200
 
@@ -109,7 +109,7 @@ def test_another_uid_over_ipv6_loopback_is_refused(other_user: Other, settings: 
         port = live.server.servers[0].sockets[0].getsockname()[1]
         status, body = _attack(other_user, "tcp", f"[::1]:{port}", "POST", "/v1/jobs")
         assert status == 403, body
-        assert app.state.service.store.count() == 0
+        assert app.state.context.service.store.count() == 0
         assert httpx.get(f"http://[::1]:{port}/v1/jobs").status_code == 200
     finally:
         live.__exit__(None, None, None)
@@ -128,7 +128,7 @@ def test_another_uid_over_a_world_connectable_unix_socket_is_refused(
         status, body = _attack(other_user, "unix", str(sock), method, path)
         assert status == 403, body
         assert body["code"] == "forbidden" and str(other_user.uid) in str(body["detail"])
-        assert app.state.service.store.count() == 0
+        assert app.state.context.service.store.count() == 0
         with Client(uds=str(sock)) as api:
             assert list(api.list()) == []
 
@@ -137,7 +137,7 @@ def test_another_uid_over_a_world_connectable_unix_socket_is_refused(
 def test_both_lookups_name_another_uid(other_user: Other, settings: Settings, sock_diag: bool) -> None:
     app = lazy_app(settings)
     with LiveServer(app) as live:
-        app.state.peer_lookup = PeerLookup(sock_diag=sock_diag)
+        app.state.context.peer_lookup = PeerLookup(sock_diag=sock_diag)
         status, body = _attack(other_user, "tcp", live.url.removeprefix("http://"), "GET", "/v1/jobs")
         assert status == 403 and f"uid {other_user.uid}" in str(body["detail"]), body
         assert httpx.get(f"{live.url}/v1/jobs").status_code == 200
@@ -161,7 +161,7 @@ class CountingLookup(PeerLookup):
 
 
 def test_the_uid_is_looked_up_once_per_connection(live_app: LiveServer) -> None:
-    state = live_app.server.config.app.state
+    state = live_app.server.config.app.state.context
     state.peer_lookup = lookup = CountingLookup()
     with httpx.Client(base_url=live_app.url) as http:
         for _ in range(5):
@@ -199,7 +199,7 @@ def test_hypercorn_looks_the_uid_up_at_accept(settings: Settings) -> None:
                 pass
             assert time.monotonic() < deadline and thread.is_alive(), "hypercorn did not start"
             time.sleep(0.05)
-        app.state.peer_lookup = lookup = CountingLookup()
+        app.state.context.peer_lookup = lookup = CountingLookup()
         with socket.create_connection(("127.0.0.1", port)) as raw:
             deadline = time.monotonic() + 10
             while lookup.tcp == 0 and time.monotonic() < deadline:
@@ -221,7 +221,7 @@ def test_the_uid_is_looked_up_once_per_unix_connection(settings: Settings, tmp_p
     app = lazy_app(settings)
     path = str(tmp_path / "s.sock")
     with LiveServer(app, uds=path):
-        app.state.peer_lookup = lookup = CountingLookup()
+        app.state.context.peer_lookup = lookup = CountingLookup()
         with Client(uds=path) as api:
             for _ in range(3):
                 list(api.list())
@@ -237,7 +237,7 @@ def test_uvicorn_connections_carry_their_socket(live_app: LiveServer) -> None:
             seen.append((client, server))
             return super().tcp_uid(client, server)
 
-    app.state.peer_lookup = Spy()
+    app.state.context.peer_lookup = Spy()
     with httpx.Client(base_url=live_app.url) as http:
         assert http.get("/v1/jobs", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
         local = http.get("/healthz")  # same connection: the lookup is not repeated
@@ -275,7 +275,7 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def blind_server(settings: Settings, runtime: Path) -> Iterator[LiveServer]:
     """A server that can tell no uid over TCP, as on macOS: no sock_diag, no tables."""
     app = lazy_app(settings)
-    app.state.peer_lookup = PeerLookup(proc_root=runtime.parent / "no-proc", sock_diag=False)
+    app.state.context.peer_lookup = PeerLookup(proc_root=runtime.parent / "no-proc", sock_diag=False)
     with LiveServer(app) as live:
         yield live
 
@@ -298,7 +298,7 @@ def test_without_a_uid_tcp_needs_the_local_secret(blind_server: LiveServer, runt
         r = httpx.get(f"{url}/v1/jobs", headers={"Psik-Local-Secret": wrong})
         assert r.status_code == 401, wrong
     assert httpx.get(f"{url}/v1/jobs", headers={"Psik-Local-Secret": secret}).status_code == 200
-    assert blind_server.server.config.app.state.service.store.count() == 0
+    assert blind_server.server.config.app.state.context.service.store.count() == 0
 
 
 def test_without_a_uid_the_client_finds_the_secret_by_itself(blind_server: LiveServer, runtime: Path) -> None:
@@ -319,7 +319,7 @@ def test_without_a_uid_the_cli_finds_the_secret_by_itself(blind_server: LiveServ
 
 def test_the_secret_file_goes_with_the_server(settings: Settings, runtime: Path) -> None:
     app = lazy_app(settings)
-    app.state.peer_lookup = PeerLookup(proc_root=runtime.parent / "no-proc", sock_diag=False)
+    app.state.context.peer_lookup = PeerLookup(proc_root=runtime.parent / "no-proc", sock_diag=False)
     with LiveServer(app) as live:
         with Client(live.url) as api:
             list(api.list())
@@ -345,8 +345,8 @@ def test_a_known_other_uid_is_refused_even_with_the_secret(settings: Settings, r
 
     app = lazy_app(settings)
     with LiveServer(app) as live:
-        app.state.local_secrets.secret(httpx.URL(live.url).port)
-        app.state.peer_lookup = Stranger()
+        app.state.context.local_secrets.secret(httpx.URL(live.url).port)
+        app.state.context.peer_lookup = Stranger()
         with (
             Client(live.url) as api,
             pytest.raises(PermissionDeniedError, match=f"uid {os.geteuid() + 4242}"),
@@ -362,7 +362,7 @@ def test_a_unix_socket_whose_peer_cannot_be_told_is_refused(settings: Settings, 
     app = lazy_app(settings)
     path = str(tmp_path / "s.sock")
     with LiveServer(app, uds=path):
-        app.state.peer_lookup = Blind()
+        app.state.context.peer_lookup = Blind()
         with Client(uds=path) as api, pytest.raises(PermissionDeniedError, match="cannot tell"):
             list(api.list())
 
@@ -472,7 +472,7 @@ def test_both_lookups_name_nobody_for_a_closed_end() -> None:
 
 def test_the_uid_is_looked_up_at_accept(live_app: LiveServer) -> None:
     # Before any request: the later the lookup, the likelier the client's end is gone.
-    live_app.server.config.app.state.peer_lookup = lookup = CountingLookup()
+    live_app.server.config.app.state.context.peer_lookup = lookup = CountingLookup()
     url = httpx.URL(live_app.url)
     with socket.create_connection((url.host, url.port)) as raw:
         deadline = time.monotonic() + 10
@@ -505,7 +505,7 @@ class Fixed(PeerLookup):
 async def test_an_in_process_transport_is_the_owners_own_process(app: Starlette) -> None:
     # httpx.ASGITransport: no socket, a made-up server name. Code that can call the app
     # in-process already runs as the server's owner: no uid to look up, no Host check.
-    app.state.peer_lookup = lookup = Fixed(os.geteuid() + 1)
+    app.state.context.peer_lookup = lookup = Fixed(os.geteuid() + 1)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         assert (await http.get("/v1/jobs")).status_code == 200
@@ -518,7 +518,7 @@ async def test_a_tcp_request_without_its_connection_is_looked_up_each_time(
 ) -> None:
     # Another ASGI server reports the socket's addresses but not the connection: the
     # scope's server is an IP address, so the request is checked as a real one.
-    app.state.peer_lookup = lookup = Fixed(os.geteuid() + uid_offset)
+    app.state.context.peer_lookup = lookup = Fixed(os.geteuid() + uid_offset)
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
         for _ in range(2):
@@ -596,7 +596,7 @@ def test_a_connection_of_the_protocol_class_is_followed_once_where_uvicorn_is_pa
     install_uvicorn_hook()
     app = lazy_app(settings)
     with LiveServer(app) as live:
-        app.state.peer_lookup = lookup = CountingLookup()
+        app.state.context.peer_lookup = lookup = CountingLookup()
         with httpx.Client(base_url=live.url) as http:
             for _ in range(3):
                 assert http.get("/v1/jobs").status_code == 200

@@ -58,7 +58,7 @@ async def _run(http: httpx.AsyncClient, script: str) -> str:
 
 
 def _log_dir(app: Starlette, jobid: str) -> Path:
-    settings: Settings = app.state.settings
+    settings: Settings = app.state.context.settings
     return settings.prefix.expanduser().resolve() / jobid / "log"
 
 
@@ -280,7 +280,7 @@ async def test_a_log_directory_replaced_by_a_symlink_is_not_followed(app: Starle
 async def test_another_owners_job_is_404(app: Starlette) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         jobid = await _run(http, "echo mine")
-    service = app.state.service
+    service = app.state.context.service
     mallory = Principal(user="mallory")
     for call in (
         lambda: routes_logs.job_logs(service, mallory, jobid),
@@ -439,7 +439,7 @@ def test_follow_on_a_job_never_started_ends_at_once(live_app: LiveServer) -> Non
     r = httpx.post(f"{live_app.url}/v1/jobs/new", json={"script": "echo never"})
     assert r.status_code == 201, r.text
     jobid = r.json()["jobid"]
-    log_dir = live_app.server.config.app.state.settings.prefix / jobid / "log"
+    log_dir = live_app.server.config.app.state.context.settings.prefix / jobid / "log"
     log_dir.mkdir(exist_ok=True)
     (log_dir / "console").write_bytes(b"created\n")
     started = time.monotonic()

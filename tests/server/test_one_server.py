@@ -40,7 +40,7 @@ async def test_a_second_server_on_the_prefix_stops_naming_the_first(settings: Se
             async with LifespanManager(second):
                 pass
         assert str(settings.prefix) in str(e.value)
-        assert second.state.startup_error is e.value
+        assert second.state.context.startup_error is e.value
     # The lock goes with the server: the next one starts.
     third = lazy_app(settings)
     async with LifespanManager(third):

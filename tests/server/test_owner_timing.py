@@ -85,7 +85,7 @@ async def token_app(tmp_path: Path) -> AsyncIterator[tuple[Starlette, CountingPo
     policy = CountingPolicy()
     app = create_app(settings, launcher=LocalLauncher(tmp_path / "launcher.log", eager=False), policy=policy)
     async with LifespanManager(app):
-        app.state.client_names = _Names()
+        app.state.context.client_names = _Names()
         yield app, policy
 
 
@@ -97,7 +97,7 @@ async def test_another_users_job_and_no_job_take_the_same_path(
     status, body = await call(app, "alice", "POST", "/v1/jobs/new", json.dumps({"script": "true"}).encode())
     assert status == 201, body
     theirs, nobodys = json.loads(body)["jobid"], "1000000000.001"
-    db = app.state.service.store._db._conn  # the sqlite3 connection under the store lock
+    db = app.state.context.service.store._db._conn  # the sqlite3 connection under the store lock
 
     async def ask(jobid: str) -> tuple[bytes, list[str], list[tuple[str, str | None]]]:
         statements: list[str] = []
@@ -135,7 +135,7 @@ async def test_the_owner_and_a_wider_policy_still_see_the_job(
         def allows(self, principal: Principal, action: Action, owner: str | None, jobid: str | None) -> bool:
             return principal.user == "uid:admin" or super().allows(principal, action, owner, jobid)
 
-    app.state.service.policy = Admin()
+    app.state.context.service.policy = Admin()
     assert (await call(app, "admin", "GET", f"/v1/jobs/{jobid}/state"))[0] == 200
     assert (await call(app, "admin", "GET", "/v1/jobs/1000000000.001/state"))[0] == 404
     assert (await call(app, "bob", "GET", f"/v1/jobs/{jobid}/state"))[0] == 404

@@ -142,7 +142,7 @@ def test_a_closed_client_end_is_not_root(
     live = LiveServer(app)
     live.server.config.app = recorder
     with live, Load(live.url) as load:
-        app.state.peer_lookup = PeerLookup(sock_diag=sock_diag)
+        app.state.context.peer_lookup = PeerLookup(sock_diag=sock_diag)
         port = httpx.URL(live.url).port
         argv = [other_user.python, "-c", ATTACK, str(port), str(ATTEMPTS), mode]
         attacker = subprocess.Popen(
@@ -182,7 +182,7 @@ def test_a_closed_client_end_is_not_root(
         answered = {p: recorder.status[p] for p in ports}
         want = 401 if mode == "early" else 403
         assert set(answered.values()) == {want}, answered
-        assert app.state.service.store.count() == 0
+        assert app.state.context.service.store.count() == 0
         with Client(live.url) as api:  # root's own client, as ever
             assert api.create({"script": "true"}).state == "new"
     assert load.answers > 0 and not load.errors, load.errors

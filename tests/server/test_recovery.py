@@ -88,7 +88,7 @@ async def killed_while(
     index as it was then; yields the app (stopped) for inspection."""
     app = lazy_app(settings)
     async with LifespanManager(app), _client(app) as http:
-        backend = app.state.service.backend
+        backend = app.state.context.service.backend
         hold = Hold(getattr(backend, method), after=after)
         setattr(backend, method, hold)
         request = asyncio.ensure_future(http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key}))
@@ -109,7 +109,7 @@ def _dirs(settings: Settings) -> list[str]:
 async def test_a_replay_while_the_first_request_runs_is_told_to_retry(app: Starlette) -> None:
     """Settled only once the whole request has finished: while the submit is still under
     way, a replay is not answered with the half-done job."""
-    backend = app.state.service.backend
+    backend = app.state.context.service.backend
     hold = Hold(backend.submit)
     backend.submit = hold
     body = {"name": "busy", "script": "true"}
@@ -129,7 +129,7 @@ async def test_a_replay_while_the_first_request_runs_is_told_to_retry(app: Starl
 async def test_a_replay_of_an_abandoned_submit_runs_the_job_once(app: Starlette) -> None:
     """The first request stopped (cancelled) between creating the job and submitting it:
     the client's retry gets that same job, and it runs, once."""
-    backend = app.state.service.backend
+    backend = app.state.context.service.backend
     real = backend.submit
     hold = Hold(real)
     backend.submit = hold
@@ -214,7 +214,7 @@ async def test_claims_of_a_dead_server_are_released_at_start(settings: Settings)
     first = lazy_app(settings)
     async with LifespanManager(first):
         # A request the first server was handling when it died: claimed, nothing made.
-        first.state.service.store.claim_key(
+        first.state.context.service.store.claim_key(
             OWNER, "dead", body_hash(JobSpec.model_validate(body), True), time.time()
         )
     again = lazy_app(settings)
@@ -283,7 +283,7 @@ async def test_purge_of_a_job_whose_state_cannot_be_read_is_refused(app: Starlet
     async with _client(app) as http:
         jobid = (await http.post("/v1/jobs", json={"script": "true"})).json()["jobid"]
         await _wait_final(http, jobid)
-        base: Path = app.state.service.backend.path(jobid)
+        base: Path = app.state.context.service.backend.path(jobid)
         (base / "status.csv").unlink()
         r = await http.delete(f"/v1/jobs/{jobid}?purge=true")
         assert r.status_code == 409 and r.json()["code"] == "conflict", r.text

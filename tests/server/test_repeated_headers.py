@@ -52,7 +52,7 @@ JOB = json.dumps({"name": "twice", "script": "true"}).encode()
 
 
 def _jobs(live_app: LiveServer) -> int:
-    return int(live_app.server.config.app.state.service.store.count())
+    return int(live_app.server.config.app.state.context.service.store.count())
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ async def test_the_app_refuses_a_header_given_twice_whatever_the_protocol_does(
     assert r.status_code == 400, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "bad_request" and named in r.json()["detail"], r.json()
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 def test_each_header_once_is_served(live_app: LiveServer) -> None:

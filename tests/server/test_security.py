@@ -51,7 +51,7 @@ async def test_remote_callers_are_refused_everywhere(app: Starlette, host: str) 
             r = await http.request(method, path, json={"script": "touch /tmp/pwned"})
             assert r.status_code == 403, (method, path, r.text)
             assert r.json()["code"] == "forbidden"
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ async def test_forwarded_headers_do_not_make_a_remote_caller_local(
     async with _from(app, "10.9.8.7") as http:
         r = await http.post("/v1/jobs", json={"script": "true"}, headers=headers)
         assert r.status_code == 403
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 async def test_forwarded_headers_do_not_lock_out_a_local_caller(app: Starlette) -> None:
@@ -154,7 +154,7 @@ def test_a_foreign_host_header_is_refused(live_app: LiveServer, host: str) -> No
         r = httpx.request(method, f"{live_app.url}{path}", json={"script": "true"}, headers={"Host": host})
         assert r.status_code == 403, (method, r.text)
         assert r.json()["code"] == "forbidden" and "Host" in r.json()["detail"]
-    assert live_app.server.config.app.state.service.store.count() == 0
+    assert live_app.server.config.app.state.context.service.store.count() == 0
 
 
 def test_a_missing_host_header_is_refused(live_app: LiveServer) -> None:
@@ -197,7 +197,7 @@ async def test_a_foreign_origin_is_refused(app: Starlette, origin: str) -> None:
             r = await http.request(method, path, json={"script": "true"}, headers={"Origin": origin})
             assert r.status_code == 403, (method, path, r.text)
             assert "Origin" in r.json()["detail"]
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 def test_the_servers_own_origin_is_served(live_app: LiveServer) -> None:
@@ -238,7 +238,7 @@ async def test_a_body_that_is_not_json_gets_415(
     assert r.status_code == 415, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "unsupported_media_type"
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ async def test_a_request_on_a_non_loopback_socket_is_refused(app: Starlette, ser
         r = await http.post("/v1/jobs", json={"script": "true"}, headers={"Host": "127.0.0.1:8000"})
         assert r.status_code == 403, r.text
         assert "listens on" in r.json()["detail"]
-    assert app.state.service.store.count() == 0
+    assert app.state.context.service.store.count() == 0
 
 
 # ---- the prefix is the owner's alone (ssh StrictModes-style) ----
@@ -367,7 +367,7 @@ async def test_the_lifespan_refuses_a_shared_prefix(settings: Any) -> None:
     with pytest.raises(StartupError, match="mode 0755"):
         async with LifespanManager(app):
             pass
-    assert isinstance(app.state.startup_error, StartupError)
+    assert isinstance(app.state.context.startup_error, StartupError)
     assert not settings.database_path.exists()
 
 

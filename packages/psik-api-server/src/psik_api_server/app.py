@@ -32,6 +32,7 @@ from .auth.tokens import TokenAuthority
 from .backends import driver_class
 from .backends.local.launcher import LocalLauncher
 from .backends.psik_backend import PsikBackend
+from .context import ServerContext, context
 from .errors import StartupError
 from .files.service import FileService
 from .http.docs import docs_html
@@ -130,7 +131,7 @@ def create_app(
                     await in_thread(lock.release)
                 raise
         except StartupError as e:
-            app.state.startup_error = e  # for `psik-api-server serve` to say in one line
+            context(app).startup_error = e  # for `psik-api-server serve` to say in one line
             raise
         try:
             yield
@@ -155,12 +156,13 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.service = service
-    app.state.files = FileService(service, max_upload_bytes=settings.max_upload_bytes)
-    app.state.startup_error = None
-    app.state.tokens = tokens  # None in local mode (tokenauth.TokenAuth, routes_auth)
-    app.state.client_names = client_names  # who a client certificate names (certnames)
-    app.state.peer_lookup = PeerLookup()  # who is calling (security.LocalOnly)
-    app.state.local_secrets = LocalSecrets()  # where no uid can be told
+    app.state.context = ServerContext(
+        settings=settings,
+        service=service,
+        files=FileService(service, max_upload_bytes=settings.max_upload_bytes),
+        peer_lookup=PeerLookup(),  # who is calling (auth.local.LocalOnly)
+        local_secrets=LocalSecrets(),  # where no uid can be told
+        tokens=tokens,  # token mode only (auth.token, http.token)
+        client_names=client_names,  # who a client certificate names (auth.certnames)
+    )
     return app

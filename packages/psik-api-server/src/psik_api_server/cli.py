@@ -155,6 +155,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .auth.local import is_loopback_host
+    from .context import context
     from .errors import StartupError
     from .serving import limits
     from .serving.uvicorn_seam import ConnectionHooks
@@ -218,12 +219,12 @@ def serve(args: argparse.Namespace) -> int:
         f"the server's own files in {settings.state_directory}",
         file=sys.stderr,
     )
-    quiet = _QuietStartupError(app.state)
+    quiet = _QuietStartupError(context(app))
     logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets=sockets)
     except SystemExit:  # uvicorn's way of saying the lifespan did not start
-        if app.state.startup_error is None:
+        if context(app).startup_error is None:
             raise
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
@@ -233,8 +234,8 @@ def serve(args: argparse.Namespace) -> int:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    if app.state.startup_error is not None:
-        print(f"psik-api-server: cannot start: {app.state.startup_error}", file=sys.stderr)
+    if context(app).startup_error is not None:
+        print(f"psik-api-server: cannot start: {context(app).startup_error}", file=sys.stderr)
         return 3
     return 0
 

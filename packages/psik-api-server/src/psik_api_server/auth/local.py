@@ -61,12 +61,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from psik_api_core import LOCAL_USER, Principal, ProblemCode, field_error
 
+from ..context import context
 from ..errors import ApiError, StartupError
 from ..http.problems import problem_response
 from ..jobs import statedir
 from ..serving.hypercorn_seam import install_hypercorn_hook
 from ..settings import Settings, default_data_dir
-from .peer import Connection, PeerLookup, connection_of
+from .peer import Connection, connection_of
 
 _logger = logging.getLogger(__name__)
 
@@ -365,8 +366,8 @@ def _user(uid: int) -> str:
 class LocalOnly:
     """Pure ASGI middleware: the checks of the module doc, before anything else runs.
 
-    The peer lookup and the local secrets are the app's (``app.state.peer_lookup``,
-    ``app.state.local_secrets``; tests swap them). Building it hooks hypercorn's
+    The peer lookup and the local secrets are the app's (``context(app).peer_lookup``,
+    ``context(app).local_secrets``; tests swap them). Building it hooks hypercorn's
     connections (idempotent; hypercorn has no protocol class to pass, and ``serve``
     never runs it), so that they carry their socket; uvicorn's get theirs from whoever
     runs the app (module doc)."""
@@ -463,8 +464,8 @@ class LocalOnly:
     ) -> ApiError | None:
         """The caller must be the server's own uid (or show the secret where no uid can
         be told over TCP)."""
-        state = scope["app"].state
-        lookup: PeerLookup = state.peer_lookup
+        state = context(scope["app"])
+        lookup = state.peer_lookup
         me = os.geteuid()
         if conn is not None:
             uid = conn.peer_uid(lookup)
@@ -487,7 +488,7 @@ class LocalOnly:
                 "this server (authz: local) cannot tell which user is calling over this socket; "
                 "serve it with `psik-api-server serve --uds PATH`",
             )
-        secrets_: LocalSecrets = state.local_secrets
+        secrets_ = state.local_secrets
         port = int(local[1])
         given = headers.get(SECRET_HEADER.lower())
         try:
@@ -550,7 +551,7 @@ def principal(request: Request) -> Principal:
     found = request.scope.get("state", {}).get(PRINCIPAL_KEY)
     if isinstance(found, Principal):
         return found
-    if request.app.state.settings.authz == "local":
+    if context(request.app).settings.authz == "local":
         return LOCAL_PRINCIPAL
     raise ApiError(ProblemCode.unauthorized, "this request carries no identity (authz: token)")
 
@@ -654,7 +655,7 @@ class LocalLifespan:
     (:func:`check_private_dir`), so that also
     ``uvicorn psik_api_server.main:app`` refuses a shared prefix; when the app stops,
     the local secrets it wrote are removed. A refusal is ``lifespan.startup.failed``
-    with the one-line reason (also kept in ``app.state.startup_error``) and the
+    with the one-line reason (also kept in ``context(app).startup_error``) and the
     :class:`StartupError` raised."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -673,7 +674,7 @@ class LocalLifespan:
                 statedir.prepare(self.settings)
                 check_private_file(self.settings.database_path, "index")
             except StartupError as e:
-                scope["app"].state.startup_error = e
+                context(scope["app"]).startup_error = e
                 # As starlette's own lifespan: say it failed, then raise (uvicorn stops
                 # on the first, asgi_lifespan on the second).
                 await send({"type": "lifespan.startup.failed", "message": str(e)})
@@ -686,7 +687,7 @@ class LocalLifespan:
         async def cleanup(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 with contextlib.suppress(AttributeError):
-                    scope["app"].state.local_secrets.remove_all()
+                    context(scope["app"]).local_secrets.remove_all()
             await send(message)
 
         await self.app(scope, replay, cleanup)

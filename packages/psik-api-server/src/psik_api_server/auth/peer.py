@@ -27,7 +27,7 @@ How the app sees its connection: an ASGI scope has the peer's address but not th
 socket. The server's connection hooks (:mod:`psik_api_server.serving.uvicorn_seam` for uvicorn,
 :mod:`psik_api_server.serving.hypercorn_seam` for hypercorn) make every request of a connection carry that
 connection's :class:`Connection` in ``scope["extensions"]["psik_api.connection"]``, and
-look the peer's uid up at accept with the app's lookup (``app.state.peer_lookup``, found
+look the peer's uid up at accept with the app's lookup (``context(app).peer_lookup``, found
 through the ``.app`` of the middleware the server wraps it in,
 :meth:`Connection.look_up_at_accept`): the later the lookup, the likelier the client has
 closed its end meanwhile (a server busy for 40 ms is enough). Because the
@@ -96,7 +96,8 @@ class Connection:
         if not (self.is_unix or _on_this_host(self.peer)):
             return
         for _ in range(16):  # uvicorn's and starlette's wrappers keep the app in ``.app``
-            lookup = getattr(getattr(app, "state", None), "peer_lookup", None)
+            ctx = getattr(getattr(app, "state", None), "context", None)
+            lookup = getattr(ctx, "peer_lookup", None)
             if isinstance(lookup, PeerLookup):
                 self.peer_uid(lookup)
                 return

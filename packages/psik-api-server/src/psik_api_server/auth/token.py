@@ -34,11 +34,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from psik_api_core import Principal, ProblemCode, is_jobid
 
+from ..context import context
 from ..errors import ApiError
 from ..http.problems import problem_response
-from .certnames import CertificateRefused, ClientNames
+from .certnames import CertificateRefused
 from .local import PRINCIPAL_KEY, LocalOnly, header_refusal, refuse_websocket
-from .tokens import TokenAuthority, TokenError
+from .tokens import TokenError
 
 #: Where the README says how to serve with TLS.
 TLS_HELP = "see the README, 'Serving other machines: TLS and tokens'"
@@ -94,7 +95,8 @@ def caller_of(scope: Scope) -> Caller:
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return Caller(address, True, bearer, "no client certificate was presented")
-    names: ClientNames = scope["app"].state.client_names
+    names = context(scope["app"]).client_names
+    assert names is not None  # token mode: create_app made it
     try:
         return Caller(names.identity(der), True, bearer)
     except CertificateRefused as e:
@@ -156,7 +158,8 @@ class TokenAuth:
         if caller.bearer is None:
             state[PRINCIPAL_KEY] = Principal(caller.identity)
             return
-        tokens: TokenAuthority = scope["app"].state.tokens
+        tokens = context(scope["app"]).tokens
+        assert tokens is not None  # token mode: create_app made it
         method = str(scope.get("method", "GET"))
         try:
             user = tokens.authorize(caller.bearer, "GET" if method == "HEAD" else method, _jobid(path))

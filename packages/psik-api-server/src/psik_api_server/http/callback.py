@@ -25,9 +25,10 @@ from starlette.responses import Response
 
 from psik_api_core import JobState, ProblemCode, is_jobid
 
+from ..context import context
 from ..errors import ApiError
 from ..jobs.callbacks import SIGNATURE_HEADER, read_record, report_jobid, signed_by
-from ..jobs.service import JobService, in_thread
+from ..jobs.service import in_thread
 from .bodies import read_body
 
 #: A report is ~100 bytes; a longer body is refused before it is read on.
@@ -54,7 +55,7 @@ def _refused(why: str) -> ApiError:
 async def post_callback(request: Request) -> Response:
     if request.query_params:
         raise _refused("the route takes no query parameters")
-    service: JobService = request.app.state.service
+    service = context(request.app).service
     body = await read_body(request, MAX_REPORT_BYTES, "a callback body")
     signature = request.headers.get(SIGNATURE_HEADER)
     if signature is None:

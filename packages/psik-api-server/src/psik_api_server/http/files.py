@@ -31,6 +31,7 @@ from psik_api_core.limits import byte_size
 
 from ..aio import pread_chunks
 from ..auth.local import principal
+from ..context import context
 from ..errors import ApiError
 from ..files import paths, preconditions, ranges, writes
 from ..files.service import FileService, OpenFile
@@ -45,7 +46,7 @@ OCTET_STREAM = "application/octet-stream"
 
 
 def _files(request: Request) -> FileService:
-    files: FileService = request.app.state.files
+    files = context(request.app).files
     return files
 
 

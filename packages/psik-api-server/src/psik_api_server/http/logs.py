@@ -26,6 +26,7 @@ from psik_api_core import LIMITS, Action, JobState, Principal, ProblemCode, fiel
 
 from ..aio import pread_chunks
 from ..auth.local import principal
+from ..context import context
 from ..errors import ApiError
 from ..jobs import logs as joblogs
 from ..jobs.service import JobService, in_thread
@@ -205,7 +206,7 @@ def _count(query: dict[str, str], name: str, least: int) -> int | None:
 async def get_job_logs(request: Request) -> Response:
     single_params(request, set())
     jobid = path_jobid(request)
-    return JSONResponse(await job_logs(request.app.state.service, principal(request), jobid))
+    return JSONResponse(await job_logs(context(request.app).service, principal(request), jobid))
 
 
 async def get_job_log(request: Request) -> Response:
@@ -225,7 +226,7 @@ async def get_job_log(request: Request) -> Response:
     follow = query.get("follow", "false").lower()
     if follow not in {"true", "false", "1", "0"}:
         raise bad_query("follow", "must be true or false")
-    service: JobService = request.app.state.service
+    service = context(request.app).service
     name = str(request.path_params["name"])
     log = await open_job_log(service, principal(request), jobid, name, follow=follow in {"true", "1"})
     try:

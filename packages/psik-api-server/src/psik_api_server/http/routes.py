@@ -29,6 +29,7 @@ from psik_api_core import (
 from psik_api_core.models import InvalidJSON, loads_input
 
 from ..auth.local import principal
+from ..context import context
 from ..errors import ApiError
 from ..jobs.service import JobService
 from .bodies import read_body
@@ -44,7 +45,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _service(request: Request) -> JobService:
-    service: JobService = request.app.state.service
+    service = context(request.app).service
     return service
 
 

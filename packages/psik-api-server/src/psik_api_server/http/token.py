@@ -21,6 +21,7 @@ from psik_api_core.models import InvalidJSON, loads_input
 
 from ..auth.token import CALLER_KEY, Caller, insecure, unauthorized
 from ..auth.tokens import TokenAuthority, TokenError, rfc3339
+from ..context import context
 from ..errors import ApiError
 from .bodies import read_body
 from .params import bad_query
@@ -40,7 +41,7 @@ def _only_params(request: Request, allowed: set[str]) -> None:
 
 
 def _tokens(request: Request) -> TokenAuthority:
-    tokens: TokenAuthority | None = getattr(request.app.state, "tokens", None)
+    tokens = context(request.app).tokens
     if tokens is None or not tokens.loaded:
         raise ApiError(
             ProblemCode.not_found, "this server (authz: local) has no tokens; they are for authz: token"
