@@ -112,8 +112,9 @@ class CatchAll:
                 with contextlib.suppress(Exception):
                     await problem_response(err, scope.get("path"))(scope, receive, send)
         except Exception as e:
-            service = getattr(getattr(scope.get("app"), "state", None), "service", None)
-            disk = getattr(service, "disk", None)
+            # The app's context, if it has one yet (an app that failed to start has none).
+            ctx = getattr(getattr(scope.get("app"), "state", None), "context", None)
+            disk = getattr(getattr(ctx, "service", None), "disk", None)
             if is_disk_full(e) and disk is not None and not started:
                 err = disk.error(e)  # logged there, once per episode
                 await problem_response(err, scope.get("path"))(scope, receive, send)
