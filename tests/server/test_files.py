@@ -27,7 +27,7 @@ from conftest import lazy_app
 from psik_api_core import Limits
 from psik_api_server.files import checksums
 from psik_api_server.files import service as files_service
-from psik_api_server.http import files as routes_files
+from psik_api_server.http import multipart
 from psik_api_server.settings import Settings
 from support import LiveServer
 
@@ -465,7 +465,7 @@ async def test_multipart_is_all_or_nothing(wire: httpx.AsyncClient, monkeypatch:
     r = await wire.post(f"/v1/jobs/{jobid}/files", files=files)
     assert r.status_code == 409, r.text
     # Too many parts.
-    monkeypatch.setattr(routes_files, "LIMITS", Limits(max_upload_files=2))
+    monkeypatch.setattr(multipart, "LIMITS", Limits(max_upload_files=2))
     files = [("files", (f"n{i}", b"n")) for i in range(3)]
     r = await wire.post(f"/v1/jobs/{jobid}/files", files=files)
     assert r.status_code == 413 and "2 parts" in r.json()["detail"], r.text

@@ -1,13 +1,19 @@
-"""Reading a small request body whole, with a cap: the one way the JSON routes do it."""
+"""Request bodies of the JSON routes: read whole with a cap, then parsed as strict JSON
+(core's :func:`~psik_api_core.models.loads_input`, the parser the client checks with: no
+byte order mark, no ``NaN``, no key given twice, no number past what Python converts).
+The one way the JSON routes read a body."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from starlette.requests import Request
 
-from psik_api_core import ProblemCode
+from psik_api_core import LIMITS, JobSpec, ProblemCode, field_error
 from psik_api_core.limits import byte_size
+from psik_api_core.models import InvalidJSON, loads_input
 
 from ..errors import ApiError
+from .problems import validation_problem
 
 
 async def read_body(request: Request, limit: int, what: str = "the body") -> bytes:
@@ -23,3 +29,51 @@ async def read_body(request: Request, limit: int, what: str = "the body") -> byt
         if len(body) > limit:
             raise too_large
     return bytes(body)
+
+
+async def read_job_spec(request: Request) -> JobSpec:
+    """The body as a :class:`JobSpec`: 400 ``bad_request`` if it is not JSON, 422
+    ``validation_error`` naming the field (or the key given twice) otherwise."""
+    body = await read_body(request, LIMITS.max_body_bytes)
+    try:
+        data = loads_input(body)
+    except InvalidJSON as e:
+        raise ApiError(
+            ProblemCode.bad_request,
+            f"the body is not valid JSON: {e}",
+            errors=[field_error(["body"], "not valid JSON")],
+        ) from None
+    except ValidationError as e:  # valid JSON, but a key twice or a number too large
+        raise validation_problem(e) from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            ProblemCode.validation_error,
+            "the body must be a JSON object (a JobSpec)",
+            errors=[field_error(["body"], "must be an object")],
+        )
+    try:
+        return JobSpec.validate_input(data)
+    except ValidationError as e:
+        raise validation_problem(e) from None
+
+
+async def read_token_body(request: Request) -> str:
+    """The token of a ``{"token": "..."}`` body: 400 ``bad_request`` if it is not JSON
+    (a key given twice included: the body has one field, no field to name), 422
+    ``validation_error`` if it is anything else."""
+    body = await read_body(request, LIMITS.max_body_bytes)
+    try:
+        data = loads_input(body)
+    except (InvalidJSON, ValidationError) as e:
+        raise ApiError(
+            ProblemCode.bad_request,
+            f"the body is not valid JSON: {e}",
+            errors=[field_error(["body"], "not JSON")],
+        ) from None
+    if not isinstance(data, dict) or set(data) != {"token"} or not isinstance(data["token"], str):
+        raise ApiError(
+            ProblemCode.validation_error,
+            'the body must be {"token": "<biscuit, base64>"}',
+            errors=[field_error(["body", "token"], "a string is required, and nothing else")],
+        )
+    return data["token"]

@@ -13,31 +13,28 @@ types reach these routes is :class:`psik_api_server.auth.local.LocalOnly`'s to s
 
 from __future__ import annotations
 
-import contextlib
-import email.message
-import os
 from collections.abc import AsyncGenerator
 from urllib.parse import unquote_to_bytes
 
 import anyio
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode, field_error
+from psik_api_core import Action, FileListing, ProblemCode, field_error
 from psik_api_core.limits import byte_size
 
 from ..aio import pread_chunks
 from ..auth.local import principal
 from ..context import context
 from ..errors import ApiError
-from ..files import paths, preconditions, ranges, writes
+from ..files import paths, preconditions, ranges
 from ..files.service import FileService, OpenFile
 from ..jobs.service import in_thread
 from .headers import attachment
-from .params import bad_query, path_jobid, single_params
+from .multipart import FormUpload, boundary, feed, write_chunk
+from .params import Params
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -48,13 +45,6 @@ OCTET_STREAM = "application/octet-stream"
 def _files(request: Request) -> FileService:
     files = context(request.app).files
     return files
-
-
-def _flag(query: dict[str, str], name: str) -> bool:
-    value = query.get(name, "false").lower()
-    if value not in {"true", "false", "1", "0"}:
-        raise bad_query(name, "must be true or false")
-    return value in {"true", "1"}
 
 
 def _file_path(request: Request) -> tuple[str, ...]:
@@ -187,17 +177,15 @@ async def _serve(request: Request, opened: OpenFile) -> Response:
         raise
 
 
-async def list_job_files(request: Request) -> Response:
-    query = single_params(request, {"recursive"})
-    jobid, recursive = path_jobid(request), _flag(query, "recursive")
+async def list_job_files(request: Request, params: Params) -> Response:
+    jobid, recursive = params.path("jobid"), params.flag("recursive")
     got = await _files(request).get(principal(request), jobid, (), recursive=recursive)
     assert isinstance(got, FileListing)
     return _listing(got)
 
 
-async def get_job_file(request: Request) -> Response:
-    query = single_params(request, {"recursive"})
-    jobid, recursive = path_jobid(request), _flag(query, "recursive")
+async def get_job_file(request: Request, params: Params) -> Response:
+    jobid, recursive = params.path("jobid"), params.flag("recursive")
     parts = _file_path(request)
     whole = "range" not in request.headers
     got = await _files(request).get(principal(request), jobid, parts, recursive=recursive, whole=whole)
@@ -214,9 +202,8 @@ async def get_job_file(request: Request) -> Response:
 # ---- PUT / POST a raw body ----
 
 
-async def put_job_file(request: Request) -> Response:
-    single_params(request, set())
-    jobid, parts = path_jobid(request), _file_path(request)
+async def put_job_file(request: Request, params: Params) -> Response:
+    jobid, parts = params.path("jobid"), _file_path(request)
     if not parts:
         raise paths.invalid("", "an upload needs a file path after /files/ (or POST a form to /files)")
     if _names_dir(request):
@@ -228,7 +215,7 @@ async def put_job_file(request: Request) -> Response:
     upload = await files.begin_upload(principal(request), jobid, parts, conditions=conditions)
     try:
         async for chunk in _body_chunks(request, files.max_upload_bytes):
-            await in_thread(_write, files, upload, chunk)
+            await in_thread(write_chunk, files, upload, chunk)
         await in_thread(files.finish_upload_sync, upload, conditions=conditions)
         info = await in_thread(upload.info)
     finally:
@@ -237,150 +224,20 @@ async def put_job_file(request: Request) -> Response:
     return JSONResponse(info.model_dump(mode="json"), status_code=201 if upload.created else 200)
 
 
-def _write(files: FileService, upload: writes.Upload, data: bytes) -> None:
-    try:
-        upload.write(data)
-    except OSError as e:
-        raise files.os_error(e, f"write {upload.shown[:200]!r}") from None
-
-
 # ---- POST multipart ----
 
 
-class FormUpload:
-    """A multipart body's ``files`` parts, each streamed to its own temp file as it
-    arrives (python-multipart calls these from the worker thread that feeds it), then
-    committed together, or none of them."""
-
-    def __init__(self, files: FileService, root: paths.Root, into: tuple[str, ...]) -> None:
-        self.files = files
-        self.root = root
-        self.into = into
-        self.uploads: list[writes.Upload] = []
-        self.current: writes.Upload | None = None
-        self.parts = 0
-        self.ended = False
-        self._field = bytearray()
-        self._value = bytearray()
-        self._headers: dict[str, str] = {}
-
-    def callbacks(self) -> dict[str, object]:
-        return {
-            "on_part_begin": self._begin,
-            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        }
-
-    def _begin(self) -> None:
-        self._headers.clear()
-        self.current = None
-
-    def _header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").lower()] = self._value.decode("utf-8", "replace")
-        self._field.clear()
-        self._value.clear()
-
-    def _headers_finished(self) -> None:
-        self.parts += 1
-        if self.parts > LIMITS.max_upload_files:
-            raise ApiError(
-                ProblemCode.too_large,
-                f"more than {LIMITS.max_upload_files} parts in one upload; nothing was kept",
-            )
-        disposition = email.message.Message()
-        disposition["content-disposition"] = self._headers.get("content-disposition", "")
-        if disposition.get_param("name", header="content-disposition") != "files":
-            return  # not a file of ours: its bytes are skipped
-        filename = disposition.get_filename()
-        if not filename:
-            raise ApiError(
-                ProblemCode.bad_request,
-                "a part named 'files' has no filename; nothing was kept",
-                errors=[field_error(["body", "files"], "no filename")],
-            )
-        if filename.endswith("/"):
-            raise paths.invalid(filename, "ends with '/', which names a directory, not a file", "filename")
-        parts = self.into + paths.split_path(filename, where="filename")
-        shown = paths.joined(parts)
-        if any(u.shown == shown for u in self.uploads):
-            raise ApiError(
-                ProblemCode.bad_request,
-                f"{shown[:200]!r} is given twice in one upload; nothing was kept",
-                errors=[field_error(["body", "files"], "a file name given twice")],
-            )
-        try:
-            self.current = writes.begin_upload(self.root, parts, shown)
-        except OSError as e:
-            raise self.files.os_error(e, f"write {shown[:200]!r}") from None
-        self.uploads.append(self.current)
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        if self.current is not None:
-            _write(self.files, self.current, data[start:end])
-
-    def _part_end(self) -> None:
-        self.current = None
-
-    def _end(self) -> None:
-        self.ended = True
-
-    def commit(self) -> None:
-        """Put every file in place, or (if one cannot be) none: those already renamed
-        are taken back, replaced ones restored (blocking)."""
-        try:
-            for upload in self.uploads:
-                try:
-                    self.files.commit_sync(upload, keep_backup=True)
-                except OSError as e:
-                    raise self.files.os_error(e, f"write {upload.shown[:200]!r}") from None
-        except BaseException:
-            for upload in reversed(self.uploads):
-                with contextlib.suppress(OSError):
-                    upload.rollback()
-            raise
-        for upload in self.uploads:
-            upload.forget_backup()
-            self.files.checksums.put(os.fstat(upload.fd), upload.sha256.hexdigest())
-
-    def close(self) -> None:
-        # The last first: a directory an earlier part made may hold a later one's file.
-        for upload in reversed(self.uploads):
-            with contextlib.suppress(OSError):
-                upload.forget_backup()
-                upload.close()
-        self.root.close()
-
-
-def _boundary(request: Request) -> bytes:
-    _, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get(b"boundary")
-    if not boundary or len(boundary) > 200:
-        raise ApiError(
-            ProblemCode.bad_request,
-            "a multipart/form-data body needs a boundary (of at most 200 characters)",
-            errors=[field_error(["header", "Content-Type"], "no boundary")],
-        )
-    return boundary
-
-
-async def upload_job_files(request: Request) -> Response:
-    query = single_params(request, {"dir"})
-    jobid = path_jobid(request)
-    into = paths.split_path(query.get("dir", ""), where="dir")
-    boundary = _boundary(request)
+async def upload_job_files(request: Request, params: Params) -> Response:
+    jobid = params.path("jobid")
+    into = paths.split_path(params.text("dir") or "", where="dir")
+    separator = boundary(request)
     files = _files(request)
-    who: Principal = principal(request)
-    root = await in_thread(files.open_root, who, jobid, Action.write, create=True)
+    root = await in_thread(files.open_root, principal(request), jobid, Action.write, create=True)
     form = FormUpload(files, root, into)
     try:
-        parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
+        parser = MultipartParser(separator, form.callbacks())  # type: ignore[arg-type]
         async for chunk in _body_chunks(request, files.max_upload_bytes):
-            await in_thread(_feed, parser, chunk)
+            await in_thread(feed, parser, chunk)
         if not form.ended:
             raise ApiError(ProblemCode.bad_request, "the multipart body ended before its closing boundary")
         if not form.uploads:
@@ -397,19 +254,11 @@ async def upload_job_files(request: Request) -> Response:
     return JSONResponse([i.model_dump(mode="json") for i in infos], status_code=201)
 
 
-def _feed(parser: MultipartParser, chunk: bytes) -> None:
-    try:
-        parser.write(chunk)
-    except MultipartParseError as e:
-        raise ApiError(ProblemCode.bad_request, f"the multipart body is malformed: {e}") from None
-
-
 # ---- DELETE ----
 
 
-async def delete_job_file(request: Request) -> Response:
-    query = single_params(request, {"recursive"})
-    jobid, recursive = path_jobid(request), _flag(query, "recursive")
+async def delete_job_file(request: Request, params: Params) -> Response:
+    jobid, recursive = params.path("jobid"), params.flag("recursive")
     parts = _file_path(request)
     directory = _names_dir(request)
     await _files(request).delete(principal(request), jobid, parts, recursive=recursive, directory=directory)

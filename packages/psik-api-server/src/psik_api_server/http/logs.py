@@ -1,7 +1,7 @@
 """The log routes: ``GET /v1/jobs/{jobid}/logs`` (``{name: text}``, bounded per file) and
 ``GET /v1/jobs/{jobid}/logs/{name}`` (raw bytes; ``offset``, ``tail``, ``follow``).
 
-The owner check is the other job routes' (``JobService._owned``: another's job is 404);
+The owner check is the other job routes' (``service.access.owned``: another's job is 404);
 the files are read by :mod:`psik_api_server.jobs.logs`, in worker threads. A follow holds two descriptors
 and one chunk at a time (constant memory), polls the file every :data:`POLL` seconds,
 and ends once the job is final (the index row, which the watcher keeps current, says so)
@@ -30,7 +30,7 @@ from ..context import context
 from ..errors import ApiError
 from ..jobs import logs as joblogs
 from ..jobs.service import JobService, in_thread
-from .params import bad_query, path_jobid, single_params
+from .params import Params
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ async def job_logs(service: JobService, who: Principal, jobid: str) -> dict[str,
 
 
 def _job_logs_sync(service: JobService, who: Principal, jobid: str) -> dict[str, str]:
-    service._owned(who, jobid, Action.read)
+    service.access.owned(who, jobid, Action.read)
     try:
         dirfd = joblogs.open_log_dir(service.backend.prefix, jobid)
     except (FileNotFoundError, joblogs.NotALog):
@@ -108,7 +108,7 @@ async def open_job_log(
 
 
 def _open_job_log_sync(service: JobService, who: Principal, jobid: str, name: str, follow: bool) -> OpenLog:
-    row = service._owned(who, jobid, Action.read)
+    row = service.access.owned(who, jobid, Action.read)
     resolved = joblogs.resolve_name(name, row.jobndx)
     missing = ApiError(ProblemCode.not_found, f"job {jobid} has no log {resolved}", jobid=jobid)
     try:
@@ -194,25 +194,14 @@ class LogResponse(StreamingResponse):
 # ---- the handlers ----
 
 
-def _count(query: dict[str, str], name: str, least: int) -> int | None:
-    raw = query.get(name)
-    if raw is None:
-        return None
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or int(raw) < least:
-        raise bad_query(name, f"{raw[:32]!r} is not an integer >= {least}")
-    return int(raw)
-
-
-async def get_job_logs(request: Request) -> Response:
-    single_params(request, set())
-    jobid = path_jobid(request)
+async def get_job_logs(request: Request, params: Params) -> Response:
+    jobid = params.path("jobid")
     return JSONResponse(await job_logs(context(request.app).service, principal(request), jobid))
 
 
-async def get_job_log(request: Request) -> Response:
-    query = single_params(request, {"offset", "tail", "follow"})
-    jobid = path_jobid(request)
-    offset, tail = _count(query, "offset", 0), _count(query, "tail", 1)
+async def get_job_log(request: Request, params: Params) -> Response:
+    jobid = params.path("jobid")
+    offset, tail = params.integer("offset"), params.integer("tail")
     # offset=0 is its documented default, which generated clients send along with tail.
     if offset and tail is not None:
         raise ApiError(
@@ -223,12 +212,10 @@ async def get_job_log(request: Request) -> Response:
                 for n, o in (("offset", "tail"), ("tail", "offset"))
             ],
         )
-    follow = query.get("follow", "false").lower()
-    if follow not in {"true", "false", "1", "0"}:
-        raise bad_query("follow", "must be true or false")
+    follow = params.flag("follow")
     service = context(request.app).service
-    name = str(request.path_params["name"])
-    log = await open_job_log(service, principal(request), jobid, name, follow=follow in {"true", "1"})
+    name = params.path("name")
+    log = await open_job_log(service, principal(request), jobid, name, follow=follow)
     try:
         size = 0 if log.fd is None else await in_thread(joblogs.size_of, log.fd)
         if tail is not None and log.fd is not None:
@@ -236,7 +223,7 @@ async def get_job_log(request: Request) -> Response:
         else:
             start = offset or 0
         headers = {"X-Log-Size": str(size)}
-        if follow in {"true", "1"} and request.method != "HEAD":
+        if follow and request.method != "HEAD":
             # From `offset` on even if the job has not written that far yet: a client
             # resuming a follow never gets bytes it had.
             return LogResponse(_follow(service, log, start), log, headers)

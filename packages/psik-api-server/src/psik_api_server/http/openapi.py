@@ -72,7 +72,11 @@ _TAGS = (
 
 @dataclass(frozen=True)
 class Param:
-    """A path, query or header parameter."""
+    """A path, query or header parameter. Its ``schema`` is both what the document says
+    and what the router checks before the handler runs (``http.params.read_params``): a
+    boolean, an integer within ``minimum``..``maximum``, one of an ``enum``, a job id
+    (``pattern`` :data:`JOBID_REGEX`), at most ``maxItems`` values, a header's
+    ``minLength``..``maxLength`` printable ASCII characters; ``default`` when absent."""
 
     name: str
     location: Literal["path", "query", "header"]
@@ -234,8 +238,9 @@ _FILE_PATH = Param(
     {"type": "string", "pattern": "^[^\\u0000-\\u001f\\u007f\\\\]*$",
      "examples": ["data.txt", "inputs/a.csv"]}, True, slashes=True,
 )  # fmt: skip
-#: The largest offset or tail the log route reads (18 digits).
-_MOST = 10**18 - 1
+#: The largest integer a query parameter takes (18 digits): a log's offset or tail. An
+#: integer bounded by it alone is refused as "not an integer >= its minimum".
+LARGEST_COUNT = 10**18 - 1
 _RECURSIVE = Param(
     "recursive", "query", "List subdirectories too (symlinks are listed, not followed).",
     {"type": "boolean", "default": False},
@@ -450,9 +455,9 @@ OPERATIONS: tuple[Operation, ...] = (
             Param("name", "path", f"The log: {VALID_NAMES}.",
                   {"type": "string", "pattern": LOG_NAME_REGEX}, True),
             Param("offset", "query", "Start this many bytes into the log.",
-                  {"type": "integer", "minimum": 0, "maximum": _MOST, "default": 0}),
+                  {"type": "integer", "minimum": 0, "maximum": LARGEST_COUNT, "default": 0}),
             Param("tail", "query", "Only the last this many lines (not with an `offset` other than 0).",
-                  {"type": "integer", "minimum": 1, "maximum": _MOST}),
+                  {"type": "integer", "minimum": 1, "maximum": LARGEST_COUNT}),
             Param("follow", "query", "Stream new output until the job is final.",
                   {"type": "boolean", "default": False}),
         ),

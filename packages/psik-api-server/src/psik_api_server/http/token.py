@@ -1,4 +1,4 @@
-"""The token routes (``authz: token``; see ``tokens`` and ``tokenauth``).
+"""The token routes (``authz: token``; see :mod:`..auth.tokens` and :mod:`..auth.token`).
 
 * ``GET /v1/token[?expires=SECONDS]`` mints a token for the caller's certificate. Not
   without TLS (401), and not for a request that itself carries a token (403): a narrowed
@@ -12,32 +12,17 @@ In ``authz: local`` there are no tokens: each route is 404 saying so.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from psik_api_core import LIMITS, ProblemCode, field_error
-from psik_api_core.models import InvalidJSON, loads_input
+from psik_api_core import ProblemCode
 
 from ..auth.token import CALLER_KEY, Caller, insecure, unauthorized
 from ..auth.tokens import TokenAuthority, TokenError, rfc3339
 from ..context import context
 from ..errors import ApiError
-from .bodies import read_body
-from .params import bad_query
-
-
-def _only_params(request: Request, allowed: set[str]) -> None:
-    seen: set[str] = set()
-    for name, _ in request.query_params.multi_items():
-        if name not in allowed or name in seen:
-            why = (
-                "given more than once"
-                if name in seen
-                else f"unknown; allowed: {', '.join(allowed) or 'none'}"
-            )
-            raise bad_query(name, why)
-        seen.add(name)
+from .bodies import read_token_body
+from .params import Params, bad_query
 
 
 def _tokens(request: Request) -> TokenAuthority:
@@ -56,8 +41,7 @@ def _caller(request: Request) -> Caller:
     return caller
 
 
-async def mint_token(request: Request) -> Response:
-    _only_params(request, {"expires"})
+async def mint_token(request: Request, params: Params) -> Response:
     tokens = _tokens(request)
     caller = _caller(request)
     if not caller.tls:
@@ -71,7 +55,7 @@ async def mint_token(request: Request) -> Response:
             "mint with the client certificate alone",
         )
     lifetime = None
-    raw = request.query_params.get("expires")
+    raw = params.text("expires")  # bounded by the settings: read here, after the checks above
     if raw is not None:
         try:
             lifetime = float(raw)
@@ -85,31 +69,15 @@ async def mint_token(request: Request) -> Response:
     return JSONResponse({"token": minted.token, "user": minted.user, "expires": rfc3339(minted.expires)})
 
 
-async def token_key(request: Request) -> Response:
-    _only_params(request, set())
+async def token_key(request: Request, params: Params) -> Response:
     return JSONResponse({"public_key": _tokens(request).public_key})
 
 
-async def show_token(request: Request) -> Response:
-    _only_params(request, set())
+async def show_token(request: Request, params: Params) -> Response:
     tokens = _tokens(request)
-    body = await read_body(request, LIMITS.max_body_bytes)
+    token = await read_token_body(request)
     try:
-        data = loads_input(body)
-    except (InvalidJSON, ValidationError) as e:
-        raise ApiError(
-            ProblemCode.bad_request,
-            f"the body is not valid JSON: {e}",
-            errors=[field_error(["body"], "not JSON")],
-        ) from None
-    if not isinstance(data, dict) or set(data) != {"token"} or not isinstance(data["token"], str):
-        raise ApiError(
-            ProblemCode.validation_error,
-            'the body must be {"token": "<biscuit, base64>"}',
-            errors=[field_error(["body", "token"], "a string is required, and nothing else")],
-        )
-    try:
-        shown = tokens.show(data["token"])
+        shown = tokens.show(token)
     except TokenError as e:
         raise unauthorized(e.reason) from None
     expires = None if shown.expires is None else rfc3339(shown.expires)
