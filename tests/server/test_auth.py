@@ -505,12 +505,13 @@ def test_two_authorization_headers_are_400(shared: TlsServer) -> None:
 
 def test_a_path_with_a_trailing_newline_is_still_a_job_route() -> None:
     """Starlette's route pattern ends in ``$``, which also matches before a trailing
-    newline: ``/v1/jobs%0A`` reached the list handler while TokenAuth, matching the
+    newline: ``/v1/jobs%0A`` reached the list handler while the token authenticator, matching the
     whole path, took it for an open route."""
-    from psik_api_server.auth.token import TokenAuth
+    from psik_api_server.auth.authenticator import AuthMiddleware
+    from psik_api_server.auth.token import TokenAuthenticator
     from psik_api_server.errors import ApiError
 
-    auth = TokenAuth(app=None)  # type: ignore[arg-type]
+    auth = AuthMiddleware(app=None, authenticator=TokenAuthenticator)  # type: ignore[arg-type]
     for path in ("/v1/jobs\n", "/v1/jobs/1.5\n", "/v1/events\n"):
         scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
         with pytest.raises(ApiError) as info:

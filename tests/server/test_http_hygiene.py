@@ -86,7 +86,7 @@ async def test_every_response_says_nosniff(app: Starlette, http: httpx.AsyncClie
         await http.get("/v1/nope"),  # 404 from the router
         await http.patch("/v1/jobs"),  # 405
         await http.post("/v1/jobs", content=b"x", headers={"Content-Type": "text/plain"}),  # 415
-        await http.get("/v1/jobs", headers={"Origin": "http://evil.example"}),  # 403 from LocalOnly
+        await http.get("/v1/jobs", headers={"Origin": "http://evil.example"}),  # 403 from the guard
         await http.get("/v1/jobs", headers=[("Origin", "http://a"), ("Origin", "http://b")]),  # 400
     ]
     assert [r.status_code for r in answers] == [

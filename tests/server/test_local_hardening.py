@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from psik_api_server.auth.local import LocalSecrets
+from psik_api_server.auth.local_secret import LocalSecrets
 
 
 def test_the_secret_is_written_only_into_a_private_directory_of_ours(tmp_path: Path) -> None:

@@ -561,7 +561,7 @@ def test_client_and_server_agree_on_the_secret(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runtime_dir: str | None
 ) -> None:
     from psik_api_client import _local_secret as client_side
-    from psik_api_server.auth import local as security
+    from psik_api_server.auth import local_secret as security
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)

@@ -19,7 +19,8 @@ import pytest
 from starlette.applications import Starlette
 
 from local_users import Other, another_user
-from psik_api_server.auth.local import check_private_dir, is_loopback_authority, is_loopback_host
+from psik_api_server.auth.loopback import is_loopback_authority, is_loopback_host
+from psik_api_server.auth.private_dir import check_private_dir
 from psik_api_server.cli import _unix_socket, main
 from psik_api_server.errors import StartupError
 from support import LiveServer
@@ -337,7 +338,7 @@ def test_a_prefix_in_a_group_directory_is_a_warning(tmp_path: Path, caplog: pyte
     project.mkdir()
     project.chmod(0o2770)  # an HPC project directory: the group's members could do it
     (project / "me" / "jobs").mkdir(parents=True, mode=0o700)
-    with caplog.at_level("WARNING", logger="psik_api_server.auth.local"):
+    with caplog.at_level("WARNING", logger="psik_api_server.auth.private_dir"):
         check_private_dir(project / "me" / "jobs")
     [record] = caplog.records
     assert (

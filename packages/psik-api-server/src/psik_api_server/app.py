@@ -23,11 +23,12 @@ from starlette.middleware import Middleware
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
 from . import __version__
+from .auth.authenticator import auth_middleware
 from .auth.certnames import ClientNames, find_config
-from .auth.local import LocalLifespan, LocalOnly, LocalSecrets
+from .auth.local_secret import LocalSecrets
 from .auth.peer import PeerLookup
 from .auth.policy import load_policy
-from .auth.token import TokenAuth
+from .auth.private_dir import check_private_dir, check_private_file
 from .auth.tokens import TokenAuthority
 from .backends import driver_class
 from .backends.local.launcher import LocalLauncher
@@ -99,6 +100,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            # First, so that `uvicorn psik_api_server.main:app` refuses a shared prefix too:
+            # the prefix, the state directory and the index are the owner's alone.
+            await in_thread(check_private_dir, settings.prefix)
+            # Before the index's mode is read: a link there is refused as a link.
+            await in_thread(statedir.prepare, settings)
+            await in_thread(check_private_file, settings.database_path, "index")
+        except StartupError as e:
+            context(app).startup_error = e  # for `psik-api-server serve` to say in one line
+            raise
         if (notes := settings.notes_line()) is not None:
             _logger.warning("%s", notes)
         index = None if str(store.path) == ":memory:" else Path(store.path)
@@ -142,16 +153,15 @@ def create_app(
                 with anyio.CancelScope(shield=True):
                     await in_thread(lock.release)
                 flush_repeats()  # uvicorn ends on the signal it caught: no atexit
+                context(app).local_secrets.remove_all()
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
-        # LocalLifespan: the prefix is private before start-up, secrets go at shutdown;
-        # CatchAll outside LocalOnly, so that a failing check is a 500 problem too.
+        # CatchAll outside the auth middleware, so that a failing check is a 500 problem too.
         middleware=[
             Middleware(NoSniff),  # outermost: on every response, refusals and 500s too
-            Middleware(LocalLifespan, settings=settings),
             Middleware(CatchAll),
-            Middleware(LocalOnly) if settings.authz == "local" else Middleware(TokenAuth),
+            auth_middleware(settings),  # the request-shape guard, then authz's authenticator
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -160,7 +170,7 @@ def create_app(
         settings=settings,
         service=service,
         files=FileService(service, max_upload_bytes=settings.max_upload_bytes),
-        peer_lookup=PeerLookup(),  # who is calling (auth.local.LocalOnly)
+        peer_lookup=PeerLookup(),  # who is calling (auth.local)
         local_secrets=LocalSecrets(),  # where no uid can be told
         tokens=tokens,  # token mode only (auth.token, http.token)
         client_names=client_names,  # who a client certificate names (auth.certnames)

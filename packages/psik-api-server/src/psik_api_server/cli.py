@@ -154,7 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .auth.local import is_loopback_host
+    from .auth.loopback import is_loopback_host
     from .context import context
     from .errors import StartupError
     from .serving import limits
@@ -194,7 +194,7 @@ def serve(args: argparse.Namespace) -> int:
     connection_limits, backlog = limits.start(settings, backlog=_BACKLOG)
     app = create_app(settings)
     # Our own protocol class, uvicorn's left as they are: every connection carries its
-    # socket (the uid check) and the connection limits are enforced (uvicorn_protocol).
+    # socket (the uid check) and the connection limits are enforced (serving.uvicorn_seam).
     hooks = ConnectionHooks(connection_limits)
     config = uvicorn.Config(
         app,

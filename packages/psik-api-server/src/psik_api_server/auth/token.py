@@ -1,8 +1,8 @@
 """Who may call: ``authz: token``, the server that serves other machines.
 
-Every request passes :class:`TokenAuth`, which works out the caller and, on the routes
-that need one, the :class:`~psik_api_core.Principal` the handlers act for
-(``security.principal``):
+Around the request-shape guard both modes share (:mod:`.authenticator`), :class:`TokenAuthenticator`
+works out the caller and, on the routes that need one, the
+:class:`~psik_api_core.Principal` the handlers act for (:func:`.authenticator.principal`):
 
 * **TLS** (the app runs under ``certified serve``, which puts the connection's
   ``transport`` in the scope): the caller is named by its client certificate as
@@ -18,27 +18,23 @@ that need one, the :class:`~psik_api_core.Principal` the handlers act for
 ``/healthz``, ``/``, ``/openapi.json``, ``/v1/backends*``, ``/v1/token/key`` and
 ``POST /v1/token`` (which only shows a token given to it) need no caller; nor does
 ``/v1/callback``, whose reports are signed per job (``callbacks``).
-
-As in local mode: a ``Host``/``Content-Type``/``Origin`` header given twice is 400, a
-request from a foreign web page (``Origin``) is 403, and bodies must be JSON (upload
-routes excepted): a browser holding a client certificate would present it to any page.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from psik_api_core import Principal, ProblemCode, is_jobid
 
 from ..context import context
 from ..errors import ApiError
-from ..http.problems import problem_response
+from .authenticator import PRINCIPAL_KEY, register
 from .certnames import CertificateRefused
-from .local import PRINCIPAL_KEY, LocalOnly, header_refusal, refuse_websocket
 from .tokens import TokenError
 
 #: Where the README says how to serve with TLS.
@@ -119,32 +115,16 @@ def insecure(what: str) -> ApiError:
     )
 
 
-class TokenAuth:
-    """Pure ASGI middleware: the checks and the caller of the module doc."""
+@register("token")
+class TokenAuthenticator:
+    """The caller of the module doc."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def admit(self, scope: Scope, headers: Mapping[str, str]) -> None:
+        """Any host may call: who it is decides (:meth:`identify`)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            await refuse_websocket(scope, receive, send)
-            return
-        if scope["type"] == "http":
-            try:
-                self.authenticate(scope)
-            except ApiError as error:
-                await problem_response(error, scope.get("path"))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def authenticate(self, scope: Scope) -> None:
+    def identify(self, scope: Scope, headers: Mapping[str, str]) -> None:
         """Refuse (:class:`ApiError`) or put the caller (and the principal, on the
         routes that need one) in ``scope["state"]``."""
-        error = header_refusal(scope.get("headers", []))
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        error = error or LocalOnly._origin(scope, headers) or LocalOnly._body(scope, headers)
-        if error is not None:
-            raise error
         caller = caller_of(scope)
         state = scope.setdefault("state", {})
         state[CALLER_KEY] = caller
