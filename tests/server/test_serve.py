@@ -417,7 +417,8 @@ import gc, json, os, signal, sys, threading, time
 import httpx
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from psik_api_server import cli
-from psik_api_server.serving.uvicorn_seam import ServedProtocol, WithConnection, installed
+from psik_api_server.serving.peer_tag import WithConnection
+from psik_api_server.serving.uvicorn_seam import ServedProtocol, installed
 
 HOOKED = ("connection_made", "data_received", "on_response_complete", "connection_lost")
 originals = {name: H11Protocol.__dict__[name] for name in HOOKED}

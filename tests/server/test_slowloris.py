@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from psik_api_server.serving.limit_enforcer import _Body, _why_stalled
 from psik_api_server.serving.limits import MIN_BODY_RATE, RESERVE_FDS, ConnectionLimits, RepeatFilter, fit
-from psik_api_server.serving.uvicorn_seam import _Body, _why_stalled
 from support import free_port, wait_healthy
 
 resource = pytest.importorskip("resource")

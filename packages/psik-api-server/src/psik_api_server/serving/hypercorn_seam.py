@@ -1,4 +1,4 @@
-"""hypercorn's connections carry their socket, as uvicorn's do (``uvicorn_protocol``).
+"""hypercorn's connections carry their socket, as uvicorn's do (:mod:`.uvicorn_seam`).
 
 ``hypercorn psik_api_server.main:app`` reports a UNIX socket's requests with
 ``server=None, client=None`` and never hands the app its socket: without this hook
@@ -8,7 +8,7 @@ the asyncio worker's ``TCPServer.__init__`` (it is built once per accepted conne
 with the connection's stream writer), so that its app adds the connection's
 :class:`~psik_api_server.auth.peer.Connection` to every request's ``scope["extensions"]`` under the key
 ``peer`` reads, and the peer's uid is looked up at accept: the same work as uvicorn's
-connections get (``uvicorn_protocol.tag_connection``). hypercorn offers no protocol
+connections get (:func:`.peer_tag.tag_connection`). hypercorn offers no protocol
 class to pass, so this patch is the only way in. The wrapper calls hypercorn's own
 ``__init__`` first and changes nothing it does. The trio worker is not hooked (psik is
 asyncio-only): its requests carry no connection and get ``security``'s fallback (a
@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .uvicorn_seam import tag_connection
+from .peer_tag import tag_connection
 
 _logger = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ and the server stopped answering):
   this in the last M s" with the next one after that (or at exit).
 
 This module says what the limits are (:class:`ConnectionLimits`, :func:`start`) and
-keeps the logs short; :mod:`psik_api_server.serving.uvicorn_seam` enforces them on each connection:
-``serve`` through its own protocol class, ``psik_api_server.main`` (uvicorn launched by
+keeps the logs short; :mod:`.limit_enforcer` enforces them on each connection, through
+:mod:`.uvicorn_seam`: ``serve`` through its own protocol class, ``psik_api_server.main`` (uvicorn launched by
 someone else) by patching uvicorn's. An app built by hand (the tests) runs without them.
 """
 
@@ -78,9 +78,8 @@ STALL_GRACE = 1.0
 PER_CONNECTION_LOGGERS = (
     "asyncio",
     "uvicorn.error",
-    "psik_api_server.serving.limits",  # uvicorn_protocol's
-    "psik_api_server.auth.peer",  # uvicorn_protocol's, at accept
-    "psik_api_server.auth.local",
+    "psik_api_server.serving.limits",  # uvicorn_seam's and limit_enforcer's
+    "psik_api_server.auth.peer",  # peer_tag's, at accept
 )
 
 
