@@ -302,5 +302,5 @@ async def test_a_directory_that_cannot_be_resolved_is_422_not_500(settings: Sett
         assert (await http.get("/v1/jobs")).json()["items"] == []
     service = app.state.context.service
     with pytest.raises(ApiError) as caught:
-        service._check_directory(str(root / "a\x00b"))
+        service.specs.check_directory(str(root / "a\x00b"))
     assert caught.value.code.status == 422

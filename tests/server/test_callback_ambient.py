@@ -107,7 +107,7 @@ async def test_a_callback_carries_no_netrc_credentials_and_skips_the_proxy(
     app = lazy_app(settings)
     with LiveServer(app) as live:
         if route == "relay":
-            app.state.context.service.callback_url = f"{live.url}/v1/callback"
+            app.state.context.service.specs.callback_url = f"{live.url}/v1/callback"
         spec = {"script": "true", "callback": f"{hook.url}/hook", "cb_secret": "users-secret"}
         async with httpx.AsyncClient(base_url=live.url, trust_env=False) as http:
             r = await http.post("/v1/jobs", json=spec)

@@ -115,7 +115,7 @@ async def test_a_local_job_reports_to_the_live_server_and_is_relayed_signed(
     app = lazy_app(settings)
     with LiveServer(app) as live:
         service = app.state.context.service
-        url = service.callback_url = f"{live.url}/v1/callback"  # known once the port is
+        url = service.specs.callback_url = f"{live.url}/v1/callback"  # known once the port is
         spec = {"script": "true", "callback": receiver.url, "cb_secret": "users-secret"}
         spec["cb_headers"] = {"X-Users-Header": "users-header-value"}
         async with httpx.AsyncClient(base_url=live.url) as http:
@@ -420,7 +420,7 @@ def test_token_mode_inherit_environment() -> None:
 
 
 async def test_the_service_applies_the_limits(app: Starlette, http: httpx.AsyncClient) -> None:
-    app.state.context.service.spec_limits = LIMITS  # as app.py builds them for authz "token"
+    app.state.context.service.specs.spec_limits = LIMITS  # as app.py builds them for authz "token"
     r = await http.post("/v1/jobs/new", json={"script": "true", "callback": "http://10.0.0.1/h"})
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["loc"] == ["body", "callback"]

@@ -91,7 +91,7 @@ async def serving(settings: Settings, *, callbacks: bool = False) -> AsyncIterat
                 assert live.thread.is_alive(), "the server did not start"
                 await anyio.sleep(0.02)
         if callbacks:  # known once the port is
-            app.state.context.service.callback_url = f"{live.url}/v1/callback"
+            app.state.context.service.specs.callback_url = f"{live.url}/v1/callback"
         async with httpx.AsyncClient(base_url=live.url, timeout=PROMPT) as http:
             yield http
     finally:

@@ -22,7 +22,7 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Principal
 from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.backends.psik_backend import PsikBackend
 from psik_api_server.errors import ApiError, StartupError
-from psik_api_server.jobs.service import JobService
+from psik_api_server.jobs.service import JobService, build_job_service
 from psik_api_server.jobs.store import JobStore
 from psik_api_server.settings import Settings
 from support import free_port
@@ -98,7 +98,7 @@ def _service(settings: Settings) -> JobService:
     backend = PsikBackend(
         settings.prefix, settings.backends, LocalLauncher(settings.prefix.parent / "l.log", eager=False)
     )
-    return JobService(
+    return build_job_service(
         JobStore(settings.database_path), backend, OwnerPolicy(), import_owner=LOCAL_USER, watch_interval=0.02
     )
 

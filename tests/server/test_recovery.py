@@ -208,7 +208,7 @@ async def test_a_crash_after_the_submit_leaves_one_job_and_a_settled_key(
 
 async def test_claims_of_a_dead_server_are_released_at_start(settings: Settings) -> None:
     from psik_api_core import JobSpec
-    from psik_api_server.jobs.service import body_hash
+    from psik_api_server.jobs.idempotency import body_hash
 
     body = {"script": "true"}
     first = lazy_app(settings)

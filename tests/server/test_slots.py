@@ -6,6 +6,7 @@ number of jobs running at once is read off what the jobs themselves did."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -21,7 +22,7 @@ from asgi_lifespan import LifespanManager
 from conftest import lazy_app
 from psik_api_core import SLOT_WAIT_INFO, JobState, Transition
 from psik_api_server.jobs.slots import JobSlots
-from psik_api_server.jobs.store import JobRow
+from psik_api_server.jobs.store import JobRow, JobStore
 from psik_api_server.settings import BackendSettings, Settings
 
 pytestmark = pytest.mark.anyio
@@ -179,6 +180,52 @@ async def test_waiting_jobs_start_in_order_after_a_restart(tmp_path: Path) -> No
     assert _most_at_once(log) == 1
 
 
+async def test_submits_to_one_backend_launch_side_by_side(tmp_path: Path) -> None:
+    """A slot is claimed in the index, not by holding a lock across the launch: two
+    submits to a backend with free slots are both inside the launcher at once (before,
+    the second waited for the first's whole launcher round trip); and with one slot
+    left, only one of two concurrent submits gets it, the other waits for it."""
+    settings = _settings(tmp_path, 3)
+    app = lazy_app(settings)
+    inside = most = 0
+    both = anyio.Event()
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        backend = app.state.context.service.backend
+        real = backend.submit
+
+        async def slow_submit(jobid: str, waited: int | None = None) -> None:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            if inside == 2:
+                both.set()
+            with anyio.move_on_after(10):
+                await both.wait()  # the first launch waits until a second is inside too
+            try:
+                await real(jobid, waited=waited)
+            finally:
+                inside -= 1
+
+        backend.submit = slow_submit
+        first, second = await asyncio.gather(*(_submit(c, "true", f"p{i}") for i in range(2)))
+        assert most == 2, "the second submit waited for the first launch"
+        backend.submit = real
+        await _until(c, [first["jobid"], second["jobid"]], _final)
+        # One slot left (two jobs hold the others): of two concurrent submits one
+        # launches and one waits for the slot.
+        log, gate = tmp_path / "log", tmp_path / "gate"
+        await _submit(c, _script(log, gate), "hold1")
+        await _submit(c, _script(log, gate), "hold2")
+        a, b = await asyncio.gather(*(_submit(c, _script(log, gate), f"q{i}") for i in range(2)))
+        waits = [j for j in (a, b) if j["history"][-1]["info"].startswith(SLOT_WAIT_INFO)]
+        assert len(waits) == 1, (a["history"], b["history"])
+        gate.touch()
+        await _until(c, [a["jobid"], b["jobid"]], lambda j: j["state"] == "completed")
+
+
 @pytest.mark.parametrize("client", [None], indirect=True)
 async def test_the_local_default_is_the_cpu_count(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/backends")
@@ -203,19 +250,39 @@ def _row(jobid: str, state: JobState, backend: str = "default") -> JobRow:
     )
 
 
-def test_free_slots_count_queued_and_active_but_not_waiting_jobs() -> None:
+def test_slots_held_count_queued_and_active_but_not_waiting_jobs(tmp_path: Path) -> None:
+    """The slots are held in the index: a claim is refused once the backend's limit of
+    jobs hold one; a job that ends gives its slot back; start-up's recount gives one to
+    every queued or active job of a limited backend but none to a job waiting for one."""
+    store = JobStore(tmp_path / "index.sqlite").open()
+    for jobid, state, backend in [
+        ("1", JobState.active, "default"),
+        ("2", JobState.queued, "default"),
+        ("3", JobState.queued, "default"),
+        ("4", JobState.new, "default"),
+        ("5", JobState.active, "other"),
+        ("6", JobState.new, "default"),
+    ]:
+        store.put(_row(jobid, state, backend))
+    store.recount_slots(["default"], waiting=[])
+    assert store.slots_held("default") == 2 + 1 and store.slots_held("other") == 0
+    assert not store.claim_slot("4", "default", 3)  # all 3 taken
+    store.recount_slots(["default"], waiting=["3"])  # 3 waits: it holds none
+    assert store.slots_held("default") == 2
+    assert store.claim_slot("4", "default", 3)
+    assert store.claim_slot("4", "default", 3)  # held already: still True, counted once
+    assert not store.claim_slot("6", "default", 3)
+    store.set_state("1", JobState.completed, 1, 1.0, exit_code=0)  # ended: its slot is free
+    assert store.claim_slot("6", "default", 3)
+    store.release_slot("6")
+    assert store.slots_held("default") == 2
+    store.close()
+
+
+def test_the_waiting_list_keeps_its_order() -> None:
     slots = JobSlots({"default": 3, "slurm": None})
     assert slots.limit("slurm") is None
-    live = [
-        _row("1", JobState.active),
-        _row("2", JobState.queued),
-        _row("3", JobState.queued),
-        _row("4", JobState.new),
-        _row("5", JobState.active, backend="other"),
-    ]
-    assert slots.free("default", live) == 0
     slots.wait("default", "3", since=10.0)
-    assert slots.free("default", live) == 1
     slots.wait("default", "9", since=5.0)
     assert slots.queue("default") == ["9", "3"]
     assert slots.backends_waiting() == ["default"]

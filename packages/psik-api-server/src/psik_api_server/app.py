@@ -1,11 +1,13 @@
 """The app factory: ``create_app(settings, *, backend=None, store=None, clock=None)``.
 
-Everything the app needs is built here (or passed in by tests) and hangs off
-``app.state``; nothing lives in module globals. Building does no I/O: the lifespan
-takes the prefix lock (one server per prefix), opens the index, reconciles it with the
-job directories, starts the watcher, the liveness loop and the launcher, and stops them
-again. An ASGI server runs the lifespan;
-tests wrap the app in ``asgi_lifespan.LifespanManager``.
+Everything the app needs is built here (or passed in by tests) and kept in one typed
+:class:`~.context.ServerContext` (``context(app)``); nothing lives in module globals.
+Building does no I/O. The lifespan checks that the prefix and the state directory are
+the server's own, takes the prefix lock (one server per prefix), and opens the job
+service (:meth:`~.jobs.service.JobService.open`: the index reconciled with the job
+directories, the watcher, the liveness loop, the launcher), then stops it all again in
+reverse. An ASGI server runs the lifespan; tests wrap the app in
+``asgi_lifespan.LifespanManager``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.middleware import Middleware
 from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
 
 from . import __version__
+from .aio import in_thread
 from .auth.authenticator import auth_middleware
 from .auth.certnames import ClientNames, find_config
 from .auth.local_secret import LocalSecrets
@@ -43,7 +46,7 @@ from .http.problems import EXCEPTION_HANDLERS, CatchAll
 from .http.routes import build_routes
 from .jobs import statedir
 from .jobs.prefix_lock import PrefixLock
-from .jobs.service import JobService, in_thread
+from .jobs.service import build_job_service
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
 from .serving.limits import flush_repeats
@@ -73,7 +76,7 @@ def create_app(
         settings.prefix, settings.backends, launcher or LocalLauncher(settings.launcher_log_path)
     )
     store = store or JobStore(settings.database_path)
-    service = JobService(
+    service = build_job_service(
         store,
         backend,
         policy or OwnerPolicy(),

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from psik_api_core import LIMITS, Action, FileListing, Principal, ProblemCode
 
+from ..aio import in_thread
 from ..errors import ApiError
 from ..jobs import directory as jobdir
-from ..jobs.service import JobService, in_thread
+from ..jobs.service import JobService
 from . import checksums, paths, preconditions, writes
 
 
@@ -87,7 +88,7 @@ class FileService:
 
     def open_root(self, who: Principal, jobid: str, action: Action, *, create: bool) -> paths.Root:
         """The job's file root, open (blocking). 404 for a job that is not the caller's."""
-        self.service._owned(who, jobid, action)
+        self.service.access.owned(who, jobid, action)
         base = self.service.backend.path(jobid)
         try:
             spec = jobdir.read_spec(base)
@@ -95,7 +96,7 @@ class FileService:
             raise ApiError(
                 ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid
             ) from None
-        roots = self.service.directory_roots
+        roots = self.service.specs.directory_roots
         return paths.open_root(self.service.backend.prefix, jobid, spec.directory, roots, create=create)
 
     # ---- reading ----

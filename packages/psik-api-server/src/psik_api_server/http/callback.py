@@ -11,7 +11,7 @@ owner's own callback, and answered 204. A stale report (a state of a run already
 followed by another, a job purged meanwhile) is answered 204 too and neither recorded nor
 relayed; a state is relayed once (a replay is not relayed again).
 
-In ``authz: local`` the app's checks (security.LocalOnly) still apply here: only the
+In ``authz: local`` the app's checks (:mod:`psik_api_server.auth.local`) still apply here: only the
 owner's processes on this host reach the route, so reports come from local jobs (psik
 in the job's own process); a remote backend's cannot arrive. The route is for servers
 whose jobs run elsewhere (token mode, under ``certified serve``).
@@ -25,10 +25,10 @@ from starlette.responses import Response
 
 from psik_api_core import JobState, ProblemCode, is_jobid
 
+from ..aio import in_thread
 from ..context import context
 from ..errors import ApiError
 from ..jobs.callbacks import SIGNATURE_HEADER, read_record, report_jobid, signed_by
-from ..jobs.service import in_thread
 from .bodies import read_body
 
 #: A report is ~100 bytes; a longer body is refused before it is read on.

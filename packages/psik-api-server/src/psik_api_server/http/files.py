@@ -8,7 +8,8 @@ and every check applies after decoding); everything the filesystem sees passes
 :mod:`psik_api_server.files`. Bodies are never held whole:
 a download reads :data:`.paths.CHUNK` bytes at a time in a worker thread, an upload
 writes each received chunk through one, and both stop at the size limit. Which body
-types reach these routes is :class:`psik_api_server.auth.local.LocalOnly`'s to say (no browser form).
+types reach these routes (no browser form) is the request-shape guard's to say
+(:mod:`psik_api_server.auth.guard`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from starlette.types import Receive, Scope, Send
 from psik_api_core import Action, FileListing, ProblemCode, field_error
 from psik_api_core.limits import byte_size
 
-from ..aio import pread_chunks
-from ..auth.local import principal
+from ..aio import in_thread, pread_chunks
+from ..auth.authenticator import principal
 from ..context import context
 from ..errors import ApiError
 from ..files import paths, preconditions, ranges
 from ..files.service import FileService, OpenFile
-from ..jobs.service import in_thread
 from .headers import attachment
 from .multipart import FormUpload, boundary, feed, write_chunk
 from .params import Params

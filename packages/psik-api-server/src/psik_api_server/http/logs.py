@@ -24,12 +24,12 @@ from starlette.types import Receive, Scope, Send
 
 from psik_api_core import LIMITS, Action, JobState, Principal, ProblemCode, field_error
 
-from ..aio import pread_chunks
-from ..auth.local import principal
+from ..aio import in_thread, pread_chunks
+from ..auth.authenticator import principal
 from ..context import context
 from ..errors import ApiError
 from ..jobs import logs as joblogs
-from ..jobs.service import JobService, in_thread
+from ..jobs.service import JobService
 from .params import Params
 
 _logger = logging.getLogger(__name__)

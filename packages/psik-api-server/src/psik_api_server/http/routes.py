@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from psik_api_core import Job, JobState, ProblemCode
 
-from ..auth.local import principal
+from ..auth.authenticator import principal
 from ..context import context
 from ..errors import ApiError
 from ..jobs.service import JobService

@@ -25,10 +25,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import anyio.to_thread
+import anyio
 
 from psik_api_core import ProblemCode
 
+from ..aio import in_thread
 from ..errors import ApiError
 from . import directory as jobdir
 
@@ -209,7 +210,7 @@ class Creates:
             if self._busy == 0 and self._windows:
                 windows, self._windows = self._windows, []
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(_remove_half_made, prefix, windows, indexed)
+                    await in_thread(_remove_half_made, prefix, windows, indexed)
 
 
 def _remove_half_made(

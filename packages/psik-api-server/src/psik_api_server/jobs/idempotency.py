@@ -1,4 +1,5 @@
-"""Idempotent creation: what :meth:`.service.JobService.create` does with an Idempotency-Key.
+"""Idempotency-Keys: :class:`IdempotencyKeys`, what :class:`~.creates.JobCreator` does a
+keyed request's bookkeeping with.
 
 A key is claimed first, linked to its job in the same transaction as the job's index
 row (before any submit), and settled only once the answer is ready. A replay finds the
@@ -11,22 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sqlite3
+from collections.abc import Callable
 
-import anyio.to_thread
-
-from psik_api_core import Job, JobSpec, JobState, Principal, ProblemCode, field_error
+from psik_api_core import JobSpec, ProblemCode, field_error
 
 from ..aio import in_thread
-from ..backends import UNAVAILABLE_INFO
 from ..errors import ApiError
-from . import directory as jobdir
-from .base import JobServiceBase, not_submitted
-from .callbacks import CallbackRecord
-from .diskfull import INDEX, PREFIX, is_disk_full
-from .reconcile import index_row
-from .store import IdempotencyRecord
+from .diskfull import DiskFull, is_disk_full
+from .store import IdempotencyRecord, JobStore
 
 #: An Idempotency-Key claimed this long ago, by a request that is not one of this
 #: server's (its claims are released at start-up, but the index may be shared), no
@@ -41,15 +35,22 @@ def body_hash(spec: JobSpec, submit: bool) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-class IdempotentCreates(JobServiceBase):
-    """Creating a job, with or without an Idempotency-Key (see the module)."""
+class IdempotencyKeys:
+    """The keys of create requests: claimed, linked, settled or released (see the
+    module); and which of them this process is handling now."""
 
-    def _claim_key_sync(
-        self, owner: str, key: str, digest: str, submit: bool, fingerprint: str
-    ) -> str | None:
+    def __init__(self, store: JobStore, disk: DiskFull, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.disk = disk
+        self.clock = clock
+        # (owner, key) of the keyed requests this process is handling now: a replay of
+        # one of them is told to retry; any other unanswered key was abandoned.
+        self._inflight: set[tuple[str, str]] = set()
+
+    def claim(self, owner: str, key: str, digest: str, submit: bool, fingerprint: str) -> str | None:
         """Claim ``key`` for this request and count it in flight (None); or the job an
         earlier request with ``key`` made. A 422 if that request had another body
-        (``digest``), a 409 while it is still being handled."""
+        (``digest``), a 409 while it is still being handled. Blocking."""
         mine = (owner, key)
         now = self.clock()
 
@@ -82,133 +83,24 @@ class IdempotentCreates(JobServiceBase):
             )
         return seen.jobid
 
-    async def _create(
-        self,
-        principal: Principal,
-        spec: JobSpec,
-        record: CallbackRecord | None,
-        submit: bool,
-        key: str | None,
-    ) -> Job:
-        owner = principal.user
+    def answered(self, owner: str, key: str) -> None:
+        """The request with ``key`` is no longer being handled here."""
+        self._inflight.discard((owner, key))
+
+    def settle(self, owner: str, key: str, jobid: str) -> None:
+        """The request's answer is ready: a full disk leaves it linked, unsettled (a replay
+        answers with this job, start-up settles it). Blocking."""
         try:
-            # A create a full disk stopped leaves no directory (psik's is not atomic).
-            async with self._creates.creating(self.backend.prefix, lambda j: self.store.get(j) is not None):
-                jobid = await self.backend.create(spec, record)
-        except BaseException as e:
-            if key is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._release_key(owner, key)
-            if is_disk_full(e):
-                raise self.disk.error(e, "create the job", made=True) from e
-            raise
-        self.disk.cleared(PREFIX)
-        try:
-            await in_thread(self._index_new_sync, owner, jobid, key, submit)
-        except BaseException as e:
-            with anyio.CancelScope(shield=True):
-                await self._forget_unindexed(owner, jobid, key)
-            if is_disk_full(e):
-                raise self.disk.error(e, "record the job in the index", made=True) from e
-            raise
-        self.disk.cleared(INDEX)
-        if submit:
-            try:
-                async with self._lock(jobid):
-                    try:
-                        await self._submit(jobid)
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await in_thread(self._release_start_sync, jobid)
-            except ApiError:  # refused: the job is failed, and that is this request's answer
-                if key is not None:
-                    await in_thread(self.store.settle_key, owner, key, jobid)
+            self.store.settle_key(owner, key, jobid)
+        except (sqlite3.Error, OSError) as e:
+            if not is_disk_full(e):
                 raise
-            except Exception as e:
-                if not is_disk_full(e):
-                    raise
-                with anyio.CancelScope(shield=True):
-                    unmade = await in_thread(self._unmake_unsubmitted_sync, jobid)
-                if unmade:
-                    raise self.disk.error(e, "submit the job", made=True) from e
-                self.disk.note(e)  # it was submitted all the same: that is the answer
-        return await in_thread(self._answer_sync, principal, jobid, key)
+            self.disk.note(e)
 
-    def _answer_sync(self, principal: Principal, jobid: str, key: str | None) -> Job:
-        """The job, as the answer to a request with ``key``, which is settled with it."""
-        job = self._get_sync(principal, jobid)
-        if key is not None:
-            try:
-                self.store.settle_key(principal.user, key, jobid)
-            except (sqlite3.Error, OSError) as e:
-                if not is_disk_full(e):
-                    raise
-                # Left linked, unsettled: a replay answers with this job, start-up settles it.
-                self.disk.note(e)
-        return job
-
-    def _index_new_sync(self, owner: str, jobid: str, key: str | None, submit: bool) -> None:
-        """The job's row (its start claimed if this request submits it) and the key's
-        link to it, in one step: from here a replay, or the next start-up, finds it."""
-        base = self.backend.path(jobid)
-        jobdir.write_owner(base, owner)
-        files = jobdir.read_job(base)
-        with self.store.transaction():
-            self.store.put(index_row(files, owner), claim=submit)
-            if key is not None:
-                self.store.link_key(owner, key, jobid)
-
-    async def _forget_unindexed(self, owner: str, jobid: str, key: str | None) -> None:
-        """A job psik made that the index could not take: nobody can know it, so its
-        directory goes and the key is free for a retry."""
-        if await in_thread(self.store.get, jobid) is not None:
-            return  # recorded after all (cancelled while the write finished)
-        await self.backend.remove(jobid)
-        if key is not None:
-            await self._release_key(owner, key)
-
-    async def _release_key(self, owner: str, key: str) -> None:
+    async def release(self, owner: str, key: str) -> None:
         """``release_key``; a failure (a full index) is logged: the claim then blocks
         the key until it is stale (``STALE_CLAIM_SECONDS``) or the server restarts."""
         try:
             await in_thread(self.store.release_key, owner, key)
         except (sqlite3.Error, OSError) as e:
             self.disk.write_failed(e, f"freeing the Idempotency-Key of a request that made no job ({owner})")
-
-    def _unmake_unsubmitted_sync(self, jobid: str) -> bool:
-        """After a submit a full disk stopped: remove the job (directory, index row, key
-        link) if it never ran, so that a retry makes it afresh; False if it did run
-        (psik recorded it ``queued``), and stays."""
-        base = self.backend.path(jobid)
-        try:
-            files = jobdir.read_job_settled(base)
-        except (OSError, ValueError):
-            files = None
-        if files is not None and files.state != (JobState.new, 0):
-            return False
-        # A process psik forked for it can record nothing either, so it never ran the
-        # script (psik's first step, the ``active`` row, failed), and ends.
-        shutil.rmtree(base, ignore_errors=True)
-        try:
-            self.store.delete(jobid)  # and the keys linked to it
-        except (sqlite3.Error, OSError) as e:
-            self.disk.write_failed(e, f"removing job {jobid} from the index (start-up drops it)")
-        return True
-
-    async def _replay(self, principal: Principal, jobid: str, submit: bool, key: str) -> Job:
-        """The answer to a repeated keyed request: its job, submitted first if the
-        request was to submit it and it is still ``new`` (the first request stopped
-        between creating and submitting it)."""
-        try:
-            if submit:
-                await self._submit_if_new(jobid)
-        except ApiError:
-            await in_thread(self.store.settle_key, principal.user, key, jobid)
-            raise
-        job = await in_thread(self._answer_sync, principal, jobid, key)
-        why = job.history[-1].info if job.history else ""
-        if submit and job.state is JobState.failed and why.startswith(UNAVAILABLE_INFO):
-            # Its backend could not be reached: the same answer as the first time (a 503,
-            # not the failed job as if it had run), until it is started again.
-            raise not_submitted(jobid, why, True)
-        return job

@@ -1,12 +1,12 @@
-"""Start-up and shut-down of :class:`~psik_api_server.jobs.service.JobService`, and what they recover.
+"""Start-up: what a dead server left, recovered (:class:`StartupRecovery`), and its
+cut-short uploads removed in the background (:class:`UploadSweeper`).
 
 At start-up the index is opened (rebuilt from the job directories if it is corrupt) and
-reconciled with them (:mod:`psik_api_server.jobs.reconcile`), and what a dead server left is finished: a
+reconciled with them (:mod:`.reconcile`), and what a dead server left is finished: a
 keyed create-and-submit whose job is still ``new`` is submitted, claims are released,
-and jobs waiting for a slot wait again. Jobs that made their own status.csv invalid
-are failed. In the background, the temporary files of uploads a killed server left
-(``.psik-upload-*``) are removed. While the server runs, the liveness loop records
-``failed`` for jobs whose process (or Slurm job) is gone without a final row.
+who holds a job slot is recounted from the states, and jobs waiting for a slot wait
+again. Jobs that made their own status.csv invalid are failed. In the background, the
+temporary files of uploads a killed server left (``.psik-upload-*``) are removed.
 """
 
 from __future__ import annotations
@@ -19,18 +19,22 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from psik_api_core import JobState, slot_wait
 
 from ..aio import in_thread
+from ..backends.psik_backend import PsikBackend
 from ..errors import StartupError
 from ..files.paths import TEMP_PREFIX
 from . import directory as jobdir
-from .base import JobServiceBase
-from .directory import JobFileInvalid
+from .locks import JobLocks
 from .reconcile import Reconciled, reconcile
-from .store import CorruptIndex, OpenKey
+from .specs import SpecCheck
+from .store import CorruptIndex, JobStore, OpenKey
+from .submitter import Submitter
+from .watcher import StatusWatcher
 
 _logger = logging.getLogger(__name__)
 
@@ -61,8 +65,29 @@ def remove_stale_uploads(root: str, before: float, stop: threading.Event) -> int
     return removed
 
 
-class Recovery(JobServiceBase):
-    """The app's lifespan: :meth:`open` and :meth:`aclose` (see the module)."""
+class StartupRecovery:
+    """Opens the index and psik, reconciles them, and finishes what a dead server left
+    (see the module): the first step of the job service's lifespan."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        backend: PsikBackend,
+        submitter: Submitter,
+        watcher: StatusWatcher,
+        specs: SpecCheck,
+        locks: JobLocks,
+        clock: Callable[[], float],
+        import_owner: str,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.submitter = submitter
+        self.watcher = watcher
+        self.specs = specs
+        self.locks = locks
+        self.clock = clock
+        self.import_owner = import_owner
 
     async def open(self) -> None:
         """Open the index and psik, reconcile, finish what a dead server left, and start
@@ -92,17 +117,17 @@ class Recovery(JobServiceBase):
             self.watcher.follow(jobid, status_csv)
         self.watcher.start()
         for invalid in done.invalid:
-            async with self._lock(invalid.jobid):
-                await self._fail_invalid(invalid)
+            async with self.locks(invalid.jobid):
+                await self.submitter.fail_invalid(invalid)
         self.backend.warm_up()
-        for backend, jobid, since in await in_thread(self._waiting_sync):
-            self.slots.wait(backend, jobid, since)
+        slots = self.submitter.slots
+        waiting = await in_thread(self._waiting_sync)
+        # Who holds a slot, from the states: a claim a dead server made is not lost.
+        await in_thread(self.store.recount_slots, slots.limits, [jobid for _, jobid, _ in waiting])
+        for backend, jobid, since in waiting:
+            slots.wait(backend, jobid, since)
         await self._resume(done.pending)
-        self._fill_slots()
-        loop = asyncio.get_running_loop()
-        self._liveness = loop.create_task(self._liveness_loop(), name="liveness")
-        self._uploads_stop.clear()
-        self._uploads = loop.create_task(self._clear_uploads(time.time()), name="stale uploads")
+        self.submitter.fill_slots()
 
     def _open_sync(self) -> tuple[Reconciled, tuple[str, Path] | None]:
         """Open psik and the index and reconcile; also what a corrupt index was and
@@ -122,7 +147,7 @@ class Recovery(JobServiceBase):
                 self.store.open()
         except (OSError, sqlite3.Error) as e:
             raise StartupError(f"cannot open the job index {self.store.path}: {e}") from e
-        self.directory_roots = [Path(p).expanduser().resolve() for p in self._roots]
+        self.specs.resolve_roots()
         return reconcile(self.store, self.backend.prefix, self.import_owner), corrupt
 
     async def _resume(self, pending: list[OpenKey]) -> None:
@@ -139,7 +164,7 @@ class Recovery(JobServiceBase):
         for k in pending:
             assert k.jobid is not None
             try:
-                if k.submit and await self._submit_if_new(k.jobid):
+                if k.submit and await self.submitter.submit_if_new(k.jobid):
                     submitted.append(k.jobid)
             except Exception as e:  # one job must not keep the others (or the server) down
                 _logger.warning("job %s: not submitted at start-up: %s", k.jobid, e)
@@ -156,7 +181,7 @@ class Recovery(JobServiceBase):
         for a slot (at start-up: the waiting list survives a restart)."""
         found: list[tuple[str, str, float]] = []
         for row in self.store.live():
-            if row.state is not JobState.queued or self.slots.limit(row.backend) is None:
+            if row.state is not JobState.queued or self.submitter.slots.limit(row.backend) is None:
                 continue
             try:
                 files = jobdir.read_job(self.backend.path(row.jobid))
@@ -167,21 +192,41 @@ class Recovery(JobServiceBase):
                 found.append((row.backend, row.jobid, wait[1]))
         return found
 
-    async def _clear_uploads(self, before: float) -> None:
-        """Remove what uploads cut short by a killed server left (see
-        :func:`remove_stale_uploads`) in every job's files, in a worker thread."""
+
+class UploadSweeper:
+    """Removes, in the background from start-up on, the temporary files of uploads a
+    killed server cut short (see :func:`remove_stale_uploads`), in every job's files."""
+
+    def __init__(self, backend: PsikBackend, specs: SpecCheck) -> None:
+        self.backend = backend
+        self.specs = specs
+        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._task = asyncio.get_running_loop().create_task(self._run(time.time()), name="stale uploads")
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+
+    async def _run(self, before: float) -> None:
         try:
-            removed = await in_thread(self._clear_uploads_sync, before)
+            removed = await in_thread(self._sweep_sync, before)
         except Exception:  # housekeeping: never a reason to stop
             _logger.exception("removing the temporary files of interrupted uploads")
             return
         if removed:
             _logger.info("removed %d temporary file(s) of uploads a stopped server left", removed)
 
-    def _clear_uploads_sync(self, before: float) -> int:
+    def _sweep_sync(self, before: float) -> int:
         removed = 0
         for jobid in sorted(jobdir.list_jobids(self.backend.prefix)):
-            if self._uploads_stop.is_set():
+            if self._stop.is_set():
                 break
             base = self.backend.path(jobid)
             try:
@@ -192,63 +237,8 @@ class Recovery(JobServiceBase):
             if directory is not None and os.path.normpath(directory) != work:
                 # Only where the file routes would write: inside the allowed roots.
                 real = Path(os.path.realpath(directory))
-                if not any(real == r or real.is_relative_to(r) for r in self.directory_roots):
+                if not any(real == r or real.is_relative_to(r) for r in self.specs.directory_roots):
                     continue
                 work = str(real)
-            removed += remove_stale_uploads(work, before, self._uploads_stop)
+            removed += remove_stale_uploads(work, before, self._stop)
         return removed
-
-    async def aclose(self) -> None:
-        """Stop the liveness loop, the watcher and the launcher; close the index."""
-        self._uploads_stop.set()
-        if self._uploads is not None:
-            with contextlib.suppress(Exception):
-                await self._uploads
-            self._uploads = None
-        if self._filling is not None:
-            self._filling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._filling
-            self._filling = None
-        if self._liveness is not None:
-            self._liveness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._liveness
-            self._liveness = None
-        await self.watcher.stop()
-        await self.relay.aclose()
-        await self.backend.aclose()
-        await in_thread(self.store.close)
-
-    async def _liveness_loop(self) -> None:
-        while True:
-            try:
-                await self.check_liveness()
-            except Exception:
-                _logger.exception("liveness check")
-            await asyncio.sleep(self.liveness_interval)
-
-    async def check_liveness(self) -> list[str]:
-        """Record ``failed`` for every non-final job its backend's driver finds ended
-        without a final row (a local job whose process is gone, see ``liveness``; a Slurm
-        job Slurm has ended or forgotten, see ``backends/slurm/liveness.py``); returns their ids."""
-        gone: list[str] = []
-        found = await self.backend.vanished(await in_thread(self.store.live))
-        for job in found:
-            # Each job on its own: one whose status.csv cannot be written (the job made it
-            # so) must not stop the others being decided in this round.
-            async with self._lock(job.jobid):
-                files = await in_thread(self._refresh, job.jobid)  # it may have just ended properly
-                if files is None or (files.state[0].is_final and not job.overrules_end(files)):
-                    continue
-                try:
-                    await self.backend.record_failure(job.jobid, files.state[1], job.reason)
-                except JobFileInvalid as e:
-                    await self._fail_invalid(e, files.history)
-                    continue
-                except OSError as e:  # a full disk: said once, tried again next round
-                    self.disk.write_failed(e, f"recording that job {job.jobid} failed")
-                    continue
-                await in_thread(self._refresh, job.jobid)
-                gone.append(job.jobid)
-        return gone

@@ -1,43 +1,39 @@
-"""JobService: what the job routes do, independent of HTTP.
+"""JobService: what the job routes do, independent of HTTP, composed of collaborators.
 
-It ties the index (:class:`JobStore`), psik (:class:`PsikBackend`) and the
-:class:`StatusWatcher` together, and enforces what psik does not: legal transitions
-(no double start, a final job stays final), ownership, and idempotent creation.
-
-Never lose a job, never run one twice:
+It enforces what psik does not: legal transitions (no double start, a final job stays
+final), ownership, and idempotent creation. Never lose a job, never run one twice:
 
 * a job is submitted only under a start claim taken in the index by one conditional
   UPDATE (``JobStore.claim_start``), so two starts never both run, even from two
-  processes; a create-and-submit's job is born claimed;
+  processes; a create-and-submit's job is born claimed (:mod:`.submitter`);
 * an Idempotency-Key is claimed first, linked to its job in the same transaction as the
-  job's index row (before any submit), and settled only once the answer is ready. A
-  replay finds the job from the link on; while the first request still runs (this
-  process knows which do) it is told to retry; a replay of a submit whose job is still
-  ``new`` (its request stopped short) submits it (:mod:`psik_api_server.jobs.idempotency`);
-* at start-up (``reconcile``) what a dead server left is finished: a keyed
-  create-and-submit whose job is still ``new`` is submitted, claims are released
-  (:mod:`psik_api_server.jobs.recovery`).
+  job's index row (before any submit), and settled only once the answer is ready
+  (:mod:`.idempotency`, :mod:`.creates`);
+* at start-up what a dead server left is finished (:mod:`.recovery`).
 
-Its life is the app's lifespan: :meth:`open` opens the index and psik, reconciles the
-index with the job directories, and starts the watcher, the liveness loop and the
-launcher; :meth:`aclose` stops them. Nothing here blocks the event loop: the index,
-the job directories and ``/proc`` are read in worker threads, one hop per operation
-(the ``_..._sync`` methods are what runs there), and psik does its own file I/O through
-anyio's worker threads.
+The collaborators (built by :func:`build_job_service`, which ``create_app`` calls with
+what it was given): :class:`~.access.JobAccess` (who may do what), :class:`~.records.JobRecords`
+(directory reads recorded in the index), :class:`~.specs.SpecCheck`, :class:`~.creates.JobCreator`
+with :class:`~.idempotency.IdempotencyKeys`, :class:`~.submitter.Submitter` (claims, job
+slots, launch, the slot filler), :class:`~.recovery.StartupRecovery`,
+:class:`~.liveness.LivenessLoop`, :class:`~.recovery.UploadSweeper`, and the
+:class:`~.watcher.StatusWatcher`. :meth:`JobService.open` starts them in order and
+:meth:`JobService.aclose` stops them in reverse (one ``AsyncExitStack``).
 
-The parts: :mod:`psik_api_server.jobs.base` (collaborators, per-job steps, submitting and job
-slots), :mod:`.idempotency`, :mod:`.recovery`; this module is the façade the routes
-call.
+Nothing here blocks the event loop: the index, the job directories and ``/proc`` are
+read in worker threads (:func:`..aio.in_thread`), one trip per step; a request reads
+its job's directory once, and once more at its end if it changed the job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-
-import anyio.to_thread
 
 from psik_api_core import (
     Action,
@@ -48,34 +44,118 @@ from psik_api_core import (
     JobStatus,
     JobSummary,
     Page,
+    Policy,
     Principal,
     ProblemCode,
     can_cancel,
     can_start,
     field_error,
-    http_url_problem,
     is_slot_wait,
     utc,
 )
 
 from ..aio import in_thread
-from ..backends import AttributeRefused, CancelUnavailable
-from ..backends.psik_backend import one_line
+from ..backends import CancelUnavailable
+from ..backends.psik_backend import PsikBackend, one_line
 from ..errors import ApiError
 from . import directory as jobdir
-from .base import JobFilesInvalid
-from .callbacks import CallbackRecord, split_spec
+from .access import JobAccess
+from .callbacks import CallbackRelay
+from .creates import JobCreator
 from .directory import JobFileInvalid
-from .idempotency import STALE_CLAIM_SECONDS, IdempotentCreates, body_hash
-from .recovery import Recovery
-from .store import BadCursor
+from .diskfull import DiskFull
+from .idempotency import IdempotencyKeys
+from .liveness import LivenessLoop
+from .locks import JobLocks
+from .records import JobFilesInvalid, JobRecords, job_view
+from .recovery import StartupRecovery, UploadSweeper
+from .slots import JobSlots
+from .speclimits import SpecLimits
+from .specs import SpecCheck
+from .store import BadCursor, JobStore
+from .submitter import Submitter
+from .watcher import Change, StatusWatcher
 
-__all__ = ["STALE_CLAIM_SECONDS", "JobService", "body_hash", "in_thread"]
 
+class JobService:
+    """What the job routes do (see the module). Its collaborators are public: the files
+    API and the log routes ask :attr:`access` and :attr:`records` too."""
 
-class JobService(Recovery, IdempotentCreates):
-    """What the job routes do (see the module); built with its collaborators, see
-    :class:`~psik_api_server.jobs.base.JobServiceBase`."""
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        backend: PsikBackend,
+        access: JobAccess,
+        records: JobRecords,
+        specs: SpecCheck,
+        creator: JobCreator,
+        submitter: Submitter,
+        watcher: StatusWatcher,
+        relay: CallbackRelay,
+        recovery: StartupRecovery,
+        liveness: LivenessLoop,
+        uploads: UploadSweeper,
+        locks: JobLocks,
+        disk: DiskFull,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.access = access
+        self.records = records
+        self.specs = specs
+        self.creator = creator
+        self.submitter = submitter
+        self.watcher = watcher
+        self.relay = relay
+        self.recovery = recovery
+        self.liveness = liveness
+        self.uploads = uploads
+        self.locks = locks
+        #: A full disk: said once, answered 507 (see :mod:`.diskfull`).
+        self.disk = disk
+        self.clock = clock
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The authorization policy (:attr:`access`'s; a site or a test may swap it)."""
+        return self.access.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.access.policy = policy
+
+    # ---- lifespan ----
+
+    async def open(self) -> None:
+        """Start everything in order (see :class:`~.recovery.StartupRecovery`); what
+        started is stopped again if a later step fails."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(in_thread, self.store.close)
+            stack.push_async_callback(self.backend.aclose)
+            stack.push_async_callback(self.relay.aclose)
+            stack.push_async_callback(self.watcher.stop)
+            stack.push_async_callback(self.submitter.aclose)
+            await self.recovery.open()
+            self.liveness.start()
+            stack.push_async_callback(self.liveness.aclose)
+            self.uploads.start()
+            stack.push_async_callback(self.uploads.aclose)
+            self._stack = stack.pop_all()
+
+    async def aclose(self) -> None:
+        """Stop what :meth:`open` started, in reverse; idempotent."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def check_liveness(self) -> list[str]:
+        """One round of the liveness loop (see :class:`~.liveness.LivenessLoop`)."""
+        return await self.liveness.check()
+
+    # ---- backends ----
 
     async def backends(self) -> list[BackendInfo]:
         """Every configured backend, with its live health."""
@@ -90,145 +170,52 @@ class JobService(Recovery, IdempotentCreates):
             )
         return await self.backend.live_info(name)
 
+    # ---- jobs ----
+
     async def create(
         self, principal: Principal, spec: JobSpec, *, submit: bool, idempotency_key: str | None
     ) -> tuple[Job, bool]:
-        """Create (and submit) a job. Returns the job and whether it was made just now
-        (False when an Idempotency-Key replays an earlier request)."""
-        if not self.policy.allows(principal, Action.create, None, None):
-            raise ApiError(ProblemCode.forbidden, "not allowed to create jobs")
-        key = idempotency_key
-        spec, record, replay = await in_thread(self._prepare_sync, principal, spec, submit, key)
-        if replay is not None:
-            assert key is not None
-            return await self._replay(principal, replay, submit, key), False
-        try:
-            return await self._create(principal, spec, record, submit, key), True
-        finally:
-            if key is not None:
-                self._inflight.discard((principal.user, key))
-
-    def _prepare_sync(
-        self, principal: Principal, spec: JobSpec, submit: bool, key: str | None
-    ) -> tuple[JobSpec, CallbackRecord | None, str | None]:
-        """The checked spec as psik gets it, its callback record (see :mod:`psik_api_server.jobs.callbacks`),
-        and the job an earlier request with ``key`` made (if any); claims ``key`` for
-        this request otherwise (and counts it in flight)."""
-        spec = self._check_spec(spec)
-        digest = body_hash(spec, submit)  # of the request's spec: a replay has no new secret
-        spec, record = split_spec(spec, self.callback_url)
-        if key is None:
-            return spec, record, None
-        return (
-            spec,
-            record,
-            self._claim_key_sync(principal.user, key, digest, submit, self._fingerprint(spec)),
-        )
-
-    def _fingerprint(self, spec: JobSpec) -> str:
-        """``jobdir.fingerprint`` of the spec.json psik will write for ``spec``."""
-        attributes = {**self.backend.settings[spec.backend].attributes, **spec.attributes}
-        return jobdir.fingerprint(spec.model_copy(update={"attributes": attributes}))
-
-    def _check_spec(self, spec: JobSpec) -> JobSpec:
-        """``spec`` if this server can run it (with ``directory`` resolved), else a 4xx.
-        Blocking: resolving ``directory`` touches the filesystem."""
-        if spec.backend not in self.backend.settings:
-            raise ApiError(
-                ProblemCode.unknown_backend,
-                f"no backend {spec.backend!r}; configured: " + ", ".join(sorted(self.backend.settings)),
-                errors=[field_error(["body", "backend"], "not a configured backend")],
-            )
-        try:
-            # Refused before anything is made or submitted (a Slurm backend: sbatch's allow-list).
-            self.backend.check_attributes(spec.backend, spec.attributes)
-        except AttributeRefused as e:
-            raise ApiError(
-                ProblemCode.validation_error,
-                str(e),
-                errors=[field_error(["body", "attributes", e.name], e.why)],
-            ) from None
-        if not self.backend.usable(spec.backend):
-            raise ApiError(
-                ProblemCode.backend_unavailable,
-                f"backend {spec.backend!r} is unavailable: {self.backend.health.get(spec.backend)}",
-            )
-        if spec.callback is not None and (why := http_url_problem(spec.callback)) is not None:
-            raise ApiError(
-                ProblemCode.validation_error,
-                f"callback {spec.callback[:100]!r} {why}",
-                errors=[field_error(["body", "callback"], why)],
-            )
-        spec = self.spec_limits.check(spec)
-        if spec.directory is not None:
-            # The resolved path is what psik gets: a symlink swapped after this check
-            # cannot point the job elsewhere.
-            spec = spec.model_copy(update={"directory": str(self._check_directory(spec.directory))})
-        return spec
-
-    def _check_directory(self, directory: str) -> Path:
-        def refuse(why: str) -> ApiError:
-            return ApiError(
-                ProblemCode.validation_error,
-                f"directory {directory!r} {why}",
-                errors=[field_error(["body", "directory"], why)],
-            )
-
-        if not os.path.isabs(directory):
-            raise refuse("must be an absolute path")
-        try:
-            real = Path(directory).resolve()
-        except (OSError, RuntimeError, ValueError):  # a symlink loop; NUL (the input check's)
-            raise refuse("cannot be resolved (a symlink loop, or NUL)") from None
-        if not any(real == root or real.is_relative_to(root) for root in self.directory_roots):
-            roots = ", ".join(str(r) for r in self.directory_roots) or "none configured"
-            raise refuse(f"is outside the allowed directory roots ({roots})")
-        # The server's own directories, even where the roots reach them: the files
-        # routes would serve (and write) other jobs' files, or the index and its journal.
-        # A directory beside the index (inside its directory) holds none of its files.
-        index_dir = Path(self.store.path).expanduser().resolve().parent
-        if index_dir.is_relative_to(real):
-            raise refuse(f"is or holds the directory of the server's job index ({index_dir})")
-        prefix = Path(self.backend.prefix).resolve()
-        if real.is_relative_to(prefix) or prefix.is_relative_to(real):
-            raise refuse(f"is, holds or lies inside the server's job directories ({prefix})")
-        if not real.is_dir():
-            raise refuse("does not exist or is not a directory")
-        return real
+        """Create (and submit) a job; see :meth:`~.creates.JobCreator.create`."""
+        return await self.creator.create(principal, spec, submit=submit, idempotency_key=idempotency_key)
 
     async def start(self, principal: Principal, jobid: str) -> Job:
-        async with self._lock(jobid):
-            _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
-            state, jobndx = files.state
-            if not can_start(state):
-                raise ApiError(
-                    ProblemCode.conflict,
-                    f"job {jobid} is {state.value}; cancel it or wait for it to end before starting it again",
-                    jobid=jobid,
-                    state=state.value,
-                )
-            if not await in_thread(self.store.claim_start, jobid, jobndx):
-                raise ApiError(
-                    ProblemCode.conflict,
-                    f"job {jobid} is being started by another request",
-                    jobid=jobid,
-                    state=state.value,
-                )
-            try:
-                await self._submit(jobid)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await in_thread(self._release_start_sync, jobid)
-        return await self.get(principal, jobid)
+        async with self.locks(jobid):
+            owner, files = await in_thread(self._claim_start_sync, principal, jobid)
+            after = await self.submitter.run_claimed(jobid, files.spec.backend)
+        return job_view(jobid, owner, after or files)
+
+    def _claim_start_sync(self, principal: Principal, jobid: str) -> tuple[str, jobdir.JobFiles]:
+        """The job read once, and its start claimed; 409 if it cannot start now."""
+        owner, files = self.records.owned_files(principal, jobid, Action.write)
+        state, jobndx = files.state
+        if not can_start(state):
+            raise ApiError(
+                ProblemCode.conflict,
+                f"job {jobid} is {state.value}; cancel it or wait for it to end before starting it again",
+                jobid=jobid,
+                state=state.value,
+            )
+        if not self.store.claim_start(jobid, jobndx):
+            raise ApiError(
+                ProblemCode.conflict,
+                f"job {jobid} is being started by another request",
+                jobid=jobid,
+                state=state.value,
+            )
+        return owner, files
 
     async def get(self, principal: Principal, jobid: str) -> Job:
         return await in_thread(self._get_sync, principal, jobid)
+
+    def _get_sync(self, principal: Principal, jobid: str) -> Job:
+        owner, files = self.records.owned_files(principal, jobid, Action.read)
+        return job_view(jobid, owner, files)
 
     async def status(self, principal: Principal, jobid: str) -> JobStatus:
         return await in_thread(self._status_sync, principal, jobid)
 
     def _status_sync(self, principal: Principal, jobid: str) -> JobStatus:
-        row = self._owned(principal, jobid, Action.read)
+        row = self.access.owned(principal, jobid, Action.read)
         return JobStatus(jobid=jobid, state=row.state, jobndx=row.jobndx, updated=utc(row.updated))
 
     async def list(
@@ -267,17 +254,17 @@ class JobService(Recovery, IdempotentCreates):
 
     async def cancel(self, principal: Principal, jobid: str) -> Job:
         """Cancel a job that is not final; a final job stays as it was (idempotent)."""
-        async with self._lock(jobid):
+        async with self.locks(jobid):
             try:
-                _, files = await in_thread(self._owned_files, principal, jobid, Action.write)
+                owner, files = await in_thread(self.records.owned_files, principal, jobid, Action.write)
             except JobFilesInvalid as e:  # what cancel can do without its files: end it
-                raise JobFilesInvalid(e.invalid, await self._fail_invalid(e.invalid)) from None
+                raise JobFilesInvalid(e.invalid, await self.submitter.fail_invalid(e.invalid)) from None
             # A Slurm job's own end row does not stop a cancel while Slurm still runs it.
             if can_cancel(files.state[0]) or await self.backend.still_scheduled(files):
                 try:
                     await self.backend.cancel(jobid)
                 except JobFileInvalid as e:  # made unwritable, or swapped since the read
-                    raise JobFilesInvalid(e, await self._fail_invalid(e, files.history)) from None
+                    raise JobFilesInvalid(e, await self.submitter.fail_invalid(e, files.history)) from None
                 except CancelUnavailable as e:
                     raise ApiError(
                         ProblemCode.backend_unavailable,
@@ -285,9 +272,10 @@ class JobService(Recovery, IdempotentCreates):
                         "it may still run: cancel it again once the backend is back",
                         jobid=jobid,
                     ) from e
-                await in_thread(self._refresh, jobid)
+                after = await in_thread(self.records.refresh, jobid)
+                files = after or files
                 self.watcher.poke(jobid)
-        return await self.get(principal, jobid)
+        return job_view(jobid, owner, files)
 
     async def record_report(self, jobid: str, jobndx: int, state: JobState, info: str) -> bool:
         """Record a state a job's (signed, checked) callback reports: appended to its
@@ -328,17 +316,17 @@ class JobService(Recovery, IdempotentCreates):
                 return False
             if not any(r.jobndx == jobndx and r.state is state for r in history):
                 f.write(f"{self.clock()},{jobndx},{state.value},{one_line(info)}\n")
-        self._refresh(jobid)
+        self.records.refresh(jobid)
         return True
 
     async def purge(self, principal: Principal, jobid: str) -> None:
         """Remove a final job and its directory (a job whose directory is already gone:
         its index row)."""
-        async with self._lock(jobid):
+        async with self.locks(jobid):
             try:
                 has_directory = await in_thread(self._purgeable_sync, principal, jobid)
             except JobFilesInvalid as e:  # failed (and ended) as it is: nothing more to lose
-                await self._fail_invalid(e.invalid)
+                await self.submitter.fail_invalid(e.invalid)
                 has_directory = True
             self.watcher.forget(jobid)
             if has_directory:
@@ -348,11 +336,11 @@ class JobService(Recovery, IdempotentCreates):
     def _purgeable_sync(self, principal: Principal, jobid: str) -> bool:
         """Whether a purge has a directory to remove (False: only the index row is
         left); a 409 unless the job is final and nobody is starting it."""
-        row = self._owned(principal, jobid, Action.write)
+        row = self.access.owned(principal, jobid, Action.write)
         if not os.path.lexists(self.backend.path(jobid)):
             return False
         try:
-            files = self._refresh(jobid, invalid=True)
+            files = self.records.refresh(jobid, invalid=True)
         except JobFileInvalid as e:
             raise JobFilesInvalid(e) from None
         if files is None:
@@ -376,3 +364,67 @@ class JobService(Recovery, IdempotentCreates):
                 ProblemCode.conflict, f"job {jobid} is being started", jobid=jobid, state=state.value
             )
         return True
+
+
+def build_job_service(
+    store: JobStore,
+    backend: PsikBackend,
+    policy: Policy,
+    *,
+    import_owner: str,
+    directory_roots: Iterable[Path] = (),
+    watch_interval: float = 0.05,
+    liveness_interval: float = 2.0,
+    clock: Callable[[], float] = time.time,
+    callback_url: str | None = None,
+    spec_limits: SpecLimits | None = None,
+) -> JobService:
+    """The job service with its collaborators built around ``store``, ``backend`` and
+    ``policy`` (no I/O: :meth:`JobService.open` starts it).
+
+    ``import_owner``: who owns jobs found without an index row or an owner record;
+    ``callback_url``: every job reports to it (see :mod:`.callbacks`);
+    ``spec_limits``: what a spec may ask for (token mode, :mod:`.speclimits`)."""
+    disk = DiskFull(backend.prefix, store.path)
+    locks = JobLocks()
+    access = JobAccess(store, policy)
+    records = JobRecords(store, backend, disk, access)
+    specs = SpecCheck(
+        backend,
+        store.path,
+        directory_roots=directory_roots,
+        callback_url=callback_url,
+        spec_limits=spec_limits,
+    )
+    slots = JobSlots({name: cfg.slot_limit() for name, cfg in backend.settings.items()})
+    # The watcher reports to the submitter, which follows the jobs it submits with it.
+    submitter: Submitter | None = None
+
+    async def on_changes(changes: list[Change]) -> None:
+        assert submitter is not None
+        await submitter.on_changes(changes)
+
+    async def on_broken(invalid: JobFileInvalid, rows: Sequence[jobdir.Row]) -> None:
+        assert submitter is not None
+        await submitter.on_broken(invalid, rows)
+
+    watcher = StatusWatcher(on_changes, interval=watch_interval, on_broken=on_broken)
+    submitter = Submitter(store, backend, records, slots, locks, watcher, clock)
+    keys = IdempotencyKeys(store, disk, clock)
+    return JobService(
+        store=store,
+        backend=backend,
+        access=access,
+        records=records,
+        specs=specs,
+        creator=JobCreator(store, backend, access, records, specs, keys, submitter, locks, disk),
+        submitter=submitter,
+        watcher=watcher,
+        relay=CallbackRelay(),
+        recovery=StartupRecovery(store, backend, submitter, watcher, specs, locks, clock, import_owner),
+        liveness=LivenessLoop(store, backend, records, submitter, locks, disk, liveness_interval),
+        uploads=UploadSweeper(backend, specs),
+        locks=locks,
+        disk=disk,
+        clock=clock,
+    )

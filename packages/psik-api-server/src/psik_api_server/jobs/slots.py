@@ -2,7 +2,8 @@
 
 As Slurm caps jobs per user, a backend with a slot limit (``BackendSettings.slot_limit``:
 ``max_running``, by default the CPU count for ``local``) starts a job only while fewer
-than the limit of its jobs are ``queued`` with the backend or ``active``. A job
+than the limit of its jobs hold a slot: are ``queued`` with the backend or ``active``
+(or being launched). A job
 submitted while all slots are taken is recorded ``queued`` with a slot-wait row
 (:data:`psik_api_core.SLOT_WAIT_INFO`) in its own ``status.csv`` and nothing is
 started; when a slot frees, the oldest waiting job is started as that same run.
@@ -11,21 +12,18 @@ The waiting list lives in the job directories, not only here: at start-up it is 
 from them (:func:`psik_api_core.slot_wait`), so jobs keep their order across a restart,
 and even across a rebuilt index.
 
-This module keeps the bookkeeping (which jobs wait, in what order, how many slots are
-free); the :class:`~psik_api_server.jobs.service.JobService` makes the decisions, each under
-the backend's lock here, so two submits never both take the last slot.
+Who holds a slot is kept in the index (``JobStore.claim_slot``: one conditional UPDATE,
+so two submits never both take the last slot, and no lock is held across a launch; a
+job that ends gives its slot back; start-up recounts them from the states). This
+module keeps the limits and the waiting list (which jobs wait, in what order); the
+:class:`~.submitter.Submitter` makes the decisions.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-from psik_api_core import SLOT_WAIT_INFO, JobState
-
-from .store import JobRow
-
-_RUNNING = frozenset({JobState.queued, JobState.active})
+from psik_api_core import SLOT_WAIT_INFO
 
 
 class JobSlots:
@@ -33,17 +31,12 @@ class JobSlots:
 
     def __init__(self, limits: Mapping[str, int | None]) -> None:
         self.limits = {name: n for name, n in limits.items() if n is not None}
-        self._locks = {name: asyncio.Lock() for name in self.limits}
         # backend -> {jobid: since}; since = the time of the job's slot-wait row.
         self._waiting: dict[str, dict[str, float]] = {name: {} for name in self.limits}
 
     def limit(self, backend: str) -> int | None:
         """The backend's slot limit; None: no cap."""
         return self.limits.get(backend)
-
-    def lock(self, backend: str) -> asyncio.Lock:
-        """Held while deciding whether a job of ``backend`` starts (and starting it)."""
-        return self._locks[backend]
 
     def wait(self, backend: str, jobid: str, since: float) -> None:
         """``jobid`` waits for a slot of ``backend`` since ``since``."""
@@ -61,16 +54,6 @@ class JobSlots:
     def backends_waiting(self) -> list[str]:
         """The backends that have jobs waiting for a slot."""
         return [name for name, waiting in self._waiting.items() if waiting]
-
-    def free(self, backend: str, live: Iterable[JobRow]) -> int:
-        """How many more jobs of ``backend`` may start now, given the index's non-final
-        jobs ``live``: its limit less the jobs queued with the backend or active (a job
-        waiting for a slot is queued in the index, but runs nothing)."""
-        waiting = self._waiting[backend]
-        running = sum(
-            1 for r in live if r.backend == backend and r.state in _RUNNING and r.jobid not in waiting
-        )
-        return self.limits[backend] - running
 
     def why(self, backend: str) -> str:
         """The slot-wait row's info for a job of ``backend``."""

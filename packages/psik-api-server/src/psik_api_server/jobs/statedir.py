@@ -53,7 +53,7 @@ def own_files(settings: Settings) -> list[Path]:
 
 def _refusal(path: Path, st: os.stat_result, what: str) -> str | None:
     """Why ``path`` (lstat ``st``) cannot be the server's ``what``; None if it can."""
-    from ..auth.local import _user  # here: security imports this module
+    from ..auth.private_dir import user_name as _user  # here: auth imports this module
 
     me = os.geteuid()
     if stat.S_ISLNK(st.st_mode):

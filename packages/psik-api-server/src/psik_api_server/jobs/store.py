@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     claim   TEXT, -- 'start' while a request submits the job (see claim_start)
-    exit_code INTEGER  -- the current run's exit status once it ended (run_outcome), else NULL
+    exit_code INTEGER, -- the current run's exit status once it ended (run_outcome), else NULL
+    slot    INTEGER    -- 1 while the job holds one of its backend's job slots (see claim_slot)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (owner, state, created DESC, jobid DESC);
@@ -70,13 +71,20 @@ CREATE TABLE IF NOT EXISTS idempotency (
 #: Columns added since the first release: an older index gets them at open. Rows it
 #: already has were settled when they got their job (the old servers settled at once).
 _ADDED = {
-    "jobs": {"claim": "TEXT", "exit_code": "INTEGER"},
+    "jobs": {"claim": "TEXT", "exit_code": "INTEGER", "slot": "INTEGER"},
     "idempotency": {
         "settled": "INTEGER NOT NULL DEFAULT 1",
         "submit": "INTEGER NOT NULL DEFAULT 0",
         "fingerprint": "TEXT",
     },
 }
+
+#: The jobs holding a slot, per backend: a slot count reads at most ``max_running`` rows
+#: of it, however many jobs the index has (made after ``_ADDED``: an old index gets the
+#: column first).
+_SLOT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_slots ON jobs (backend) WHERE slot IS NOT NULL"
+
+_FINAL = "('completed', 'failed', 'canceled')"
 
 #: ``PRAGMA user_version`` of an index whose every row has its exit code. An older one
 #: (0) has none: a ``completed`` row's is 0, filled at open; a ``failed`` row's is in
@@ -219,6 +227,7 @@ class JobStore:
                 fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
                 conn.executescript(_SCHEMA)
                 _add_columns(conn)
+                conn.execute(_SLOT_INDEX)
                 _fill_exit_codes(conn, fresh)
             except CorruptIndex:
                 conn.close()
@@ -339,14 +348,72 @@ class JobStore:
         or when it has none: a new run clears the last one's), both from the same read
         of its history; True if anything changed. A state read before a later run was
         recorded (an older read finishing last) changes nothing: runs only ever go
-        forward, and a start claim relies on it."""
+        forward, and a start claim relies on it. A job that ended gives its slot back."""
         cur = self._db.execute(
-            "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ? "
+            "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ?, "
+            f"slot = CASE WHEN ? IN {_FINAL} THEN NULL ELSE slot END "
             "WHERE jobid = ? AND jobndx <= ? "
             "AND (state != ? OR jobndx != ? OR updated != ? OR exit_code IS NOT ?)",
-            (state.value, jobndx, updated, exit_code, jobid, jobndx, state.value, jobndx, updated, exit_code),
+            (
+                state.value,
+                jobndx,
+                updated,
+                exit_code,
+                state.value,
+                jobid,
+                jobndx,
+                state.value,
+                jobndx,
+                updated,
+                exit_code,
+            ),
         )
         return cur.rowcount > 0
+
+    # ---- job slots ----
+
+    def claim_slot(self, jobid: str, backend: str, limit: int) -> bool:
+        """Take one of ``backend``'s ``limit`` job slots for ``jobid`` (True if it holds
+        one now, False if all are taken). One UPDATE: two submits, even from two
+        processes, never both take the last slot, and no lock is held while the job is
+        launched. The count reads only the rows holding a slot (``jobs_slots``)."""
+        cur = self._db.execute(
+            "UPDATE jobs SET slot = 1 WHERE jobid = ? AND slot IS NULL "
+            "AND (SELECT count(*) FROM jobs WHERE backend = ? AND slot IS NOT NULL) < ?",
+            (jobid, backend, limit),
+        )
+        if cur.rowcount > 0:
+            return True
+        held = self._db.execute("SELECT slot FROM jobs WHERE jobid = ?", (jobid,)).fetchone()
+        return held is not None and held[0] is not None
+
+    def release_slot(self, jobid: str) -> None:
+        """Give ``jobid``'s slot back (its launch failed or was cut short)."""
+        self._db.execute("UPDATE jobs SET slot = NULL WHERE jobid = ? AND slot IS NOT NULL", (jobid,))
+
+    def slots_held(self, backend: str) -> int:
+        """How many of ``backend``'s jobs hold a slot."""
+        r = self._db.execute("SELECT count(*) FROM jobs WHERE backend = ? AND slot IS NOT NULL", (backend,))
+        return int(r.fetchone()[0])
+
+    def recount_slots(self, limited: Iterable[str], waiting: Iterable[str]) -> None:
+        """Set who holds a slot from the states (at start-up, so that a crash between a
+        claim and its job's end loses no slot): every job of a ``limited`` backend that
+        is queued with it or active, but none ``waiting`` for a slot."""
+        backends, waits = sorted(set(limited)), sorted(set(waiting))
+        with self.transaction():
+            self._db.execute("UPDATE jobs SET slot = NULL WHERE slot IS NOT NULL")
+            if backends:
+                marks = ", ".join("?" * len(backends))
+                self._db.execute(
+                    f"UPDATE jobs SET slot = 1 WHERE state IN ('queued', 'active') AND backend IN ({marks})",
+                    backends,
+                )
+            for i in range(0, len(waits), 500):
+                part = waits[i : i + 500]
+                self._db.execute(
+                    f"UPDATE jobs SET slot = NULL WHERE jobid IN ({', '.join('?' * len(part))})", part
+                )
 
     # ---- start claims ----
 

@@ -39,11 +39,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio.to_thread
-
 from psik_api_core import derive_state
 
-from ..aio import wait_event
+from ..aio import in_thread, wait_event
 from .directory import MAX_STATUS, JobFileInvalid, Row, open_job_file, parse_rows
 from .diskfull import is_disk_full, retryable_write_error
 
@@ -276,7 +274,7 @@ class StatusWatcher:
         changes: list[Change] = []
         broken: list[tuple[JobFileInvalid, list[Row]]] = []
         if wanted:
-            for look in await anyio.to_thread.run_sync(_look, wanted):
+            for look in await in_thread(_look, wanted):
                 if self._jobs.get(look.jobid) is not look.followed:
                     continue  # forgotten, or followed afresh, while we looked
                 if look.broken is not None:

@@ -1,0 +1,165 @@
+"""The index kept up to date from the job directories, and a job's API view of them.
+
+A request reads a job's directory once (a :class:`~.directory.JobFiles` snapshot),
+records the state it found in the index (:meth:`JobRecords.record`) and answers from
+that same snapshot (:func:`job_view`); a request that changed the job reads it once
+more at its end.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from psik_api_core import Action, Job, JobState, Principal, ProblemCode, derive_state, run_outcome, utc
+
+from ..aio import in_thread
+from ..backends.psik_backend import PsikBackend
+from ..errors import ApiError
+from . import directory as jobdir
+from .access import JobAccess
+from .directory import JobFileInvalid
+from .diskfull import INDEX, DiskFull
+from .store import JobStore
+from .watcher import Change
+
+
+class JobFilesInvalid(ApiError):
+    """The answer about a job that made one of its own bookkeeping files unreadable or
+    unwritable (:class:`~.directory.JobFileInvalid`): 409 ``job_files_invalid`` naming
+    the file. Its own problem: no other job is concerned."""
+
+    def __init__(self, invalid: JobFileInvalid, done: str = "") -> None:
+        super().__init__(
+            ProblemCode.job_files_invalid,
+            f"job {invalid.jobid}'s {invalid.name} {invalid.why}: the job changed its own bookkeeping, "
+            f"so its state cannot be read or recorded{done}; purge it (DELETE with purge=true) to remove it",
+            jobid=invalid.jobid,
+            file=invalid.name,
+        )
+        self.invalid = invalid
+
+
+def job_view(jobid: str, owner: str, files: jobdir.JobFiles) -> Job:
+    """The API's :class:`Job` of ``jobid`` (owned by ``owner``) as ``files`` found it."""
+    state, jobndx = files.state
+    native_id, exit_code = run_outcome(files.history)
+    return Job(
+        jobid=jobid,
+        name=files.spec.name,
+        backend=files.spec.backend,
+        owner=owner,
+        state=state,
+        jobndx=jobndx,
+        native_id=native_id,
+        exit_code=exit_code,
+        created=utc(files.created),
+        updated=utc(files.updated),
+        spec=files.spec,
+        history=[r.transition() for r in sorted(files.history, key=lambda r: r.time)],
+    )
+
+
+class JobRecords:
+    """Reading job directories and recording what they say in the index (blocking
+    methods: callers run them in a worker thread, one trip per step)."""
+
+    def __init__(self, store: JobStore, backend: PsikBackend, disk: DiskFull, access: JobAccess) -> None:
+        self.store = store
+        self.backend = backend
+        self.disk = disk
+        self.access = access
+
+    def path(self, jobid: str) -> Path:
+        return self.backend.path(jobid)
+
+    def refresh(
+        self,
+        jobid: str,
+        read: Callable[[Path], jobdir.JobFiles] = jobdir.read_job,
+        *,
+        strict: bool = False,
+        invalid: bool = False,
+    ) -> jobdir.JobFiles | None:
+        """Re-read a job's directory and update its index row; None if it cannot be read
+        (with ``invalid``, files the job made invalid raise :class:`JobFileInvalid`).
+        A failed update (a full disk) is said once and ignored, unless ``strict`` (a
+        request that changes the job: it must not act on a stale row)."""
+        try:
+            files = read(self.path(jobid))
+        except JobFileInvalid:
+            if invalid:
+                raise
+            return None
+        except (OSError, ValueError):
+            return None
+        self.record(jobid, files, strict=strict)
+        return files
+
+    def record(self, jobid: str, files: jobdir.JobFiles, *, strict: bool = False) -> None:
+        """Record the state ``files`` show in the index (see :meth:`refresh`)."""
+        state, jobndx = files.state
+        try:
+            if self.store.set_state(jobid, state, jobndx, files.updated, exit_code=files.exit_code):
+                self.disk.cleared(INDEX)
+        except (sqlite3.Error, OSError) as e:
+            if strict:
+                raise
+            # A read must not need a write (the disk may be full): the answer comes from
+            # the directory, and the watcher records the state once it can.
+            self.disk.write_failed(e, f"recording job {jobid}'s state in the index")
+
+    def owned_files(self, principal: Principal, jobid: str, action: Action) -> tuple[str, jobdir.JobFiles]:
+        """The job's owner and its directory read once (recorded in the index), if
+        ``principal`` may do ``action`` to it (see :meth:`.access.JobAccess.owned`); 404
+        if the directory is unreadable, :class:`JobFilesInvalid` if the job
+        made its files invalid."""
+        owner = self.access.owned(principal, jobid, action).owner
+        try:
+            files = self.refresh(jobid, strict=action is not Action.read, invalid=True)
+        except JobFileInvalid as e:
+            raise JobFilesInvalid(e) from None
+        if files is None:
+            raise ApiError(ProblemCode.not_found, f"job {jobid} has no readable directory", jobid=jobid)
+        return owner, files
+
+    def release_start(self, jobid: str) -> jobdir.JobFiles | None:
+        """Give back a start claim, with the state the start left: the one re-read at the
+        end of a request that submitted the job, returned for its answer (None if the
+        directory cannot be read)."""
+        try:
+            files = jobdir.read_job(self.path(jobid))
+        except (OSError, ValueError):
+            self.store.release_start(jobid)
+            return None
+        state, jobndx = files.state
+        self.store.release_start(jobid, state, jobndx, files.updated, files.exit_code)
+        return files
+
+    def release_slot_unless_running(self, jobid: str) -> None:
+        """After a launch that was cut short: give the job's slot back unless the job was
+        submitted all the same (its directory says it is queued or active)."""
+        try:
+            state = jobdir.read_job(self.path(jobid)).state[0]
+        except (OSError, ValueError):
+            state = JobState.failed
+        if state not in (JobState.queued, JobState.active):
+            self.store.release_slot(jobid)
+
+    async def record_changes(self, changes: list[Change]) -> None:
+        """Record what the watcher saw in the index, in one transaction (a full disk: said
+        once; the watcher keeps the changes and tries again)."""
+
+        def states() -> Iterable[tuple[str, JobState, int, float, int | None]]:
+            for c in changes:
+                state, jobndx = derive_state(c.rows)
+                yield c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1]
+
+        try:
+            changed = await in_thread(self.store.set_states, list(states()))
+        except Exception as e:
+            self.disk.note(e)
+            raise
+        if changed:
+            self.disk.cleared(INDEX)
