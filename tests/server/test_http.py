@@ -277,7 +277,7 @@ async def test_idempotency_key_in_flight_is_409_with_retry_after(
     http: httpx.AsyncClient, app: Starlette
 ) -> None:
     from psik_api_core import JobSpec
-    from psik_api_server.jobs.service import body_hash
+    from psik_api_server.jobs.idempotency import body_hash
 
     body = {"script": "true"}
     store = app.state.context.service.store
