@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
+import anyio
 
 from psik_api_core import BackendInfo, JobSpec
 
+from ..aio import in_thread
 from ..errors import StartupError
 from ..jobs import directory as jobdir
 from ..jobs.callbacks import CallbackRecord, psik_sender, write_record
@@ -79,7 +80,7 @@ async def _psik_job(base: Path) -> AsyncIterator[None]:
     first (a FIFO would hold psik's open, and a worker thread, for ever), and a
     status.csv psik cannot append to is :class:`JobFileInvalid` too (the job's own
     doing), never an internal error."""
-    await anyio.to_thread.run_sync(check_job_files, base)
+    await in_thread(check_job_files, base)
     try:
         yield
     except PermissionError as e:
@@ -225,10 +226,10 @@ class PsikBackend:
         jobid = await self.driver(spec.backend).create(spec, record)
         base = self.path(jobid)
         # psik makes it with the umask's mode: the job's files are the owner's alone.
-        await anyio.to_thread.run_sync(_owner_only, base)
+        await in_thread(_owner_only, base)
         if record is not None:
             try:
-                await anyio.to_thread.run_sync(write_record, base, record)
+                await in_thread(write_record, base, record)
             except BaseException:
                 # A job whose reports would all be refused must not be: nobody knows it yet.
                 with anyio.CancelScope(shield=True):
@@ -334,7 +335,7 @@ class PsikBackend:
     async def remove(self, jobid: str) -> None:
         """Delete the job's directory (only ever called for final jobs)."""
         base = self.path(jobid)
-        await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+        await in_thread(shutil.rmtree, base, ignore_errors=True)
 
     async def aclose(self) -> None:
         for task in list(self._callbacks):

@@ -14,10 +14,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
 from psik_api_core import JobSpec
 
+from ...aio import in_thread
 from ...jobs import directory as jobdir
 from .. import BackendDriver, BackendRefused, DriverContext, Finding, register
 from .containment import Containment
@@ -86,7 +85,7 @@ class LocalDriver(BackendDriver):
 
     async def submit(self, job: Any, jobndx: int, waited: int | None) -> tuple[int, str]:
         spec = JobSpec.model_validate(job.spec.model_dump())
-        reason = await anyio.to_thread.run_sync(missing_interpreter, spec)
+        reason = await in_thread(missing_interpreter, spec)
         if reason is not None:
             raise BackendRefused(reason)
         return await self.ctx.launcher.submit(self.ctx.path(job.stamp), waited)
@@ -102,17 +101,17 @@ class LocalDriver(BackendDriver):
             return
         jobid = job.stamp
         with self.containment.hold(jobid):  # the sweep would see it final and race us
-            files = await anyio.to_thread.run_sync(jobdir.read_job, self.ctx.path(jobid))
+            files = await in_thread(jobdir.read_job, self.ctx.path(jobid))
             run, runner = files.state[1], local_pid(files)
             # As psik's cancel does, `canceled` before any signal: whatever the job's
             # processes record as they die comes after it and changes nothing.
             await job.reached(0, PsikJobState.canceled)
-            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
+            await in_thread(self.containment.end_job, jobid, run, runner)
         self.containment.start()
         self.containment.wake()
 
     async def vanished(self, rows: Sequence[JobRow]) -> list[Finding]:
-        return list(await anyio.to_thread.run_sync(vanished_jobs, rows, self.ctx.prefix))
+        return list(await in_thread(vanished_jobs, rows, self.ctx.prefix))
 
     async def end_processes(self, jobid: str, run: int, runner: tuple[int, float] | None) -> None:
         """End every process of run ``run`` of ``jobid`` (``runner``: psik's runner, if
@@ -120,9 +119,9 @@ class LocalDriver(BackendDriver):
         if not self.containment.supported:
             return
         if runner is None:
-            runner = await anyio.to_thread.run_sync(self._runner_of, jobid, run)
+            runner = await in_thread(self._runner_of, jobid, run)
         with self.containment.hold(jobid):
-            await anyio.to_thread.run_sync(self.containment.end_job, jobid, run, runner)
+            await in_thread(self.containment.end_job, jobid, run, runner)
         self.containment.start()
         self.containment.wake()
 

@@ -49,11 +49,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio.to_thread
-
 from psik_api_core import is_jobid
 
-from ...aio import wait_event
+from ...aio import in_thread, wait_event
 from ...jobs import directory as jobdir
 from .liveness import started_by
 from .proctree import PROC, ProcessTable, boot_time, has_proc, send
@@ -310,7 +308,7 @@ class Containment:
         assert self._wake is not None
         while True:
             try:
-                await anyio.to_thread.run_sync(self.sweep)
+                await in_thread(self.sweep)
             except Exception:
                 _logger.exception("looking for processes of ended jobs")
             await wait_event(self._wake, self._next_look())
@@ -340,6 +338,6 @@ class Containment:
             ending.deadline = min(ending.deadline, now + SHUTDOWN_GRACE)
         limit = now + SHUTDOWN_GRACE + 1.5
         while self._endings and self._clock() < limit:
-            await anyio.to_thread.run_sync(lambda: self.sweep(leftovers=False))
+            await in_thread(lambda: self.sweep(leftovers=False))
             if self._endings:
                 await asyncio.sleep(self._next_look())

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from ...aio import in_thread
 from ...jobs.directory import check_job_files
 
 _logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class LocalLauncher:
         async with self._starting:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            log = await asyncio.to_thread(_open_log, self._log_path)
+            log = await in_thread(_open_log, self._log_path)
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,

@@ -12,10 +12,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
 from psik_api_core import OVERRULED_INFO
 
+from ...aio import in_thread
 from ...jobs import directory as jobdir
 from .. import (
     UNAVAILABLE_INFO,
@@ -121,7 +120,7 @@ class SlurmDriver(BackendDriver):
         from psik.models import JobState as PsikJobState
 
         jobid = job.stamp
-        files = await anyio.to_thread.run_sync(jobdir.read_job, self.ctx.path(jobid))
+        files = await in_thread(jobdir.read_job, self.ctx.path(jobid))
         state, run = files.state
         nid = run_native_id(files)
         if nid is not None:
@@ -144,7 +143,7 @@ class SlurmDriver(BackendDriver):
     async def vanished(self, rows: Sequence[JobRow]) -> list[Finding]:
         if not self.loaded:
             return []
-        jobs = await anyio.to_thread.run_sync(slurm_jobs, rows, self.ctx.prefix)
+        jobs = await in_thread(slurm_jobs, rows, self.ctx.prefix)
         # Those that ended by a row of their own since: Slurm's view is trusted over it.
-        claimed = await anyio.to_thread.run_sync(claimed_ends, self.ctx.prefix, self.liveness.left(jobs))
+        claimed = await in_thread(claimed_ends, self.ctx.prefix, self.liveness.left(jobs))
         return list(await self.liveness.check(jobs, claimed))
