@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .auth.certnames import ClientNames
-    from .auth.local import LocalSecrets
+    from .auth.local_secret import LocalSecrets
     from .auth.peer import PeerLookup
     from .auth.tokens import TokenAuthority
     from .errors import StartupError

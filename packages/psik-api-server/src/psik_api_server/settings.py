@@ -97,9 +97,9 @@ class Settings(BaseModel):
         default=None, description="SQLite index; default: index.sqlite in the state directory"
     )
     backends: dict[str, BackendSettings] = Field(default_factory=lambda: {"default": BackendSettings()})
-    #: ``local``: only the server's own user, on this host (security.LocalOnly).
+    #: ``local``: only the server's own user, on this host (auth/local.py).
     #: ``token``: TLS client certificates under ``certified serve`` and biscuit bearer
-    #: tokens; without TLS, no job routes at all (tokenauth.TokenAuth). A seed-style
+    #: tokens; without TLS, no job routes at all (auth/token.py). A seed-style
     #: ``"module:Class"`` means ``token`` with that policy.
     authz: Literal["local", "token"] = "local"
     #: Who may act on which job: ``module:Class`` implementing core's ``Policy``

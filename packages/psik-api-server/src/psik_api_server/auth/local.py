@@ -43,8 +43,8 @@ from psik_api_core import LOCAL_USER, Principal, ProblemCode
 from ..context import context
 from ..errors import ApiError
 from ..serving.hypercorn_seam import install_hypercorn_hook
-from .authenticator import PRINCIPAL_KEY, principal, register
-from .local_secret import SECRET_HEADER, LocalSecrets
+from .authenticator import PRINCIPAL_KEY, register
+from .local_secret import SECRET_HEADER
 from .loopback import ip_of, is_loopback_authority, is_loopback_host
 from .peer import Connection, connection_of
 from .private_dir import user_name
@@ -54,16 +54,10 @@ __all__ = [
     "SECRET_HEADER",
     "Address",
     "LocalAuthenticator",
-    # Importers not yet moved to their new modules (http.*: .authenticator; context:
-    # .local_secret; jobs.statedir: .private_dir's user_name):
-    "LocalSecrets",
-    "_user",
-    "principal",
 ]
 
 LOCAL_PRINCIPAL = Principal(user=LOCAL_USER)
 
-_user = user_name  # jobs.statedir's import, until it takes private_dir.user_name
 
 #: An ASGI address: ``(host, port)``; the port is None for a UNIX socket.
 Address = tuple[str, int | None]
