@@ -162,6 +162,27 @@ async def test_a_cancelled_waiting_job_never_runs_and_frees_its_place(
     assert again["state"] == "completed" and again["jobndx"] == 2
 
 
+@pytest.mark.parametrize("client", [1], indirect=True)
+async def test_a_purged_waiting_job_does_not_stall_the_ones_behind_it(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A waiting job cancelled and purged before its turn: the jobs behind it, and new
+    ones, still start when the slot frees (hostile tester: the filler took the purged
+    job's missing row for "no free slot" and stopped for good)."""
+    log, gate = tmp_path / "ran.log", tmp_path / "go"
+    first = await _submit(client, _script(log, gate), "first")
+    second = await _submit(client, _script(log, gate), "second")
+    third = await _submit(client, _script(log, gate), "third")
+    assert _waiting(second) and _waiting(third)
+    assert (await client.delete(f"/v1/jobs/{second['jobid']}")).status_code == 200
+    assert (await client.delete(f"/v1/jobs/{second['jobid']}?purge=true")).status_code == 204
+    gate.touch()
+    fourth = await _submit(client, _script(log, gate), "fourth")
+    done = await _until(client, [first["jobid"], third["jobid"], fourth["jobid"]], _final)
+    assert [j["state"] for j in done] == ["completed"] * 3
+    assert log.read_text().count("start") == 3
+
+
 async def test_waiting_jobs_start_in_order_after_a_restart(tmp_path: Path) -> None:
     settings = _settings(tmp_path, 1)
     log, gate = tmp_path / "ran.log", tmp_path / "go"

@@ -329,6 +329,7 @@ class JobService:
                 await self.submitter.fail_invalid(e.invalid)
                 has_directory = True
             self.watcher.forget(jobid)
+            self.submitter.slots.forget(jobid)  # it waited for a slot: no longer
             if has_directory:
                 await self.backend.remove(jobid)
             await in_thread(self.store.delete, jobid)

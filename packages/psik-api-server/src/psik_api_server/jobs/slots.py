@@ -46,6 +46,11 @@ class JobSlots:
         """``jobid`` no longer waits (started, cancelled, or gone)."""
         self._waiting.get(backend, {}).pop(jobid, None)
 
+    def forget(self, jobid: str) -> None:
+        """``jobid`` no longer waits for any backend's slot (it was purged)."""
+        for waiting in self._waiting.values():
+            waiting.pop(jobid, None)
+
     def queue(self, backend: str) -> list[str]:
         """The jobs waiting for a slot of ``backend``, oldest first."""
         waiting = self._waiting.get(backend, {})

@@ -222,7 +222,10 @@ class Submitter:
         assert limit is not None
         async with self.locks(jobid):
             if not await in_thread(self.store.claim_slot, jobid, backend, limit):
-                return False
+                if await in_thread(self.store.get, jobid) is not None:
+                    return False
+                self.slots.done(backend, jobid)  # purged while it waited: the next one
+                return True
             files = await in_thread(self.records.refresh, jobid, jobdir.read_job_settled)
             wait = None if files is None else slot_wait(files.history)
             self.slots.done(backend, jobid)
