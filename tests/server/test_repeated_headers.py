@@ -91,6 +91,16 @@ def _jobs(live_app: LiveServer) -> int:
             ],
             "Origin",
         ),
+        (
+            "POST",
+            [
+                ("Host", "localhost"),
+                ("Content-Type", "application/json"),
+                ("Idempotency-Key", "rep1"),
+                ("Idempotency-Key", "rep2"),
+            ],
+            "Idempotency-Key",
+        ),
     ],
 )
 def test_a_header_given_twice_is_refused(

@@ -61,8 +61,15 @@ def _has_body(headers: Mapping[str, str]) -> bool:
     return "transfer-encoding" in headers or (length is not None and length.strip() not in ("", "0"))
 
 
-#: The headers the checks read, which must come once: (lower-case name, as named in a refusal).
-_ONCE = {b"host": "Host", b"content-type": "Content-Type", b"origin": "Origin"}
+#: The headers the checks (or the routes) read, which must come once: (lower-case name,
+#: as named in a refusal). Two Idempotency-Keys would be one request under two keys: a
+#: replay with either must not find different answers.
+_ONCE = {
+    b"host": "Host",
+    b"content-type": "Content-Type",
+    b"origin": "Origin",
+    b"idempotency-key": "Idempotency-Key",
+}
 
 
 def _repeated(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
