@@ -22,7 +22,8 @@ from psik_api_core import LOCAL_USER, OwnerPolicy, Principal
 from psik_api_server.backends.local.launcher import LocalLauncher
 from psik_api_server.backends.psik_backend import PsikBackend
 from psik_api_server.errors import ApiError, StartupError
-from psik_api_server.jobs.service import JobService, build_job_service
+from psik_api_server.jobs.build import build_job_service
+from psik_api_server.jobs.service import JobService
 from psik_api_server.jobs.store import JobStore
 from psik_api_server.settings import Settings
 from support import free_port

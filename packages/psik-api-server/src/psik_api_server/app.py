@@ -45,8 +45,8 @@ from .http.openapi import build_openapi
 from .http.problems import EXCEPTION_HANDLERS, CatchAll
 from .http.routes import build_routes
 from .jobs import statedir
+from .jobs.build import build_job_service
 from .jobs.prefix_lock import PrefixLock
-from .jobs.service import build_job_service
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
 from .serving.limits import flush_repeats

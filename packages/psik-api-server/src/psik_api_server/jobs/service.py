@@ -11,7 +11,7 @@ final), ownership, and idempotent creation. Never lose a job, never run one twic
   (:mod:`.idempotency`, :mod:`.creates`);
 * at start-up what a dead server left is finished (:mod:`.recovery`).
 
-The collaborators (built by :func:`build_job_service`, which ``create_app`` calls with
+The collaborators (built by :func:`.build.build_job_service`, which ``create_app`` calls with
 what it was given): :class:`~.access.JobAccess` (who may do what), :class:`~.records.JobRecords`
 (directory reads recorded in the index), :class:`~.specs.SpecCheck`, :class:`~.creates.JobCreator`
 with :class:`~.idempotency.IdempotencyKeys`, :class:`~.submitter.Submitter` (claims, job
@@ -31,9 +31,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 from psik_api_core import (
     Action,
@@ -64,17 +62,14 @@ from .callbacks import CallbackRelay
 from .creates import JobCreator
 from .directory import JobFileInvalid
 from .diskfull import DiskFull
-from .idempotency import IdempotencyKeys
 from .liveness import LivenessLoop
 from .locks import JobLocks
 from .records import JobFilesInvalid, JobRecords, job_view
 from .recovery import StartupRecovery, UploadSweeper
-from .slots import JobSlots
-from .speclimits import SpecLimits
 from .specs import SpecCheck
 from .store import BadCursor, JobStore
 from .submitter import Submitter
-from .watcher import Change, StatusWatcher
+from .watcher import StatusWatcher
 
 
 class JobService:
@@ -365,67 +360,3 @@ class JobService:
                 ProblemCode.conflict, f"job {jobid} is being started", jobid=jobid, state=state.value
             )
         return True
-
-
-def build_job_service(
-    store: JobStore,
-    backend: PsikBackend,
-    policy: Policy,
-    *,
-    import_owner: str,
-    directory_roots: Iterable[Path] = (),
-    watch_interval: float = 0.05,
-    liveness_interval: float = 2.0,
-    clock: Callable[[], float] = time.time,
-    callback_url: str | None = None,
-    spec_limits: SpecLimits | None = None,
-) -> JobService:
-    """The job service with its collaborators built around ``store``, ``backend`` and
-    ``policy`` (no I/O: :meth:`JobService.open` starts it).
-
-    ``import_owner``: who owns jobs found without an index row or an owner record;
-    ``callback_url``: every job reports to it (see :mod:`.callbacks`);
-    ``spec_limits``: what a spec may ask for (token mode, :mod:`.speclimits`)."""
-    disk = DiskFull(backend.prefix, store.path)
-    locks = JobLocks()
-    access = JobAccess(store, policy)
-    records = JobRecords(store, backend, disk, access)
-    specs = SpecCheck(
-        backend,
-        store.path,
-        directory_roots=directory_roots,
-        callback_url=callback_url,
-        spec_limits=spec_limits,
-    )
-    slots = JobSlots({name: cfg.slot_limit() for name, cfg in backend.settings.items()})
-    # The watcher reports to the submitter, which follows the jobs it submits with it.
-    submitter: Submitter | None = None
-
-    async def on_changes(changes: list[Change]) -> None:
-        assert submitter is not None
-        await submitter.on_changes(changes)
-
-    async def on_broken(invalid: JobFileInvalid, rows: Sequence[jobdir.Row]) -> None:
-        assert submitter is not None
-        await submitter.on_broken(invalid, rows)
-
-    watcher = StatusWatcher(on_changes, interval=watch_interval, on_broken=on_broken)
-    submitter = Submitter(store, backend, records, slots, locks, watcher, clock)
-    keys = IdempotencyKeys(store, disk, clock)
-    return JobService(
-        store=store,
-        backend=backend,
-        access=access,
-        records=records,
-        specs=specs,
-        creator=JobCreator(store, backend, access, records, specs, keys, submitter, locks, disk),
-        submitter=submitter,
-        watcher=watcher,
-        relay=CallbackRelay(),
-        recovery=StartupRecovery(store, backend, submitter, watcher, specs, locks, clock, import_owner),
-        liveness=LivenessLoop(store, backend, records, submitter, locks, disk, liveness_interval),
-        uploads=UploadSweeper(backend, specs),
-        locks=locks,
-        disk=disk,
-        clock=clock,
-    )
