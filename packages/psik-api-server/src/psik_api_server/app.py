@@ -103,60 +103,58 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        try:
-            # First, so that `uvicorn psik_api_server.main:app` refuses a shared prefix too:
-            # the prefix, the state directory and the index are the owner's alone.
-            await in_thread(check_private_dir, settings.prefix)
-            # Before the index's mode is read: a link there is refused as a link.
-            await in_thread(statedir.prepare, settings)
-            await in_thread(check_private_file, settings.database_path, "index")
-        except StartupError as e:
-            context(app).startup_error = e  # for `psik-api-server serve` to say in one line
-            raise
+        """Start in order, stop in reverse (one exit stack): the start-up checks, the
+        prefix lock, the state directory's migration, the token-mode keys, the job
+        service; on the way out also the local secrets and the repeated log lines."""
+        ctx = context(app)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(ctx.local_secrets.remove_all)
+            stack.callback(flush_repeats)  # uvicorn ends on the signal it caught: no atexit
+            try:
+                await start(stack)
+            except StartupError as e:
+                ctx.startup_error = e  # for `psik-api-server serve` to say in one line
+                raise
+            yield
+
+    async def start(stack: contextlib.AsyncExitStack) -> None:
+        # First, so that `uvicorn psik_api_server.main:app` refuses a shared prefix too:
+        # the prefix, the state directory and the index are the owner's alone.
+        await in_thread(check_private_dir, settings.prefix)
+        # Before the index's mode is read: a link there is refused as a link.
+        await in_thread(statedir.prepare, settings)
+        await in_thread(check_private_file, settings.database_path, "index")
         if (notes := settings.notes_line()) is not None:
             _logger.warning("%s", notes)
-        index = None if str(store.path) == ":memory:" else Path(store.path)
-        lock = PrefixLock(settings.prefix, index)
-        try:
-            # Before anything touches the prefix: start-up clean-up takes every claim it
-            # finds for a dead server's, which holds only while no other server runs.
-            await in_thread(lock.acquire)
-            try:
-                await in_thread(statedir.migrate, settings)
-                if tokens is not None:
-                    await in_thread(tokens.load)
-                if client_names is not None:
-                    await in_thread(client_names.load)
-                    if any(driver_class(b.type).runs_here for b in settings.backends.values()):
-                        _logger.warning(
-                            "authz: token with a local backend: every user's jobs run as this "
-                            "server's Unix user and can read its files, the token key included; "
-                            "serve only users who may act as each other (README, 'What this "
-                            "mode does not do')"
-                        )
-                    if client_names.config is None:
-                        _logger.warning(
-                            "authz: token, but no certified config directory was found: every "
-                            "client certificate will be refused (set certified_config)"
-                        )
-                await service.open()
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await in_thread(lock.release)
-                raise
-        except StartupError as e:
-            context(app).startup_error = e  # for `psik-api-server serve` to say in one line
-            raise
-        try:
-            yield
-        finally:
-            try:
-                await service.aclose()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await in_thread(lock.release)
-                flush_repeats()  # uvicorn ends on the signal it caught: no atexit
-                context(app).local_secrets.remove_all()
+        lock = PrefixLock(settings.prefix, None if str(store.path) == ":memory:" else Path(store.path))
+        # Before anything touches the prefix: start-up clean-up takes every claim it
+        # finds for a dead server's, which holds only while no other server runs.
+        await in_thread(lock.acquire)
+
+        async def release() -> None:
+            with anyio.CancelScope(shield=True):
+                await in_thread(lock.release)
+
+        stack.push_async_callback(release)
+        await in_thread(statedir.migrate, settings)
+        if tokens is not None:
+            await in_thread(tokens.load)
+        if client_names is not None:
+            await in_thread(client_names.load)
+            if any(driver_class(b.type).runs_here for b in settings.backends.values()):
+                _logger.warning(
+                    "authz: token with a local backend: every user's jobs run as this "
+                    "server's Unix user and can read its files, the token key included; "
+                    "serve only users who may act as each other (README, 'What this "
+                    "mode does not do')"
+                )
+            if client_names.config is None:
+                _logger.warning(
+                    "authz: token, but no certified config directory was found: every "
+                    "client certificate will be refused (set certified_config)"
+                )
+        await service.open()
+        stack.push_async_callback(service.aclose)
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
