@@ -4,7 +4,8 @@ Local files are touched only through the ``OpenFile`` and ``Disk`` steps (the bl
 helpers below), so the async client does that work in worker threads. Neither
 direction holds a whole file in memory: an upload's body is a :class:`FileBody`,
 read a block at a time as httpx sends it (in a worker thread in the async client),
-and a download is written to ``<local>.part`` as it arrives.
+and a download is written to ``<local>.part`` as it arrives, a block at a time by a
+:class:`BlockWriter` while the next block is received.
 
 A download resumes: the ``.part`` and the ``ETag`` it was read under (saved beside it,
 in ``<local>.part.etag``) let the next request ask only for the rest (``Range``, with
@@ -27,6 +28,7 @@ import os
 import posixpath
 import stat
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -231,25 +233,34 @@ def download_flow(
 
 def _receive(response: httpx.Response, file: BinaryIO, hasher: Any) -> Flow[tuple[int, Any]]:
     """Write the body of ``response`` to ``file`` (and into ``hasher``) in blocks of
-    :data:`BLOCK` bytes; return the count written and the transport error that cut
-    the body short, if one did."""
-    written, block, dropped = 0, bytearray(), None
-    while True:
-        chunk = yield ReadChunk(response)
-        if isinstance(chunk, httpx.TransportError):
-            dropped = chunk
-            break
-        if chunk is None:
-            break
-        assert isinstance(chunk, bytes)
-        block += chunk
-        if len(block) >= BLOCK:
-            yield Disk(write_block, (file, hasher, bytes(block)))
-            written += len(block)
-            block.clear()
-    if block:  # what arrived before a drop is kept, to be resumed after
-        yield Disk(write_block, (file, hasher, bytes(block)))
-        written += len(block)
+    :data:`BLOCK` bytes, each written by a :class:`BlockWriter` while the next one
+    arrives; return the count written and the transport error that cut the body short,
+    if one did."""
+    written, chunks, pending, dropped = 0, list[bytes](), 0, None
+    writer = BlockWriter(file, hasher)
+    try:
+        while True:
+            chunk = yield ReadChunk(response)
+            if isinstance(chunk, httpx.TransportError):
+                dropped = chunk
+                break
+            if chunk is None:
+                break
+            assert isinstance(chunk, bytes)
+            chunks.append(chunk)
+            pending += len(chunk)
+            if pending >= BLOCK:
+                yield Disk(writer.put, (chunks,))
+                written += pending
+                chunks, pending = [], 0
+        if chunks:  # what arrived before a drop is kept, to be resumed after
+            yield Disk(writer.put_last, (chunks,))
+            written += pending
+        yield Disk(writer.close)
+    finally:
+        # A flow cut short (closed, or an error raised) still waits for the block being
+        # written before its file is closed; a no-op when it ended normally.
+        writer.close(quiet=True)
     return written, dropped
 
 
@@ -418,10 +429,66 @@ def save_etag(etag_path: str, etag: str | None) -> None:
         f.write(etag + "\n")
 
 
-def write_block(file: BinaryIO, hasher: Any, block: bytes) -> None:
-    """Write ``block`` and add it to the running hash (hashlib lets go of the GIL)."""
-    file.write(block)
-    hasher.update(block)
+def write_block(file: BinaryIO, hasher: Any, chunks: list[bytes]) -> None:
+    """Write ``chunks`` (a block as it arrived, in pieces) and add them to the running
+    hash (hashlib lets go of the GIL): ``writev``, no copy into one buffer."""
+    file.flush()  # nothing is buffered (only this writes), but the order must hold
+    fd = file.fileno()
+    for chunk in chunks:
+        hasher.update(chunk)
+    views = [memoryview(c) for c in chunks]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+#: The most pieces one ``writev`` takes (POSIX's IOV_MAX is at least 16; Linux's is 1024).
+_IOV_MAX = 512
+
+
+class BlockWriter:
+    """Writes (and hashes) a download's blocks in a thread of its own, so that the next
+    block is received meanwhile: :meth:`put` waits for the block before (at most one is
+    being written: two blocks in memory) and raises its error, if it had one."""
+
+    def __init__(self, file: BinaryIO, hasher: Any) -> None:
+        self.file, self.hasher = file, hasher
+        self._pool: ThreadPoolExecutor | None = None
+        self._writing: Future[None] | None = None
+
+    def put(self, block: list[bytes]) -> None:
+        """Have ``block`` (its pieces) written once the one before it is (blocking until
+        then)."""
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="psik-api-download")
+        self._writing = self._pool.submit(write_block, self.file, self.hasher, block)
+
+    def put_last(self, block: list[bytes]) -> None:
+        """Write the last ``block`` here, once the one before it is written: nothing
+        arrives meanwhile (and a small file needs no thread at all)."""
+        self._wait()
+        write_block(self.file, self.hasher, block)
+
+    def _wait(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Wait for the last block (raising its error unless ``quiet``) and end the thread."""
+        try:
+            self._wait()
+        except Exception:
+            if not quiet:
+                raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
 
 def discard(part: str, etag_path: str) -> None:

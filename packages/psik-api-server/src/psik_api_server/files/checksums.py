@@ -61,7 +61,7 @@ class ChecksumCache:
         h = hashlib.sha256()
         pos = 0
         while pos < st.st_size:
-            chunk = os.pread(fd, min(CHUNK * 4, st.st_size - pos), pos)
+            chunk = os.pread(fd, min(CHUNK, st.st_size - pos), pos)
             if not chunk:
                 break
             h.update(chunk)

@@ -36,8 +36,9 @@ from ..errors import ApiError
 #: Longest path a route takes, and longest segment (the usual PATH_MAX and NAME_MAX).
 MAX_PATH = 4096
 MAX_SEGMENT = 255
-#: How much one read of a download or a checksum takes.
-CHUNK = 256 << 10
+#: How much one read of a download or a checksum, or one write of an upload, takes:
+#: large enough that the trips to a worker thread cost little next to the copying.
+CHUNK = 1 << 20
 #: Deepest a recursive listing goes (each level holds a descriptor open).
 MAX_DEPTH = 64
 #: What a temp file of an upload is called, beside its target until it is renamed.

@@ -7,14 +7,17 @@ The file path is taken from the URL *as sent* (``scope["raw_path"]``) and decode
 and every check applies after decoding); everything the filesystem sees passes
 :mod:`psik_api_server.files`. Bodies are never held whole:
 a download reads :data:`.paths.CHUNK` bytes at a time in a worker thread, an upload
-writes each received chunk through one, and both stop at the size limit. Which body
+writes (and hashes) each :data:`.paths.CHUNK` in one while the next is received
+(:class:`WriteBehind`), and both stop at the size limit. Which body
 types reach these routes (no browser form) is the request-shape guard's to say
 (:mod:`psik_api_server.auth.guard`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+import functools
+from collections.abc import AsyncGenerator, Callable
 from urllib.parse import unquote_to_bytes
 
 import anyio
@@ -88,17 +91,55 @@ async def _body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, No
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise _too_large(limit)
     total = 0
-    pending = bytearray()
+    pending: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             raise _too_large(limit)
-        pending += chunk
-        if len(pending) >= paths.CHUNK:
-            yield bytes(pending)
-            pending.clear()
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= paths.CHUNK:
+            yield b"".join(pending)  # one copy, not one per received piece
+            pending, size = [], 0
     if pending:
-        yield bytes(pending)
+        yield b"".join(pending)
+
+
+class WriteBehind:
+    """Hands each piece of a body to ``write`` in a worker thread and returns at once,
+    so that the next piece is received while this one is written (and hashed): the
+    loop is never idle waiting for the disk. At most one piece is being written, so
+    an upload holds at most two in memory.
+
+    ``write`` is called for one piece at a time, in order. :meth:`drain` waits for the
+    last one (and raises its error); :meth:`aclose`, in a ``finally``, waits for it
+    whatever happened, so that nothing still writes when the upload's file closes."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._writing: asyncio.Task[None] | None = None
+
+    async def put(self, piece: bytes) -> None:
+        await self.drain()
+        self._writing = asyncio.ensure_future(in_thread(self._write, piece))
+
+    async def drain(self) -> None:
+        if self._writing is not None:
+            try:
+                # Shielded: a cancelled request leaves the write to finish for aclose.
+                await asyncio.shield(self._writing)
+            finally:
+                if self._writing.done():
+                    self._writing = None
+
+    async def aclose(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([writing])
+            if not writing.cancelled():
+                writing.exception()  # retrieved: the error that ended the upload is raised instead
 
 
 # ---- GET / HEAD ----
@@ -213,13 +254,16 @@ async def put_job_file(request: Request, params: Params) -> Response:
     )
     files = _files(request)
     upload = await files.begin_upload(principal(request), jobid, parts, conditions=conditions)
+    writer = WriteBehind(functools.partial(write_chunk, files, upload))
     try:
         async for chunk in _body_chunks(request, files.max_upload_bytes):
-            await in_thread(write_chunk, files, upload, chunk)
+            await writer.put(chunk)
+        await writer.drain()
         await in_thread(files.finish_upload_sync, upload, conditions=conditions)
         info = await in_thread(upload.info)
     finally:
         with anyio.CancelScope(shield=True):
+            await writer.aclose()
             await in_thread(upload.close)
     return JSONResponse(info.model_dump(mode="json"), status_code=201 if upload.created else 200)
 
@@ -234,10 +278,13 @@ async def upload_job_files(request: Request, params: Params) -> Response:
     files = _files(request)
     root = await in_thread(files.open_root, principal(request), jobid, Action.write, create=True)
     form = FormUpload(files, root, into)
+    writer: WriteBehind | None = None
     try:
         parser = MultipartParser(separator, form.callbacks())  # type: ignore[arg-type]
+        writer = WriteBehind(functools.partial(feed, parser))  # parsed (and written) behind
         async for chunk in _body_chunks(request, files.max_upload_bytes):
-            await in_thread(feed, parser, chunk)
+            await writer.put(chunk)
+        await writer.drain()
         if not form.ended:
             raise ApiError(ProblemCode.bad_request, "the multipart body ended before its closing boundary")
         if not form.uploads:
@@ -250,6 +297,8 @@ async def upload_job_files(request: Request, params: Params) -> Response:
         infos = [await in_thread(u.info) for u in form.uploads]
     finally:
         with anyio.CancelScope(shield=True):
+            if writer is not None:
+                await writer.aclose()
             await in_thread(form.close)
     return JSONResponse([i.model_dump(mode="json") for i in infos], status_code=201)
 
