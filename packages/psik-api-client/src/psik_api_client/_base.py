@@ -86,6 +86,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 UDS_URL = "http://localhost"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_MAX_RETRIES = 2
+#: httpx's own default pool. The async client also lets at most ``max_connections``
+#: requests be in flight at once (see ``AsyncClient``).
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
 class Sleep(NamedTuple):
@@ -243,9 +246,15 @@ class BaseClient:
         clock: Callable[[], float] | None,
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
+        limits: httpx.Limits = DEFAULT_LIMITS,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if not isinstance(limits, httpx.Limits):
+            raise TypeError(f"limits= is an httpx.Limits, not {limits!r}")
+        # Both bodies hand these to their httpx pool; the async body also bounds the
+        # requests in flight by max_connections (None: no bound).
+        self._limits = limits
         self._target = resolve_target(base_url, uds, has_transport=has_transport)
         self._prefix = self._target.base_url.rstrip("/")
         self._headers = httpx.Headers(

@@ -27,6 +27,7 @@ from psik_api_core import (
 )
 
 from ._base import (
+    DEFAULT_LIMITS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     BaseClient,
@@ -77,6 +78,9 @@ class Client(BaseClient):
     ``known_servers/``): the client presents that certificate (mTLS) and trusts only
     the servers the directory knows.
 
+    ``limits`` (an ``httpx.Limits``) sizes the connection pool, as in httpx; the
+    :class:`AsyncClient` also keeps at most ``max_connections`` requests in flight.
+
     Every method also takes keyword-only per-call options: ``timeout=`` (seconds, an
     ``httpx.Timeout``, or None for none) replaces the client's ``timeout`` for that
     call's requests, and ``extra_headers=`` are sent over the client's ``headers``.
@@ -99,6 +103,7 @@ class Client(BaseClient):
         clock: Callable[[], float] | None = None,
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
+        limits: httpx.Limits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(
             base_url,
@@ -111,10 +116,14 @@ class Client(BaseClient):
             clock=clock,
             token=token,
             cert_dir=cert_dir,
+            limits=limits,
         )
         if transport is None and self.uds is not None:
-            transport = httpx.HTTPTransport(uds=self.uds, verify=self._verify)
-        self._http = httpx.Client(transport=transport, timeout=timeout, auth=self._auth, verify=self._verify)
+            transport = httpx.HTTPTransport(uds=self.uds, verify=self._verify, limits=limits)
+        # No bound on requests in flight here: a blocking client has one per thread.
+        self._http = httpx.Client(
+            transport=transport, timeout=timeout, auth=self._auth, verify=self._verify, limits=limits
+        )
         self._sleep = sleep or time.sleep
 
     def _run(self, flow: Generator[Step | Emit[E], Outcome, T], result: list[T]) -> Generator[E, None, None]:
