@@ -39,6 +39,10 @@ _logger = logging.getLogger(__name__)
 #: command line, which takes no lock): it is looked at again once it is this old.
 HALF_CREATED_GRACE = 1.0
 
+#: Jobs read, then written to the index in one transaction: one commit per job made a
+#: first start over many directories twice as slow.
+BATCH = 1000
+
 
 def index_row(files: jobdir.JobFiles, owner: str) -> JobRow:
     """The index row of the job ``files`` describe, owned by ``owner``."""
@@ -83,9 +87,10 @@ def reconcile(
     dead = [k for k in store.open_keys() if k.jobid is None]
     on_disk = jobdir.list_jobids(prefix)
     indexed = store.jobids()
-    for jobid in indexed - on_disk:
-        store.delete(jobid)
-        done.removed += 1
+    gone = sorted(indexed - on_disk)
+    for i in range(0, len(gone), BATCH):
+        store.delete_many(gone[i : i + BATCH])
+    done.removed = len(gone)
     unindexed = sorted(on_disk - indexed)
     half = _remove_half_created(prefix, unindexed, grace)
     orphans, unreadable = _import(store, prefix, [j for j in unindexed if j not in half], dead, import_owner)
@@ -106,21 +111,23 @@ def reconcile(
             "; ".join(f"{j} ({why})" for j, why in unreadable),
         )
     store.release_claims()
-    for row in store.live():
-        path = jobdir.job_path(prefix, row.jobid)
-        try:
-            files = jobdir.read_job(path)
-        except jobdir.JobFileInvalid as e:
-            done.invalid.append(e)
-            continue
-        except (OSError, ValueError) as e:
-            _logger.warning("cannot read live job %s: %s", row.jobid, e)
-            continue
-        state, jobndx = files.state
-        if store.set_state(row.jobid, state, jobndx, files.updated, exit_code=files.exit_code):
-            done.refreshed += 1
-        if not state.is_final:
-            done.live.append((row.jobid, path / "status.csv"))
+    live = [row.jobid for row in store.live()]
+    for i in range(0, len(live), BATCH):
+        changes = []
+        for jobid in live[i : i + BATCH]:
+            read = _read(prefix, jobid, owner=False)
+            if isinstance(read, jobdir.JobFileInvalid):
+                done.invalid.append(read)
+                continue
+            if isinstance(read, Exception):
+                _logger.warning("cannot read live job %s: %s", jobid, read)
+                continue
+            files, _ = read
+            state, jobndx = files.state
+            changes.append((jobid, state, jobndx, files.updated, files.exit_code))
+            if not state.is_final:
+                done.live.append((jobid, jobdir.job_path(prefix, jobid) / "status.csv"))
+        done.refreshed += store.set_states(changes)
     _fill_exit_codes(store, prefix)
     done.pending = [k for k in store.open_keys() if k.jobid is not None]
     return done
@@ -184,26 +191,42 @@ def _import(
     since = min((k.created for k in dead), default=float("inf")) - 1.0  # stamps are rounded
     removed: list[str] = []
     unreadable: list[tuple[str, str]] = []
-    for jobid in jobids:
-        base = jobdir.job_path(prefix, jobid)
-        try:
-            files = jobdir.read_job(base)
-        except (OSError, ValueError) as e:
-            unreadable.append((jobid, " ".join(str(e).split())[:200]))
-            continue
-        if unclaimed and float(jobid) >= since and _never_run(files):
-            digest = jobdir.fingerprint(files.spec, base)
-            if unclaimed[digest] > 0:
-                try:
-                    shutil.rmtree(base)
-                except OSError as e:
-                    _logger.warning("cannot remove job directory %s: %s", jobid, e)
-                else:
-                    unclaimed[digest] -= 1
-                    removed.append(jobid)
-                    continue
-        store.put(index_row(files, jobdir.read_owner(base) or owner))
+    for i in range(0, len(jobids), BATCH):
+        rows = []
+        for jobid in jobids[i : i + BATCH]:
+            read = _read(prefix, jobid, owner=True)
+            if isinstance(read, Exception):
+                unreadable.append((jobid, " ".join(str(read).split())[:200]))
+                continue
+            files, recorded = read
+            base = jobdir.job_path(prefix, jobid)
+            if unclaimed and float(jobid) >= since and _never_run(files):
+                digest = jobdir.fingerprint(files.spec, base)
+                if unclaimed[digest] > 0:
+                    try:
+                        shutil.rmtree(base)
+                    except OSError as e:
+                        _logger.warning("cannot remove job directory %s: %s", jobid, e)
+                    else:
+                        unclaimed[digest] -= 1
+                        removed.append(jobid)
+                        continue
+            rows.append(index_row(files, recorded or owner))
+        # One transaction per batch: a crash loses at most this batch, and the next
+        # start imports it again (the directories are the truth).
+        store.put_many(rows)
     return removed, unreadable
+
+
+def _read(prefix: Path, jobid: str, owner: bool) -> tuple[jobdir.JobFiles, str | None] | Exception:
+    """A job directory's files (and, if ``owner``, its recorded owner), or why they
+    cannot be read. Read one after another: a pool of reader threads was slower (the
+    parsing holds the GIL; bench/bench_store.py)."""
+    base = jobdir.job_path(prefix, jobid)
+    try:
+        return jobdir.read_job(base), jobdir.read_owner(base) if owner else None
+    except (OSError, ValueError) as e:
+        return e
 
 
 def _never_run(files: jobdir.JobFiles) -> bool:
