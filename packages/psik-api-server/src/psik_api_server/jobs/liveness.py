@@ -64,7 +64,7 @@ class LivenessLoop:
     async def check(self) -> list[str]:
         """One round: record ``failed`` for every vanished job; returns their ids."""
         gone: list[str] = []
-        found = await self.backend.vanished(await in_thread(self.store.live))
+        found = await self.backend.vanished(await in_thread(self.store.submitted))
         for job in found:
             # Each job on its own: one whose status.csv cannot be written (the job made it
             # so) must not stop the others being decided in this round.

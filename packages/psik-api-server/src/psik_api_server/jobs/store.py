@@ -491,6 +491,12 @@ class JobStore:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('new', 'queued', 'active')")
         return [_row(r) for r in cur]
 
+    def submitted(self) -> list[JobRow]:
+        """Jobs queued with their backend or active: those a backend may have lost (the
+        liveness loop asks about these; a ``new`` job has nothing running to lose)."""
+        cur = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'active')")
+        return [_row(r) for r in cur]
+
     def missing_exit_codes(self) -> builtins.list[JobRow]:  # `list` here is the method below
         """The ``failed`` jobs of an index made before rows had exit codes, whose code
         is in their history (see :meth:`exit_codes_filled`); none once that was done."""
