@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from psik_api_core import JobState, ProblemCode, slot_wait
+from psik_api_core import JobState, ProblemCode, derive_state, slot_wait
 
 from ..aio import in_thread
 from ..backends.local.liveness import runner_pid
@@ -82,7 +82,8 @@ class Submitter:
 
     async def on_changes(self, changes: list[Change]) -> None:
         await self.records.record_changes(changes)
-        self.fill_slots()  # a job that ended frees its slot
+        if any(derive_state(c.rows)[0].is_final for c in changes):
+            self.fill_slots()  # a job that ended freed its slot (nothing else frees one)
 
     async def on_broken(self, invalid: JobFileInvalid, rows: Sequence[jobdir.Row]) -> None:
         async with self.locks(invalid.jobid):
@@ -166,6 +167,7 @@ class Submitter:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await in_thread(self.records.release_slot_unless_running, jobid)
+            self.fill_slots()
             raise
 
     async def launch(self, jobid: str, waited: int | None = None) -> None:
@@ -221,11 +223,12 @@ class Submitter:
         limit = self.slots.limit(backend)
         assert limit is not None
         async with self.locks(jobid):
-            if not await in_thread(self.store.claim_slot, jobid, backend, limit):
-                if await in_thread(self.store.get, jobid) is not None:
-                    return False
+            claimed = await in_thread(self._claim_waiting_sync, jobid, backend, limit)
+            if claimed is None:
                 self.slots.done(backend, jobid)  # purged while it waited: the next one
                 return True
+            if not claimed:
+                return False
             files = await in_thread(self.records.refresh, jobid, jobdir.read_job_settled)
             wait = None if files is None else slot_wait(files.history)
             self.slots.done(backend, jobid)
@@ -238,6 +241,12 @@ class Submitter:
                 _logger.warning("job %s: %s", jobid, e)
             await in_thread(self.records.refresh, jobid)
             return True
+
+    def _claim_waiting_sync(self, jobid: str, backend: str, limit: int) -> bool | None:
+        """A slot for a waiting job (True), none free (False), or None: the job is gone."""
+        if self.store.claim_slot(jobid, backend, limit):
+            return True
+        return None if self.store.get(jobid) is None else False
 
     async def aclose(self) -> None:
         """Stop the slot filler."""
