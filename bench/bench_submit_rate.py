@@ -102,7 +102,18 @@ def psik_rate(prefix: Path, clients: int, submits: int, backlog: int) -> float:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(clients)))
-        return share * clients / (time.perf_counter() - t0)
+        rate = share * clients / (time.perf_counter() - t0)
+        # Let the jobs end before their directory goes (a job process psik forked from
+        # here that loses its status.csv raises back into this process's stack).
+        deadline = time.monotonic() + 120
+        for status in prefix.glob("*/status.csv"):
+            while time.monotonic() < deadline and not any(
+                ",completed," in line or ",failed," in line for line in status.read_text().splitlines()
+            ):
+                if "," not in status.read_text():
+                    break
+                await asyncio.sleep(0.01)
+        return rate
 
     return asyncio.run(run())
 
