@@ -110,8 +110,8 @@ def psik_rate(prefix: Path, clients: int, submits: int, backlog: int) -> float:
             while time.monotonic() < deadline and not any(
                 ",completed," in line or ",failed," in line for line in status.read_text().splitlines()
             ):
-                if "," not in status.read_text():
-                    break
+                if ",queued," not in status.read_text():
+                    break  # never submitted (the backlog)
                 await asyncio.sleep(0.01)
         return rate
 
