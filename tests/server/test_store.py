@@ -140,6 +140,24 @@ def test_a_run_never_goes_back(store: JobStore) -> None:
     assert row is not None and (row.state, row.jobndx) == (JobState.queued, 2)
 
 
+def test_an_ended_run_is_never_set_back_by_an_older_read(store: JobStore) -> None:
+    """Within one run, a read from before the end, written after the end was recorded
+    (a submit's last read racing the watcher), changes nothing: nothing would repair
+    it, since the watcher stops following a job once it ends (CI: 1 of 300 jobs was
+    left 'queued' for good). A read that saw more rows, even all older ones, still
+    counts; so does the next run."""
+    store.put(_row(1))
+    jobid = _row(1).jobid
+    assert store.set_state(jobid, JobState.completed, 1, 6.0, exit_code=0)  # the watcher
+    assert not store.set_state(jobid, JobState.queued, 1, 5.0, exit_code=None)  # the older read
+    row = store.get(jobid)
+    assert row is not None and (row.state, row.jobndx, row.updated) == (JobState.completed, 1, 6.0)
+    assert store.set_state(jobid, JobState.completed, 1, 6.0, exit_code=3) is True  # same read, more said
+    assert store.set_state(jobid, JobState.queued, 2, 5.5, exit_code=None)  # a new run
+    row = store.get(jobid)
+    assert row is not None and (row.state, row.jobndx) == (JobState.queued, 2)
+
+
 def test_start_claims_are_cleared_with_their_holder(store: JobStore) -> None:
     store.put(_row(1), claim=True)  # a create-and-submit's job is born claimed
     assert store.claimed(_row(1).jobid) and not store.claim_start(_row(1).jobid, 0)

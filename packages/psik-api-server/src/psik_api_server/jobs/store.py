@@ -373,13 +373,17 @@ class JobStore:
     ) -> bool:
         """Record a job's derived state and its run's ``exit_code`` (None while it runs
         or when it has none: a new run clears the last one's), both from the same read
-        of its history; True if anything changed. A state read before a later run was
-        recorded (an older read finishing last) changes nothing: runs only ever go
-        forward, and a start claim relies on it. A job that ended gives its slot back."""
+        of its history; True if anything changed. A read older than the one recorded
+        (an older read finishing last) changes nothing: runs only ever go forward (a
+        start claim relies on it), and within a run a read that saw fewer rows has an
+        older ``updated`` (the newest row's time; status.csv is only appended to), so a
+        run that was recorded ended is never set back to running by a read from before
+        its end (which no later read would repair: the watcher stops following a job
+        once it ends). A job that ended gives its slot back."""
         cur = self._db.execute(
             "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ?, "
             f"slot = CASE WHEN ? IN {_FINAL} THEN NULL ELSE slot END "
-            "WHERE jobid = ? AND jobndx <= ? "
+            "WHERE jobid = ? AND (jobndx < ? OR (jobndx = ? AND updated <= ?)) "
             "AND (state != ? OR jobndx != ? OR updated != ? OR exit_code IS NOT ?)",
             (
                 state.value,
@@ -389,6 +393,8 @@ class JobStore:
                 state.value,
                 jobid,
                 jobndx,
+                jobndx,
+                updated,
                 state.value,
                 jobndx,
                 updated,
