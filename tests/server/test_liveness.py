@@ -76,3 +76,27 @@ async def test_a_killed_local_job_ends_failed_with_the_reason(settings: Settings
         assert state["jobndx"] == 1
         last = (await http.get(f"/v1/jobs/{jobid}")).json()["history"][-1]
         assert last["state"] == "failed" and f"process {pid} ended" in last["info"]
+
+
+async def test_an_end_the_index_missed_is_recorded_by_the_liveness_loop(settings: Settings) -> None:
+    """A job that ended while the index still shows it running (a lost watcher change,
+    or a stale write): the liveness loop's next round re-reads it and records the end,
+    not a failure; before, the job stayed 'active' in the index for good, since the
+    loop asked only about jobs whose directory said they still ran."""
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        jobid = (await http.post("/v1/jobs", json={"script": "true"})).json()["jobid"]
+        with anyio.fail_after(20):
+            while (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] != "completed":
+                await anyio.sleep(0.02)
+        store = app.state.context.service.store
+        with store.transaction():  # the index falls behind, as the lost write left it
+            store._db.execute("UPDATE jobs SET state = 'active' WHERE jobid = ?", (jobid,))
+        assert (await http.get(f"/v1/jobs/{jobid}/state")).json()["state"] == "active"
+        assert await app.state.context.service.check_liveness() == []  # no failure recorded
+        state = (await http.get(f"/v1/jobs/{jobid}/state")).json()
+        assert (state["state"], state["jobndx"]) == ("completed", 1)
+        assert (await http.get(f"/v1/jobs/{jobid}")).json()["history"][-1]["state"] == "completed"

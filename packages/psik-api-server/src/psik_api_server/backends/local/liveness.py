@@ -119,18 +119,41 @@ class Vanished:
         return False
 
 
-def vanished_jobs(rows: Iterable[JobRow], prefix: Path, *, proc: Path = PROC) -> list[Vanished]:
-    """Of ``rows`` (index rows of non-final local jobs), the jobs whose process is gone.
+@dataclass(frozen=True)
+class EndedUnrecorded:
+    """A job the index shows running whose own directory says it ended: the liveness
+    loop's re-read records the end (a lost watcher change must not leave it running in
+    the index for good). Never a failure."""
+
+    jobid: str
+
+    @property
+    def reason(self) -> str:
+        return "its directory says it ended; the index had not recorded it"
+
+    def overrules_end(self, files: jobdir.JobFiles) -> bool:
+        return False
+
+
+def vanished_jobs(
+    rows: Iterable[JobRow], prefix: Path, *, proc: Path = PROC
+) -> list[Vanished | EndedUnrecorded]:
+    """Of ``rows`` (index rows of non-final local jobs), the jobs whose process is gone,
+    and those whose directory says they ended (:class:`EndedUnrecorded`).
     Blocking (reads each job's status and ``/proc``): run it in a worker thread. A job
     that cannot be read is skipped, never failed."""
-    gone: list[Vanished] = []
+    gone: list[Vanished | EndedUnrecorded] = []
     for row in rows:
         if row.jobndx == 0:
             continue
         try:
-            pid = local_pid(jobdir.read_job(jobdir.job_path(prefix, row.jobid)))
+            files = jobdir.read_job(jobdir.job_path(prefix, row.jobid))
         except (OSError, ValueError):
             continue
+        if files.state[0].is_final:
+            gone.append(EndedUnrecorded(row.jobid))
+            continue
+        pid = local_pid(files)
         if pid is not None and not process_running(*pid, proc=proc):
             gone.append(Vanished(row.jobid, pid[0]))
     return gone
