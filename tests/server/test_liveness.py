@@ -83,6 +83,7 @@ async def test_an_end_the_index_missed_is_recorded_by_the_liveness_loop(settings
     or a stale write): the liveness loop's next round re-reads it and records the end,
     not a failure; before, the job stayed 'active' in the index for good, since the
     loop asked only about jobs whose directory said they still ran."""
+    settings.liveness_interval = 3600  # its rounds are the test's own (check_liveness)
     app = create_app(settings)
     async with (
         LifespanManager(app),
