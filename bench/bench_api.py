@@ -43,6 +43,14 @@ def _free_port() -> int:
 
 @contextmanager
 def server(data: Path, config: dict[str, object] | None = None) -> Iterator[str]:
+    """A live `psik-api-server serve` on its own data directory: its URL."""
+    with server_process(data, config) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(data: Path, config: dict[str, object] | None = None) -> Iterator[tuple[str, int]]:
+    """:func:`server`, with the server's process id (for its CPU time or memory)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV"}}
     env["XDG_DATA_HOME"] = str(data)
@@ -67,7 +75,7 @@ def server(data: Path, config: dict[str, object] | None = None) -> Iterator[str]
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.05)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)

@@ -24,46 +24,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_api import fill, server
+from bench_api import fill, server_process
 
 from psik_api_client import Client
 
 CONFIG = {"backends": {"default": {"type": "local", "max_running": 100000}}}
 
 
-def _server_pid(url: str) -> int | None:
-    """The pid listening on ``url``'s port (the server's CPU time is read from /proc)."""
-    port = int(url.rsplit(":", 1)[1])
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f[9])
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
-                    return int(pid)
-        except OSError:
-            continue
-    return None
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return float("nan")
+def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def api_rate(url: str, clients: int, submits: int) -> tuple[float, float]:
+def api_rate(url: str, pid: int, clients: int, submits: int) -> tuple[float, float]:
     """Submits per second through ``clients`` sync clients, and server CPU ms per submit."""
-    pid = _server_pid(url)
     share = submits // clients
 
     def one(_: int) -> None:
@@ -128,10 +102,10 @@ def main() -> None:
     for backlog in (0, args.backlog):
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
-            with server(data, CONFIG) as url:
+            with server_process(data, CONFIG) as (url, pid):
                 if backlog:
                     asyncio.run(fill(url, backlog))
-                rate, cpu_ms = api_rate(url, args.clients, args.submits)
+                rate, cpu_ms = api_rate(url, pid, args.clients, args.submits)
             floor = psik_rate(Path(tmp) / "psik", args.clients, args.submits, backlog)
         results[f"api_submits_per_s_backlog{backlog}"] = rate
         results[f"api_server_cpu_ms_per_submit_backlog{backlog}"] = cpu_ms

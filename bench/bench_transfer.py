@@ -16,58 +16,16 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import httpx
 
 from psik_api_client import Client
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def server(data: Path) -> Iterator[tuple[str, int]]:
-    """A live server on its own data directory: its URL and process id."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV"}}
-    env["XDG_DATA_HOME"] = str(data)
-    command = [
-        sys.executable,
-        "-m",
-        "psik_api_server",
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.05)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_api import server_process
 
 
 def rss_mib(pid: int, what: str = "VmHWM") -> float:
@@ -134,7 +92,7 @@ def main() -> None:
         src = base / "source.bin"
         make_file(src, size)
         expected = sha256_of(src)
-        with server(base / "data") as (url, pid), Client(url, timeout=600) as api:
+        with server_process(base / "data") as (url, pid), Client(url, timeout=600) as api:
             jobid = api.create({"script": "true"}).jobid
             res["server_rss_mib_idle"] = rss_mib(pid, "VmRSS")
             cps, syncs, ups, downs, grew = [], [], [], [], []
