@@ -293,6 +293,16 @@ _SHOWN: dict[str, Any] = {
 # `routes.build_routes` refuses a table where it does not.
 # One route per block reads better than one argument per line:
 # fmt: off
+#: What a raw upload (PUT, or POST to a file path) can fail with.
+_UPLOAD_FAILURES = (
+    _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
+    Failure(ProblemCode.conflict, "the path is a directory, or goes through a file"),
+    _EXISTS,
+    _UPLOAD_TOO_LARGE,
+    Failure(ProblemCode.unsupported_media_type, "a body type a browser form can send"),
+    _DISK_FULL,
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/v1/backends", "listBackends", "backends", "List backends",
@@ -539,28 +549,14 @@ OPERATIONS: tuple[Operation, ...] = (
         " `application/x-www-form-urlencoded`, `multipart/form-data`).",
         {201: Reply("The file, created.", FileInfo), 200: Reply("The file, replaced.", FileInfo)},
         params=(_JOBID, _FILE_PATH), body=_FILE_BODY,
-        failures=(
-            _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
-            Failure(ProblemCode.conflict, "the path is a directory, or goes through a file"),
-            _EXISTS,
-            _UPLOAD_TOO_LARGE,
-            Failure(ProblemCode.unsupported_media_type, "a body type a browser form can send"),
-            _DISK_FULL,
-        ),
+        failures=_UPLOAD_FAILURES,
     ),
     Operation(
         "POST", "/v1/jobs/{jobid}/files/{path}", "postJobFile", "files", "Upload a file (as PUT)",
         "As `PUT`: what `curl --upload-file data.txt -X POST .../files/` sends.",
         {201: Reply("The file, created.", FileInfo), 200: Reply("The file, replaced.", FileInfo)},
         params=(_JOBID, _FILE_PATH), body=_FILE_BODY,
-        failures=(
-            _BAD_JOBID, _NO_JOB, _BAD_PATH, _LEAVES,
-            Failure(ProblemCode.conflict, "the path is a directory, or goes through a file"),
-            _EXISTS,
-            _UPLOAD_TOO_LARGE,
-            Failure(ProblemCode.unsupported_media_type, "a body type a browser form can send"),
-            _DISK_FULL,
-        ),
+        failures=_UPLOAD_FAILURES,
     ),
     Operation(
         "DELETE", "/v1/jobs/{jobid}/files/{path}", "deleteJobFile", "files", "Delete a file",
