@@ -491,6 +491,27 @@ class JobStatus(_Model):
     updated: datetime
 
 
+class Event(_Model):
+    """One row of a job's history as the event stream (``GET /v1/events``) tells it.
+
+    ``id`` is server-wide and only ever grows, across restarts too: pass the last one
+    seen back (``Last-Event-ID`` or ``after``) and nothing is missed or repeated.
+    ``state``, ``jobndx``, ``info`` and ``time`` are the row's own; ``job_state`` is the
+    job's state once the row is counted (what ``GET /v1/jobs/{id}`` would then say: a
+    row can be overruled, see :func:`~psik_api_core.derive_state`), with that run's
+    ``native_id`` and, once it ended, its ``exit_code``."""
+
+    id: int
+    jobid: JobID
+    jobndx: int
+    state: JobState
+    info: str = ""
+    time: datetime
+    job_state: JobState
+    native_id: str | None = None
+    exit_code: int | None = None
+
+
 T = TypeVar("T")
 
 
