@@ -102,7 +102,7 @@ def test_a_state_and_its_exit_code_change_together(tmp_path: Path) -> None:
     assert store.set_state("1.1", JobState.queued, 2, 3.0, exit_code=None)  # a re-run clears it
     assert store.get("1.1") == JobRow("1.1", "default", "u", None, JobState.queued, 2, 1.0, 3.0, None)
     assert not store.set_state("1.1", JobState.failed, 1, 2.5, exit_code=3)  # an older read
-    assert store.set_states([("1.1", JobState.completed, 2, 4.0, 0)]) == 1
+    assert store.set_states([("1.1", JobState.completed, 2, 4.0, 0, None)]) == 1
     (row,), _ = store.list("u")
     assert (row.state, row.jobndx, row.exit_code) == (JobState.completed, 2, 0)
     assert row.summary().exit_code == 0

@@ -108,9 +108,9 @@ def test_a_transaction_is_all_or_nothing(store: JobStore) -> None:
         store.put(_row(1))
         1 / 0  # noqa: B018
     assert store.get(_row(1).jobid) is None
-    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None)])  # no such row: nothing, no error
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None, None)])  # no such row: nothing, no error
     store.put(_row(2))
-    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None)])
+    store.set_states([(_row(2).jobid, JobState.active, 1, 5.0, None, None)])
     got = store.get(_row(2).jobid)
     assert got is not None and (got.state, got.jobndx, got.updated) == (JobState.active, 1, 5.0)
 

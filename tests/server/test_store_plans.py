@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -155,7 +155,7 @@ def test_a_first_start_cut_short_between_batches_loses_no_job(
     batches = 0
     put_many = store.put_many
 
-    def dies_in_the_second_batch(rows: Iterable[JobRow]) -> None:
+    def dies_in_the_second_batch(rows: Iterable[JobRow], seen: Mapping[str, int] | None = None) -> None:
         nonlocal batches
         batches += 1
         if batches == 2:

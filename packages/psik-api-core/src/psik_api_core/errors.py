@@ -32,6 +32,7 @@ class ProblemCode(StrEnum):
     forbidden = "forbidden"
     backend_unavailable = "backend_unavailable"
     insufficient_storage = "insufficient_storage"
+    too_many_streams = "too_many_streams"
     internal_error = "internal_error"
 
     @property
@@ -63,6 +64,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.forbidden: 403,
     ProblemCode.backend_unavailable: 503,
     ProblemCode.insufficient_storage: 507,
+    ProblemCode.too_many_streams: 503,
     ProblemCode.internal_error: 500,
 }
 
@@ -86,6 +88,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.forbidden: "Not allowed",
     ProblemCode.backend_unavailable: "Backend unavailable",
     ProblemCode.insufficient_storage: "The server's disk is full",
+    ProblemCode.too_many_streams: "Too many event streams are open",
     ProblemCode.internal_error: "Internal server error",
 }
 

@@ -46,6 +46,7 @@ from .http.problems import EXCEPTION_HANDLERS, CatchAll
 from .http.routes import build_routes
 from .jobs import statedir
 from .jobs.build import build_job_service
+from .jobs.events import EventHub
 from .jobs.prefix_lock import PrefixLock
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
@@ -83,6 +84,10 @@ def create_app(
         directory_roots=settings.directory_roots,
         watch_interval=settings.watch_interval,
         liveness_interval=settings.liveness_interval,
+        events=EventHub(
+            buffer=settings.event_buffer,
+            max_streams=settings.max_event_streams or max(1, settings.max_connections * 9 // 10),
+        ),
         clock=clock or time.time,
         # Jobs found without an index row (a lost index) were the local user's; in token
         # mode that name is nobody's certificate, so no caller gets them.

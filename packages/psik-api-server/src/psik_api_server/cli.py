@@ -211,6 +211,7 @@ def serve(args: argparse.Namespace) -> int:
         # idle sockets would shut real clients out. The hooks cap connections.
     )
     server = _server_class()(config)
+    server.before_shutdown = lambda: context(app).service.events.close()
     repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
@@ -250,7 +251,13 @@ def _server_class() -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
+        #: Called as shutdown begins, before uvicorn waits for the open connections (the
+        #: app's event streams end there, each with a comment saying why).
+        before_shutdown: Any = None
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if self.before_shutdown is not None:
+                self.before_shutdown()
             await super().shutdown(sockets=sockets)
             lifespan = getattr(self, "lifespan", None)
             done = getattr(lifespan, "shutdown_event", None)

@@ -127,6 +127,15 @@ class Settings(BaseModel):
     #: waited longest for a request (idle, keep-alive or slow), else the one whose request
     #: body has stalled longest. Fitted under the open-file limit at start. See limits.py.
     max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    #: Event streams (``GET /v1/events`` as SSE) open at most: past it a new one is 503
+    #: ``too_many_streams``. Default: 90% of ``max_connections``, so that streams never
+    #: take every connection from ordinary requests.
+    max_event_streams: int | None = Field(default=None, ge=1, le=1_000_000)
+    #: Seconds between the comments that keep an idle event stream open through proxies.
+    event_heartbeat: float = Field(default=15.0, gt=0, le=3600)
+    #: Events a stream may have waiting to be sent; a reader that falls further behind is
+    #: dropped (it resumes with ``Last-Event-ID``, losing nothing).
+    event_buffer: int = Field(default=10_000, ge=1, le=1_000_000)
     #: Seconds a connection has to send a complete request head (slowloris); also the
     #: longest a request body may stall, and how long it has before it must average
     #: ``limits.MIN_BODY_RATE`` (1 KiB/s).
@@ -257,6 +266,9 @@ _SERVER_KEYS = {
     "watch_interval",
     "liveness_interval",
     "max_connections",
+    "max_event_streams",
+    "event_heartbeat",
+    "event_buffer",
     "header_timeout",
     "keep_alive_timeout",
     "max_upload_bytes",

@@ -24,6 +24,7 @@ from psik_api_core import (
     JOBID_PATTERN,
     LIMITS,
     BackendInfo,
+    Event,
     FileInfo,
     FileListing,
     Job,
@@ -63,6 +64,7 @@ is full, requests that must write are 507 `insufficient_storage`; reads keep wor
 _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
     {"name": "files", "description": "A job's working directory: stage inputs, fetch outputs."},
+    {"name": "events", "description": "Every state change of the caller's jobs, as it happens."},
     {"name": "backends", "description": "The batch systems jobs can run on."},
     {"name": "tokens", "description": "Bearer tokens for `authz: token` (TLS) servers."},
     {"name": "callbacks", "description": "State reports from jobs, signed with a per-job secret."},
@@ -99,6 +101,8 @@ class Reply:
     body: object = None
     media_type: str = "application/json"
     headers: tuple[str, ...] = ()
+    #: Other media types the same reply comes in (by ``Accept``), each with its body.
+    also: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,40 @@ _UPLOAD_FAILURES = (
     _DISK_FULL,
 )
 
+_EVENTS_DESCRIPTION = (
+    "Every row of the caller's jobs' histories, as an `Event` with a server-wide id that only"
+    " grows (across restarts too). As Server-Sent Events (`text/event-stream`, the default):"
+    " each event is a frame `id: <id>`, `event: status`, `data: <Event JSON>`; first every"
+    " event after `Last-Event-ID` (or `after`; without either, from now on), then live ones,"
+    " with none lost or repeated. Comment lines are heartbeats, and, before the server ends a"
+    " stream (a reader that fell too far behind, a shutdown), the reason: reconnect with"
+    " `Last-Event-ID`. With `Accept: application/json`, a long poll: the events after `after`"
+    " as a JSON list as soon as there is one, or `[]` after `timeout` seconds."
+)
+_EVENTS_REPLY = Reply(
+    "The event stream (or, for `Accept: application/json`, a list of events).",
+    Event,
+    media_type="text/event-stream",
+    also=(("application/json", list[Event]),),
+)
+_EVENT_PARAMS = (
+    Param("state", "query", "Only events after which the job is in one of these states (`job_state`).",
+          {"type": "array", "items": {"type": "string", "enum": [s.value for s in JobState]}},
+          repeatable=True),
+    Param("after", "query", "Replay the events with a larger id first (0: every one kept).",
+          {"type": "integer", "minimum": 0, "maximum": LARGEST_COUNT}),
+    Param("Last-Event-ID", "header", "As `after` (wins over it): what an EventSource sends on reconnecting.",
+          {"type": "string", "minLength": 1, "maxLength": 19, "pattern": "^[0-9]+$"}),
+    Param("timeout", "query", "Long poll only: seconds to wait for an event.",
+          {"type": "integer", "minimum": 0, "maximum": 300, "default": 30}),
+    Param("limit", "query", "Long poll only: the most events in one answer.",
+          {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}),
+)
+_EVENT_FAILURES = (
+    Failure(ProblemCode.validation_error, "a query parameter or `Last-Event-ID` is invalid"),
+    Failure(ProblemCode.too_many_streams, "the server keeps as many event streams open as it will"),
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/v1/backends", "listBackends", "backends", "List backends",
@@ -479,6 +517,26 @@ OPERATIONS: tuple[Operation, ...] = (
             Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown, or"
                     " `offset` and `tail` are both given"),
         ),
+    ),
+    Operation(
+        "GET", "/v1/events", "getEvents", "events", "Stream the caller's job events",
+        _EVENTS_DESCRIPTION,
+        {200: _EVENTS_REPLY},
+        params=(
+            Param("jobs", "query", f"Only these jobs' events (up to {LIMITS.max_ids} ids).",
+                  {"type": "array", "items": {"type": "string", "pattern": JOBID_REGEX},
+                   "maxItems": LIMITS.max_ids},
+                  repeatable=True),
+            *_EVENT_PARAMS,
+        ),
+        failures=_EVENT_FAILURES,
+    ),
+    Operation(
+        "GET", "/v1/jobs/{jobid}/events", "getJobEvents", "events", "Stream one job's events",
+        "As `GET /v1/events?jobs={jobid}`, and 404 for a job that is not the caller's.",
+        {200: _EVENTS_REPLY},
+        params=(_JOBID, *_EVENT_PARAMS),
+        failures=(_BAD_JOBID, _NO_JOB, *_EVENT_FAILURES),
     ),
     Operation(
         "GET", "/v1/jobs/{jobid}/files", "listJobFiles", "files", "List a job's files",
@@ -793,6 +851,8 @@ def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]
         response: dict[str, Any] = {"description": reply.description}
         if reply.body is not None:
             response["content"] = {reply.media_type: {"schema": _schema_of(reply.body, refs)}}
+            for media_type, body in reply.also:
+                response["content"][media_type] = {"schema": _schema_of(body, refs)}
         if reply.headers:
             response["headers"] = {name: dict(_HEADERS[name]) for name in reply.headers}
         responses[str(status)] = response

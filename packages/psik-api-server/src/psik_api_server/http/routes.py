@@ -27,6 +27,7 @@ from ..errors import ApiError
 from ..jobs.service import JobService
 from .bodies import read_job_spec
 from .callback import post_callback
+from .events import get_events, get_job_events
 from .files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .logs import get_job_log, get_job_logs
 from .openapi import OPERATIONS, Operation
@@ -145,6 +146,8 @@ HANDLERS: Mapping[str, Handler] = {
     "getJobState": get_state,
     "getJobLogs": get_job_logs,
     "getJobLog": get_job_log,
+    "getEvents": get_events,
+    "getJobEvents": get_job_events,
     "listJobFiles": list_job_files,
     "uploadJobFiles": upload_job_files,
     "getJobFile": get_job_file,

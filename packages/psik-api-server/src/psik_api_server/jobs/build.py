@@ -16,6 +16,7 @@ from .callbacks import CallbackRelay
 from .creates import JobCreator
 from .directory import JobFileInvalid
 from .diskfull import DiskFull
+from .events import EventHub
 from .idempotency import IdempotencyKeys
 from .liveness import LivenessLoop
 from .locks import JobLocks
@@ -42,6 +43,7 @@ def build_job_service(
     clock: Callable[[], float] = time.time,
     callback_url: str | None = None,
     spec_limits: SpecLimits | None = None,
+    events: EventHub | None = None,
 ) -> JobService:
     """The job service with its collaborators built around ``store``, ``backend`` and
     ``policy`` (no I/O: :meth:`JobService.open` starts it).
@@ -91,4 +93,5 @@ def build_job_service(
         locks=locks,
         disk=disk,
         clock=clock,
+        events=events,
     )

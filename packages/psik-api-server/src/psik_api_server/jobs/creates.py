@@ -158,7 +158,7 @@ class JobCreator:
         slot = None
         with self.store.transaction():
             row = index_row(files, owner)
-            self.store.put(row, claim=submit)
+            self.store.put(row, claim=submit, rows=files.history)
             if limit is not None:
                 slot = self.store.claim_slot(jobid, row.backend, limit)
             if key is not None:

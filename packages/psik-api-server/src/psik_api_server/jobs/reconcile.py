@@ -124,7 +124,7 @@ def reconcile(
                 continue
             files, _ = read
             state, jobndx = files.state
-            changes.append((jobid, state, jobndx, files.updated, files.exit_code))
+            changes.append((jobid, state, jobndx, files.updated, files.exit_code, files.history))
             if not state.is_final:
                 done.live.append((jobid, jobdir.job_path(prefix, jobid) / "status.csv"))
         done.refreshed += store.set_states(changes)
@@ -193,6 +193,7 @@ def _import(
     unreadable: list[tuple[str, str]] = []
     for i in range(0, len(jobids), BATCH):
         rows = []
+        seen: dict[str, int] = {}
         for jobid in jobids[i : i + BATCH]:
             read = _read(prefix, jobid, owner=True)
             if isinstance(read, Exception):
@@ -212,9 +213,10 @@ def _import(
                         removed.append(jobid)
                         continue
             rows.append(index_row(files, recorded or owner))
+            seen[jobid] = len(files.history)  # its past is not news; rows from now on are
         # One transaction per batch: a crash loses at most this batch, and the next
         # start imports it again (the directories are the truth).
-        store.put_many(rows)
+        store.put_many(rows, seen)
     return removed, unreadable
 
 

@@ -19,7 +19,7 @@ from ..backends.psik_backend import PsikBackend
 from ..errors import ApiError
 from . import directory as jobdir
 from .access import JobAccess
-from .directory import JobFileInvalid
+from .directory import JobFileInvalid, Row
 from .diskfull import INDEX, DiskFull
 from .store import JobStore
 from .watcher import Change
@@ -101,7 +101,9 @@ class JobRecords:
         """Record the state ``files`` show in the index (see :meth:`refresh`)."""
         state, jobndx = files.state
         try:
-            if self.store.set_state(jobid, state, jobndx, files.updated, exit_code=files.exit_code):
+            if self.store.set_state(
+                jobid, state, jobndx, files.updated, exit_code=files.exit_code, rows=files.history
+            ):
                 self.disk.cleared(INDEX)
         except (sqlite3.Error, OSError) as e:
             if strict:
@@ -134,7 +136,7 @@ class JobRecords:
             self.store.release_start(jobid)
             return None
         state, jobndx = files.state
-        self.store.release_start(jobid, state, jobndx, files.updated, files.exit_code)
+        self.store.release_start(jobid, state, jobndx, files.updated, files.exit_code, files.history)
         return files
 
     def release_slot_unless_running(self, jobid: str) -> None:
@@ -151,10 +153,10 @@ class JobRecords:
         """Record what the watcher saw in the index, in one transaction (a full disk: said
         once; the watcher keeps the changes and tries again)."""
 
-        def states() -> Iterable[tuple[str, JobState, int, float, int | None]]:
+        def states() -> Iterable[tuple[str, JobState, int, float, int | None, list[Row]]]:
             for c in changes:
                 state, jobndx = derive_state(c.rows)
-                yield c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1]
+                yield c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1], c.rows
 
         try:
             changed = await in_thread(self.store.set_states, list(states()))

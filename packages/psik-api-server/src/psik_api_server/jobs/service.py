@@ -62,6 +62,7 @@ from .callbacks import CallbackRelay
 from .creates import JobCreator
 from .directory import JobFileInvalid
 from .diskfull import DiskFull
+from .events import EventHub
 from .liveness import LivenessLoop
 from .locks import JobLocks
 from .records import JobFilesInvalid, JobRecords, job_view
@@ -94,6 +95,7 @@ class JobService:
         locks: JobLocks,
         disk: DiskFull,
         clock: Callable[[], float],
+        events: EventHub | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -111,6 +113,8 @@ class JobService:
         #: A full disk: said once, answered 507 (see :mod:`.diskfull`).
         self.disk = disk
         self.clock = clock
+        #: The live event streams' subscriptions (:mod:`.events`), fed by the index's event log.
+        self.events = events if events is not None else EventHub()
         self._stack: contextlib.AsyncExitStack | None = None
 
     @property
@@ -129,6 +133,10 @@ class JobService:
         started is stopped again if a later step fails."""
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(in_thread, self.store.close)
+            # Before recovery: rows written while the server was down become events there.
+            self.events.bind(asyncio.get_running_loop())
+            self.store.events.on_commit = self.events.publish
+            stack.callback(self.events.close)
             stack.push_async_callback(self.backend.aclose)
             stack.push_async_callback(self.relay.aclose)
             stack.push_async_callback(self.watcher.stop)

@@ -28,13 +28,19 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psik_api_core import JobState, JobSummary, utc
+
+from . import eventlog
+from .eventlog import EventLog
+
+if TYPE_CHECKING:
+    from .directory import Row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -48,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL,
     claim   TEXT, -- 'start' while a request submits the job (see claim_start)
     exit_code INTEGER, -- the current run's exit status once it ended (run_outcome), else NULL
-    slot    INTEGER    -- 1 while the job holds one of its backend's job slots (see claim_slot)
+    slot    INTEGER,   -- 1 while the job holds one of its backend's job slots (see claim_slot)
+    rows_seen INTEGER NOT NULL DEFAULT 0 -- status rows already in the event log (eventlog.py)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (owner, state, created DESC, jobid DESC);
@@ -71,7 +78,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
 #: Columns added since the first release: an older index gets them at open. Rows it
 #: already has were settled when they got their job (the old servers settled at once).
 _ADDED = {
-    "jobs": {"claim": "TEXT", "exit_code": "INTEGER", "slot": "INTEGER"},
+    "jobs": {
+        "claim": "TEXT",
+        "exit_code": "INTEGER",
+        "slot": "INTEGER",
+        "rows_seen": "INTEGER NOT NULL DEFAULT 0",
+    },
     "idempotency": {
         "settled": "INTEGER NOT NULL DEFAULT 1",
         "submit": "INTEGER NOT NULL DEFAULT 0",
@@ -198,6 +210,9 @@ class JobStore:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        self._depth = 0  # of nested transaction() blocks
+        #: Every row of every job's history, numbered: what event streams read.
+        self.events = EventLog(self)
 
     def open(self) -> JobStore:
         """Create (owner-only) or open the index file; idempotent. Returns self.
@@ -226,6 +241,7 @@ class JobStore:
                     raise CorruptIndex(f"database disk image is malformed: {found}")
                 fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
                 conn.executescript(_SCHEMA)
+                conn.executescript(eventlog.SCHEMA)
                 _add_columns(conn)
                 conn.execute(_SLOT_INDEX)
                 _fill_exit_codes(conn, fresh)
@@ -273,44 +289,71 @@ class JobStore:
             raise RuntimeError("the job index is not open (the app's lifespan opens it)")
         return _Locked(self._conn, self._lock)
 
+    @property
+    def db(self) -> _Locked:
+        """The connection, each statement under the store's lock (for :class:`EventLog`)."""
+        return self._db
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Several calls as one atomic step (and one lock hold)."""
+        """Several calls as one atomic step (and one lock hold). Nested blocks join the
+        outermost one. Events logged in it are published once it commits."""
         with self._lock:
             db = self._db
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
             db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield
             except BaseException:
+                self._depth = 0
+                self.events.rolled_back()
                 # SQLite has already rolled back after some errors (SQLITE_FULL, ...): a
                 # second ROLLBACK would fail and hide the error that matters.
                 if self._conn is not None and self._conn.in_transaction:
                     with suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 raise
+            self._depth = 0
             try:
                 db.execute("COMMIT")
             except sqlite3.Error:
+                self.events.rolled_back()
                 if self._conn is not None and self._conn.in_transaction:  # e.g. SQLITE_FULL
                     with suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 raise
+            self.events.committed()
 
-    def set_states(self, changes: Iterable[tuple[str, JobState, int, float, int | None]]) -> int:
+    def set_states(
+        self, changes: Iterable[tuple[str, JobState, int, float, int | None, Sequence[Row] | None]]
+    ) -> int:
         """Several :meth:`set_state` calls in one transaction, each ``(jobid, state,
-        jobndx, updated, exit_code)``; how many rows changed. All or nothing: on an error
-        (a full disk: SQLITE_FULL) none is recorded."""
+        jobndx, updated, exit_code, rows)``; how many rows changed. All or nothing: on an
+        error (a full disk: SQLITE_FULL) none is recorded."""
         changed = 0
         with self.transaction():
-            for jobid, state, jobndx, updated, exit_code in changes:
-                changed += self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
+            for jobid, state, jobndx, updated, exit_code, rows in changes:
+                changed += self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, rows=rows)
         return changed
 
     # ---- jobs ----
 
-    def put(self, row: JobRow, *, claim: bool = False) -> None:
+    def put(self, row: JobRow, *, claim: bool = False, rows: Sequence[Row] = ()) -> None:
         """Insert or replace the row of ``row.jobid``; ``claim``: born with its start
-        claimed (see :meth:`claim_start`) by the request that creates and submits it."""
+        claimed (see :meth:`claim_start`) by the request that creates and submits it;
+        ``rows``: its history so far, logged as events."""
+        with self.transaction():
+            self._put(row, claim)
+            self.events.log_rows(row.jobid, rows)
+
+    def _put(self, row: JobRow, claim: bool) -> None:
         self._db.execute(
             f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -327,11 +370,14 @@ class JobStore:
             ),
         )
 
-    def put_many(self, rows: Iterable[JobRow]) -> None:
-        """:meth:`put` of each row (none claimed), in one transaction: all or none."""
+    def put_many(self, rows: Iterable[JobRow], seen: Mapping[str, int] | None = None) -> None:
+        """:meth:`put` of each row (none claimed), in one transaction: all or none.
+        ``seen``: how many history rows of each job count as logged already (a job
+        imported from its directory: its past is not news)."""
+        seen = seen or {}
         with self.transaction():
             self._db.executemany(
-                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, rows_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.jobid,
@@ -343,6 +389,7 @@ class JobStore:
                         r.created,
                         r.updated,
                         r.exit_code,
+                        seen.get(r.jobid, 0),
                     )
                     for r in rows
                 ],
@@ -369,7 +416,14 @@ class JobStore:
         return bool(r[0]), _row(r[1:])
 
     def set_state(
-        self, jobid: str, state: JobState, jobndx: int, updated: float, *, exit_code: int | None
+        self,
+        jobid: str,
+        state: JobState,
+        jobndx: int,
+        updated: float,
+        *,
+        exit_code: int | None,
+        rows: Sequence[Row] | None = None,
     ) -> bool:
         """Record a job's derived state and its run's ``exit_code`` (None while it runs
         or when it has none: a new run clears the last one's), both from the same read
@@ -379,7 +433,13 @@ class JobStore:
         older ``updated`` (the newest row's time; status.csv is only appended to), so a
         run that was recorded ended is never set back to running by a read from before
         its end (which no later read would repair: the watcher stops following a job
-        once it ends). A job that ended gives its slot back."""
+        once it ends). A job that ended gives its slot back. ``rows``: the whole history
+        that read found (file order), whose rows not logged yet become events."""
+        if rows is not None:
+            with self.transaction():
+                changed = self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
+                self.events.log_rows(jobid, rows)
+            return changed
         cur = self._db.execute(
             "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ?, "
             f"slot = CASE WHEN ? IN {_FINAL} THEN NULL ELSE slot END "
@@ -402,6 +462,17 @@ class JobStore:
             ),
         )
         return cur.rowcount > 0
+
+    def record_failed(self, jobid: str, jobndx: int, updated: float, info: str) -> bool:
+        """Record run ``jobndx`` failed in the index alone (its files cannot take the row:
+        the job made them invalid), with an event saying ``info``; True if it changed."""
+        with self.transaction():
+            if not self.set_state(jobid, JobState.failed, jobndx, updated, exit_code=None):
+                return False
+            row = self.get(jobid)
+            if row is not None:
+                self.events.add(jobid, row.owner, jobndx, JobState.failed, info, updated, JobState.failed)
+            return True
 
     # ---- job slots ----
 
@@ -468,13 +539,14 @@ class JobStore:
         jobndx: int = 0,
         updated: float = 0.0,
         exit_code: int | None = None,
+        rows: Sequence[Row] | None = None,
     ) -> None:
         """Give the claim back, recording the state (and exit code) the start left (one
         step, so no other start sees the job startable between the two); ``state``
-        None: unknown."""
+        None: unknown. ``rows``: the history read, as for :meth:`set_state`."""
         with self.transaction():
             if state is not None:
-                self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
+                self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, rows=rows)
             self._db.execute("UPDATE jobs SET claim = NULL WHERE jobid = ?", (jobid,))
 
     def claimed(self, jobid: str) -> bool:
@@ -486,8 +558,10 @@ class JobStore:
         return self._db.execute("UPDATE jobs SET claim = NULL WHERE claim IS NOT NULL").rowcount
 
     def delete(self, jobid: str) -> None:
-        self._db.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
-        self._db.execute("DELETE FROM idempotency WHERE jobid = ?", (jobid,))
+        with self.transaction():
+            self._db.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
+            self._db.execute("DELETE FROM idempotency WHERE jobid = ?", (jobid,))
+            self.events.forget([jobid])
 
     def jobids(self) -> set[str]:
         return {str(r[0]) for r in self._db.execute("SELECT jobid FROM jobs")}

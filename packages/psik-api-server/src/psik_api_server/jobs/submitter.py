@@ -111,9 +111,7 @@ class Submitter:
                 ", its processes are ended" if local else "",
             )
         if not row.state.is_final:
-            await in_thread(
-                self.store.set_state, jobid, JobState.failed, row.jobndx, self.clock(), exit_code=None
-            )
+            await in_thread(self.store.record_failed, jobid, row.jobndx, self.clock(), str(invalid))
         if local:
             await self.backend.end_processes(jobid, row.jobndx, runner_pid(list(rows)))
         self.fill_slots()
