@@ -7,6 +7,8 @@
     with Client() as api:  # $PSIK_API_UDS, $PSIK_API_URL, or http://127.0.0.1:8000
         job = api.submit(JobSpec(name="hello", script="echo hello"))
         job = api.wait(job.jobid, timeout=60)
+        for event in api.watch(after=0):  # every event of your jobs, then live ones
+            print(event.id, event.jobid, event.job_state)
 
 ``AsyncClient`` has the same methods, awaited. Errors are the classes of
 ``_exceptions`` (all subclasses of :class:`PsikApiError`); the models come from
@@ -21,6 +23,7 @@ offline (read-only, some jobs, an earlier expiry).
 
 from psik_api_core import (
     BackendInfo,
+    Event,
     FileInfo,
     FileListing,
     Job,
@@ -85,6 +88,7 @@ __all__ = [
     "ChecksumMismatchError",
     "Client",
     "ConflictError",
+    "Event",
     "FileInfo",
     "FileListing",
     "IdempotencyInFlightError",

@@ -247,6 +247,7 @@ class BaseClient:
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
         limits: httpx.Limits = DEFAULT_LIMITS,
+        events: bool = False,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -279,6 +280,8 @@ class BaseClient:
         self._retry = RetryPolicy(max_retries=max_retries, rng=rng or random.random)
         # The clock ``wait`` measures its timeout with.
         self._clock = clock or time.monotonic
+        # Whether wait and wait_all listen to GET /v1/events (see _wait) before polling.
+        self._events = bool(events)
         # Both bodies hand this to their httpx client: the local secret, sent to a
         # loopback server that cannot tell our uid (never over a UNIX socket).
         self._auth = LocalSecretAuth() if self._target.uds is None else None

@@ -17,6 +17,7 @@ import httpx
 from psik_api_core import (
     LIMITS,
     BackendInfo,
+    Event,
     FileInfo,
     FileListing,
     Job,
@@ -43,6 +44,7 @@ from ._base import (
     Step,
     Stream,
 )
+from ._events import STREAM_READ_TIMEOUT, JobsArg, watch_flow
 from ._files import (
     close_files,
     delete_file_flow,
@@ -81,6 +83,12 @@ class Client(BaseClient):
     ``limits`` (an ``httpx.Limits``) sizes the connection pool, as in httpx; the
     :class:`AsyncClient` also keeps at most ``max_connections`` requests in flight.
 
+    ``events=True`` has :meth:`wait` and :meth:`wait_all` listen to the server's event
+    stream (``GET /v1/events``) instead of polling, falling back to polling against a
+    server without it. It is off by default for now: a transport that holds a whole
+    response before handing it over (``httpx.ASGITransport``) never hands over a stream.
+    :meth:`watch` always uses the stream.
+
     Every method also takes keyword-only per-call options: ``timeout=`` (seconds, an
     ``httpx.Timeout``, or None for none) replaces the client's ``timeout`` for that
     call's requests, and ``extra_headers=`` are sent over the client's ``headers``.
@@ -104,6 +112,7 @@ class Client(BaseClient):
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
         limits: httpx.Limits = DEFAULT_LIMITS,
+        events: bool = False,
     ) -> None:
         super().__init__(
             base_url,
@@ -117,6 +126,7 @@ class Client(BaseClient):
             token=token,
             cert_dir=cert_dir,
             limits=limits,
+            events=events,
         )
         if transport is None and self.uds is not None:
             transport = httpx.HTTPTransport(uds=self.uds, verify=self._verify, limits=limits)
@@ -345,14 +355,23 @@ class Client(BaseClient):
     ) -> Job:
         """Block until the job is final and return it.
 
-        Polls its state every 0.02 s at first, backing off to ``poll_interval``
-        seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
+        With ``events=True`` on the client, listens to the server's event stream
+        (and learns of the end within milliseconds); else, or with a server without
+        it, polls the job's state every 0.02 s at first, backing off to
+        ``poll_interval`` seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
         status seen); the job is never cancelled. Here ``timeout`` bounds the whole
         wait, so the per-request timeout of the other methods is ``request_timeout``.
         """
         options = RequestOptions(request_timeout, extra_headers)
         return self._drive(
-            wait_flow(self, jobid, timeout=timeout, poll_interval=poll_interval, options=options)
+            wait_flow(
+                self,
+                jobid,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                options=options,
+                events=self._events,
+            )
         )
 
     def wait_all(
@@ -368,7 +387,9 @@ class Client(BaseClient):
         """Block until every job (ids, or Job/JobSummary objects) is final; return the
         final jobs in the order given.
 
-        All pending jobs are polled with one request per round. ``progress=True``
+        With ``events=True`` on the client, listens to the server's event stream
+        (one stream, and one list request per 1,000 jobs); else, or with a server
+        without it, all pending jobs are polled with one request per round. ``progress=True``
         prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
         ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
@@ -381,8 +402,44 @@ class Client(BaseClient):
             poll_interval=poll_interval,
             progress=progress,
             options=RequestOptions(request_timeout, extra_headers),
+            events=self._events,
         )
         return self._drive(flow)
+
+    def watch(
+        self,
+        jobs: JobsArg = None,
+        *,
+        after: int | None = None,
+        state: StateFilter = None,
+        read_timeout: float = STREAM_READ_TIMEOUT,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Iterator[Event]:
+        """The events of the caller's jobs (``GET /v1/events``) as they happen, one
+        per history row, in id order, for as long as the caller iterates.
+
+        ``jobs`` (an id, a job, or several) keeps those jobs' events only; ``state``
+        (one state or several) only events whose job is then in one of them. ``after``
+        (an event's ``id``; 0 for all) replays the events after it first; without it
+        the events start now. A dropped connection, a server that ends the stream or
+        restarts is picked up again with ``Last-Event-ID``: no event is lost or handed
+        out twice. Reconnects back off, and give up after a minute without an answer
+        (:class:`APIConnectionError`). ``read_timeout`` is the longest silence
+        trusted (the server sends a heartbeat every 15 s by default); ``timeout=``
+        gives the other phases. A server without events raises its
+        :class:`NotFoundError` (or :class:`MethodNotAllowedError`).
+        Stop by closing the iterator (or leaving a ``with closing(...)``).
+        """
+        flow = watch_flow(
+            self,
+            jobs=jobs,
+            state=state,
+            after=after,
+            read_timeout=read_timeout,
+            options=RequestOptions(timeout, extra_headers),
+        )
+        return self._iter_flow(flow)
 
     def backends(
         self,

@@ -2,17 +2,28 @@
 
 Waiting only ever reads: on timeout it raises :class:`WaitTimeout` and leaves the
 job running, since giving up waiting is not a decision to stop the work.
+
+With ``events`` (the client's ``events=True``) a wait first subscribes to the event
+stream (``GET /v1/events``; once its headers are in, no later change is missed), then
+reads the jobs' current states, then only listens: a job's end is known within
+milliseconds, and waiting for N jobs costs one stream and one list request per 1,000
+jobs (plus, as always, one GET of each job once it is final, for the whole job that
+is returned). A server without the stream (404/405), a stream that cannot be opened,
+or one lost for good, and the wait goes on by polling: one request per round for all
+pending jobs, quick at first, backing off to ``poll_interval``.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 
-from psik_api_core import LIMITS, Job, JobState, JobSummary
+from psik_api_core import LIMITS, Job, JobState, JobStatus, JobSummary
 
 from ._base import BaseClient, Flow, Sleep
-from ._exceptions import InvalidRequestError, WaitTimeout
+from ._events import MAX_NAMED_JOBS, EventsUnavailable, StreamGap, Subscription, event_params
+from ._exceptions import APIConnectionError, InvalidRequestError, WaitTimeout
 from ._inputs import path_jobid
 from ._pagination import page_params
 from ._retry import PollBackoff
@@ -29,12 +40,19 @@ def wait_flow(
     timeout: float | None,
     poll_interval: float,
     options: RequestOptions = DEFAULT_OPTIONS,
+    events: bool = False,
 ) -> Flow[Job]:
-    """Poll the job's state until it is final, then return the whole job. ``options``
-    apply to every request."""
+    """Wait until the job is final (listening to events, else polling its state),
+    then return the whole job. ``options`` apply to every request."""
     path_jobid(jobid)
     _check_interval(poll_interval)
     deadline = None if timeout is None else api._clock() + timeout
+    if events:
+        job = yield from _listen_one(
+            api, jobid, timeout=timeout, deadline=deadline, poll_interval=poll_interval, options=options
+        )
+        if job is not None:
+            return job
     backoff = PollBackoff(cap=poll_interval)
     while True:
         status = yield from api._state_flow(jobid, options)
@@ -44,19 +62,102 @@ def wait_flow(
                 return job
         delay = _next_delay(api, backoff, deadline)
         if delay is None:
-            # A job still new never ran: "left running" would send its user looking for it.
-            fate = "it was never started" if status.state is JobState.new else "it was left running"
-            raise WaitTimeout(
-                f"job {jobid} is not final after {timeout:g} s (last state: {status.state.value}); {fate}",
-                status=status,
-                pending=[jobid],
-            )
+            raise _one_timeout(jobid, timeout, status)
         yield Sleep(delay)
+
+
+def _listen_one(
+    api: BaseClient,
+    jobid: str,
+    *,
+    timeout: float | None,
+    deadline: float | None,
+    poll_interval: float,
+    options: RequestOptions,
+) -> Flow[Job | None]:
+    """``wait_flow`` by the event stream; None if there is none (or it was lost): poll."""
+    gaps = PollBackoff(cap=poll_interval)
+    while True:
+        sub = Subscription(api, event_params(jobs=[jobid]), options=options)
+        if not (yield from sub.try_open(deadline)):
+            return None
+        status = yield from api._state_flow(jobid, options)
+        try:
+            while True:
+                if status.state.is_final:
+                    job = yield from api._get_flow(jobid, options)
+                    if job.state.is_final:
+                        yield from sub.close()
+                        return job
+                    status = JobStatus(jobid=jobid, state=job.state, jobndx=job.jobndx, updated=job.updated)
+                event = yield from sub.next(deadline)
+                if event is None:
+                    raise _one_timeout(jobid, timeout, status)
+                if event.jobid == jobid:
+                    status = JobStatus(
+                        jobid=jobid, state=event.job_state, jobndx=event.jobndx, updated=event.time
+                    )
+        except StreamGap:
+            yield from sub.close()  # subscribe again, then look again
+        except (EventsUnavailable, APIConnectionError):
+            return None
+        yield from _pause(api, gaps, deadline, functools.partial(_one_timeout, jobid, timeout, status))
+
+
+def _one_timeout(jobid: str, timeout: float | None, status: JobStatus) -> WaitTimeout:
+    # A job still new never ran: "left running" would send its user looking for it.
+    fate = "it was never started" if status.state is JobState.new else "it was left running"
+    return WaitTimeout(
+        f"job {jobid} is not final after {timeout:g} s (last state: {status.state.value}); {fate}",
+        status=status,
+        pending=[jobid],
+    )
 
 
 def job_ids(jobs: Iterable[str | JobSummary]) -> list[str]:
     """The ids of ``jobs`` (ids, or Job/JobSummary objects), checked."""
     return [path_jobid(j.jobid if isinstance(j, JobSummary) else j) for j in jobs]
+
+
+class _Waiting:
+    """What ``wait_all`` knows: the jobs still pending, the final ones, the pending
+    ones last seen ``new``; and whom to tell how many are done."""
+
+    def __init__(self, ids: list[str], progress: Progress) -> None:
+        self.pending = list(dict.fromkeys(ids))  # unique, in order
+        self.total = len(self.pending)
+        self.done: dict[str, Job] = {}
+        self.never_started: set[str] = set()
+        self.report = _reporter(progress)
+        self.report(0, self.total)
+
+    def seen(self, jobid: str, state: JobState) -> None:
+        if state is JobState.new:
+            self.never_started.add(jobid)
+        else:
+            self.never_started.discard(jobid)
+
+    def final(self, job: Job) -> None:
+        self.done[job.jobid] = job
+
+    def settle(self) -> None:
+        """Drop the final jobs from ``pending``; report if that changed the count."""
+        before = len(self.pending)
+        self.pending = [jobid for jobid in self.pending if jobid not in self.done]
+        if len(self.pending) != before:
+            self.report(len(self.done), self.total)
+
+    def timeout(self, timeout: float | None) -> WaitTimeout:
+        pending, total = self.pending, self.total
+        new = sum(jobid in self.never_started for jobid in pending)
+        fate = "they were left running"
+        if new:
+            rest = ", the others were left running" if new < len(pending) else ""
+            fate = f"{new} of them were never started (state new){rest}"
+        return WaitTimeout(
+            f"{len(pending)} of {total} jobs not final after {timeout:g} s (first: {pending[0]}); {fate}",
+            pending=pending,
+        )
 
 
 def wait_all_flow(
@@ -67,60 +168,108 @@ def wait_all_flow(
     poll_interval: float,
     progress: Progress,
     options: RequestOptions = DEFAULT_OPTIONS,
+    events: bool = False,
 ) -> Flow[list[Job]]:
-    """Poll all pending jobs with one list request per round (``id=`` repeated, as many
-    per request as the server's limits allow) until every one is final; return the jobs
-    in ``ids`` order."""
+    """Wait until every job is final, listening to events (else polling all pending
+    jobs with one list request per round: ``id=`` repeated, as many per request as the
+    server's limits allow); return the jobs in ``ids`` order."""
     _check_interval(poll_interval)
-    report = _reporter(progress)
-    pending = list(dict.fromkeys(ids))  # unique, in order
-    total = len(pending)
-    done: dict[str, Job] = {}
-    never_started: set[str] = set()  # pending jobs last seen in state new
+    waiting = _Waiting(ids, progress)
     deadline = None if timeout is None else api._clock() + timeout
+    if events and waiting.pending:
+        yield from _listen_all(
+            api, waiting, timeout=timeout, deadline=deadline, poll_interval=poll_interval, options=options
+        )
     backoff = PollBackoff(cap=poll_interval)
-    report(0, total)
-    # Each request's ids must fit both the id filter and one page of answers.
-    batch = min(LIMITS.max_ids, LIMITS.max_page_size)
-    while pending:
-        for start in range(0, len(pending), batch):
-            chunk = pending[start : start + batch]
-            params = [("id", jobid) for jobid in chunk]
-            page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None), options)
-            states = {s.jobid: s.state for s in page.items}
-            for jobid in chunk:
-                state = states.get(jobid)
-                if state is None:
-                    # Not in the list (purged, or not ours): ask for it alone, so the
-                    # server's own error (404, 403) is what the caller sees.
-                    state = (yield from api._state_flow(jobid, options)).state
-                if state is JobState.new:
-                    never_started.add(jobid)
-                else:
-                    never_started.discard(jobid)
-                if state.is_final:
-                    job = yield from api._get_flow(jobid, options)
-                    if job.state.is_final:
-                        done[jobid] = job
-        before = len(pending)
-        pending = [jobid for jobid in pending if jobid not in done]
-        if len(pending) != before:
-            report(len(done), total)
-        if not pending:
+    while waiting.pending:
+        yield from _round(api, waiting, options)
+        waiting.settle()
+        if not waiting.pending:
             break
         delay = _next_delay(api, backoff, deadline)
         if delay is None:
-            new = sum(jobid in never_started for jobid in pending)
-            fate = "they were left running"
-            if new:
-                rest = ", the others were left running" if new < len(pending) else ""
-                fate = f"{new} of them were never started (state new){rest}"
-            raise WaitTimeout(
-                f"{len(pending)} of {total} jobs not final after {timeout:g} s (first: {pending[0]}); {fate}",
-                pending=pending,
-            )
+            raise waiting.timeout(timeout)
         yield Sleep(delay)
-    return [done[jobid] for jobid in ids]
+    return [waiting.done[jobid] for jobid in ids]
+
+
+def _listen_all(
+    api: BaseClient,
+    waiting: _Waiting,
+    *,
+    timeout: float | None,
+    deadline: float | None,
+    poll_interval: float,
+    options: RequestOptions,
+) -> Flow[None]:
+    """``wait_all_flow`` by the event stream, until every job is final; returns early
+    (with jobs still pending) if there is no stream or it was lost: poll the rest."""
+    gaps = PollBackoff(cap=poll_interval)
+    while waiting.pending:
+        # Many jobs: all of the caller's events, filtered here, keep the URL short.
+        named = waiting.pending if len(waiting.pending) <= MAX_NAMED_JOBS else None
+        sub = Subscription(api, event_params(jobs=named), options=options)
+        if not (yield from sub.try_open(deadline)):
+            return
+        yield from _round(api, waiting, options)
+        waiting.settle()
+        watched = set(waiting.pending)
+        try:
+            while waiting.pending:
+                event = yield from sub.next(deadline)
+                if event is None:
+                    raise waiting.timeout(timeout)
+                if event.jobid not in watched:
+                    continue
+                waiting.seen(event.jobid, event.job_state)
+                if event.job_state.is_final:
+                    job = yield from api._get_flow(event.jobid, options)
+                    if job.state.is_final:  # else it was restarted meanwhile
+                        waiting.final(job)
+                        watched.discard(job.jobid)
+                        waiting.settle()
+        except StreamGap:
+            pass  # subscribe again, then look again
+        except (EventsUnavailable, APIConnectionError):
+            return
+        yield from sub.close()
+        if waiting.pending:
+            yield from _pause(api, gaps, deadline, lambda: waiting.timeout(timeout))
+
+
+def _pause(
+    api: BaseClient, backoff: PollBackoff, deadline: float | None, timed_out: Callable[[], WaitTimeout]
+) -> Flow[None]:
+    """Wait a little before subscribing again (a server that ends every stream at once
+    must not have us ask in a tight loop); raise ``timed_out()`` past the deadline."""
+    delay = _next_delay(api, backoff, deadline)
+    if delay is None:
+        raise timed_out()
+    yield Sleep(delay)
+
+
+def _round(api: BaseClient, waiting: _Waiting, options: RequestOptions) -> Flow[None]:
+    """Ask for the state of every pending job, with as few list requests as the
+    server's limits allow; fetch each final one whole."""
+    # Each request's ids must fit both the id filter and one page of answers.
+    batch = min(LIMITS.max_ids, LIMITS.max_page_size)
+    pending = waiting.pending
+    for start in range(0, len(pending), batch):
+        chunk = pending[start : start + batch]
+        params = [("id", jobid) for jobid in chunk]
+        page = yield from api._page_flow(page_params(params, limit=len(chunk), cursor=None), options)
+        states = {s.jobid: s.state for s in page.items}
+        for jobid in chunk:
+            state = states.get(jobid)
+            if state is None:
+                # Not in the list (purged, or not ours): ask for it alone, so the
+                # server's own error (404, 403) is what the caller sees.
+                state = (yield from api._state_flow(jobid, options)).state
+            waiting.seen(jobid, state)
+            if state.is_final:
+                job = yield from api._get_flow(jobid, options)
+                if job.state.is_final:
+                    waiting.final(job)
 
 
 def _next_delay(api: BaseClient, backoff: PollBackoff, deadline: float | None) -> float | None:
