@@ -27,6 +27,7 @@
      │    ├── InternalServerError          500 internal_error, and any other 5xx
      │    ├── SubmitFailedError            502 submit_failed (the job exists, failed)
      │    ├── ServiceUnavailableError      503 backend_unavailable
+     │    │    └── TooManyStreamsError         503 too_many_streams (event streams)
      │    └── InsufficientStorageError     507 insufficient_storage (nothing was made)
      ├── ChecksumMismatchError         a download's bytes are not the file the server has
      ├── InvalidRequestError           refused before sending (bad id, spec, key, ...);
@@ -282,6 +283,12 @@ class ServiceUnavailableError(APIStatusError):
         return self._extension("jobid")
 
 
+class TooManyStreamsError(ServiceUnavailableError):
+    """503: the server holds as many event streams (``watch``) as it keeps open; the
+    ``Retry-After`` header says when to try again. ``watch`` does so by itself, and
+    ``wait`` polls instead."""
+
+
 class InsufficientStorageError(APIStatusError):
     """507: the server's disk (the job prefix or its index) is full, so it could not
     record the request; nothing was made, and an ``Idempotency-Key`` is free again.
@@ -353,6 +360,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.submit_failed: SubmitFailedError,
     ProblemCode.backend_unavailable: ServiceUnavailableError,
     ProblemCode.insufficient_storage: InsufficientStorageError,
+    ProblemCode.too_many_streams: TooManyStreamsError,
 }
 
 #: Without a known code (a proxy's error page, an older server), the status decides.
