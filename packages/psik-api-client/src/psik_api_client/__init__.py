@@ -35,6 +35,7 @@ from psik_api_core import (
     Problem,
     ResourceSpec,
 )
+from psik_api_core.models import JobsTable, jobs_table
 
 from ._async_client import AsyncClient
 from ._client import Client
@@ -104,6 +105,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobSummary",
+    "JobsTable",
     "MethodNotAllowedError",
     "NotFoundError",
     "NotGiven",
@@ -125,4 +127,5 @@ __all__ = [
     "WaitTimeout",
     "__version__",
     "attenuate",
+    "jobs_table",
 ]

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from psik_api_core import LIMITS, Job, JobState, JobStatus, JobSummary
+from psik_api_core.models import jobs_table
 
 from ._base import BaseClient, Flow, Sleep
 from ._events import MAX_NAMED_JOBS, EventsUnavailable, StreamGap, Subscription, event_params
@@ -190,7 +191,7 @@ def wait_all_flow(
         if delay is None:
             raise waiting.timeout(timeout)
         yield Sleep(delay)
-    return [waiting.done[jobid] for jobid in ids]
+    return jobs_table(waiting.done[jobid] for jobid in ids)  # a notebook shows one table
 
 
 def _listen_all(

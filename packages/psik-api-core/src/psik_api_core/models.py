@@ -8,10 +8,11 @@ survives a newer server's answers. The server validates request bodies with
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -458,6 +459,74 @@ class JobSummary(_Model):
             when = last.time.isoformat()
             lines.append(f"  last of {len(history)}: {when} run {last.jobndx} {last.state.value} {info!r}")
         p.text("\n".join(lines))
+
+    def _repr_html_(self) -> str:
+        """A notebook's display: a one-row table (see :func:`jobs_table`)."""
+        return _html_table([self])
+
+
+# ---- jobs as a notebook shows them ----
+
+#: A state's colour in a notebook's table: final states say how they ended.
+_STATE_COLOURS = {
+    JobState.new: "#6b7280",
+    JobState.queued: "#2563eb",
+    JobState.active: "#d97706",
+    JobState.completed: "#16a34a",
+    JobState.failed: "#dc2626",
+    JobState.canceled: "#7c3aed",
+}
+_COLUMNS = ("jobid", "name", "state", "exit", "created", "updated", "last history row")
+
+J = TypeVar("J", bound="JobSummary")
+
+
+class JobsTable(list[J]):
+    """A list of jobs that a notebook displays as one table (``_repr_html_``); it is
+    otherwise the list it was made from."""
+
+    def _repr_html_(self) -> str:
+        return _html_table(self)
+
+
+def jobs_table(jobs: Iterable[J]) -> JobsTable[J]:
+    """``jobs`` (Job or JobSummary objects) as a list that a notebook shows as one
+    table: name, state in colour, exit code, times and each job's last history row."""
+    return JobsTable(jobs)
+
+
+def _html_table(jobs: Iterable[JobSummary]) -> str:
+    head = "".join(f"<th style='text-align:left'>{c}</th>" for c in _COLUMNS)
+    rows = "".join(_html_row(job) for job in jobs)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _html_row(job: JobSummary) -> str:
+    colour = _STATE_COLOURS.get(job.state, "inherit")
+    state = f"<span style='color:{colour};font-weight:bold'>{job.state.value}</span>"
+    if job.jobndx > 1:
+        state += f" (run {job.jobndx})"
+    history: list[Transition] = getattr(job, "history", [])
+    last = ""
+    if history:
+        row = history[-1]
+        info = row.info if len(row.info) <= 60 else row.info[:59] + "…"
+        last = f"{_when(row.time)} run {row.jobndx} {row.state.value}" + (f": {info}" if info else "")
+    cells = (
+        job.jobid,
+        job.name or "",
+        None,
+        "" if job.exit_code is None else str(job.exit_code),
+        _when(job.created),
+        _when(job.updated),
+        last,
+    )
+    tds = "".join(f"<td>{state if c is None else html.escape(c)}</td>" for c in cells)
+    return f"<tr>{tds}</tr>"
+
+
+def _when(time: datetime) -> str:
+    return time.isoformat(sep=" ", timespec="seconds")
 
 
 class _Bare(str):
