@@ -4,11 +4,12 @@
 
     psik-api [--url URL | --uds PATH] [--cert-dir DIR] [--token TOKEN] COMMAND ...
 
-    submit FILE | --script TEXT [--wait [--timeout S] [--output]]
+    submit FILE | --script TEXT [--wait [--timeout S] [--output] [--events]]
                                          create and submit a job (JSON, or YAML)
     create FILE | --script TEXT          create a job without submitting it
     start ID | get ID | state ID
-    cancel ID... | purge ID... | wait ID... [--timeout S] [--output]
+    cancel ID... | purge ID... | wait ID... [--timeout S] [--output] [--events]
+    watch [ID...] [--json] [--after N]   print the jobs' events as they happen
     ls [--state S]... [--backend B] [--name N] [--limit N | --all]
     backends
     upload ID LOCAL [REMOTE]             put a file (or a directory's files) in the job's directory
@@ -27,6 +28,11 @@ http to another host.
 ``ls`` says on stderr when more jobs match than it shows. ``submit --wait`` says the
 new job's id on stderr at once (Ctrl-C while waiting leaves the job running).
 ``cancel``, ``purge`` and ``wait`` take several ids: one refused does not stop the others.
+``wait --events`` (and ``submit --wait --events``) listens to the server's event stream
+rather than polling (a server without one is polled). ``watch`` prints each event (one
+history row of one of your jobs) as it happens, as a line or, with ``--json``, as JSON
+lines; ``--after N`` first replays the events after id N (0: all). It runs until
+Ctrl-C, picking the stream up again if the connection drops or the server restarts.
 
 Errors are one line on stderr. The exit status says what happened::
 
@@ -63,7 +69,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, cast
 
-from psik_api_core import LIMITS, Job, JobSpec, JobState, JobSummary
+from psik_api_core import LIMITS, Event, Job, JobSpec, JobState, JobSummary
 
 from ._client import Client
 from ._exceptions import (
@@ -146,7 +152,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
-        api = Client(args.url, uds=args.uds, token=args.token, cert_dir=args.cert_dir)
+        events = getattr(args, "events", False)
+        api = Client(args.url, uds=args.uds, token=args.token, cert_dir=args.cert_dir, events=events)
     except ValueError as exc:  # e.g. --url or $PSIK_API_URL is not an http(s) URL, a bad --cert-dir
         return _fail(str(exc), ExitStatus.USAGE)
     try:
@@ -442,6 +449,27 @@ def _waited(api: Client, ids: Sequence[str], *, timeout: float | None, output: b
     return max(statuses)
 
 
+def _watch(api: Client, args: argparse.Namespace) -> int:
+    events = api.watch(args.jobid or None, after=args.after)
+    # A generator: closing it ends the stream at once (Ctrl-C, a closed pipe).
+    with closing(cast("Generator[Event, None, None]", events)) as stream:
+        for event in stream:
+            _out(event.model_dump_json() if args.json else _event_line(event))
+            _flush()  # as it happens, also into a pipe
+    return ExitStatus.OK
+
+
+def _event_line(event: Event) -> str:
+    """``12 2024-01-01T00:00:00+00:00 1693992878.203 run 1 failed exit 3: info``; the
+    job's state follows in brackets when the row's own differs (a row overruled)."""
+    line = f"{event.id} {event.time.isoformat()} {event.jobid} run {event.jobndx} {event.state.value}"
+    if event.job_state is not event.state:
+        line += f" [job {event.job_state.value}]"
+    if event.exit_code is not None and event.job_state.is_final:
+        line += f" exit {event.exit_code}"
+    return f"{line}: {event.info}" if event.info else line
+
+
 def _backends(api: Client, args: argparse.Namespace) -> int:
     rows = [[b.name, b.type, "yes" if b.healthy else "no", b.detail or ""] for b in api.backends()]
     _table(["NAME", "TYPE", "HEALTHY", "DETAIL"], rows)
@@ -589,6 +617,9 @@ def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--script", metavar="TEXT", help="instead of a job file: the job's script alone")
 
 
+_EVENTS_HELP = "listen to the server's event stream instead of polling (a server without one is polled)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -625,6 +656,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
     )
     sub.add_argument("--output", action="store_true", help="with --wait: then print the job's stdout")
+    sub.add_argument("--events", action="store_true", help=_EVENTS_HELP)
     sub = command("create", _create, "create a job without submitting it; print its id")
     _spec_arguments(sub)
     for name, run, text in [
@@ -643,6 +675,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("jobid", metavar="ID", nargs="+")
     sub.add_argument("--timeout", type=_seconds, help="give up after this many seconds (0: look once)")
     sub.add_argument("--output", action="store_true", help="then print the job's stdout")
+    sub.add_argument("--events", action="store_true", help=_EVENTS_HELP)
+    sub = command("watch", _watch, "print your jobs' events as they happen (until Ctrl-C)")
+    sub.add_argument("jobid", metavar="ID", nargs="*", help="only these jobs' (default: all of yours)")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument("--after", type=_count, metavar="N", help="first replay the events after id N (0: all)")
     sub = command("ls", _ls, "list jobs, newest first")
     sub.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     sub.add_argument("--backend", help="only jobs of this backend")
