@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import lazy_app
-from psik_api_client import Client, Event, JobState
+from psik_api_client import AsyncClient, Client, Event, JobState
 from psik_api_server.context import context
 from psik_api_server.settings import Settings
 from support import LiveServer
@@ -127,3 +129,21 @@ def test_a_watch_resumes_across_a_server_restart(settings: Settings, tmp_path: P
     assert ids == [e.id for e in replay][: len(ids)]  # none lost
     assert {e.jobid for e in seen if e.job_state.is_final} == set(before + after)
     assert transport.sent["GET /v1/events"] >= 2  # it did reconnect
+
+
+@pytest.mark.anyio
+async def test_the_async_client_listens_too(live_app: LiveServer) -> None:
+    async with AsyncClient(live_app.url, events=True) as api:
+        ids = [(await api.submit({"script": f"exit {n % 2}"})).jobid for n in range(JOBS)]
+        done = await api.wait_all(ids, timeout=60)
+        assert [j.state for j in done] == [JobState.completed, JobState.failed] * (JOBS // 2)
+        final: set[str] = set()
+        seen: list[int] = []
+        async with aclosing(api.watch(ids, after=0)) as events:  # type: ignore[type-var]
+            async for event in events:
+                seen.append(event.id)
+                if event.job_state.is_final:
+                    final.add(event.jobid)
+                if final == set(ids):
+                    break
+    assert seen == sorted(set(seen))
