@@ -310,3 +310,52 @@ def test_the_waiting_list_keeps_its_order() -> None:
     slots.done("default", "9")
     slots.done("default", "3")
     assert slots.backends_waiting() == []
+
+
+# ---- a job that writes its own final row while it keeps running must not free its slot:
+# the slot of a local job is held until psik's runner of that run has exited, not only
+# until its status.csv (which the job itself can write) says it ended.
+
+
+def _liar(beats: Path) -> str:
+    # Says it completed (a row in its own status.csv, as psik's runner would write), then
+    # keeps running, saying when it is alive, until something ends it.
+    return (
+        'echo "$(date +%s.%N),1,completed," >> ../status.csv\n'
+        f"while true; do date +%s.%N >> {beats}; sleep 0.02; done\n"
+    )
+
+
+def _honest(log: Path) -> str:
+    return f'echo "start $$" >> {log}\nsleep 0.2\necho "end $$" >> {log}\n'
+
+
+def _started(log: Path) -> str:
+    return f"date +%s.%N > {log}\n"
+
+
+async def test_a_job_that_fakes_its_end_keeps_its_slot_until_its_process_ends(tmp_path: Path) -> None:
+    beats, started = tmp_path / "liar.beats", tmp_path / "next.started"
+    async with _serving(_settings(tmp_path, 1)) as client:
+        liar = await _submit(client, _liar(beats), "liar")
+        # The index believes the lie (the job's own row says so); its processes are then
+        # ended (containment), and only once psik's runner has exited is the slot free.
+        await _until(client, [liar["jobid"]], _final)
+        after = await _submit(client, _started(started), "next")
+        done = await _until(client, [after["jobid"]], lambda j: j["state"] == "completed", timeout=20)
+        assert done[0]["exit_code"] == 0
+        last_beat = float(beats.read_text().split()[-1])
+        assert float(started.read_text()) > last_beat, "the next job ran while the liar still ran"
+
+
+async def test_honest_jobs_hand_their_slot_on_at_once(tmp_path: Path) -> None:
+    # The slot goes to the next job as the runner exits, not at the next liveness round.
+    log = tmp_path / "ran.log"
+    settings = _settings(tmp_path, 1)
+    settings.liveness_interval = 3600.0
+    async with _serving(settings) as client:
+        t0 = time.monotonic()
+        jobs = [await _submit(client, _honest(log), f"j{i}") for i in range(4)]
+        await _until(client, [j["jobid"] for j in jobs], _final, timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert _most_at_once(log) == 1, log.read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from psik_api_core import Policy
 
+from ..backends.local.runners import RunnerWatch
 from ..backends.psik_backend import PsikBackend
 from . import directory as jobdir
 from .access import JobAccess
@@ -54,7 +55,15 @@ def build_job_service(
     disk = DiskFull(backend.prefix, store.path)
     locks = JobLocks()
     access = JobAccess(store, policy)
-    records = JobRecords(store, backend, disk, access)
+    # Slots of local jobs that said they ended are kept until their runner exits.
+    submitter: Submitter | None = None
+
+    def slot_freed() -> None:
+        assert submitter is not None
+        submitter.fill_slots()
+
+    runners = RunnerWatch(store.release_slot_after, slot_freed)
+    records = JobRecords(store, backend, disk, access, runners)
     specs = SpecCheck(
         backend,
         store.path,
@@ -64,7 +73,6 @@ def build_job_service(
     )
     slots = JobSlots({name: cfg.slot_limit() for name, cfg in backend.settings.items()})
     # The watcher reports to the submitter, which follows the jobs it submits with it.
-    submitter: Submitter | None = None
 
     async def on_changes(changes: list[Change]) -> None:
         assert submitter is not None

@@ -9,8 +9,9 @@ more at its end.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from psik_api_core import Action, Job, JobState, Principal, ProblemCode, derive_state, run_outcome, utc
 
@@ -23,6 +24,9 @@ from .directory import JobFileInvalid, Row
 from .diskfull import INDEX, DiskFull
 from .store import JobStore
 from .watcher import Change
+
+if TYPE_CHECKING:
+    from ..backends.local.runners import RunnerWatch
 
 
 class JobFilesInvalid(ApiError):
@@ -65,11 +69,35 @@ class JobRecords:
     """Reading job directories and recording what they say in the index (blocking
     methods: callers run them in a worker thread, one trip per step)."""
 
-    def __init__(self, store: JobStore, backend: PsikBackend, disk: DiskFull, access: JobAccess) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        backend: PsikBackend,
+        disk: DiskFull,
+        access: JobAccess,
+        runners: RunnerWatch | None = None,
+    ) -> None:
         self.store = store
         self.backend = backend
         self.disk = disk
         self.access = access
+        #: Local jobs recorded final whose runner still runs keep their slot until it
+        #: exits (a job can write its own final row: :mod:`~..backends.local.runners`).
+        self.runners = runners
+
+    def _runner(
+        self, jobid: str, backend: str | None, history: Sequence[Row]
+    ) -> tuple[int, int, float] | None:
+        """The still running runner of a local job whose history says it ended, if any
+        (``backend`` None: read from the index)."""
+        if self.runners is None or not derive_state(history)[0].is_final:
+            return None
+        if backend is None:
+            row = self.store.get(jobid)
+            backend = None if row is None else row.backend
+        if backend is None or not self.backend.is_local(backend):
+            return None
+        return self.runners.running(history)
 
     def path(self, jobid: str) -> Path:
         return self.backend.path(jobid)
@@ -100,11 +128,20 @@ class JobRecords:
     def record(self, jobid: str, files: jobdir.JobFiles, *, strict: bool = False) -> None:
         """Record the state ``files`` show in the index (see :meth:`refresh`)."""
         state, jobndx = files.state
+        runner = self._runner(jobid, files.spec.backend, files.history)
         try:
             if self.store.set_state(
-                jobid, state, jobndx, files.updated, exit_code=files.exit_code, rows=files.history
+                jobid,
+                state,
+                jobndx,
+                files.updated,
+                exit_code=files.exit_code,
+                rows=files.history,
+                hold=runner is not None,
             ):
                 self.disk.cleared(INDEX)
+            if runner is not None and self.runners is not None:
+                self.runners.hold(jobid, *runner)
         except (sqlite3.Error, OSError) as e:
             if strict:
                 raise
@@ -136,7 +173,12 @@ class JobRecords:
             self.store.release_start(jobid)
             return None
         state, jobndx = files.state
-        self.store.release_start(jobid, state, jobndx, files.updated, files.exit_code, files.history)
+        runner = self._runner(jobid, files.spec.backend, files.history)
+        self.store.release_start(
+            jobid, state, jobndx, files.updated, files.exit_code, files.history, hold=runner is not None
+        )
+        if runner is not None and self.runners is not None:
+            self.runners.hold(jobid, *runner)
         return files
 
     def release_slot_unless_running(self, jobid: str) -> None:
@@ -153,13 +195,24 @@ class JobRecords:
         """Record what the watcher saw in the index, in one transaction (a full disk: said
         once; the watcher keeps the changes and tries again)."""
 
-        def states() -> Iterable[tuple[str, JobState, int, float, int | None, list[Row]]]:
+        def record() -> int:
+            states = []
+            runners = {}
             for c in changes:
                 state, jobndx = derive_state(c.rows)
-                yield c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1], c.rows
+                states.append(
+                    (c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1], c.rows)
+                )
+                if (runner := self._runner(c.jobid, None, c.rows)) is not None:
+                    runners[c.jobid] = runner
+            changed = self.store.set_states(states, hold=set(runners))
+            for jobid, runner in runners.items():  # once the hold is committed
+                assert self.runners is not None
+                self.runners.hold(jobid, *runner)
+            return changed
 
         try:
-            changed = await in_thread(self.store.set_states, list(states()))
+            changed = await in_thread(record)
         except Exception as e:
             self.disk.note(e)
             raise

@@ -137,6 +137,9 @@ class JobService:
             self.events.bind(asyncio.get_running_loop())
             self.store.events.on_commit = self.events.publish
             stack.callback(self.events.close)
+            if self.records.runners is not None:
+                self.records.runners.start()
+                stack.push_async_callback(self.records.runners.aclose)
             stack.push_async_callback(self.backend.aclose)
             stack.push_async_callback(self.relay.aclose)
             stack.push_async_callback(self.watcher.stop)

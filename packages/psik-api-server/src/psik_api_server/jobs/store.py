@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,15 +332,20 @@ class JobStore:
             self.events.committed()
 
     def set_states(
-        self, changes: Iterable[tuple[str, JobState, int, float, int | None, Sequence[Row] | None]]
+        self,
+        changes: Iterable[tuple[str, JobState, int, float, int | None, Sequence[Row] | None]],
+        hold: Collection[str] = (),
     ) -> int:
         """Several :meth:`set_state` calls in one transaction, each ``(jobid, state,
-        jobndx, updated, exit_code, rows)``; how many rows changed. All or nothing: on an
-        error (a full disk: SQLITE_FULL) none is recorded."""
+        jobndx, updated, exit_code, rows)``, the jobs in ``hold`` keeping their slot; how
+        many rows changed. All or nothing: on an error (a full disk: SQLITE_FULL) none is
+        recorded."""
         changed = 0
         with self.transaction():
             for jobid, state, jobndx, updated, exit_code, rows in changes:
-                changed += self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, rows=rows)
+                changed += self.set_state(
+                    jobid, state, jobndx, updated, exit_code=exit_code, rows=rows, hold=jobid in hold
+                )
         return changed
 
     # ---- jobs ----
@@ -424,6 +429,7 @@ class JobStore:
         *,
         exit_code: int | None,
         rows: Sequence[Row] | None = None,
+        hold: bool = False,
     ) -> bool:
         """Record a job's derived state and its run's ``exit_code`` (None while it runs
         or when it has none: a new run clears the last one's), both from the same read
@@ -433,16 +439,17 @@ class JobStore:
         older ``updated`` (the newest row's time; status.csv is only appended to), so a
         run that was recorded ended is never set back to running by a read from before
         its end (which no later read would repair: the watcher stops following a job
-        once it ends). A job that ended gives its slot back. ``rows``: the whole history
+        once it ends). A job that ended gives its slot back, unless ``hold`` (its process
+        still runs: :meth:`release_slot_after` gives it back). ``rows``: the whole history
         that read found (file order), whose rows not logged yet become events."""
         if rows is not None:
             with self.transaction():
-                changed = self.set_state(jobid, state, jobndx, updated, exit_code=exit_code)
+                changed = self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, hold=hold)
                 self.events.log_rows(jobid, rows)
             return changed
         cur = self._db.execute(
             "UPDATE jobs SET state = ?, jobndx = ?, updated = ?, exit_code = ?, "
-            f"slot = CASE WHEN ? IN {_FINAL} THEN NULL ELSE slot END "
+            f"slot = CASE WHEN ? IN {_FINAL} AND NOT ? THEN NULL ELSE slot END "
             "WHERE jobid = ? AND (jobndx < ? OR (jobndx = ? AND updated <= ?)) "
             "AND (state != ? OR jobndx != ? OR updated != ? OR exit_code IS NOT ?)",
             (
@@ -451,6 +458,7 @@ class JobStore:
                 updated,
                 exit_code,
                 state.value,
+                hold,
                 jobid,
                 jobndx,
                 jobndx,
@@ -490,6 +498,17 @@ class JobStore:
             return True
         held = self._db.execute("SELECT slot FROM jobs WHERE jobid = ?", (jobid,)).fetchone()
         return held is not None and held[0] is not None
+
+    def release_slot_after(self, jobid: str, jobndx: int) -> bool:
+        """Give back the slot a job kept past its recorded end at run ``jobndx``
+        (``set_state(hold=True)``), now that its process has exited; nothing if the job
+        has moved on to another run. True if a slot was freed."""
+        cur = self._db.execute(
+            f"UPDATE jobs SET slot = NULL WHERE jobid = ? AND jobndx = ? AND state IN {_FINAL} "
+            "AND slot IS NOT NULL",
+            (jobid, jobndx),
+        )
+        return cur.rowcount > 0
 
     def release_slot(self, jobid: str) -> None:
         """Give ``jobid``'s slot back (its launch failed or was cut short)."""
@@ -540,13 +559,14 @@ class JobStore:
         updated: float = 0.0,
         exit_code: int | None = None,
         rows: Sequence[Row] | None = None,
+        hold: bool = False,
     ) -> None:
         """Give the claim back, recording the state (and exit code) the start left (one
         step, so no other start sees the job startable between the two); ``state``
         None: unknown. ``rows``: the history read, as for :meth:`set_state`."""
         with self.transaction():
             if state is not None:
-                self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, rows=rows)
+                self.set_state(jobid, state, jobndx, updated, exit_code=exit_code, rows=rows, hold=hold)
             self._db.execute("UPDATE jobs SET claim = NULL WHERE jobid = ?", (jobid,))
 
     def claimed(self, jobid: str) -> bool:
