@@ -138,7 +138,8 @@ def test_jobid_pattern_is_anchored_and_strict(doc: dict[str, Any]) -> None:
 
 def test_list_query_parameters(doc: dict[str, Any]) -> None:
     op = _op(doc, "get", "/v1/jobs")
-    assert {p["name"] for p in op["parameters"]} == {"state", "backend", "name", "id", "limit", "cursor"}
+    names = {p["name"] for p in op["parameters"]}
+    assert names == {"state", "backend", "name", "id", "limit", "cursor", "view"}
     assert all(p["in"] == "query" and not p["required"] for p in op["parameters"])
     state = _param(op, "state")
     assert state["schema"]["type"] == "array"
@@ -158,7 +159,11 @@ def test_list_query_parameters(doc: dict[str, Any]) -> None:
     assert _param(op, "backend")["schema"]["examples"] == ["local", "slurm"]
     page = op["responses"]["200"]["content"]["application/json"]["schema"]
     items = _pointer(doc, page["$ref"])["properties"]["items"]
-    assert items["items"]["$ref"] == "#/components/schemas/JobSummary"
+    # A summary, or with view=full the whole job.
+    assert items["items"]["anyOf"] == [
+        {"$ref": "#/components/schemas/Job"},
+        {"$ref": "#/components/schemas/JobSummary"},
+    ]
     # A list item carries its job's exit code: no request per job to show it.
     exit_code = doc["components"]["schemas"]["JobSummary"]["properties"]["exit_code"]
     assert exit_code["anyOf"] == [{"type": "integer"}, {"type": "null"}]

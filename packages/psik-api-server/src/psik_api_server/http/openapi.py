@@ -425,7 +425,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/v1/jobs", "listJobs", "jobs", "List jobs",
         "The caller's jobs, newest first, one page at a time. Filters combine with AND;"
         " a repeated filter matches any of its values.",
-        {200: Reply("One page of jobs.", Page[JobSummary])},
+        {200: Reply("One page of jobs (with `view=full`, of jobs with spec and history).",
+                    Page[Job | JobSummary])},
         params=(
             Param("state", "query", "Only jobs in one of these states.",
                   {"type": "array", "items": {"type": "string", "enum": [s.value for s in JobState]}},
@@ -441,6 +442,10 @@ OPERATIONS: tuple[Operation, ...] = (
                    "default": LIMITS.default_page_size}),
             Param("cursor", "query", "Opaque: a page's `next_cursor`, for the page after it.",
                   {"type": "string"}),
+            Param("view", "query", "`full`: each job as `GET /v1/jobs/{jobid}` has it, with its spec and"
+                  " history (a job whose directory cannot be read stays a summary), so that a"
+                  " client needs no request per job.",
+                  {"type": "string", "enum": ["summary", "full"], "default": "summary"}),
         ),
         failures=(Failure(ProblemCode.validation_error, "a query parameter is invalid or unknown"),),
     ),

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import Job, JobState, ProblemCode
+from psik_api_core import Job, JobState, Page, ProblemCode
 
 from ..auth.authenticator import principal
 from ..context import context
@@ -47,14 +47,20 @@ def _service(request: Request) -> JobService:
 
 def _json(model: BaseModel | Sequence[BaseModel], status: int = 200, **headers: str) -> Response:
     if not isinstance(model, BaseModel):
-        content: Any = [m.model_dump(mode="json") for m in model]
-    elif isinstance(model, Job):
+        content: Any = [_dump(m) for m in model]
+    elif isinstance(model, Page):
+        content = {"items": [_dump(m) for m in model.items], "next_cursor": model.next_cursor}
+    else:
+        content = _dump(model)
+    return JSONResponse(content, status_code=status, headers=headers or None)
+
+
+def _dump(model: BaseModel) -> Any:
+    if isinstance(model, Job):
         # The callback fields are write-only: never sent back, not even masked (spec.json
         # may hold this server's own callback and secret instead, see callbacks.py).
-        content = model.model_dump(mode="json", exclude={"spec": {"callback", "cb_secret", "cb_headers"}})
-    else:
-        content = model.model_dump(mode="json")
-    return JSONResponse(content, status_code=status, headers=headers or None)
+        return model.model_dump(mode="json", exclude={"spec": {"callback", "cb_secret", "cb_headers"}})
+    return model.model_dump(mode="json")
 
 
 # ---- backends ----
@@ -99,6 +105,7 @@ async def list_jobs(request: Request, params: Params) -> Response:
         ids=params.texts("id"),
         limit=_limit(params),
         cursor=params.text("cursor") or None,
+        full=params.text("view") == "full",
     )
     return _json(page)
 

@@ -1,10 +1,13 @@
 """Live events: the hub that hands each committed event to the streams that want it.
 
 The event log (:mod:`.eventlog`) calls :meth:`EventHub.publish` from the thread that
-committed; the hub moves the events to the event loop and offers each to the
-subscriptions of the job's owner. A subscription buffers at most ``buffer`` events: a
-reader that falls that far behind is dropped (its stream ends with a comment saying
-so), and resumes with ``Last-Event-ID`` losing nothing, since every event is in the index.
+committed; the hub moves the events to the event loop and offers them to the
+subscriptions of the jobs' owners, one commit at a time. A reader that has left
+``buffer`` events untaken when the next commit comes is dropped (its stream ends with a
+comment saying so), and resumes with ``Last-Event-ID`` losing nothing, since every event
+is in the index. A commit is queued whole: one larger than the buffer (a job that wrote
+many rows at once) must not drop a reader that keeps up, which had no turn to take
+them; so a subscription holds at most ``buffer`` events and one commit's.
 
 A stream subscribes *before* it reads what it missed from the index, so an event
 committed meanwhile is either in that read or delivered live (or both: the stream skips
@@ -37,14 +40,15 @@ class Subscription:
         self.ended: str | None = None
         self._wake = asyncio.Event()
 
-    def offer(self, event: EventRow) -> bool:
-        """Queue ``event`` if it is wanted; False if the buffer is full (drop this one)."""
-        if not self.match(event):
-            return True
+    def offer(self, events: list[EventRow]) -> bool:
+        """Queue the wanted ones of one commit's ``events``; False (none queued) if the
+        reader left a full buffer untaken since the last commit: drop it."""
         if len(self.queue) >= self.buffer:
             return False
-        self.queue.append(event)
-        self._wake.set()
+        wanted = [e for e in events if self.match(e)]
+        if wanted:
+            self.queue.extend(wanted)
+            self._wake.set()
         return True
 
     def end(self, why: str) -> None:
@@ -110,11 +114,14 @@ class EventHub:
             loop.call_soon_threadsafe(self._deliver, events)
 
     def _deliver(self, events: list[EventRow]) -> None:
+        by_owner: dict[str, list[EventRow]] = {}
         for event in events:
-            for sub in list(self._subs.get(event.owner, ())):
-                if not sub.offer(event):
+            by_owner.setdefault(event.owner, []).append(event)
+        for owner, theirs in by_owner.items():
+            for sub in list(self._subs.get(owner, ())):
+                if not sub.offer(theirs):
                     sub.end(DROPPED)
-                    self._remove(event.owner, sub)
+                    self._remove(owner, sub)
 
     @contextlib.contextmanager
     def subscribe(self, owner: str, match: Callable[[EventRow], bool]) -> Iterator[Subscription]:

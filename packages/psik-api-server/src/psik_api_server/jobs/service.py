@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from psik_api_core import (
     Action,
@@ -68,7 +68,7 @@ from .locks import JobLocks
 from .records import JobFilesInvalid, JobRecords, job_view
 from .recovery import StartupRecovery, UploadSweeper
 from .specs import SpecCheck
-from .store import BadCursor, JobStore
+from .store import BadCursor, JobRow, JobStore
 from .submitter import Submitter
 from .watcher import StatusWatcher
 
@@ -234,7 +234,12 @@ class JobService:
         ids: list[str],
         limit: int,
         cursor: str | None,
-    ) -> Page[JobSummary]:
+        full: bool = False,
+    ) -> Page[JobSummary] | Page[Job | JobSummary]:
+        """One page of the caller's jobs (see :meth:`.store.JobStore.list`); ``full``:
+        each as ``GET /v1/jobs/{id}`` has it (spec and history: its directory read, in
+        the same worker-thread trip for the whole page), or as the summary where the
+        directory cannot be read."""
         if principal.jobs is not None:
             ids = [i for i in ids if i in principal.jobs] if ids else sorted(principal.jobs)
             if not ids:
@@ -256,7 +261,17 @@ class JobService:
                 f"query parameter 'cursor': {e}",
                 errors=[field_error(["query", "cursor"], str(e))],
             ) from None
+        if full:
+            items = await in_thread(self._full_views, rows)
+            return Page[Job | JobSummary](items=items, next_cursor=next_cursor)
         return Page[JobSummary](items=[r.summary() for r in rows], next_cursor=next_cursor)
+
+    def _full_views(self, rows: Sequence[JobRow]) -> Sequence[Job | JobSummary]:
+        def view(row: JobRow) -> Job | JobSummary:
+            files = self.records.refresh(row.jobid)
+            return row.summary() if files is None else job_view(row.jobid, row.owner, files)
+
+        return [view(row) for row in rows]
 
     async def cancel(self, principal: Principal, jobid: str) -> Job:
         """Cancel a job that is not final; a final job stays as it was (idempotent)."""
