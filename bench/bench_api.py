@@ -49,9 +49,12 @@ def server(data: Path, config: dict[str, object] | None = None) -> Iterator[str]
 
 
 @contextmanager
-def server_process(data: Path, config: dict[str, object] | None = None) -> Iterator[tuple[str, int]]:
-    """:func:`server`, with the server's process id (for its CPU time or memory)."""
-    port = _free_port()
+def server_process(
+    data: Path, config: dict[str, object] | None = None, port: int | None = None
+) -> Iterator[tuple[str, int]]:
+    """:func:`server`, with the server's process id (for its CPU time or memory);
+    ``port``: that one (a server restarted where its clients expect it)."""
+    port = port or _free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV"}}
     env["XDG_DATA_HOME"] = str(data)
     if config is not None:
@@ -77,7 +80,8 @@ def server_process(data: Path, config: dict[str, object] | None = None) -> Itera
                 time.sleep(0.05)
         yield url, proc.pid
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(30)
 
 
