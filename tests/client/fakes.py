@@ -60,6 +60,12 @@ def problem(
     )
 
 
+def no_events() -> httpx.Response:
+    """What a server older than the event stream answers to ``GET /v1/events``: the
+    client's waits then poll, as before it had a stream."""
+    return problem(404, "not_found", "Not Found")
+
+
 class FakeTime:
     """A clock that only moves when the client sleeps; records every sleep."""
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import respx
 
-from client.fakes import T0, job_json, problem, status_json
+from client.fakes import T0, job_json, no_events, problem, status_json
 from psik_api_client import cli
 
 URL = "http://127.0.0.1:8000"
@@ -28,6 +28,9 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
     monkeypatch.delenv("PSIK_API_URL", raising=False)
     monkeypatch.delenv("PSIK_API_UDS", raising=False)
     with respx.mock(base_url=URL, assert_all_called=False) as router:
+        # A server without events: the waits here are about polling (the stream's own
+        # tests are in test_events_cli).
+        router.get("/v1/events").mock(side_effect=lambda _: no_events())
         yield router
 
 

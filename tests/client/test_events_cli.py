@@ -1,4 +1,4 @@
-"""``psik-api watch`` and ``wait --events``, against a mocked server (respx)."""
+"""``psik-api watch``, and ``wait`` on the event stream (or ``--poll``), against a mocked server (respx)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,31 @@ def test_watch_on_a_server_without_events_exits_5(
     assert "error" in capsys.readouterr().err
 
 
-def test_wait_events_listens(server: respx.MockRouter, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flags", [[], ["--events"]])
+def test_wait_listens(server: respx.MockRouter, capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    # The stream is the default; --events (which once turned it on) still says so.
     stream = server.get("/v1/events").mock(side_effect=[sse(frame(event(3, state="completed")))])
-    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "active"))
+    state = server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "active"))
     server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "completed"))
-    assert cli.main(["wait", JOBID, "--events"]) == 0
+    assert cli.main(["wait", JOBID, *flags]) == 0
     assert capsys.readouterr().out == f"{JOBID} completed\n"
-    assert stream.call_count == 1
+    assert (stream.call_count, state.call_count) == (1, 1)
+
+
+def test_wait_poll_never_asks_for_events(
+    server: respx.MockRouter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = server.get("/v1/events").mock(side_effect=[sse(frame(event(3, state="completed")))])
+    server.get(f"/v1/jobs/{JOBID}/state").respond(200, json=status_json(JOBID, "completed"))
+    server.get(f"/v1/jobs/{JOBID}").respond(200, json=job_json(JOBID, "completed"))
+    assert cli.main(["wait", JOBID, "--poll"]) == 0
+    assert capsys.readouterr().out == f"{JOBID} completed\n"
+    assert stream.call_count == 0
+
+
+def test_wait_takes_events_or_poll_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["wait", JOBID, "--events", "--poll"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_watch_after_is_a_count(capsys: pytest.CaptureFixture[str]) -> None:

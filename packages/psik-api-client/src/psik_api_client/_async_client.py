@@ -72,7 +72,9 @@ class AsyncClient(BaseClient):
 
     Same arguments as :class:`Client`, except that ``transport`` is an
     ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport(app)`` to test in-process)
-    and ``sleep`` is awaited (default ``anyio.sleep``).
+    and ``sleep`` is awaited (default ``anyio.sleep``). ``events=None`` (automatic)
+    listens to the event stream through httpx's own network transport (the default, a
+    UNIX socket, an ``httpx.AsyncHTTPTransport``), and polls through any other.
 
     At most ``limits.max_connections`` requests are in flight at once (whatever the
     transport); the others wait their turn in the client, in order, so that thousands
@@ -105,7 +107,7 @@ class AsyncClient(BaseClient):
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
         limits: httpx.Limits = DEFAULT_LIMITS,
-        events: bool = False,
+        events: bool | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -120,6 +122,9 @@ class AsyncClient(BaseClient):
             cert_dir=cert_dir,
             limits=limits,
             events=events,
+            # httpx's own network transport (UNIX socket included) hands a stream over
+            # as it comes; an in-process or custom one may hold it until it ends.
+            network_transport=transport is None or isinstance(transport, httpx.AsyncHTTPTransport),
         )
         if transport is None and self.uds is not None:
             transport = httpx.AsyncHTTPTransport(uds=self.uds, verify=self._verify, limits=limits)
@@ -366,9 +371,9 @@ class AsyncClient(BaseClient):
     ) -> Job:
         """Wait until the job is final and return it.
 
-        With ``events=True`` on the client, listens to the server's event stream
-        (and learns of the end within milliseconds); else, or with a server without
-        it, polls the job's state every 0.02 s at first, backing off to
+        With events on (see the client's ``events``), listens to the server's event
+        stream (and learns of the end within milliseconds); else, or with a server
+        without it, polls the job's state every 0.02 s at first, backing off to
         ``poll_interval`` seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
         status seen); the job is never cancelled. Here ``timeout`` bounds the whole
         wait, so the per-request timeout of the other methods is ``request_timeout``.
@@ -398,10 +403,10 @@ class AsyncClient(BaseClient):
         """Wait until every job (ids, or Job/JobSummary objects) is final; return the
         final jobs in the order given.
 
-        With ``events=True`` on the client, listens to the server's event stream
-        (one stream, and one list request per 1,000 jobs); else, or with a server
-        without it, all pending jobs are polled with one request per round. ``progress=True``
-        prints ``"12/100 final"`` to stderr as the count changes; a callable is
+        With events on (see the client's ``events``), listens to the server's event
+        stream (one stream, and one list request per 1,000 jobs); else, or with a server
+        without it, all pending jobs are polled with one request per round.
+        ``progress=True`` prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
         ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
         ``request_timeout`` is the timeout of each request.

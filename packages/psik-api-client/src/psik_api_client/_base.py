@@ -230,6 +230,16 @@ def parse(response: httpx.Response, into: pydantic.TypeAdapter[T]) -> T:
         ) from exc
 
 
+def wants_events(events: bool | None, *, network_transport: bool) -> bool:
+    """Whether ``wait``/``wait_all`` listen to the event stream: as ``events`` says, or
+    (None) only over httpx's own network transports. An in-process transport
+    (``httpx.ASGITransport``) holds a response until it ends, so a stream would never
+    arrive through it; a user's own transport may do the same."""
+    if events is not None and not isinstance(events, bool):
+        raise TypeError(f"events= is True, False or None (automatic), not {events!r}")
+    return network_transport if events is None else events
+
+
 class BaseClient:
     """Configuration, request building and the flows of every operation."""
 
@@ -247,7 +257,8 @@ class BaseClient:
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
         limits: httpx.Limits = DEFAULT_LIMITS,
-        events: bool = False,
+        events: bool | None = None,
+        network_transport: bool = True,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -281,7 +292,7 @@ class BaseClient:
         # The clock ``wait`` measures its timeout with.
         self._clock = clock or time.monotonic
         # Whether wait and wait_all listen to GET /v1/events (see _wait) before polling.
-        self._events = bool(events)
+        self._events = wants_events(events, network_transport=network_transport)
         # Both bodies hand this to their httpx client: the local secret, sent to a
         # loopback server that cannot tell our uid (never over a UNIX socket).
         self._auth = LocalSecretAuth() if self._target.uds is None else None

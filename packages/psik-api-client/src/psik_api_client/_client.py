@@ -83,10 +83,14 @@ class Client(BaseClient):
     ``limits`` (an ``httpx.Limits``) sizes the connection pool, as in httpx; the
     :class:`AsyncClient` also keeps at most ``max_connections`` requests in flight.
 
-    ``events=True`` has :meth:`wait` and :meth:`wait_all` listen to the server's event
-    stream (``GET /v1/events``) instead of polling, falling back to polling against a
-    server without it. It is off by default for now: a transport that holds a whole
-    response before handing it over (``httpx.ASGITransport``) never hands over a stream.
+    ``events`` says whether :meth:`wait` and :meth:`wait_all` listen to the server's
+    event stream (``GET /v1/events``) rather than poll; either way they poll a server
+    without it (404/405) or when the stream cannot be opened. ``None`` (the default)
+    listens when the client talks through httpx's own network transport (its default
+    one, a UNIX socket, or an ``httpx.HTTPTransport`` given as ``transport``), and
+    polls through any other ``transport``: an in-process one (``httpx.ASGITransport``)
+    holds a whole response before handing it over, so a stream would never arrive.
+    ``events=True`` listens through any transport, ``events=False`` always polls.
     :meth:`watch` always uses the stream.
 
     Every method also takes keyword-only per-call options: ``timeout=`` (seconds, an
@@ -112,7 +116,7 @@ class Client(BaseClient):
         token: str | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
         limits: httpx.Limits = DEFAULT_LIMITS,
-        events: bool = False,
+        events: bool | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -127,6 +131,9 @@ class Client(BaseClient):
             cert_dir=cert_dir,
             limits=limits,
             events=events,
+            # httpx's own network transport (UNIX socket included) hands a stream over
+            # as it comes; an in-process or custom one may hold it until it ends.
+            network_transport=transport is None or isinstance(transport, httpx.HTTPTransport),
         )
         if transport is None and self.uds is not None:
             transport = httpx.HTTPTransport(uds=self.uds, verify=self._verify, limits=limits)
@@ -355,9 +362,9 @@ class Client(BaseClient):
     ) -> Job:
         """Block until the job is final and return it.
 
-        With ``events=True`` on the client, listens to the server's event stream
-        (and learns of the end within milliseconds); else, or with a server without
-        it, polls the job's state every 0.02 s at first, backing off to
+        With events on (see the client's ``events``), listens to the server's event
+        stream (and learns of the end within milliseconds); else, or with a server
+        without it, polls the job's state every 0.02 s at first, backing off to
         ``poll_interval`` seconds. After ``timeout`` seconds raises :class:`WaitTimeout` (with the last
         status seen); the job is never cancelled. Here ``timeout`` bounds the whole
         wait, so the per-request timeout of the other methods is ``request_timeout``.
@@ -387,10 +394,10 @@ class Client(BaseClient):
         """Block until every job (ids, or Job/JobSummary objects) is final; return the
         final jobs in the order given.
 
-        With ``events=True`` on the client, listens to the server's event stream
-        (one stream, and one list request per 1,000 jobs); else, or with a server
-        without it, all pending jobs are polled with one request per round. ``progress=True``
-        prints ``"12/100 final"`` to stderr as the count changes; a callable is
+        With events on (see the client's ``events``), listens to the server's event
+        stream (one stream, and one list request per 1,000 jobs); else, or with a server
+        without it, all pending jobs are polled with one request per round.
+        ``progress=True`` prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
         ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
         ``request_timeout`` is the timeout of each request.

@@ -3,9 +3,10 @@
 Waiting only ever reads: on timeout it raises :class:`WaitTimeout` and leaves the
 job running, since giving up waiting is not a decision to stop the work.
 
-With ``events`` (the client's ``events=True``) a wait first subscribes to the event
-stream (``GET /v1/events``; once its headers are in, no later change is missed), then
-reads the jobs' current states, then only listens: a job's end is known within
+With ``events`` (the client's ``events``: on by default over httpx's network
+transports) a wait first subscribes to the event stream (``GET /v1/events``; once its
+headers are in, no later change is missed), then reads the jobs' current states, then
+only listens: a job's end is known within
 milliseconds, and waiting for N jobs costs one stream and one list request per 1,000
 jobs (plus, as always, one GET of each job once it is final, for the whole job that
 is returned). A server without the stream (404/405), a stream that cannot be opened,

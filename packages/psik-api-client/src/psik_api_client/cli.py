@@ -4,11 +4,11 @@
 
     psik-api [--url URL | --uds PATH] [--cert-dir DIR] [--token TOKEN] COMMAND ...
 
-    submit FILE | --script TEXT [--wait [--timeout S] [--output] [--events]]
+    submit FILE | --script TEXT [--wait [--timeout S] [--output] [--poll]]
                                          create and submit a job (JSON, or YAML)
     create FILE | --script TEXT          create a job without submitting it
     start ID | get ID | state ID
-    cancel ID... | purge ID... | wait ID... [--timeout S] [--output] [--events]
+    cancel ID... | purge ID... | wait ID... [--timeout S] [--output] [--poll]
     watch [ID...] [--json] [--after N]   print the jobs' events as they happen
     ls [--state S]... [--backend B] [--name N] [--limit N | --all]
     backends
@@ -28,11 +28,12 @@ http to another host.
 ``ls`` says on stderr when more jobs match than it shows. ``submit --wait`` says the
 new job's id on stderr at once (Ctrl-C while waiting leaves the job running).
 ``cancel``, ``purge`` and ``wait`` take several ids: one refused does not stop the others.
-``wait --events`` (and ``submit --wait --events``) listens to the server's event stream
-rather than polling (a server without one is polled). ``watch`` prints each event (one
-history row of one of your jobs) as it happens, as a line or, with ``--json``, as JSON
-lines; ``--after N`` first replays the events after id N (0: all). It runs until
-Ctrl-C, picking the stream up again if the connection drops or the server restarts.
+``wait`` (and ``submit --wait``) listens to the server's event stream (a server without
+one is polled); ``--poll`` only polls (``--events``, the default, is still accepted).
+``watch`` prints each event (one history row of one of your jobs) as it happens, as a
+line or, with ``--json``, as JSON lines; ``--after N`` first replays the events after
+id N (0: all). It runs until Ctrl-C, picking the stream up again if the connection
+drops or the server restarts.
 
 Errors are one line on stderr. The exit status says what happened::
 
@@ -152,7 +153,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
-        events = getattr(args, "events", False)
+        # None: the client's default, the stream (the CLI always talks over the network).
+        events = {"events": True, "poll": False}.get(getattr(args, "listen", None) or "")
         api = Client(args.url, uds=args.uds, token=args.token, cert_dir=args.cert_dir, events=events)
     except ValueError as exc:  # e.g. --url or $PSIK_API_URL is not an http(s) URL, a bad --cert-dir
         return _fail(str(exc), ExitStatus.USAGE)
@@ -617,7 +619,14 @@ def _spec_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--script", metavar="TEXT", help="instead of a job file: the job's script alone")
 
 
-_EVENTS_HELP = "listen to the server's event stream instead of polling (a server without one is polled)"
+_EVENTS_HELP = "listen to the server's event stream (the default; a server without one is polled)"
+_POLL_HELP = "poll the jobs' states instead of listening to the event stream"
+
+
+def _listen_arguments(sub: argparse.ArgumentParser) -> None:
+    how = sub.add_mutually_exclusive_group()
+    how.add_argument("--events", dest="listen", action="store_const", const="events", help=_EVENTS_HELP)
+    how.add_argument("--poll", dest="listen", action="store_const", const="poll", help=_POLL_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -656,7 +665,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
     )
     sub.add_argument("--output", action="store_true", help="with --wait: then print the job's stdout")
-    sub.add_argument("--events", action="store_true", help=_EVENTS_HELP)
+    _listen_arguments(sub)
     sub = command("create", _create, "create a job without submitting it; print its id")
     _spec_arguments(sub)
     for name, run, text in [
@@ -675,7 +684,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("jobid", metavar="ID", nargs="+")
     sub.add_argument("--timeout", type=_seconds, help="give up after this many seconds (0: look once)")
     sub.add_argument("--output", action="store_true", help="then print the job's stdout")
-    sub.add_argument("--events", action="store_true", help=_EVENTS_HELP)
+    _listen_arguments(sub)
     sub = command("watch", _watch, "print your jobs' events as they happen (until Ctrl-C)")
     sub.add_argument("jobid", metavar="ID", nargs="*", help="only these jobs' (default: all of yours)")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
