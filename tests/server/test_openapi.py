@@ -139,7 +139,7 @@ def test_jobid_pattern_is_anchored_and_strict(doc: dict[str, Any]) -> None:
 def test_list_query_parameters(doc: dict[str, Any]) -> None:
     op = _op(doc, "get", "/v1/jobs")
     names = {p["name"] for p in op["parameters"]}
-    assert names == {"state", "backend", "name", "id", "limit", "cursor", "view"}
+    assert names == {"state", "backend", "name", "id", "limit", "cursor", "label", "view"}
     assert all(p["in"] == "query" and not p["required"] for p in op["parameters"])
     state = _param(op, "state")
     assert state["schema"]["type"] == "array"

@@ -30,6 +30,9 @@ class Limits:
     max_list_entries: int = 10_000
     #: Most files in one multipart upload (``POST /v1/jobs/{id}/files``).
     max_upload_files: int = 1000
+    #: Most labels on one job (``JobSpec.labels``), and the longest label value.
+    max_labels: int = 32
+    max_label_value: int = 256
 
 
 LIMITS = Limits()

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -61,6 +62,15 @@ def _check_jobid(value: str) -> str:
 
 
 JobID = Annotated[str, AfterValidator(_check_jobid)]
+
+#: A label's key: a letter or digit, then up to 62 of letters, digits and ``. _ / -``
+#: (``=`` separates key and value in ``?label=key=value``).
+LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
+LabelKey = Annotated[str, StringConstraints(pattern=f"^{LABEL_KEY_PATTERN}$")]
+#: A label's value: up to ``max_label_value`` characters, none of them a control character.
+LabelValue = Annotated[
+    str, StringConstraints(max_length=LIMITS.max_label_value, pattern=r"^[^\x00-\x1f\x7f]*$")
+]
 
 
 def _strict(info: ValidationInfo) -> bool:
@@ -309,6 +319,13 @@ class JobSpec(_Model):
     cb_secret: SecretStr | None = Field(
         default=None, title="hmac256 secret to sign updates sent to 'callback'"
     )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=LIMITS.max_labels,
+        # Keys the pattern refuses are refused, as the schema then says.
+        json_schema_extra={"additionalProperties": False},
+        title="Labels: key-value pairs to find the job by (`GET /v1/jobs?label=key=value`).",
+    )
 
     @classmethod
     def validate_input(cls, data: bytes | str | Mapping[str, Any]) -> JobSpec:
@@ -429,6 +446,7 @@ class JobSummary(_Model):
     created: datetime
     updated: datetime
     exit_code: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
     # A notebook shows a job by its repr: pydantic's is every field (a Job's spec and
     # history: thousands of characters on one line). These say which job and how it is.

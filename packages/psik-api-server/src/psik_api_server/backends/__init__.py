@@ -178,7 +178,9 @@ class BackendDriver:
         """Make the job directory with psik (state ``new``); returns the jobid."""
         from psik.models import JobSpec as PsikJobSpec
 
-        job = await self.ctx.manager.create(PsikJobSpec.model_validate(spec.model_dump()))
+        # Labels are the API's own (kept beside the job: directory.write_labels); psik's
+        # spec refuses fields it does not know.
+        job = await self.ctx.manager.create(PsikJobSpec.model_validate(spec.model_dump(exclude={"labels"})))
         return str(job.stamp)
 
     async def submit(self, job: Any, jobndx: int, waited: int | None) -> tuple[int, str]:

@@ -37,7 +37,7 @@ from psik_api_core import (
     ProblemCode,
 )
 from psik_api_core.limits import byte_size
-from psik_api_core.models import MAX_COUNT
+from psik_api_core.models import LABEL_KEY_PATTERN, MAX_COUNT
 
 from .._version import __version__
 from ..jobs.logs import LOG_NAME_REGEX, VALID_NAMES
@@ -47,6 +47,8 @@ PROBLEM_JSON = "application/problem+json"
 OCTET_STREAM = "application/octet-stream"
 #: Anchored for JSON Schema (ECMA-262, where ``$`` does not match before a final newline).
 JOBID_REGEX = f"^{JOBID_PATTERN}$"
+#: ``?label=key=value``: a label's key, ``=``, a value of no control characters.
+LABEL_FILTER_REGEX = f"^{LABEL_KEY_PATTERN}=[^\\x00-\\x1f\\x7f]{{0,{LIMITS.max_label_value}}}$"
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
 _INTRO = """\
@@ -442,6 +444,10 @@ OPERATIONS: tuple[Operation, ...] = (
                    "default": LIMITS.default_page_size}),
             Param("cursor", "query", "Opaque: a page's `next_cursor`, for the page after it.",
                   {"type": "string"}),
+            Param("label", "query", "Only jobs with this label (`key=value`; repeated: with every one).",
+                  {"type": "array", "items": {"type": "string", "pattern": LABEL_FILTER_REGEX},
+                   "maxItems": LIMITS.max_labels},
+                  repeatable=True),
             Param("view", "query", "`full`: each job as `GET /v1/jobs/{jobid}` has it, with its spec and"
                   " history (a job whose directory cannot be read stays a summary), so that a"
                   " client needs no request per job.",

@@ -10,6 +10,7 @@ and checks each operation's parameters as the table declares them
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import Job, JobState, Page, ProblemCode
+from psik_api_core import LIMITS, Job, JobState, Page, ProblemCode, field_error
+from psik_api_core.models import LABEL_KEY_PATTERN
 
 from ..auth.authenticator import principal
 from ..context import context
@@ -106,8 +108,27 @@ async def list_jobs(request: Request, params: Params) -> Response:
         limit=_limit(params),
         cursor=params.text("cursor") or None,
         full=params.text("view") == "full",
+        labels=_labels(params.texts("label")),
     )
     return _json(page)
+
+
+_LABEL = re.compile(f"({LABEL_KEY_PATTERN})=([^\x00-\x1f\x7f]{{0,{LIMITS.max_label_value}}})")
+
+
+def _labels(values: list[str]) -> list[tuple[str, str]]:
+    """``key=value`` filters; 422 naming ``label`` for one that is no label."""
+    out = []
+    for value in values:
+        m = _LABEL.fullmatch(value)
+        if m is None:
+            raise ApiError(
+                ProblemCode.validation_error,
+                f"query parameter 'label': {value[:80]!r} is not key=value (a label's key, '=', its value)",
+                errors=[field_error(["query", "label"], "not key=value")],
+            )
+        out.append((m[1], m[2]))
+    return out
 
 
 def _limit(params: Params) -> int:

@@ -115,7 +115,7 @@ class JobCreator:
         self.disk.cleared(PREFIX)
         limit = self.submitter.wants_slot(spec.backend) if submit else None
         try:
-            files, slot = await in_thread(self._index_new_sync, owner, jobid, key, submit, limit)
+            files, slot = await in_thread(self._index_new_sync, owner, jobid, key, submit, limit, spec.labels)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self._forget_unindexed(owner, jobid, key)
@@ -146,7 +146,13 @@ class JobCreator:
         return job_view(jobid, owner, files)
 
     def _index_new_sync(
-        self, owner: str, jobid: str, key: str | None, submit: bool, limit: int | None
+        self,
+        owner: str,
+        jobid: str,
+        key: str | None,
+        submit: bool,
+        limit: int | None,
+        labels: dict[str, str] | None = None,
     ) -> tuple[jobdir.JobFiles, bool | None]:
         """The job's row (its start claimed if this request submits it, and a slot if
         ``limit``) and the key's link to it, in one step: from here a replay, or the
@@ -154,6 +160,7 @@ class JobCreator:
         a slot (None: none was asked for)."""
         base = self.backend.path(jobid)
         jobdir.write_owner(base, owner)
+        jobdir.write_labels(base, labels or {})
         files = jobdir.read_job(base)
         slot = None
         with self.store.transaction():

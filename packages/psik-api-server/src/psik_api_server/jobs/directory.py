@@ -29,7 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from psik_api_core import JobSpec, JobState, Transition, derive_state, is_jobid, run_outcome, utc
+from pydantic import TypeAdapter
+
+from psik_api_core import LIMITS, JobSpec, JobState, Transition, derive_state, is_jobid, run_outcome, utc
+from psik_api_core.models import LabelKey, LabelValue
 
 _logger = logging.getLogger(__name__)
 
@@ -215,8 +218,13 @@ class JobFiles:
 
 
 def read_job(base: Path) -> JobFiles:
-    """Spec and history of the job at ``base`` (OSError/ValueError if it is not one)."""
-    return JobFiles(jobid=base.name, spec=read_spec(base), history=read_history(base))
+    """Spec (with its labels) and history of the job at ``base`` (OSError/ValueError if
+    it is not one)."""
+    spec = read_spec(base)
+    labels = read_labels(base)
+    if labels:
+        spec = spec.model_copy(update={"labels": labels})
+    return JobFiles(jobid=base.name, spec=spec, history=read_history(base))
 
 
 def list_jobids(prefix: Path) -> set[str]:
@@ -257,7 +265,7 @@ def fingerprint(spec: JobSpec, base: Path | None = None) -> str:
     before the index knew its jobid."""
     if base is not None and spec.directory == str(base / "work"):
         spec = spec.model_copy(update={"directory": None})
-    doc = spec.model_dump(mode="json")
+    doc = spec.model_dump(mode="json", exclude={"labels"})  # kept beside spec.json, not in it
     doc["cb_secret"] = spec.cb_secret.get_secret_value() if spec.cb_secret else None
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -326,6 +334,31 @@ def write_private(path: Path, text: str) -> None:
 def write_owner(base: Path, owner: str) -> None:
     """Record ``owner`` in the job directory ``base``, owner-only from the start."""
     write_private(base / OWNER_NAME, owner)
+
+
+LABELS_NAME = ".psik-api-labels"
+_MAX_LABELS = 64 * 1024
+_LABELS: TypeAdapter[dict[str, str]] = TypeAdapter(dict[LabelKey, LabelValue])
+
+
+def write_labels(base: Path, labels: dict[str, str]) -> None:
+    """Record a job's labels beside its spec.json (psik's spec has no place for them)."""
+    if labels:
+        write_private(base / LABELS_NAME, json.dumps(labels))
+
+
+def read_labels(base: Path) -> dict[str, str]:
+    """The labels recorded in ``base``; none if there are none or the file is not a
+    labels record (the job can rewrite it: its own labels only, never an error)."""
+    try:
+        raw = read_job_file(base, LABELS_NAME, _MAX_LABELS)
+    except OSError:
+        return {}
+    try:
+        labels = _LABELS.validate_json(raw)
+    except ValueError:
+        return {}
+    return labels if len(labels) <= LIMITS.max_labels else {}
 
 
 def read_owner(base: Path) -> str | None:

@@ -57,6 +57,7 @@ def index_row(files: jobdir.JobFiles, owner: str) -> JobRow:
         created=files.created,
         updated=files.updated,
         exit_code=files.exit_code,
+        labels=files.spec.labels,
     )
 
 

@@ -61,6 +61,7 @@ def job_view(jobid: str, owner: str, files: jobdir.JobFiles) -> Job:
         created=utc(files.created),
         updated=utc(files.updated),
         spec=files.spec,
+        labels=files.spec.labels,
         history=[r.transition() for r in sorted(files.history, key=lambda r: r.time)],
     )
 

@@ -235,6 +235,7 @@ class JobService:
         limit: int,
         cursor: str | None,
         full: bool = False,
+        labels: Sequence[tuple[str, str]] = (),
     ) -> Page[JobSummary] | Page[Job | JobSummary]:
         """One page of the caller's jobs (see :meth:`.store.JobStore.list`); ``full``:
         each as ``GET /v1/jobs/{id}`` has it (spec and history: its directory read, in
@@ -254,6 +255,7 @@ class JobService:
                 ids=ids,
                 limit=limit,
                 cursor=cursor,
+                labels=labels,
             )
         except BadCursor as e:
             raise ApiError(

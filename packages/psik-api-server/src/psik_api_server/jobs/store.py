@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +55,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim   TEXT, -- 'start' while a request submits the job (see claim_start)
     exit_code INTEGER, -- the current run's exit status once it ended (run_outcome), else NULL
     slot    INTEGER,   -- 1 while the job holds one of its backend's job slots (see claim_slot)
-    rows_seen INTEGER NOT NULL DEFAULT 0 -- status rows already in the event log (eventlog.py)
+    rows_seen INTEGER NOT NULL DEFAULT 0, -- status rows already in the event log (eventlog.py)
+    labels  TEXT      -- JobSpec.labels as JSON, NULL for none (job_labels finds jobs by them)
 );
+-- One row per label of a job, in page order: ``?label=k=v`` reads a page of it.
+CREATE TABLE IF NOT EXISTS job_labels (
+    owner   TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    created REAL NOT NULL,
+    jobid   TEXT NOT NULL,
+    PRIMARY KEY (owner, key, value, created, jobid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_labels_by_job ON job_labels (jobid);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (owner, state, created DESC, jobid DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_backend ON jobs (owner, backend, created DESC, jobid DESC);
@@ -83,6 +94,7 @@ _ADDED = {
         "exit_code": "INTEGER",
         "slot": "INTEGER",
         "rows_seen": "INTEGER NOT NULL DEFAULT 0",
+        "labels": "TEXT",
     },
     "idempotency": {
         "settled": "INTEGER NOT NULL DEFAULT 1",
@@ -128,6 +140,7 @@ class JobRow:
     created: float
     updated: float
     exit_code: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> JobSummary:
         return JobSummary(
@@ -140,6 +153,7 @@ class JobRow:
             created=utc(self.created),
             updated=utc(self.updated),
             exit_code=self.exit_code,
+            labels=self.labels,
         )
 
 
@@ -177,14 +191,14 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise BadCursor("not a cursor from this server; pass next_cursor back unchanged") from e
 
 
-_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated, exit_code"
+_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated, exit_code, labels"
 
 
 #: :meth:`JobStore.lookup`'s query: the row of a job id, or the same columns blank.
 _LOOKUP = (
     "SELECT j.jobid IS NOT NULL, COALESCE(j.jobid, ?), COALESCE(j.backend, ''), COALESCE(j.owner, ''), "
     "j.name, COALESCE(j.state, 'new'), COALESCE(j.jobndx, 0), COALESCE(j.created, 0.0), "
-    "COALESCE(j.updated, 0.0), j.exit_code FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
+    "COALESCE(j.updated, 0.0), j.exit_code, j.labels FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
 )
 
 
@@ -199,6 +213,7 @@ def _row(r: Sequence[object]) -> JobRow:
         created=float(r[6]),  # type: ignore[arg-type]
         updated=float(r[7]),  # type: ignore[arg-type]
         exit_code=None if r[8] is None else int(r[8]),  # type: ignore[call-overload]
+        labels={} if not r[9] else dict(json.loads(str(r[9]))),
     )
 
 
@@ -359,8 +374,9 @@ class JobStore:
             self.events.log_rows(row.jobid, rows)
 
     def _put(self, row: JobRow, claim: bool) -> None:
+        self._put_labels([row])
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.jobid,
                 row.backend,
@@ -371,6 +387,7 @@ class JobStore:
                 row.created,
                 row.updated,
                 row.exit_code,
+                json.dumps(row.labels) if row.labels else None,
                 "start" if claim else None,
             ),
         )
@@ -380,9 +397,11 @@ class JobStore:
         ``seen``: how many history rows of each job count as logged already (a job
         imported from its directory: its past is not news)."""
         seen = seen or {}
+        rows = builtins.list(rows)
         with self.transaction():
+            self._put_labels(rows)
             self._db.executemany(
-                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, rows_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, rows_seen) VALUES ({', '.join('?' * 11)})",
                 [
                     (
                         r.jobid,
@@ -394,11 +413,20 @@ class JobStore:
                         r.created,
                         r.updated,
                         r.exit_code,
+                        json.dumps(r.labels) if r.labels else None,
                         seen.get(r.jobid, 0),
                     )
                     for r in rows
                 ],
             )
+
+    def _put_labels(self, rows: Sequence[JobRow]) -> None:
+        """The ``job_labels`` rows of ``rows`` (replacing any of the same jobs)."""
+        self._db.executemany("DELETE FROM job_labels WHERE jobid = ?", [(r.jobid,) for r in rows])
+        self._db.executemany(
+            "INSERT INTO job_labels (owner, key, value, created, jobid) VALUES (?, ?, ?, ?, ?)",
+            [(r.owner, k, v, r.created, r.jobid) for r in rows for k, v in r.labels.items()],
+        )
 
     def delete_many(self, jobids: Iterable[str]) -> None:
         """:meth:`delete` of each job, in one transaction."""
@@ -581,6 +609,7 @@ class JobStore:
         with self.transaction():
             self._db.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
             self._db.execute("DELETE FROM idempotency WHERE jobid = ?", (jobid,))
+            self._db.execute("DELETE FROM job_labels WHERE jobid = ?", (jobid,))
             self.events.forget([jobid])
 
     def jobids(self) -> set[str]:
@@ -622,6 +651,7 @@ class JobStore:
         ids: Iterable[str] = (),
         limit: int = 100,
         cursor: str | None = None,
+        labels: Sequence[tuple[str, str]] = (),
     ) -> tuple[list[JobRow], str | None]:
         """One page of ``owner``'s jobs, newest first, and the cursor of the next page.
 
@@ -635,6 +665,7 @@ class JobStore:
             list(ids),
             None if cursor is None else decode_cursor(cursor),
             limit + 1,
+            list(dict.fromkeys(labels)),
         )
         rows = [_row(r) for r in self._db.execute(sql, args)]
         more = len(rows) > limit
@@ -728,10 +759,13 @@ def page_query(
     ids: builtins.list[str],
     after: tuple[float, str] | None,
     limit: int,
+    labels: Sequence[tuple[str, str]] = (),
 ) -> tuple[str, builtins.list[object]]:
     """:meth:`JobStore.list`'s query and its arguments. Each index is ``(owner, <filter
     column>, created DESC, jobid DESC)``: SQLite finds a page's first row in it and reads
     on in page order (the ``EXPLAIN QUERY PLAN`` of each filter is in the tests)."""
+    if labels:
+        return _label_page_query(owner, states, backend, name, ids, after, limit, labels)
     where: builtins.list[str] = []
     args: builtins.list[object] = []
     if backend is not None:
@@ -762,6 +796,50 @@ def page_query(
     arm = f"SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE {test} {_NEWEST_FIRST} LIMIT ?)"
     sql = " UNION ALL ".join([arm] * len(states)) + f" {_NEWEST_FIRST} LIMIT ?"
     return sql, [a for state in states for a in (owner, state, *args, limit)] + [limit]
+
+
+def _label_page_query(
+    owner: str,
+    states: builtins.list[str],
+    backend: str | None,
+    name: str | None,
+    ids: builtins.list[str],
+    after: tuple[float, str] | None,
+    limit: int,
+    labels: Sequence[tuple[str, str]],
+) -> tuple[str, builtins.list[object]]:
+    """A page of the owner's jobs with every one of ``labels``: read in page order off
+    ``job_labels``' key for the first label, the others looked up by key."""
+    (key, value), *more = labels
+    where = ["l.owner = ?", "l.key = ?", "l.value = ?"]
+    args: builtins.list[object] = [owner, key, value]
+    if after is not None:
+        where.append("(l.created, l.jobid) < (?, ?)")
+        args.extend(after)
+    for k, v in more:
+        where.append(
+            "EXISTS (SELECT 1 FROM job_labels AS m WHERE m.owner = l.owner AND m.key = ? AND m.value = ? "
+            "AND m.created = l.created AND m.jobid = l.jobid)"
+        )
+        args.extend((k, v))
+    if states:
+        where.append(f"j.state IN ({', '.join('?' * len(states))})")
+        args.extend(states)
+    if backend is not None:
+        where.append("j.backend = ?")
+        args.append(backend)
+    if name is not None:
+        where.append("j.name = ?")
+        args.append(name)
+    if ids:
+        where.append(f"l.jobid IN ({', '.join('?' * len(ids))})")
+        args.extend(ids)
+    columns = ", ".join(f"j.{c}" for c in _COLUMNS.split(", "))
+    sql = (
+        f"SELECT {columns} FROM job_labels AS l JOIN jobs AS j ON j.jobid = l.jobid "
+        f"WHERE {' AND '.join(where)} ORDER BY l.created DESC, l.jobid DESC LIMIT ?"
+    )
+    return sql, [*args, limit]
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
