@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import httpx
@@ -151,14 +152,40 @@ async def test_wait_all_timeout_names_the_pending_jobs_and_cancels_nothing(
     assert {r.method for r in api.requests} == {"GET"}
 
 
-async def test_wait_all_progress_true_prints_to_stderr(
+async def test_wait_all_progress_true_prints_to_stderr_without_tqdm(
+    connect: Callable[..., Api], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    api = connect(FakeJobs({"1.0": ["queued", "completed"], "2.0": ["completed"]}).handler)
+    await api.wait_all(["1.0", "2.0"], progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "\r0/2 final\r1/2 final\r2/2 final\n"
+
+
+async def test_wait_all_progress_true_draws_a_tqdm_bar(
     connect: Callable[..., Api], capsys: pytest.CaptureFixture[str]
 ) -> None:
     api = connect(FakeJobs({"1.0": ["queued", "completed"], "2.0": ["completed"]}).handler)
     await api.wait_all(["1.0", "2.0"], progress=True)
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == "\r0/2 final\r1/2 final\r2/2 final\n"
+    # tqdm (not a terminal here) redraws with \r and ends the bar with a newline.
+    first, *_, last = err.removesuffix("\n").split("\r")
+    assert first == "" and err.endswith("\n") and "\n" not in err[:-1]
+    assert err.split("\r")[1].startswith("  0%|") and " 0/2 final [" in err
+    assert last.startswith("100%|██████████| 2/2 final [")
+
+
+async def test_wait_all_progress_bar_is_closed_on_timeout(
+    connect: Callable[..., Api], capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = connect(FakeJobs({"1.0": ["completed"], "2.0": ["active"]}).handler)
+    with pytest.raises(pac.WaitTimeout):
+        await api.wait_all(["1.0", "2.0"], timeout=3, progress=True)
+    err = capsys.readouterr().err
+    # Left at the count reached, and ended: the traceback starts on a line of its own.
+    assert err.endswith("\n") and " 1/2 final [" in err.split("\r")[-1]
 
 
 async def test_wait_all_of_a_job_missing_from_the_list_surfaces_the_404(connect: Callable[..., Api]) -> None:

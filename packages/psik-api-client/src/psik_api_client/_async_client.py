@@ -60,8 +60,9 @@ from ._files import (
 )
 from ._logs import follow_log_flow, logs_flow, read_log_flow
 from ._pagination import Pager, StateFilter, job_query, page_params
+from ._progress import Progress
 from ._types import NOT_GIVEN, NotGiven, RequestOptions, TimeoutArg
-from ._wait import Progress, job_ids, wait_all_flow, wait_flow
+from ._wait import job_ids, wait_all_flow, wait_flow
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -406,7 +407,9 @@ class AsyncClient(BaseClient):
         With events on (see the client's ``events``), listens to the server's event
         stream (one stream, and one list request per 1,000 jobs); else, or with a server
         without it, all pending jobs are polled with one request per round.
-        ``progress=True`` prints ``"12/100 final"`` to stderr as the count changes; a callable is
+        ``progress=True`` shows a ``tqdm.auto`` bar where tqdm is installed (the
+        ``psik-api-client[progress]`` extra: a widget in Jupyter, a bar in a terminal),
+        else prints ``"12/100 final"`` to stderr as the count changes; a callable is
         called as ``progress(done, total)`` instead. Raises :class:`WaitTimeout` (with
         ``.pending``) after ``timeout`` seconds, cancelling nothing. As in :meth:`wait`,
         ``request_timeout`` is the timeout of each request.

@@ -17,7 +17,6 @@ pending jobs, quick at first, backing off to ``poll_interval``.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterable
 
 from psik_api_core import LIMITS, Job, JobState, JobStatus, JobSummary
@@ -28,11 +27,9 @@ from ._events import MAX_NAMED_JOBS, EventsUnavailable, StreamGap, Subscription,
 from ._exceptions import APIConnectionError, InvalidRequestError, WaitTimeout
 from ._inputs import path_jobid
 from ._pagination import page_params
+from ._progress import Progress, reporter
 from ._retry import PollBackoff
 from ._types import DEFAULT_OPTIONS, RequestOptions
-
-#: ``progress=`` of ``wait_all``: False, True (a line on stderr) or ``f(done, total)``.
-Progress = bool | Callable[[int, int], None]
 
 
 def wait_flow(
@@ -130,8 +127,12 @@ class _Waiting:
         self.total = len(self.pending)
         self.done: dict[str, Job] = {}
         self.never_started: set[str] = set()
-        self.report = _reporter(progress)
+        self.report = reporter(progress)
         self.report(0, self.total)
+
+    def close(self) -> None:
+        """The wait is over, done or not: let the progress display go."""
+        self.report.close()
 
     def seen(self, jobid: str, state: JobState) -> None:
         if state is JobState.new:
@@ -177,21 +178,24 @@ def wait_all_flow(
     server's limits allow); return the jobs in ``ids`` order."""
     _check_interval(poll_interval)
     waiting = _Waiting(ids, progress)
-    deadline = None if timeout is None else api._clock() + timeout
-    if events and waiting.pending:
-        yield from _listen_all(
-            api, waiting, timeout=timeout, deadline=deadline, poll_interval=poll_interval, options=options
-        )
-    backoff = PollBackoff(cap=poll_interval)
-    while waiting.pending:
-        yield from _round(api, waiting, options)
-        waiting.settle()
-        if not waiting.pending:
-            break
-        delay = _next_delay(api, backoff, deadline)
-        if delay is None:
-            raise waiting.timeout(timeout)
-        yield Sleep(delay)
+    try:
+        deadline = None if timeout is None else api._clock() + timeout
+        if events and waiting.pending:
+            yield from _listen_all(
+                api, waiting, timeout=timeout, deadline=deadline, poll_interval=poll_interval, options=options
+            )
+        backoff = PollBackoff(cap=poll_interval)
+        while waiting.pending:
+            yield from _round(api, waiting, options)
+            waiting.settle()
+            if not waiting.pending:
+                break
+            delay = _next_delay(api, backoff, deadline)
+            if delay is None:
+                raise waiting.timeout(timeout)
+            yield Sleep(delay)
+    finally:
+        waiting.close()
     return jobs_table(waiting.done[jobid] for jobid in ids)  # a notebook shows one table
 
 
@@ -286,17 +290,3 @@ def _next_delay(api: BaseClient, backoff: PollBackoff, deadline: float | None) -
 def _check_interval(poll_interval: float) -> None:
     if not poll_interval > 0:
         raise InvalidRequestError(f"poll_interval must be > 0 seconds, not {poll_interval}")
-
-
-def _reporter(progress: Progress) -> Callable[[int, int], None]:
-    if progress is True:
-        return _print_progress
-    if progress is False:
-        return lambda done, total: None
-    return progress
-
-
-def _print_progress(done: int, total: int) -> None:
-    # One line, rewritten in place; the newline comes once everything is final.
-    end = "\n" if done == total else ""
-    print(f"\r{done}/{total} final", end=end, file=sys.stderr, flush=True)
