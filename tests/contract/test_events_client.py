@@ -1,7 +1,8 @@
 """The client's event stream against the real server (live uvicorn: an in-process
 ASGITransport holds a response until it ends, so it cannot carry a stream): events in
-order, wait/wait_all by the stream in a few requests, and a watch that outlives a
-server restart with every event exactly once."""
+order, wait/wait_all by the stream (the default over the network) in a few requests,
+polling when no stream can be opened, and a watch that outlives a server restart with
+every event exactly once."""
 
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def test_events_of_concurrent_jobs_arrive_in_order_once_each(live_app: LiveServe
 
 
 def test_wait_and_wait_all_listen_in_a_few_requests(live_app: LiveServer) -> None:
-    transport = Counting()
-    with Client(live_app.url, transport=transport, events=True) as api:
+    transport = Counting()  # an httpx.HTTPTransport: events are on by default
+    with Client(live_app.url, transport=transport) as api:
         one = api.submit({"script": "sleep 0.2"})
         assert api.wait(one.jobid, timeout=30).state is JobState.completed
         assert transport.sent["GET /v1/events"] == 1
@@ -80,6 +81,23 @@ def test_wait_and_wait_all_listen_in_a_few_requests(live_app: LiveServer) -> Non
     assert transport.sent["GET /v1/events"] == 1
     assert transport.sent["GET /v1/jobs"] == 1
     assert sum(transport.sent.values()) == 2 + JOBS
+
+
+def test_wait_polls_when_no_stream_can_be_opened(settings: Settings) -> None:
+    # One stream at most, held by someone else: the wait's own is refused (503).
+    settings = settings.model_copy(update={"max_event_streams": 1})
+    transport = Counting()
+    with (
+        LiveServer(lazy_app(settings)) as live,
+        Client(live.url, transport=transport) as api,
+        httpx.Client(base_url=live.url) as other,
+        other.stream("GET", "/v1/events", headers={"Accept": "text/event-stream"}) as held,
+    ):
+        assert held.status_code == 200
+        job = api.submit({"script": "sleep 0.2"})
+        assert api.wait(job.jobid, timeout=30).state is JobState.completed
+    assert transport.sent["GET /v1/events"] == 1
+    assert transport.sent[f"GET /v1/jobs/{job.jobid}/state"] >= 2  # polled
 
 
 def test_a_watch_resumes_across_a_server_restart(settings: Settings, tmp_path: Path) -> None:
@@ -133,7 +151,7 @@ def test_a_watch_resumes_across_a_server_restart(settings: Settings, tmp_path: P
 
 @pytest.mark.anyio
 async def test_the_async_client_listens_too(live_app: LiveServer) -> None:
-    async with AsyncClient(live_app.url, events=True) as api:
+    async with AsyncClient(live_app.url) as api:
         ids = [(await api.submit({"script": f"exit {n % 2}"})).jobid for n in range(JOBS)]
         done = await api.wait_all(ids, timeout=60)
         assert [j.state for j in done] == [JobState.completed, JobState.failed] * (JOBS // 2)
