@@ -426,12 +426,6 @@ def test_a_token_narrowed_to_one_job_reads_that_jobs_events_only(shared: TlsServ
             assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="auth/token.py authorizes a token once per request, with a job fact only on one "
-    "job's routes: a token narrowed to a job is 403 on GET /v1/events (as on GET /v1/jobs), "
-    "where the contract has it see that job's events",
-)
 def test_a_token_narrowed_to_one_job_sees_only_its_events_on_the_whole_stream(shared: TlsServer) -> None:
     mine, _ = _two_jobs(shared)
     with shared.client("bob", token=_narrowed(shared, mine)) as agent:

@@ -27,6 +27,7 @@ from psik_api_core import Action, JobState, Principal, ProblemCode, field_error
 
 from ..aio import in_thread
 from ..auth.authenticator import principal
+from ..auth.token import JOB_CHECK_KEY
 from ..context import context
 from ..errors import ApiError
 from ..jobs.eventlog import EventRow
@@ -81,6 +82,7 @@ async def _events(request: Request, params: Params, jobids: Sequence[str], state
         who,
         frozenset(jobids) if jobids else None,
         frozenset(JobState(s) for s in states) if states else None,
+        request.scope.get("state", {}).get(JOB_CHECK_KEY),
     )
     feed = _Feed(service, who, list(dict.fromkeys(jobids)), match)
     after = _after(request, params)
@@ -184,7 +186,10 @@ class EventStream(Response):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(until_gone)
-                await send({"type": "http.response.body", "body": b"retry: 1000\n\n", "more_body": True})
+                # The stream's place from the start: a client that loses it before any
+                # event resumes from here (an id with no data sets EventSource's lastEventId).
+                start = f"retry: 1000\nid: {after}\n\n".encode()
+                await send({"type": "http.response.body", "body": start, "more_body": True})
                 await self._stream(sub, after, send)
                 tg.cancel_scope.cancel()
 

@@ -312,7 +312,8 @@ _UPLOAD_FAILURES = (
 _EVENTS_DESCRIPTION = (
     "Every row of the caller's jobs' histories, as an `Event` with a server-wide id that only"
     " grows (across restarts too). As Server-Sent Events (`text/event-stream`, the default):"
-    " each event is a frame `id: <id>`, `event: status`, `data: <Event JSON>`; first every"
+    " each event is a frame `id: <id>`, `event: status`, `data: <Event JSON>` (the first frame,"
+    " `retry: 1000` and `id: <where the stream starts>`, has no data); first every"
     " event after `Last-Event-ID` (or `after`; without either, from now on), then live ones,"
     " with none lost or repeated. Comment lines are heartbeats, and, before the server ends a"
     " stream (a reader that fell too far behind, a shutdown), the reason: reconnect with"

@@ -71,15 +71,21 @@ class Subscription:
 
 
 def matcher(
-    policy: Policy, who: Principal, jobids: frozenset[str] | None, states: frozenset[JobState] | None
+    policy: Policy,
+    who: Principal,
+    jobids: frozenset[str] | None,
+    states: frozenset[JobState] | None,
+    may_read: Callable[[str], bool] | None = None,
 ) -> Callable[[EventRow], bool]:
-    """Whether an event of the caller's own jobs is one ``who`` may read and asked for."""
+    """Whether an event of the caller's own jobs is one ``who`` may read and asked for
+    (``may_read``: what a token that names jobs allows, job by job)."""
 
     def match(e: EventRow) -> bool:
         return (
             (jobids is None or e.jobid in jobids)
             and (states is None or e.job_state in states)
             and policy.allows(who, Action.read, e.owner, e.jobid)
+            and (may_read is None or may_read(e.jobid))
         )
 
     return match
