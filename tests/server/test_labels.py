@@ -135,3 +135,21 @@ def test_a_label_filter_reads_a_page_off_the_label_key(tmp_path: Path) -> None:
                 assert "TEMP B-TREE" not in plan, plan  # read in page order, not sorted
     finally:
         store.close()
+
+
+async def test_the_event_stream_filters_by_label(settings: Settings) -> None:
+    app = lazy_app(settings)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        a = await _new(c, labels={"run": "r1"})
+        b = await _new(c, labels={"run": "r2"})
+        json_ = {"Accept": "application/json"}
+        r = await c.get("/v1/events", params={"after": 0, "timeout": 0, "label": "run=r1"}, headers=json_)
+        assert r.status_code == 200, r.text
+        assert {e["jobid"] for e in r.json()} == {a["jobid"]}
+        r = await c.get("/v1/events", params={"after": 0, "timeout": 0}, headers=json_)
+        assert {e["jobid"] for e in r.json()} == {a["jobid"], b["jobid"]}
+        r = await c.get("/v1/events", params={"after": 0, "timeout": 0, "label": "run"}, headers=json_)
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "label"]

@@ -33,7 +33,7 @@ from ..errors import ApiError
 from ..jobs.eventlog import EventRow
 from ..jobs.events import EventHub, Subscription, matcher
 from ..jobs.service import JobService
-from .params import Params
+from .params import Params, label_filters
 
 SSE = "text/event-stream"
 #: Events read from the index per query while a stream catches up.
@@ -83,6 +83,7 @@ async def _events(request: Request, params: Params, jobids: Sequence[str], state
         frozenset(jobids) if jobids else None,
         frozenset(JobState(s) for s in states) if states else None,
         request.scope.get("state", {}).get(JOB_CHECK_KEY),
+        label_filters(params.texts("label")) if "label" in params.values else (),
     )
     feed = _Feed(service, who, list(dict.fromkeys(jobids)), match)
     after = _after(request, params)

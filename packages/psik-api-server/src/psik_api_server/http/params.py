@@ -14,13 +14,15 @@ name (404), a token lifetime (bounded by the server's settings).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
-from psik_api_core import ProblemCode, field_error, is_jobid
+from psik_api_core import LIMITS, ProblemCode, field_error, is_jobid
+from psik_api_core.models import LABEL_KEY_PATTERN
 
 from ..errors import ApiError
 from .openapi import JOBID_REGEX, LARGEST_COUNT, Operation, Param
@@ -157,3 +159,21 @@ def _text(name: str, schema: Mapping[str, Any], raw: str) -> str:
     if schema.get("pattern") == JOBID_REGEX and not is_jobid(raw):
         raise bad_query(name, f"{raw[:64]!r} is not a job id")
     return raw
+
+
+_LABEL = re.compile(f"({LABEL_KEY_PATTERN})=([^\x00-\x1f\x7f]{{0,{LIMITS.max_label_value}}})")
+
+
+def label_filters(values: list[str]) -> list[tuple[str, str]]:
+    """``key=value`` filters; 422 naming ``label`` for one that is no label."""
+    out = []
+    for value in values:
+        m = _LABEL.fullmatch(value)
+        if m is None:
+            raise ApiError(
+                ProblemCode.validation_error,
+                f"query parameter 'label': {value[:80]!r} is not key=value (a label's key, '=', its value)",
+                errors=[field_error(["query", "label"], "not key=value")],
+            )
+        out.append((m[1], m[2]))
+    return out

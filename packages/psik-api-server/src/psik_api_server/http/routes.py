@@ -10,7 +10,6 @@ and checks each operation's parameters as the table declares them
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import LIMITS, Job, JobState, Page, ProblemCode, field_error
-from psik_api_core.models import LABEL_KEY_PATTERN
+from psik_api_core import Job, JobState, Page, ProblemCode
 
 from ..auth.authenticator import principal
 from ..context import context
@@ -33,7 +31,7 @@ from .events import get_events, get_job_events
 from .files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .logs import get_job_log, get_job_logs
 from .openapi import OPERATIONS, Operation
-from .params import Params, read_params
+from .params import Params, label_filters, read_params
 from .token import mint_token, show_token, token_key
 
 #: What answers a request: a route's endpoint.
@@ -108,27 +106,9 @@ async def list_jobs(request: Request, params: Params) -> Response:
         limit=_limit(params),
         cursor=params.text("cursor") or None,
         full=params.text("view") == "full",
-        labels=_labels(params.texts("label")),
+        labels=label_filters(params.texts("label")),
     )
     return _json(page)
-
-
-_LABEL = re.compile(f"({LABEL_KEY_PATTERN})=([^\x00-\x1f\x7f]{{0,{LIMITS.max_label_value}}})")
-
-
-def _labels(values: list[str]) -> list[tuple[str, str]]:
-    """``key=value`` filters; 422 naming ``label`` for one that is no label."""
-    out = []
-    for value in values:
-        m = _LABEL.fullmatch(value)
-        if m is None:
-            raise ApiError(
-                ProblemCode.validation_error,
-                f"query parameter 'label': {value[:80]!r} is not key=value (a label's key, '=', its value)",
-                errors=[field_error(["query", "label"], "not key=value")],
-            )
-        out.append((m[1], m[2]))
-    return out
 
 
 def _limit(params: Params) -> int:

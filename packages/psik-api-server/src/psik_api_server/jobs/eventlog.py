@@ -14,8 +14,9 @@ Once a transaction that logged events commits, they are handed to :attr:`EventLo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from psik_api_core import Event, JobState, derive_state, run_outcome, utc
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS events (
     time      REAL NOT NULL,
     job_state TEXT NOT NULL,
     native_id TEXT,
-    exit_code INTEGER
+    exit_code INTEGER,
+    labels    TEXT -- the job's labels as JSON (NULL: none), for ?label= on the stream
 );
 CREATE INDEX IF NOT EXISTS events_by_owner ON events (owner, id);
 CREATE INDEX IF NOT EXISTS events_by_job ON events (jobid, id);
@@ -52,7 +54,7 @@ MAX_NEW = 1000
 #: The longest ``info`` an event carries (a row's info is bounded only by the file's size).
 MAX_INFO = 4096
 
-_COLUMNS = "id, jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code"
+_COLUMNS = "id, jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code, labels"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class EventRow:
     job_state: JobState
     native_id: str | None
     exit_code: int | None
+    labels: dict[str, str] = field(default_factory=dict)
 
     def event(self) -> Event:
         return Event(
@@ -96,6 +99,7 @@ def _event_row(r: Sequence[Any]) -> EventRow:
         job_state=JobState(str(r[7])),
         native_id=None if r[8] is None else str(r[8]),
         exit_code=None if r[9] is None else int(r[9]),
+        labels={} if not r[10] else dict(json.loads(str(r[10]))),
     )
 
 
@@ -121,10 +125,11 @@ class EventLog:
         """Log the rows of ``jobid``'s history (all of it, in file order) not logged yet.
         Inside the caller's transaction; published when it commits."""
         db = self.store.db
-        found = db.execute("SELECT owner, rows_seen FROM jobs WHERE jobid = ?", (jobid,)).fetchone()
+        found = db.execute("SELECT owner, rows_seen, labels FROM jobs WHERE jobid = ?", (jobid,)).fetchone()
         if found is None:
             return
         owner, seen = str(found[0]), int(found[1])
+        labels = {} if not found[2] else dict(json.loads(str(found[2])))
         # Never back: an older read can finish last (and a job that rewrites its own
         # status.csv shorter gets its rows past the old count logged as they come).
         if len(rows) <= seen:
@@ -134,7 +139,18 @@ class EventLog:
         for row, (job_state, native_id, exit_code) in zip(
             rows[start:], _after_each(rows, start), strict=True
         ):
-            self.add(jobid, owner, row.jobndx, row.state, row.info, row.time, job_state, native_id, exit_code)
+            self.add(
+                jobid,
+                owner,
+                row.jobndx,
+                row.state,
+                row.info,
+                row.time,
+                job_state,
+                native_id,
+                exit_code,
+                labels,
+            )
 
     def add(
         self,
@@ -147,17 +163,32 @@ class EventLog:
         job_state: JobState,
         native_id: str | None = None,
         exit_code: int | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         """Log one event (inside the caller's transaction)."""
         info = info[:MAX_INFO]
+        labels = labels or {}
         cur = self.store.db.execute(
-            "INSERT INTO events (jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (jobid, owner, jobndx, state.value, info, time, job_state.value, native_id, exit_code),
+            "INSERT INTO events (jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code, "
+            "labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                jobid,
+                owner,
+                jobndx,
+                state.value,
+                info,
+                time,
+                job_state.value,
+                native_id,
+                exit_code,
+                json.dumps(labels) if labels else None,
+            ),
         )
         event_id = int(cur.fetchone()[0])
         self._pending.append(
-            EventRow(event_id, jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code)
+            EventRow(
+                event_id, jobid, owner, jobndx, state, info, time, job_state, native_id, exit_code, labels
+            )
         )
 
     def mark_seen(self, jobid: str, count: int) -> None:

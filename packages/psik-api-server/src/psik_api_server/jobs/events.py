@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from psik_api_core import Action, JobState, Policy, Principal
 
@@ -76,6 +76,7 @@ def matcher(
     jobids: frozenset[str] | None,
     states: frozenset[JobState] | None,
     may_read: Callable[[str], bool] | None = None,
+    labels: Sequence[tuple[str, str]] = (),
 ) -> Callable[[EventRow], bool]:
     """Whether an event of the caller's own jobs is one ``who`` may read and asked for
     (``may_read``: what a token that names jobs allows, job by job)."""
@@ -85,6 +86,7 @@ def matcher(
             (jobids is None or e.jobid in jobids)
             and (states is None or e.job_state in states)
             and policy.allows(who, Action.read, e.owner, e.jobid)
+            and all(e.labels.get(k) == v for k, v in labels)
             and (may_read is None or may_read(e.jobid))
         )
 

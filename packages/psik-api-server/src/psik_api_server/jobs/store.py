@@ -96,6 +96,7 @@ _ADDED = {
         "rows_seen": "INTEGER NOT NULL DEFAULT 0",
         "labels": "TEXT",
     },
+    "events": {"labels": "TEXT"},
     "idempotency": {
         "settled": "INTEGER NOT NULL DEFAULT 1",
         "submit": "INTEGER NOT NULL DEFAULT 0",
@@ -507,7 +508,16 @@ class JobStore:
                 return False
             row = self.get(jobid)
             if row is not None:
-                self.events.add(jobid, row.owner, jobndx, JobState.failed, info, updated, JobState.failed)
+                self.events.add(
+                    jobid,
+                    row.owner,
+                    jobndx,
+                    JobState.failed,
+                    info,
+                    updated,
+                    JobState.failed,
+                    labels=row.labels,
+                )
             return True
 
     # ---- job slots ----
