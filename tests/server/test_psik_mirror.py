@@ -25,7 +25,11 @@ def _fields(model: type[BaseModel]) -> dict[str, tuple[Any, Any]]:
 @pytest.mark.parametrize(("ours", "theirs"), [(JobSpec, psik.JobSpec), (ResourceSpec, psik.ResourceSpec)])
 def test_fields_types_and_defaults_match_psik(ours: type[BaseModel], theirs: type[BaseModel]) -> None:
     mine, psiks = _fields(ours), _fields(theirs)
-    assert list(mine) == list(psiks)
+    # The API's own fields (labels, after) are the only ones psik lacks; they are kept
+    # beside spec.json, never in it (psik's JobSpec forbids unknown fields).
+    api_only = getattr(ours, "API_ONLY", frozenset())
+    assert api_only <= {"labels", "after"}
+    assert [n for n in mine if n not in api_only] == list(psiks)
     ours_props = ours.model_json_schema()["properties"]
     their_props = theirs.model_json_schema()["properties"]
     for name in psiks:
@@ -47,11 +51,14 @@ def test_a_core_spec_round_trips_through_psik() -> None:
             "cb_secret": "s3cret",
         }
     )
-    theirs = psik.JobSpec.model_validate(spec.model_dump())
+    theirs = psik.JobSpec.model_validate(spec.psik_fields())
     assert theirs.resources.process_count == 8
     assert theirs.cb_secret is not None and theirs.cb_secret.get_secret_value() == "s3cret"
     back = JobSpec.model_validate_json(theirs.model_dump_json())
     assert back.model_dump() == spec.model_dump() | {"cb_secret": back.cb_secret}
+    # An API-only field never reaches psik (whose spec would refuse it).
+    labelled = spec.model_copy(update={"labels": {"run": "r1"}, "after": []})
+    assert psik.JobSpec.model_validate(labelled.psik_fields()).model_dump() == theirs.model_dump()
     assert back.cb_secret is not None and back.cb_secret.get_secret_value() == "s3cret"
 
 

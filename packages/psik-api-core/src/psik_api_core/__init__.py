@@ -6,13 +6,17 @@ from .authz import LOCAL_USER, Action, OwnerPolicy, Policy, Principal
 from .errors import ProblemCode, field_error
 from .limits import LIMITS, Limits
 from .models import (
+    GROUP_ID_PATTERN,
     JOBID_PATTERN,
     STRICT_INPUT,
     BackendInfo,
+    Dependency,
     Event,
     FieldError,
     FileInfo,
     FileListing,
+    Group,
+    GroupRequest,
     Job,
     JobID,
     JobSpec,
@@ -43,6 +47,7 @@ from .states import (
 
 __all__ = [
     "FINAL_STATES",
+    "GROUP_ID_PATTERN",
     "JOBID_PATTERN",
     "LIMITS",
     "LOCAL_USER",
@@ -52,10 +57,13 @@ __all__ = [
     "TRANSITIONS",
     "Action",
     "BackendInfo",
+    "Dependency",
     "Event",
     "FieldError",
     "FileInfo",
     "FileListing",
+    "Group",
+    "GroupRequest",
     "Job",
     "JobID",
     "JobSpec",

@@ -33,6 +33,10 @@ class Limits:
     #: Most labels on one job (``JobSpec.labels``), and the longest label value.
     max_labels: int = 32
     max_label_value: int = 256
+    #: Most jobs one ``POST /v1/groups`` makes (a list, or a sweep's combinations), and
+    #: most ``after`` entries of one job.
+    max_group_jobs: int = 1000
+    max_after: int = 100
 
 
 LIMITS = Limits()

@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -301,6 +301,28 @@ class ResourceSpec(_Model):
         return value
 
 
+class Dependency(_Model):
+    """One entry of ``JobSpec.after``: the job starts only once the job ``jobid`` (or,
+    inside ``POST /v1/groups``, the request's ``index``-th job) ended as ``condition``
+    says: ``ok``, it completed; ``failed``, it failed; ``any``, any final state. When the
+    condition can no longer be met, the job ends ``canceled``, saying why."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"oneOf": [{"required": ["jobid"]}, {"required": ["index"]}]},
+    )
+
+    jobid: JobID | None = None
+    index: int | None = Field(default=None, ge=0, le=LIMITS.max_group_jobs - 1)
+    condition: Literal["ok", "failed", "any"] = "ok"
+
+    @model_validator(mode="after")
+    def _one_parent(self) -> Dependency:
+        if (self.jobid is None) == (self.index is None):
+            raise _refuse("names its job by exactly one of jobid and index")
+        return self
+
+
 class JobSpec(_Model):
     """What to run and where (psik 3.1's ``JobSpec``). Only ``script`` is required."""
 
@@ -326,6 +348,19 @@ class JobSpec(_Model):
         json_schema_extra={"additionalProperties": False},
         title="Labels: key-value pairs to find the job by (`GET /v1/jobs?label=key=value`).",
     )
+    after: list[Dependency] = Field(
+        default_factory=list,
+        max_length=LIMITS.max_after,
+        title="Start only once these jobs ended as each entry says (see Dependency).",
+    )
+
+    #: The API's own fields, which psik's JobSpec (extra="forbid") has no place for: the
+    #: server keeps them beside the job's spec.json.
+    API_ONLY: ClassVar[frozenset[str]] = frozenset({"labels", "after"})
+
+    def psik_fields(self) -> dict[str, Any]:
+        """The fields psik's JobSpec has (what goes into the job's spec.json)."""
+        return self.model_dump(exclude=set(self.API_ONLY))
 
     @classmethod
     def validate_input(cls, data: bytes | str | Mapping[str, Any]) -> JobSpec:
@@ -597,6 +632,65 @@ class Event(_Model):
     job_state: JobState
     native_id: str | None = None
     exit_code: int | None = None
+
+
+#: A group's id: 32 lower-case hex digits.
+GROUP_ID_PATTERN = "[0-9a-f]{32}"
+GroupID = Annotated[str, StringConstraints(pattern=f"^{GROUP_ID_PATTERN}$")]
+
+#: A sweep's parameter: a shell name (each job gets its value in its environment).
+ParamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+
+
+class GroupRequest(_Model):
+    """``POST /v1/groups``: ``jobs``, the specs of the jobs to make, in order; or one
+    ``spec`` and a sweep, ``params``: one job per combination of the values (the last
+    parameter varying fastest), each value in that job's environment under its name.
+    Inside it, an ``after`` entry may name the request's ``index``-th job."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"oneOf": [{"required": ["jobs"]}, {"required": ["spec", "params"]}]},
+    )
+
+    jobs: list[JobSpec] | None = Field(default=None, min_length=1, max_length=LIMITS.max_group_jobs)
+    spec: JobSpec | None = None
+    params: dict[ParamName, list[str]] | None = Field(default=None, min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> GroupRequest:
+        if (self.jobs is None) == (self.spec is None) or (self.spec is None) != (self.params is None):
+            raise _refuse("give either jobs, or spec and params")
+        if self.params is not None:
+            count = 1
+            for name, values in self.params.items():
+                if not values:
+                    raise _refuse(f"params {name!r} has no values")
+                count *= len(values)
+            if count > LIMITS.max_group_jobs:
+                raise _refuse(f"params make {count} jobs; at most {LIMITS.max_group_jobs} at once")
+        return self
+
+    def specs(self) -> list[JobSpec]:
+        """The jobs' specs, in order (a sweep's combinations expanded)."""
+        if self.jobs is not None:
+            return list(self.jobs)
+        assert self.spec is not None and self.params is not None
+        combos: list[dict[str, str]] = [{}]
+        for name, values in self.params.items():
+            combos = [{**c, name: v} for c in combos for v in values]
+        spec = self.spec
+        return [spec.model_copy(update={"environment": {**spec.environment, **c}}, deep=True) for c in combos]
+
+
+class Group(_Model):
+    """A group of jobs made by one ``POST /v1/groups``: ``jobs`` in the order given
+    (the answer to the POST); ``GET /v1/groups/{group}`` has ``states`` too (how many
+    members are in each state)."""
+
+    group: GroupID
+    jobs: list[Job | JobSummary]
+    states: dict[JobState, int] = Field(default_factory=dict)
 
 
 T = TypeVar("T")

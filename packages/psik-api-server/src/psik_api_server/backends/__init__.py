@@ -180,7 +180,7 @@ class BackendDriver:
 
         # Labels are the API's own (kept beside the job: directory.write_labels); psik's
         # spec refuses fields it does not know.
-        job = await self.ctx.manager.create(PsikJobSpec.model_validate(spec.model_dump(exclude={"labels"})))
+        job = await self.ctx.manager.create(PsikJobSpec.model_validate(spec.psik_fields()))
         return str(job.stamp)
 
     async def submit(self, job: Any, jobndx: int, waited: int | None) -> tuple[int, str]:

@@ -265,7 +265,7 @@ def fingerprint(spec: JobSpec, base: Path | None = None) -> str:
     before the index knew its jobid."""
     if base is not None and spec.directory == str(base / "work"):
         spec = spec.model_copy(update={"directory": None})
-    doc = spec.model_dump(mode="json", exclude={"labels"})  # kept beside spec.json, not in it
+    doc = spec.model_dump(mode="json", exclude=set(spec.API_ONLY))  # kept beside spec.json, not in it
     doc["cb_secret"] = spec.cb_secret.get_secret_value() if spec.cb_secret else None
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
