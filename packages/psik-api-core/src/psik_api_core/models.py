@@ -482,6 +482,8 @@ class JobSummary(_Model):
     updated: datetime
     exit_code: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    #: The group (``POST /v1/groups``) that made the job, if one did.
+    group: str | None = None
 
     # A notebook shows a job by its repr: pydantic's is every field (a Job's spec and
     # history: thousands of characters on one line). These say which job and how it is.

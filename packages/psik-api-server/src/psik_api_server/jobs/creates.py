@@ -59,10 +59,17 @@ class JobCreator:
         self._creates = Creates()
 
     async def create(
-        self, principal: Principal, spec: JobSpec, *, submit: bool, idempotency_key: str | None
+        self,
+        principal: Principal,
+        spec: JobSpec,
+        *,
+        submit: bool,
+        idempotency_key: str | None,
+        group: str | None = None,
     ) -> tuple[Job, bool]:
         """Create (and submit) a job. Returns the job and whether it was made just now
-        (False when an Idempotency-Key replays an earlier request)."""
+        (False when an Idempotency-Key replays an earlier request). ``group``: the
+        job is that group's member from its first index row on (see :mod:`.groups`)."""
         self.access.may_create(principal)
         key = idempotency_key
         spec, record, replay = await in_thread(self._prepare_sync, principal, spec, submit, key)
@@ -70,7 +77,7 @@ class JobCreator:
             assert key is not None
             return await self._replay(principal, replay, submit, key), False
         try:
-            return await self._create(principal, spec, record, submit, key), True
+            return await self._create(principal, spec, record, submit, key, group), True
         finally:
             if key is not None:
                 self.keys.answered(principal.user, key)
@@ -99,6 +106,7 @@ class JobCreator:
         record: CallbackRecord | None,
         submit: bool,
         key: str | None,
+        group: str | None = None,
     ) -> Job:
         owner = principal.user
         try:
@@ -115,7 +123,9 @@ class JobCreator:
         self.disk.cleared(PREFIX)
         limit = self.submitter.wants_slot(spec.backend) if submit else None
         try:
-            files, slot = await in_thread(self._index_new_sync, owner, jobid, key, submit, limit, spec.labels)
+            files, slot = await in_thread(
+                self._index_new_sync, owner, jobid, key, submit, limit, spec.labels, group
+            )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self._forget_unindexed(owner, jobid, key)
@@ -153,6 +163,7 @@ class JobCreator:
         submit: bool,
         limit: int | None,
         labels: dict[str, str] | None = None,
+        group: str | None = None,
     ) -> tuple[jobdir.JobFiles, bool | None]:
         """The job's row (its start claimed if this request submits it, and a slot if
         ``limit``) and the key's link to it, in one step: from here a replay, or the
@@ -161,6 +172,7 @@ class JobCreator:
         base = self.backend.path(jobid)
         jobdir.write_owner(base, owner)
         jobdir.write_labels(base, labels or {})
+        jobdir.write_group(base, group)
         files = jobdir.read_job(base)
         slot = None
         with self.store.transaction():

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -31,7 +32,17 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from psik_api_core import LIMITS, JobSpec, JobState, Transition, derive_state, is_jobid, run_outcome, utc
+from psik_api_core import (
+    GROUP_ID_PATTERN,
+    LIMITS,
+    JobSpec,
+    JobState,
+    Transition,
+    derive_state,
+    is_jobid,
+    run_outcome,
+    utc,
+)
 from psik_api_core.models import LabelKey, LabelValue
 
 _logger = logging.getLogger(__name__)
@@ -198,6 +209,8 @@ class JobFiles:
     jobid: str
     spec: JobSpec
     history: list[Row]
+    #: The group that made the job (``.psik-api-group``), if one did.
+    group: str | None = None
 
     @property
     def state(self) -> tuple[JobState, int]:
@@ -224,7 +237,7 @@ def read_job(base: Path) -> JobFiles:
     labels = read_labels(base)
     if labels:
         spec = spec.model_copy(update={"labels": labels})
-    return JobFiles(jobid=base.name, spec=spec, history=read_history(base))
+    return JobFiles(jobid=base.name, spec=spec, history=read_history(base), group=read_group(base))
 
 
 def list_jobids(prefix: Path) -> set[str]:
@@ -359,6 +372,26 @@ def read_labels(base: Path) -> dict[str, str]:
     except ValueError:
         return {}
     return labels if len(labels) <= LIMITS.max_labels else {}
+
+
+GROUP_NAME = ".psik-api-group"
+_GROUP = re.compile(GROUP_ID_PATTERN)
+
+
+def write_group(base: Path, group: str | None) -> None:
+    """Record the group that made the job (its membership survives a lost index)."""
+    if group is not None:
+        write_private(base / GROUP_NAME, group)
+
+
+def read_group(base: Path) -> str | None:
+    """The group recorded in ``base``; None if none, or not a group id."""
+    try:
+        raw = read_job_file(base, GROUP_NAME, 64)
+    except OSError:
+        return None
+    text = raw.decode("ascii", errors="replace")
+    return text if _GROUP.fullmatch(text) else None
 
 
 def read_owner(base: Path) -> str | None:

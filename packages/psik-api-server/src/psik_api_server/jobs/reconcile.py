@@ -58,6 +58,7 @@ def index_row(files: jobdir.JobFiles, owner: str) -> JobRow:
         updated=files.updated,
         exit_code=files.exit_code,
         labels=files.spec.labels,
+        group=files.group,
     )
 
 

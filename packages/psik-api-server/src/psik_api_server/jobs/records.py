@@ -62,6 +62,7 @@ def job_view(jobid: str, owner: str, files: jobdir.JobFiles) -> Job:
         updated=utc(files.updated),
         spec=files.spec,
         labels=files.spec.labels,
+        group=files.group,
         history=[r.transition() for r in sorted(files.history, key=lambda r: r.time)],
     )
 

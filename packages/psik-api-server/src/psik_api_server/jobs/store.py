@@ -56,8 +56,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER, -- the current run's exit status once it ended (run_outcome), else NULL
     slot    INTEGER,   -- 1 while the job holds one of its backend's job slots (see claim_slot)
     rows_seen INTEGER NOT NULL DEFAULT 0, -- status rows already in the event log (eventlog.py)
-    labels  TEXT      -- JobSpec.labels as JSON, NULL for none (job_labels finds jobs by them)
+    labels  TEXT,     -- JobSpec.labels as JSON, NULL for none (job_labels finds jobs by them)
+    grp     TEXT      -- the group (groups.id) that made the job, if one did
 );
+-- POST /v1/groups: a group is made (settled = 0), its members made and linked to it
+-- (jobs.grp, in each member's own index transaction), then settled; started = 1 once
+-- every member was handed to its backend (or to its dependencies). See groups.py.
+CREATE TABLE IF NOT EXISTS groups (
+    id        TEXT PRIMARY KEY,
+    owner     TEXT NOT NULL,
+    created   REAL NOT NULL,
+    size      INTEGER NOT NULL,
+    key       TEXT,           -- the request's Idempotency-Key, if it had one
+    body_hash TEXT,
+    settled   INTEGER NOT NULL DEFAULT 0,
+    started   INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS groups_by_key ON groups (owner, key) WHERE key IS NOT NULL;
 -- One row per label of a job, in page order: ``?label=k=v`` reads a page of it.
 CREATE TABLE IF NOT EXISTS job_labels (
     owner   TEXT NOT NULL,
@@ -95,6 +110,7 @@ _ADDED = {
         "slot": "INTEGER",
         "rows_seen": "INTEGER NOT NULL DEFAULT 0",
         "labels": "TEXT",
+        "grp": "TEXT",
     },
     "events": {"labels": "TEXT"},
     "idempotency": {
@@ -103,6 +119,12 @@ _ADDED = {
         "fingerprint": "TEXT",
     },
 }
+
+#: A group's members, in page order (made after ``_ADDED``: an old index gets the column first).
+_GROUP_INDEX = (
+    "CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (owner, grp, created DESC, jobid DESC) "
+    "WHERE grp IS NOT NULL"
+)
 
 #: The jobs holding a slot, per backend: a slot count reads at most ``max_running`` rows
 #: of it, however many jobs the index has (made after ``_ADDED``: an old index gets the
@@ -142,6 +164,7 @@ class JobRow:
     updated: float
     exit_code: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
 
     def summary(self) -> JobSummary:
         return JobSummary(
@@ -155,6 +178,7 @@ class JobRow:
             updated=utc(self.updated),
             exit_code=self.exit_code,
             labels=self.labels,
+            group=self.group,
         )
 
 
@@ -192,14 +216,15 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise BadCursor("not a cursor from this server; pass next_cursor back unchanged") from e
 
 
-_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated, exit_code, labels"
+_COLUMNS = "jobid, backend, owner, name, state, jobndx, created, updated, exit_code, labels, grp"
 
 
 #: :meth:`JobStore.lookup`'s query: the row of a job id, or the same columns blank.
 _LOOKUP = (
     "SELECT j.jobid IS NOT NULL, COALESCE(j.jobid, ?), COALESCE(j.backend, ''), COALESCE(j.owner, ''), "
     "j.name, COALESCE(j.state, 'new'), COALESCE(j.jobndx, 0), COALESCE(j.created, 0.0), "
-    "COALESCE(j.updated, 0.0), j.exit_code, j.labels FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
+    "COALESCE(j.updated, 0.0), j.exit_code, j.labels, j.grp "
+    "FROM (SELECT 1) LEFT JOIN jobs AS j ON j.jobid = ?"
 )
 
 
@@ -215,6 +240,7 @@ def _row(r: Sequence[object]) -> JobRow:
         updated=float(r[7]),  # type: ignore[arg-type]
         exit_code=None if r[8] is None else int(r[8]),  # type: ignore[call-overload]
         labels={} if not r[9] else dict(json.loads(str(r[9]))),
+        group=None if r[10] is None else str(r[10]),
     )
 
 
@@ -260,6 +286,7 @@ class JobStore:
                 conn.executescript(eventlog.SCHEMA)
                 _add_columns(conn)
                 conn.execute(_SLOT_INDEX)
+                conn.execute(_GROUP_INDEX)
                 _fill_exit_codes(conn, fresh)
             except CorruptIndex:
                 conn.close()
@@ -377,7 +404,7 @@ class JobStore:
     def _put(self, row: JobRow, claim: bool) -> None:
         self._put_labels([row])
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, claim) VALUES ({', '.join('?' * 12)})",
             (
                 row.jobid,
                 row.backend,
@@ -389,6 +416,7 @@ class JobStore:
                 row.updated,
                 row.exit_code,
                 json.dumps(row.labels) if row.labels else None,
+                row.group,
                 "start" if claim else None,
             ),
         )
@@ -402,7 +430,7 @@ class JobStore:
         with self.transaction():
             self._put_labels(rows)
             self._db.executemany(
-                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, rows_seen) VALUES ({', '.join('?' * 11)})",
+                f"INSERT OR REPLACE INTO jobs ({_COLUMNS}, rows_seen) VALUES ({', '.join('?' * 12)})",
                 [
                     (
                         r.jobid,
@@ -415,6 +443,7 @@ class JobStore:
                         r.updated,
                         r.exit_code,
                         json.dumps(r.labels) if r.labels else None,
+                        r.group,
                         seen.get(r.jobid, 0),
                     )
                     for r in rows
@@ -662,6 +691,7 @@ class JobStore:
         limit: int = 100,
         cursor: str | None = None,
         labels: Sequence[tuple[str, str]] = (),
+        group: str | None = None,
     ) -> tuple[list[JobRow], str | None]:
         """One page of ``owner``'s jobs, newest first, and the cursor of the next page.
 
@@ -676,6 +706,7 @@ class JobStore:
             None if cursor is None else decode_cursor(cursor),
             limit + 1,
             list(dict.fromkeys(labels)),
+            group,
         )
         rows = [_row(r) for r in self._db.execute(sql, args)]
         more = len(rows) > limit
@@ -770,14 +801,18 @@ def page_query(
     after: tuple[float, str] | None,
     limit: int,
     labels: Sequence[tuple[str, str]] = (),
+    group: str | None = None,
 ) -> tuple[str, builtins.list[object]]:
     """:meth:`JobStore.list`'s query and its arguments. Each index is ``(owner, <filter
     column>, created DESC, jobid DESC)``: SQLite finds a page's first row in it and reads
     on in page order (the ``EXPLAIN QUERY PLAN`` of each filter is in the tests)."""
     if labels:
-        return _label_page_query(owner, states, backend, name, ids, after, limit, labels)
+        return _label_page_query(owner, states, backend, name, ids, after, limit, labels, group)
     where: builtins.list[str] = []
     args: builtins.list[object] = []
+    if group is not None:
+        where.append("grp = ?")
+        args.append(group)
     if backend is not None:
         where.append("backend = ?")
         args.append(backend)
@@ -817,6 +852,7 @@ def _label_page_query(
     after: tuple[float, str] | None,
     limit: int,
     labels: Sequence[tuple[str, str]],
+    group: str | None = None,
 ) -> tuple[str, builtins.list[object]]:
     """A page of the owner's jobs with every one of ``labels``: read in page order off
     ``job_labels``' key for the first label, the others looked up by key."""
@@ -835,6 +871,9 @@ def _label_page_query(
     if states:
         where.append(f"j.state IN ({', '.join('?' * len(states))})")
         args.extend(states)
+    if group is not None:
+        where.append("j.grp = ?")
+        args.append(group)
     if backend is not None:
         where.append("j.backend = ?")
         args.append(backend)
