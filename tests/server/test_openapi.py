@@ -95,7 +95,7 @@ def test_every_ref_resolves_and_defs_are_hoisted(doc: dict[str, Any]) -> None:
 
 def test_every_contract_route_is_documented(doc: dict[str, Any]) -> None:
     rows = re.findall(r"^\| (GET|POST|DELETE|PUT|PATCH) `([^`]+)`", CONTRACT.read_text(), re.MULTILINE)
-    assert len(rows) == 26
+    assert len(rows) == 29
 
     def shape(path: str) -> str:  # the contract writes {id} where the document names it {jobid}
         return re.sub(r"\{[^}]+\}", "{}", path)
@@ -139,7 +139,7 @@ def test_jobid_pattern_is_anchored_and_strict(doc: dict[str, Any]) -> None:
 def test_list_query_parameters(doc: dict[str, Any]) -> None:
     op = _op(doc, "get", "/v1/jobs")
     names = {p["name"] for p in op["parameters"]}
-    assert names == {"state", "backend", "name", "id", "limit", "cursor", "label", "view"}
+    assert names == {"state", "backend", "name", "id", "limit", "cursor", "label", "group", "view"}
     assert all(p["in"] == "query" and not p["required"] for p in op["parameters"])
     state = _param(op, "state")
     assert state["schema"]["type"] == "array"

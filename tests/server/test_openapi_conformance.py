@@ -76,7 +76,7 @@ async def test_responses_match_the_document(http: httpx.AsyncClient) -> None:
 
 
 # Values for the path parameters, to send a request to each route.
-_EXAMPLES = {"jobid": "1693992878.203", "name": "default", "path": "data.txt"}
+_EXAMPLES = {"jobid": "1693992878.203", "name": "default", "path": "data.txt", "group": "0" * 32}
 
 
 async def test_routes_are_the_documents_operations(http: httpx.AsyncClient, app: Starlette) -> None:

@@ -47,6 +47,7 @@ from .http.routes import build_routes
 from .jobs import statedir
 from .jobs.build import build_job_service
 from .jobs.events import EventHub
+from .jobs.groups import GroupService
 from .jobs.prefix_lock import PrefixLock
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
@@ -160,6 +161,7 @@ def create_app(
                 )
         await service.open()
         stack.push_async_callback(service.aclose)
+        await context(app).groups.recover()  # after the jobs' own recovery
 
     app = Starlette(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
@@ -176,6 +178,7 @@ def create_app(
         settings=settings,
         service=service,
         files=FileService(service, max_upload_bytes=settings.max_upload_bytes),
+        groups=GroupService(service),
         peer_lookup=PeerLookup(),  # who is calling (auth.local)
         local_secrets=LocalSecrets(),  # where no uid can be told
         tokens=tokens,  # token mode only (auth.token, http.token)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .auth.tokens import TokenAuthority
     from .errors import StartupError
     from .files.service import FileService
+    from .jobs.groups import GroupService
     from .jobs.service import JobService
     from .settings import Settings
 
@@ -29,6 +30,8 @@ class ServerContext:
     settings: Settings
     service: JobService
     files: FileService
+    #: ``/v1/groups`` (see :mod:`.jobs.groups`).
+    groups: GroupService
     #: Who is calling over TCP or a UNIX socket (local mode; see :mod:`.auth.peer`).
     peer_lookup: PeerLookup
     #: The local secret, where no uid can be told (local mode).

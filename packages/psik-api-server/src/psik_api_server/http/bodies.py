@@ -5,15 +5,19 @@ The one way the JSON routes read a body."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from psik_api_core import LIMITS, JobSpec, ProblemCode, field_error
+from psik_api_core import LIMITS, STRICT_INPUT, GroupRequest, JobSpec, ProblemCode, field_error
 from psik_api_core.limits import byte_size
 from psik_api_core.models import InvalidJSON, loads_input
 
 from ..errors import ApiError
 from .problems import validation_problem
+
+M = TypeVar("M", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int, what: str = "the body") -> bytes:
@@ -34,7 +38,20 @@ async def read_body(request: Request, limit: int, what: str = "the body") -> byt
 async def read_job_spec(request: Request) -> JobSpec:
     """The body as a :class:`JobSpec`: 400 ``bad_request`` if it is not JSON, 422
     ``validation_error`` naming the field (or the key given twice) otherwise."""
-    body = await read_body(request, LIMITS.max_body_bytes)
+    return await _read_model(request, JobSpec, "a JobSpec", LIMITS.max_body_bytes)
+
+
+#: A group's body holds up to ``max_group_jobs`` specs.
+MAX_GROUP_BODY = 16 << 20
+
+
+async def read_group_request(request: Request) -> GroupRequest:
+    """The body as a :class:`GroupRequest` (as :func:`read_job_spec`; up to 16 MiB)."""
+    return await _read_model(request, GroupRequest, "a GroupRequest", MAX_GROUP_BODY)
+
+
+async def _read_model(request: Request, model: type[M], what: str, limit: int) -> M:
+    body = await read_body(request, limit)
     try:
         data = loads_input(body)
     except InvalidJSON as e:
@@ -48,11 +65,13 @@ async def read_job_spec(request: Request) -> JobSpec:
     if not isinstance(data, dict):
         raise ApiError(
             ProblemCode.validation_error,
-            "the body must be a JSON object (a JobSpec)",
+            f"the body must be a JSON object ({what})",
             errors=[field_error(["body"], "must be an object")],
         )
     try:
-        return JobSpec.validate_input(data)
+        if model is JobSpec:
+            return JobSpec.validate_input(data)  # type: ignore[return-value]
+        return model.model_validate(data, strict=True, context=STRICT_INPUT)
     except ValidationError as e:
         raise validation_problem(e) from None
 

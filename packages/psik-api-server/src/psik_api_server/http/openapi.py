@@ -21,12 +21,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from psik_api_core import (
+    GROUP_ID_PATTERN,
     JOBID_PATTERN,
     LIMITS,
     BackendInfo,
     Event,
     FileInfo,
     FileListing,
+    Group,
+    GroupRequest,
     Job,
     JobSpec,
     JobState,
@@ -66,6 +69,7 @@ is full, requests that must write are 507 `insufficient_storage`; reads keep wor
 _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
     {"name": "files", "description": "A job's working directory: stage inputs, fetch outputs."},
+    {"name": "groups", "description": "Many jobs in one request: batches, sweeps, workflows."},
     {"name": "events", "description": "Every state change of the caller's jobs, as it happens."},
     {"name": "backends", "description": "The batch systems jobs can run on."},
     {"name": "tokens", "description": "Bearer tokens for `authz: token` (TLS) servers."},
@@ -195,6 +199,15 @@ _BAD_JOBID = Failure(
     'the job id in the path is malformed (`errors[0].loc == ["path", "jobid"]`)',
 )
 _NO_JOB = Failure(ProblemCode.not_found, "no such job, or it is not the caller's")
+_GROUP = Param(
+    "group",
+    "path",
+    "A group id: 32 lower-case hex digits.",
+    {"type": "string", "pattern": f"^{GROUP_ID_PATTERN}$"},
+    True,
+)
+_BAD_GROUP = Failure(ProblemCode.validation_error, "the group id in the path is malformed")
+_NO_GROUP = Failure(ProblemCode.not_found, "no such group, or it is not the caller's")
 _BODY_FAILURES = (
     Failure(ProblemCode.bad_request, "the body is not JSON"),
     Failure(ProblemCode.too_large, f"the body is over {byte_size(LIMITS.max_body_bytes)}"),
@@ -408,6 +421,30 @@ OPERATIONS: tuple[Operation, ...] = (
         failures=(*_BODY_FAILURES, _SUBMIT_FAILED, _UNAVAILABLE, _DISK_FULL),
     ),
     Operation(
+        "POST", "/v1/groups", "createGroup", "groups", "Submit many jobs at once",
+        "Makes one job per spec of `jobs`, or per combination of a sweep's `params` (each value in"
+        " that job's environment under its name), and submits them; all or nothing: a bad entry"
+        " refuses the whole request (422 naming `jobs[i]...` or `spec...`) and nothing is made."
+        " An `after` entry may name the request's `index`-th job, so a whole DAG is one request."
+        f" At most {LIMITS.max_group_jobs} jobs. Idempotent with an `Idempotency-Key`, across"
+        " restarts too.",
+        {201: Reply("The group and its jobs, in the order given.", Group, headers=("Location",))},
+        params=(_IDEMPOTENCY_KEY,), request=GroupRequest,
+        failures=(*_BODY_FAILURES, _UNAVAILABLE, _DISK_FULL),
+    ),
+    Operation(
+        "GET", "/v1/groups/{group}", "getGroup", "groups", "Get a group",
+        "The group's jobs (summaries) and how many are in each state (`states`).",
+        {200: Reply("The group.", Group)},
+        params=(_GROUP,), failures=(_BAD_GROUP, _NO_GROUP),
+    ),
+    Operation(
+        "DELETE", "/v1/groups/{group}", "cancelGroup", "groups", "Cancel a group",
+        "Cancels every job of the group that has not ended; the group as it then is.",
+        {200: Reply("The group.", Group)},
+        params=(_GROUP,), failures=(_BAD_GROUP, _NO_GROUP, _UNAVAILABLE, _DISK_FULL),
+    ),
+    Operation(
         "POST", "/v1/jobs/new", "createJob", "jobs", "Create a job without submitting it",
         "Creates a job in state `new`; start it later with `POST /v1/jobs/{jobid}/start`.",
         {201: Reply("The job, in state `new`.", Job, headers=("Location",))},
@@ -449,6 +486,8 @@ OPERATIONS: tuple[Operation, ...] = (
                   {"type": "array", "items": {"type": "string", "pattern": LABEL_FILTER_REGEX},
                    "maxItems": LIMITS.max_labels},
                   repeatable=True),
+            Param("group", "query", "Only the jobs of this group (`POST /v1/groups`).",
+                  {"type": "string", "pattern": f"^{GROUP_ID_PATTERN}$"}),
             Param("view", "query", "`full`: each job as `GET /v1/jobs/{jobid}` has it, with its spec and"
                   " history (a job whose directory cannot be read stays a summary), so that a"
                   " client needs no request per job.",

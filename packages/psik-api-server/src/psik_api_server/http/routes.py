@@ -29,6 +29,7 @@ from .bodies import read_job_spec
 from .callback import post_callback
 from .events import get_events, get_job_events
 from .files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
+from .groups import delete_group, get_group, post_group
 from .logs import get_job_log, get_job_logs
 from .openapi import OPERATIONS, Operation
 from .params import Params, label_filters, read_params
@@ -107,6 +108,7 @@ async def list_jobs(request: Request, params: Params) -> Response:
         cursor=params.text("cursor") or None,
         full=params.text("view") == "full",
         labels=label_filters(params.texts("label")),
+        group=params.text("group"),
     )
     return _json(page)
 
@@ -155,6 +157,9 @@ HANDLERS: Mapping[str, Handler] = {
     "getJobLogs": get_job_logs,
     "getJobLog": get_job_log,
     "getEvents": get_events,
+    "createGroup": post_group,
+    "getGroup": get_group,
+    "cancelGroup": delete_group,
     "getJobEvents": get_job_events,
     "listJobFiles": list_job_files,
     "uploadJobFiles": upload_job_files,

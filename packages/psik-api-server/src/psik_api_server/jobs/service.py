@@ -236,6 +236,7 @@ class JobService:
         cursor: str | None,
         full: bool = False,
         labels: Sequence[tuple[str, str]] = (),
+        group: str | None = None,
     ) -> Page[JobSummary] | Page[Job | JobSummary]:
         """One page of the caller's jobs (see :meth:`.store.JobStore.list`); ``full``:
         each as ``GET /v1/jobs/{id}`` has it (spec and history: its directory read, in
@@ -256,6 +257,7 @@ class JobService:
                 limit=limit,
                 cursor=cursor,
                 labels=labels,
+                group=group,
             )
         except BadCursor as e:
             raise ApiError(
