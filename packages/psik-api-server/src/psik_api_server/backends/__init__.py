@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from ..aio import in_thread
 from ..jobs.directory import job_path
 
 if TYPE_CHECKING:
@@ -180,8 +181,9 @@ class BackendDriver:
 
         # Labels are the API's own (kept beside the job: directory.write_labels); psik's
         # spec refuses fields it does not know.
-        job = await self.ctx.manager.create(PsikJobSpec.model_validate(spec.psik_fields()))
-        return str(job.stamp)
+        from ._psik_job import create_sync
+
+        return await in_thread(create_sync, self.ctx.manager, PsikJobSpec.model_validate(spec.psik_fields()))
 
     async def submit(self, job: Any, jobndx: int, waited: int | None) -> tuple[int, str]:
         """Start run ``jobndx``; (jobndx, native id). :class:`BackendRefused` with the
