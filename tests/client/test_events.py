@@ -79,7 +79,8 @@ class EventServer:
             return next(self.answers)(request)
         if path == "/v1/jobs":
             ids = request.url.params.get_list("id")
-            items = [summary_json(i, self.states[i]) for i in ids if i in self.states]
+            item = job_json if request.url.params.get("view") == "full" else summary_json
+            items = [item(i, self.states[i]) for i in ids if i in self.states]
             return httpx.Response(200, json={"items": items, "next_cursor": None})
         jobid = path.split("/")[3]
         if path.endswith("/state"):
@@ -320,17 +321,18 @@ async def test_wait_all_costs_one_stream_and_one_list(connect: Callable[..., Api
     server = EventServer([answer(stream(*frames))], listed)
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path.startswith("/v1/jobs/"):
-            return httpx.Response(200, json=job_json(request.url.path.split("/")[3], "completed"))
+        if request.url.params.get("view") == "full":  # fetched whole once final
+            server.states.update(dict.fromkeys(request.url.params.get_list("id"), "completed"))
         return server.handler(request)
 
     api = connect(handler, events=True)
     progress: list[tuple[int, int]] = []
     done = await api.wait_all(ids, progress=lambda d, t: progress.append((d, t)))
     assert [j.jobid for j in done] == ids
-    methods = api.methods()
-    assert methods[:2] == ["GET /v1/events", "GET /v1/jobs"]
-    assert sorted(methods[2:]) == sorted(f"GET /v1/jobs/{i}" for i in ids)  # each final job, whole
+    assert api.methods() == ["GET /v1/events"] + ["GET /v1/jobs"] * 3
+    # The one final before we listened, whole; then, once all ended, the rest at once.
+    fetched = [r.url.params for r in api.requests if r.url.params.get("view") == "full"]
+    assert [p.get_list("id") for p in fetched] == [["1.0"], ids[1:]]
     # More jobs than a URL should name: all of the caller's events, filtered here.
     assert len(ids) > MAX_NAMED_JOBS
     assert api.requests[0].url.params.get_list("jobs") == []
@@ -349,21 +351,16 @@ async def test_wait_all_looks_again_after_a_stream_lost_before_any_event(
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/jobs" and len(server.subscriptions) == 2:
             server.states["1.0"] = "completed"  # ended while no stream was open
-        if request.url.path == "/v1/jobs/2.0":
+        if request.url.params.get_list("id") == ["2.0"] and request.url.params.get("view") == "full":
             server.states["2.0"] = "completed"
         return server.handler(request)
 
     api = connect(handler, events=True)
     done = await api.wait_all(["1.0", "2.0"])
     assert [j.state.value for j in done] == ["completed", "completed"]
-    assert api.methods() == [
-        "GET /v1/events",
-        "GET /v1/jobs",
-        "GET /v1/events",
-        "GET /v1/jobs",
-        "GET /v1/jobs/1.0",
-        "GET /v1/jobs/2.0",
-    ]
+    assert api.methods() == ["GET /v1/events", "GET /v1/jobs", "GET /v1/events"] + ["GET /v1/jobs"] * 3
+    fetched = [r.url.params.get_list("id") for r in api.requests if r.url.params.get("view") == "full"]
+    assert fetched == [["1.0"], ["2.0"]]
     assert fake_time.sleeps == [0.02]
 
 

@@ -79,6 +79,8 @@ def finishing(server: EventServer) -> Callable[[httpx.Request], httpx.Response]:
         jobid = request.url.path.removeprefix("/v1/jobs/")
         if jobid in server.states:
             server.states[jobid] = "completed"
+        if request.url.params.get("view") == "full":
+            server.states.update(dict.fromkeys(request.url.params.get_list("id"), "completed"))
         return server.handler(request)
 
     return handler
@@ -103,13 +105,10 @@ async def test_wait_all_listens_by_default_over_the_network(over_network: Callab
         (JOBID, pac.JobState.completed),
         (OTHER, pac.JobState.completed),
     ]
-    # One stream and one list for both jobs, then each final job once: no polling.
-    assert api.methods() == [
-        "GET /v1/events",
-        "GET /v1/jobs",
-        f"GET /v1/jobs/{OTHER}",
-        f"GET /v1/jobs/{JOBID}",
-    ]
+    # One stream and one list for both jobs, then both final jobs at once: no polling.
+    assert api.methods() == ["GET /v1/events", "GET /v1/jobs", "GET /v1/jobs"]
+    assert api.requests[2].url.params.get_list("id") == [JOBID, OTHER]
+    assert api.requests[2].url.params["view"] == "full"
     assert server.subscriptions[0].url.params.get_list("jobs") == [JOBID, OTHER]
 
 
@@ -142,7 +141,7 @@ async def test_another_transport_polls_by_default(connect: Callable[..., Api]) -
         f"GET /v1/jobs/{JOBID}/state",
         f"GET /v1/jobs/{JOBID}",
         "GET /v1/jobs",
-        f"GET /v1/jobs/{JOBID}",
+        "GET /v1/jobs",  # view=full: the final job, whole
     ]
 
 

@@ -31,6 +31,10 @@ class FakeJobs:
         path = request.url.path
         if request.method != "GET":
             return httpx.Response(405)
+        if path == "/v1/jobs" and request.url.params.get("view") == "full":
+            ids = request.url.params.get_list("id")
+            items = [job_json(i, self.state(i)) for i in ids if i in self.plans]
+            return httpx.Response(200, json={"items": items, "next_cursor": None})
         if path == "/v1/jobs":
             ids = request.url.params.get_list("id")
             items = [summary_json(i, self._poll(i)) for i in ids if i in self.plans]
@@ -107,19 +111,17 @@ async def test_wait_all_polls_all_pending_jobs_in_one_request_per_round(
     done = await api.wait_all(["3.0", "1.0", "2.0"], progress=lambda d, t: progress.append((d, t)))
     assert [j.jobid for j in done] == ["3.0", "1.0", "2.0"]
     assert [j.state.value for j in done] == ["completed", "completed", "failed"]
-    rounds = [r for r in api.requests if r.url.path == "/v1/jobs"]
+    assert {r.url.path for r in api.requests} == {"/v1/jobs"}  # no request per job
+    rounds = [r for r in api.requests if "view" not in r.url.params]
     assert [r.url.params.get_list("id") for r in rounds] == [
         ["3.0", "1.0", "2.0"],
         ["3.0", "1.0", "2.0"],
         ["2.0"],
     ]
-    assert all(r.url.params["limit"] == str(len(r.url.params.get_list("id"))) for r in rounds)
-    # Only the final jobs are fetched whole, once each; no per-job state polls.
-    assert sorted(r.url.path for r in api.requests if r.url.path != "/v1/jobs") == [
-        "/v1/jobs/1.0",
-        "/v1/jobs/2.0",
-        "/v1/jobs/3.0",
-    ]
+    assert all(r.url.params["limit"] == str(len(r.url.params.get_list("id"))) for r in api.requests)
+    # Only the final jobs are fetched whole, once each, together as they end.
+    fetched = [r for r in api.requests if r.url.params.get("view") == "full"]
+    assert [r.url.params.get_list("id") for r in fetched] == [["3.0", "1.0"], ["2.0"]]
     assert progress == [(0, 3), (2, 3), (3, 3)]
     assert len(fake_time.sleeps) == 2
 
@@ -129,8 +131,10 @@ async def test_wait_all_splits_more_than_1000_ids(connect: Callable[..., Api]) -
     api = connect(FakeJobs({i: ["completed"] for i in ids}).handler)
     done = await api.wait_all(ids)
     assert [j.jobid for j in done] == ids
-    rounds = [r.url.params.get_list("id") for r in api.requests if r.url.path == "/v1/jobs"]
+    rounds = [r.url.params.get_list("id") for r in api.requests if "view" not in r.url.params]
     assert [len(chunk) for chunk in rounds] == [1000, 500]
+    fetched = [r.url.params.get_list("id") for r in api.requests if r.url.params.get("view") == "full"]
+    assert fetched == [ids[:1000], ids[1000:]]
 
 
 async def test_wait_all_accepts_jobs_and_duplicates(connect: Callable[..., Api]) -> None:
@@ -138,7 +142,7 @@ async def test_wait_all_accepts_jobs_and_duplicates(connect: Callable[..., Api])
     summary = pac.JobSummary.model_validate(summary_json("2.0"))
     done = await api.wait_all(["1.0", summary, "1.0"])
     assert [j.jobid for j in done] == ["1.0", "2.0", "1.0"]
-    rounds = [r for r in api.requests if r.url.path == "/v1/jobs"]
+    rounds = [r for r in api.requests if "view" not in r.url.params]
     assert [r.url.params.get_list("id") for r in rounds] == [["1.0", "2.0"]]
 
 

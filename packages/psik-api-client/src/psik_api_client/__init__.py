@@ -7,6 +7,9 @@
     with Client() as api:  # $PSIK_API_UDS, $PSIK_API_URL, or http://127.0.0.1:8000
         job = api.submit(JobSpec(name="hello", script="echo hello"))
         job = api.wait(job.jobid, timeout=60)
+        sweep = api.sweep(JobSpec(script="./fit $X"), {"X": ["1", "2"]})  # one request
+        report = api.submit(JobSpec(script="./report"), after=sweep.jobs, labels={"run": "r1"})
+        api.wait_all(sweep)  # a few requests, however many jobs
         for event in api.watch(after=0):  # every event of your jobs, then live ones
             print(event.id, event.jobid, event.job_state)
 
@@ -23,9 +26,11 @@ offline (read-only, some jobs, an earlier expiry).
 
 from psik_api_core import (
     BackendInfo,
+    Dependency,
     Event,
     FileInfo,
     FileListing,
+    Group,
     Job,
     JobSpec,
     JobState,
@@ -90,9 +95,11 @@ __all__ = [
     "ChecksumMismatchError",
     "Client",
     "ConflictError",
+    "Dependency",
     "Event",
     "FileInfo",
     "FileListing",
+    "Group",
     "IdempotencyInFlightError",
     "IdempotencyMismatchError",
     "InsufficientStorageError",

@@ -24,6 +24,7 @@ from psik_api_core import (
     Event,
     FileInfo,
     FileListing,
+    Group,
     Job,
     JobSpec,
     JobStatus,
@@ -58,11 +59,21 @@ from ._files import (
     upload_dir_flow,
     upload_flow,
 )
+from ._groups import (
+    ParamsArg,
+    cancel_group_flow,
+    group_body,
+    group_flow,
+    make_group_flow,
+    sweep_body,
+    sweep_request,
+)
+from ._inputs import AfterArg
 from ._logs import follow_log_flow, logs_flow, read_log_flow
-from ._pagination import Pager, StateFilter, job_query, page_params
+from ._pagination import LabelFilter, Pager, StateFilter, job_query, page_params
 from ._progress import Progress
 from ._types import NOT_GIVEN, NotGiven, RequestOptions, TimeoutArg
-from ._wait import job_ids, wait_all_flow, wait_flow
+from ._wait import wait_all_flow, wait_flow
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -234,6 +245,8 @@ class AsyncClient(BaseClient):
         self,
         spec: JobSpec | Mapping[str, Any],
         *,
+        after: AfterArg = None,
+        labels: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
         extra_headers: Mapping[str, str] | None = None,
@@ -246,9 +259,17 @@ class AsyncClient(BaseClient):
         is retried safely: a retry returns the job the first attempt created. Raises
         :class:`SubmitFailedError` if the backend refused the job (it then exists, in
         state ``failed``: see ``.jobid``).
+
+        ``after`` makes the job wait (``queued``) until other jobs end: each an id or a
+        Job, meaning it must complete, or ``(job, condition)`` with ``"ok"``,
+        ``"failed"`` or ``"any"`` (any final state); when a condition can no longer be
+        met the job ends ``canceled``, saying why. ``labels`` (``{"key": "value"}``) tag
+        the job, to find it by (``list(label=...)``). Both are added to the spec's own.
         """
         options = RequestOptions(timeout, extra_headers)
-        return await self._drive(self._submit_flow(spec, idempotency_key, start=True, options=options))
+        return await self._drive(
+            self._submit_flow(spec, idempotency_key, start=True, after=after, labels=labels, options=options)
+        )
 
     async def create(
         self,
@@ -262,6 +283,65 @@ class AsyncClient(BaseClient):
         until :meth:`start`. Validation and idempotency as in :meth:`submit`."""
         options = RequestOptions(timeout, extra_headers)
         return await self._drive(self._submit_flow(spec, idempotency_key, start=False, options=options))
+
+    async def submit_many(
+        self,
+        specs: Iterable[JobSpec | Mapping[str, Any]],
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Group:
+        """Create and submit many jobs with one request (``POST /v1/groups``), all or
+        none; return the :class:`Group` (``.group``, its id; ``.jobs``, in the order
+        given).
+
+        Each spec is validated here first (an error names its index, ``jobs[3]: ...``)
+        and, inside one, an ``after`` entry ``{"index": i}`` names the ``i``-th job of
+        the same call, so a whole graph of jobs is one request. Idempotent as
+        :meth:`submit`: a retry returns the group the first attempt made.
+        """
+        options = RequestOptions(timeout, extra_headers)
+        return await self._drive(make_group_flow(self, group_body(specs), idempotency_key, options))
+
+    async def sweep(
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        params: ParamsArg,
+        *,
+        idempotency_key: str | None = None,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Group:
+        """Submit one job per combination of ``params`` (``{"X": ["1", "2"], "Y": ["a",
+        "b"]}``: four jobs, the last name varying fastest), each with its values in its
+        environment under their names, with one request; return the :class:`Group`.
+        Numbers are sent as their text. All or none, idempotent as :meth:`submit_many`.
+        """
+        options = RequestOptions(timeout, extra_headers)
+        body = sweep_body(sweep_request(spec, params))
+        return await self._drive(make_group_flow(self, body, idempotency_key, options))
+
+    async def group(
+        self,
+        group: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Group:
+        """The group ``group`` (an id): its members as summaries, in order, and
+        ``.states``, how many are in each state."""
+        return await self._drive(group_flow(self, group, RequestOptions(timeout, extra_headers)))
+
+    async def cancel_group(
+        self,
+        group: str,
+        *,
+        timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Group:
+        """Cancel every member of the group that has not ended; return the group."""
+        return await self._drive(cancel_group_flow(self, group, RequestOptions(timeout, extra_headers)))
 
     async def start(
         self,
@@ -301,6 +381,8 @@ class AsyncClient(BaseClient):
         backend: str | None = None,
         name: str | None = None,
         ids: Iterable[str] | None = None,
+        label: LabelFilter = None,
+        group: str | None = None,
         limit: int | None = None,
         page_size: int = LIMITS.default_page_size,
         timeout: TimeoutArg | NotGiven = NOT_GIVEN,
@@ -309,13 +391,15 @@ class AsyncClient(BaseClient):
         """Every job matching the filters, newest first, fetching pages lazily
         (``async for job in api.list(...)``).
 
-        ``state`` is one state or several; ``ids`` restricts to those job ids.
+        ``state`` is one state or several; ``ids`` restricts to those job ids;
+        ``label`` to the jobs with every label given (``{"run": "r1"}``, or ``"run=r1"``
+        texts); ``group`` to the members of that group.
         ``limit`` caps the number of jobs yielded in total; ``page_size`` (1 to
         ``LIMITS.max_page_size``) is how many are fetched per request. The options
         apply to every page's request.
         """
         pager = Pager(
-            job_query(state=state, backend=backend, name=name, ids=ids),
+            job_query(state=state, backend=backend, name=name, ids=ids, label=label, group=group),
             limit=limit,
             page_size=page_size,
         )
@@ -328,6 +412,8 @@ class AsyncClient(BaseClient):
         backend: str | None = None,
         name: str | None = None,
         ids: Iterable[str] | None = None,
+        label: LabelFilter = None,
+        group: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
         timeout: TimeoutArg | NotGiven = NOT_GIVEN,  # noqa: ASYNC109
@@ -336,7 +422,9 @@ class AsyncClient(BaseClient):
         """One page of :meth:`list`: at most ``limit`` jobs (server default
         ``LIMITS.default_page_size``) after ``cursor`` (a previous page's ``next_cursor``)."""
         params = page_params(
-            job_query(state=state, backend=backend, name=name, ids=ids), limit=limit, cursor=cursor
+            job_query(state=state, backend=backend, name=name, ids=ids, label=label, group=group),
+            limit=limit,
+            cursor=cursor,
         )
         return await self._drive(self._page_flow(params, RequestOptions(timeout, extra_headers)))
 
@@ -393,20 +481,24 @@ class AsyncClient(BaseClient):
 
     async def wait_all(
         self,
-        jobs: Iterable[str | JobSummary],
+        jobs: Iterable[str | JobSummary] | Group | None = None,
         *,
+        group: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
         progress: Progress = False,
         poll_interval: float = 1.0,
         request_timeout: TimeoutArg | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
     ) -> builtins.list[Job]:
-        """Wait until every job (ids, or Job/JobSummary objects) is final; return the
-        final jobs in the order given.
+        """Wait until every job (ids, or Job/JobSummary objects; or a :class:`Group`,
+        or ``group=`` a group's id: all its members) is final; return the final jobs in
+        the order given.
 
         With events on (see the client's ``events``), listens to the server's event
         stream (one stream, and one list request per 1,000 jobs); else, or with a server
-        without it, all pending jobs are polled with one request per round.
+        without it, all pending jobs are polled with one request per round. The final
+        jobs are fetched whole together (``view=full``): a constant number of requests
+        for any number of jobs.
         ``progress=True`` shows a ``tqdm.auto`` bar where tqdm is installed (the
         ``psik-api-client[progress]`` extra: a widget in Jupyter, a bar in a terminal),
         else prints ``"12/100 final"`` to stderr as the count changes; a callable is
@@ -416,7 +508,8 @@ class AsyncClient(BaseClient):
         """
         flow = wait_all_flow(
             self,
-            job_ids(jobs),
+            jobs,
+            group=group,
             timeout=timeout,
             poll_interval=poll_interval,
             progress=progress,

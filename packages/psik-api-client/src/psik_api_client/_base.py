@@ -69,7 +69,7 @@ from ._exceptions import (
     error_from_response,
     error_from_transport,
 )
-from ._inputs import checked_headers, idempotency_key, path_jobid, spec_body
+from ._inputs import AfterArg, checked_headers, idempotency_key, path_jobid, spec_body, with_extras
 from ._local_secret import LocalSecretAuth
 from ._pagination import Pager, Params
 from ._retry import RetryPolicy
@@ -155,6 +155,8 @@ EmitFlow = Generator[Step | Emit[E], Outcome, None]
 _JOB = pydantic.TypeAdapter(Job)
 _STATUS = pydantic.TypeAdapter(JobStatus)
 _PAGE = pydantic.TypeAdapter(Page[JobSummary])
+#: ``GET /v1/jobs?view=full``: whole jobs, but a summary where a directory is unreadable.
+_FULL_PAGE = pydantic.TypeAdapter(Page[Job | JobSummary])
 _BACKEND = pydantic.TypeAdapter(BackendInfo)
 _BACKENDS = pydantic.TypeAdapter(list[BackendInfo])
 _HEALTH = pydantic.TypeAdapter(dict[str, Any])
@@ -409,10 +411,13 @@ class BaseClient:
         key: str | None,
         *,
         start: bool,
+        after: AfterArg = None,
+        labels: Mapping[str, str] | None = None,
         options: RequestOptions = DEFAULT_OPTIONS,
     ) -> Flow[Job]:
-        """POST the spec to ``/v1/jobs`` (create and submit) or ``/v1/jobs/new``."""
-        body = spec_body(spec)
+        """POST the spec (with ``after`` and ``labels`` merged in) to ``/v1/jobs``
+        (create and submit) or ``/v1/jobs/new``."""
+        body = spec_body(with_extras(spec, after=after, labels=labels))
         headers = {"Idempotency-Key": idempotency_key(key)}
         path = "/v1/jobs" if start else "/v1/jobs/new"
         request = self._build_request("POST", path, json=body, headers=headers, options=options)
@@ -442,6 +447,14 @@ class BaseClient:
         """GET ``/v1/jobs`` with ``params``: one page."""
         request = self._build_request("GET", "/v1/jobs", params=params, options=options)
         return self._fetch_flow(_PAGE, request)
+
+    def _full_page_flow(
+        self, params: Params, options: RequestOptions = DEFAULT_OPTIONS
+    ) -> Flow[Page[Job | JobSummary]]:
+        """GET ``/v1/jobs?view=full`` with ``params``: one page of whole jobs (a job
+        whose directory cannot be read stays a summary)."""
+        request = self._build_request("GET", "/v1/jobs", params=[*params, ("view", "full")], options=options)
+        return self._fetch_flow(_FULL_PAGE, request)
 
     def _list_flow(self, pager: Pager, options: RequestOptions = DEFAULT_OPTIONS) -> EmitFlow[JobSummary]:
         """Every job of a list, page after page as the caller iterates."""

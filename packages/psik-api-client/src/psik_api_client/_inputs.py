@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import pydantic
 
-from psik_api_core import LIMITS, JobSpec, is_jobid
+from psik_api_core import GROUP_ID_PATTERN, LIMITS, JobSpec, JobSummary, is_jobid
 
 from ._exceptions import InvalidRequestError
 
@@ -27,6 +27,16 @@ def path_jobid(jobid: str) -> str:
             f"not a job id: {jobid!r} (a job id is digits with an optional fraction, e.g. 1693992878.203)"
         )
     return jobid
+
+
+_GROUP_ID = re.compile(GROUP_ID_PATTERN)
+
+
+def path_group(group: str) -> str:
+    """``group``, checked to be a group id before it goes into a URL."""
+    if not isinstance(group, str) or _GROUP_ID.fullmatch(group) is None:
+        raise InvalidRequestError(f"not a group id: {group!r} (a group id is 32 lower-case hex digits)")
+    return group
 
 
 #: An HTTP header name is a token (RFC 9110 5.1): h11 refuses any other name.
@@ -97,6 +107,51 @@ def spec_body(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
         # model_dump masks secrets; the server needs the real one to sign callbacks.
         body["cb_secret"] = spec.cb_secret.get_secret_value()
     return body
+
+
+#: A job that another waits for: its id, or the Job (JobSummary) itself.
+Parent = str | JobSummary
+#: ``after=``: parents, each alone (``"ok"``: it must complete) or as ``(parent, condition)``.
+AfterArg = Iterable[Parent | tuple[Parent, str]] | None
+CONDITIONS = ("ok", "failed", "any")
+
+
+def dependencies(after: AfterArg) -> list[dict[str, str]]:
+    """``after=`` as the spec's ``after`` entries: ``{"jobid": ..., "condition": ...}``."""
+    if after is None:
+        return []
+    if isinstance(after, str | JobSummary | tuple):
+        # One parent is not a list of its characters (or of its fields).
+        raise InvalidRequestError(f"after= takes a list of jobs, not {after!r}: after=[job]")
+    entries = []
+    for entry in after:
+        if isinstance(entry, tuple) and len(entry) != 2:
+            raise InvalidRequestError(f"after=: an entry is a job or (job, condition), not {entry!r}")
+        parent, condition = entry if isinstance(entry, tuple) else (entry, "ok")
+        jobid = parent.jobid if isinstance(parent, JobSummary) else parent
+        if condition not in CONDITIONS:
+            raise InvalidRequestError(
+                f"after=: the condition on job {jobid} is one of {', '.join(CONDITIONS)}, not {condition!r}"
+            )
+        entries.append({"jobid": path_jobid(jobid), "condition": condition})
+    return entries
+
+
+def with_extras(
+    spec: JobSpec | Mapping[str, Any], *, after: AfterArg, labels: Mapping[str, str] | None
+) -> JobSpec | Mapping[str, Any]:
+    """``spec`` with ``after`` appended to its own dependencies and ``labels`` over its
+    own labels, validated again (so the limits on both are checked here)."""
+    if after is None and labels is None:
+        return spec
+    body = spec_body(spec)
+    if labels is not None:
+        if not isinstance(labels, Mapping):
+            raise InvalidRequestError(f"labels= is a mapping of keys to values, not {type(labels).__name__}")
+        body["labels"] = {**body.get("labels", {}), **labels}
+    if after is not None:
+        body["after"] = [*body.get("after", []), *dependencies(after)]
+    return validate_spec(body)
 
 
 def idempotency_key(key: str | None) -> str:

@@ -6,17 +6,51 @@ request's parameters and hand each page back to :meth:`Pager.take`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
 from psik_api_core import LIMITS, JobState, JobSummary, Page
+from psik_api_core.models import LABEL_KEY_PATTERN
 
 from ._exceptions import InvalidRequestError
-from ._inputs import path_jobid
+from ._inputs import path_group, path_jobid
 
 #: ``state=`` accepts one state or several (sent as a repeated query parameter).
 StateFilter = JobState | str | Iterable[JobState | str] | None
 
 Params = list[tuple[str, str]]
+
+#: ``label=``: ``{"key": "value"}``, or ``"key=value"`` texts (one, or several); a job
+#: must have every one.
+LabelFilter = Mapping[str, str] | Iterable[str] | str | None
+
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+
+
+def label_params(label: LabelFilter) -> Params:
+    """``label=`` as ``label=key=value`` parameters, each checked as the server checks it."""
+    if label is None:
+        return []
+    if isinstance(label, Mapping):
+        pairs = [(key, value) for key, value in label.items()]
+    else:
+        texts = [label] if isinstance(label, str) else list(label)
+        pairs = []
+        for text in texts:
+            if not isinstance(text, str) or "=" not in text:
+                raise InvalidRequestError(f"a label filter is 'key=value', not {text!r}")
+            key, _, value = text.partition("=")
+            pairs.append((key, value))
+    for key, value in pairs:
+        if not (isinstance(key, str) and _LABEL_KEY.fullmatch(key)):
+            raise InvalidRequestError(
+                f"not a label key: {key!r} (a letter or digit, then up to 62 of letters, digits and ._/-)"
+            )
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"label {key!r}: its value is a str, not {type(value).__name__}")
+    if len(pairs) > LIMITS.max_labels:
+        raise InvalidRequestError(f"a list filters by at most {LIMITS.max_labels} labels, not {len(pairs)}")
+    return [("label", f"{key}={value}") for key, value in pairs]
 
 
 def job_query(
@@ -25,6 +59,8 @@ def job_query(
     backend: str | None = None,
     name: str | None = None,
     ids: Iterable[str] | None = None,
+    label: LabelFilter = None,
+    group: str | None = None,
 ) -> Params:
     """The filter parameters of a job list, in the order the server documents them."""
     params: Params = []
@@ -47,6 +83,9 @@ def job_query(
                 "(wait_all splits longer lists for you)"
             )
         params += id_params
+    params += label_params(label)
+    if group is not None:
+        params.append(("group", path_group(group)))
     return params
 
 
