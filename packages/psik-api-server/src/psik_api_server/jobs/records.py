@@ -99,6 +99,8 @@ class JobRecords:
             backend = None if row is None else row.backend
         if backend is None or not self.backend.is_local(backend):
             return None
+        if self.backend.settings[backend].slot_limit() is None:
+            return None  # no job slots to hold
         return self.runners.running(history)
 
     def path(self, jobid: str) -> Path:
