@@ -4,13 +4,18 @@
 
     psik-api [--url URL | --uds PATH] [--cert-dir DIR] [--token TOKEN] COMMAND ...
 
-    submit FILE | --script TEXT [--wait [--timeout S] [--output] [--poll]]
+    submit FILE | --script TEXT [--after ID[:ok|failed|any]]... [--label K=V]...
+           [--wait [--timeout S] [--output] [--poll]]
                                          create and submit a job (JSON, or YAML)
+    sweep FILE | --script TEXT -p NAME=V1,V2,...  [-p ...]
+                                         submit one job per combination (one request)
+    group ID | cancel-group ID           show a group's jobs, or cancel those not ended
     create FILE | --script TEXT          create a job without submitting it
     start ID | get ID | state ID
     cancel ID... | purge ID... | wait ID... [--timeout S] [--output] [--poll]
     watch [ID...] [--json] [--after N]   print the jobs' events as they happen
-    ls [--state S]... [--backend B] [--name N] [--limit N | --all]
+    ls [--state S]... [--backend B] [--name N] [--label K=V]... [--group ID]
+       [--limit N | --all]
     backends
     upload ID LOCAL [REMOTE]             put a file (or a directory's files) in the job's directory
     download ID REMOTE [LOCAL]           fetch a job's file (resumed, checksum verified)
@@ -70,7 +75,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, cast
 
-from psik_api_core import LIMITS, Event, Job, JobSpec, JobState, JobSummary
+from psik_api_core import LIMITS, Event, Group, GroupRequest, Job, JobSpec, JobState, JobSummary
 
 from ._client import Client
 from ._exceptions import (
@@ -83,7 +88,7 @@ from ._exceptions import (
     SubmitFailedError,
     WaitTimeout,
 )
-from ._inputs import path_jobid, validate_spec
+from ._inputs import CONDITIONS, path_jobid, validate_spec
 from ._tokens import attenuate
 from ._version import __version__
 
@@ -320,7 +325,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
 def _submit(api: Client, args: argparse.Namespace) -> int:
     if args.output and not args.wait:
         raise InputError("--output prints the job's stdout once it ends: give --wait too")
-    job = api.submit(_spec(args))
+    job = api.submit(_spec(args), after=args.after, labels=dict(args.label) if args.label else None)
     if not args.wait:
         _out(job.jobid)
         return ExitStatus.OK
@@ -329,6 +334,43 @@ def _submit(api: Client, args: argparse.Namespace) -> int:
         f"{PROG}: job {job.jobid} submitted; waiting (Ctrl-C leaves it running)", file=sys.stderr, flush=True
     )
     return _waited(api, [job.jobid], timeout=args.timeout, output=args.output)
+
+
+def _sweep(api: Client, args: argparse.Namespace) -> int:
+    params: dict[str, list[str]] = {}
+    for name, values in args.param:
+        if name in params:
+            raise InputError(f"-p {name} is given twice: give all its values at once ({name}=1,2,3)")
+        params[name] = values
+    spec = _spec(args)
+    group = api.sweep(spec, params)
+    _out(group.group)
+    # Each job's values, from the same expansion the server made (the last name fastest).
+    combos = GroupRequest(spec=spec, params=params).specs()
+    rows = [
+        [job.jobid, job.state.value, " ".join(f"{n}={combo.environment[n]}" for n in params)]
+        for job, combo in zip(group.jobs, combos, strict=False)
+    ]
+    _table(["JOBID", "STATE", "PARAMS"], rows)
+    return ExitStatus.OK
+
+
+def _group(api: Client, args: argparse.Namespace) -> int:
+    _show_group(api.group(args.group))
+    return ExitStatus.OK
+
+
+def _cancel_group(api: Client, args: argparse.Namespace) -> int:
+    _show_group(api.cancel_group(args.group))
+    return ExitStatus.OK
+
+
+def _show_group(group: Group) -> None:
+    """The group's id and counts by state, then a row per member."""
+    counts = ", ".join(f"{n} {state.value}" for state, n in group.states.items())
+    _out(f"{group.group}: {len(group.jobs)} jobs" + (f" ({counts})" if counts else ""))
+    rows = [[j.jobid, j.state.value, *_ended(j), j.name or "-"] for j in group.jobs]
+    _table(["JOBID", "STATE", "ENDED (UTC)", "EXIT", "NAME"], rows)
 
 
 def _final(api: Client, job: Job, *, output: bool = False) -> int:
@@ -363,6 +405,8 @@ def _ls(api: Client, args: argparse.Namespace) -> int:
             state=args.state,
             backend=args.backend,
             name=args.name,
+            label=args.label,
+            group=args.group,
             limit=None if limit is None else limit + 1,
             page_size=page_size,
         )
@@ -603,6 +647,37 @@ def _count(text: str) -> int:
     return value
 
 
+def _dependency(text: str) -> tuple[str, str]:
+    """``--after``: ``ID`` (it must complete) or ``ID:ok``, ``ID:failed``, ``ID:any``."""
+    jobid, _, condition = text.partition(":")
+    condition = condition or "ok"
+    if condition not in CONDITIONS:
+        raise argparse.ArgumentTypeError(f"a condition is one of {', '.join(CONDITIONS)}, not {condition!r}")
+    return jobid, condition
+
+
+def _label(text: str) -> tuple[str, str]:
+    """``--label``: ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _label_filter(text: str) -> str:
+    """``ls --label``: ``KEY=VALUE``, sent as it is."""
+    _label(text)
+    return text
+
+
+def _param(text: str) -> tuple[str, list[str]]:
+    """``sweep -p``: ``NAME=V1,V2,...``."""
+    name, sep, values = text.partition("=")
+    if not sep or not name or not values:
+        raise argparse.ArgumentTypeError(f"a parameter is NAME=V1,V2,..., not {text!r}")
+    return name, values.split(",")
+
+
 def _lines(text: str) -> int:
     """``--tail``: a count of lines >= 1."""
     try:
@@ -665,7 +740,34 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, help="with --wait: give up after this many seconds (0: look once)"
     )
     sub.add_argument("--output", action="store_true", help="with --wait: then print the job's stdout")
+    sub.add_argument(
+        "--after",
+        action="append",
+        type=_dependency,
+        metavar="ID[:COND]",
+        help="start only once job ID ended: ok (completed, the default), failed or any (repeatable)",
+    )
+    sub.add_argument(
+        "--label", action="append", type=_label, metavar="KEY=VALUE", help="tag the job (repeatable)"
+    )
     _listen_arguments(sub)
+    sub = command("sweep", _sweep, "submit one job per combination of parameters; print the group and jobs")
+    _spec_arguments(sub)
+    sub.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        type=_param,
+        required=True,
+        metavar="NAME=V1,V2",
+        help="a parameter and its values, each in its job's environment as $NAME (repeatable)",
+    )
+    command("group", _group, "show a group's jobs and how many are in each state").add_argument(
+        "group", metavar="ID"
+    )
+    command("cancel-group", _cancel_group, "cancel every job of a group that has not ended").add_argument(
+        "group", metavar="ID"
+    )
     sub = command("create", _create, "create a job without submitting it; print its id")
     _spec_arguments(sub)
     for name, run, text in [
@@ -693,6 +795,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     sub.add_argument("--backend", help="only jobs of this backend")
     sub.add_argument("--name", help="only jobs with this name")
+    sub.add_argument(
+        "--label",
+        action="append",
+        type=_label_filter,
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeatable)",
+    )
+    sub.add_argument("--group", metavar="ID", help="only the jobs of this group")
     sub.add_argument(
         "--limit",
         type=_count,
