@@ -171,19 +171,56 @@ def run_outcome(history: Iterable[InfoRow]) -> tuple[str | None, int | None]:
 SLOT_WAIT_INFO = "waiting for a free job slot"
 
 
+#: The ``info`` of the ``queued`` row the server writes for a run that waits for other
+#: jobs to end (``JobSpec.after``): the run is ``queued``, nothing runs and it holds no
+#: job slot. Once they ended as it needs, a slot-wait row or the backend's own ``queued``
+#: row follows for the same jobndx; if they cannot, the run ends ``canceled``.
+DEPENDENCY_WAIT_INFO = "waiting for other jobs to end"
+
+
+def is_dependency_wait(info: str) -> bool:
+    """True if ``info`` is that of a dependency-wait row (:data:`DEPENDENCY_WAIT_INFO`)."""
+    return info.startswith(DEPENDENCY_WAIT_INFO)
+
+
 def is_slot_wait(info: str) -> bool:
-    """True if ``info`` is that of a slot-wait ``queued`` row (see :data:`SLOT_WAIT_INFO`)."""
-    return info.startswith(SLOT_WAIT_INFO)
+    """True if ``info`` is that of a ``queued`` row the server wrote for a run it holds
+    back, nothing launched: waiting for a job slot (:data:`SLOT_WAIT_INFO`) or for
+    other jobs (:data:`DEPENDENCY_WAIT_INFO`). Such a row names no native id, and the
+    launch that ends the wait starts that same run."""
+    return info.startswith(SLOT_WAIT_INFO) or is_dependency_wait(info)
 
 
-def slot_wait(history: Iterable[InfoRow]) -> tuple[int, float] | None:
-    """``(jobndx, since)`` if the job's current run is waiting for a job slot: it is
-    ``queued`` and its only ``queued`` rows are slot-wait rows; None otherwise."""
+def _held(history: Iterable[InfoRow]) -> tuple[int, list[InfoRow]] | None:
+    """The current run and its ``queued`` rows (oldest first), if it is ``queued`` and
+    all of them are the server's wait rows (nothing launched); None otherwise."""
     rows = list(history)
     state, run = derive_state(rows)
     if state is not JobState.queued or run == 0:
         return None
-    queued = [r for r in rows if r.jobndx == run and JobState(r.state) is JobState.queued]
+    queued = sorted(
+        (r for r in rows if r.jobndx == run and JobState(r.state) is JobState.queued), key=lambda r: r.time
+    )
     if not queued or not all(is_slot_wait(r.info) for r in queued):
         return None
-    return run, min(float(r.time) for r in queued)
+    return run, queued
+
+
+def slot_wait(history: Iterable[InfoRow]) -> tuple[int, float] | None:
+    """``(jobndx, since)`` if the job's current run is waiting for a job slot: it is
+    ``queued``, its only ``queued`` rows are wait rows, and the last is a slot-wait row
+    (a run that waited for other jobs first then waits for a slot); None otherwise."""
+    held = _held(history)
+    if held is None or is_dependency_wait(held[1][-1].info):
+        return None
+    run, queued = held
+    return run, min(float(r.time) for r in queued if not is_dependency_wait(r.info))
+
+
+def dependency_wait(history: Iterable[InfoRow]) -> tuple[int, float] | None:
+    """``(jobndx, since)`` if the job's current run is waiting for other jobs to end
+    (its only ``queued`` rows are wait rows, none for a slot yet); None otherwise."""
+    held = _held(history)
+    if held is None or not all(is_dependency_wait(r.info) for r in held[1]):
+        return None
+    return held[0], float(held[1][0].time)

@@ -257,16 +257,17 @@ class PsikBackend:
         await self.record_failure(jobid, jobndx, reason)
         raise SubmitError(jobid, reason, unavailable=unavailable)
 
-    async def wait_for_slot(self, jobid: str, why: str) -> tuple[int, float]:
-        """Record the job's next run as ``queued``, waiting for a job slot (``why`` starts
-        with ``SLOT_WAIT_INFO``); nothing is started. Returns the run's jobndx and the
-        row's time."""
+    async def wait_for_slot(self, jobid: str, why: str, run: int | None = None) -> tuple[int, float]:
+        """Record the job's next run (or run ``run``, which waited for other jobs) as
+        ``queued``, waiting for a job slot or for other jobs (``why`` starts with
+        ``SLOT_WAIT_INFO`` or ``DEPENDENCY_WAIT_INFO``); nothing is started. Returns the
+        run's jobndx and the row's time."""
         from psik.job import Job as PsikJob
         from psik.models import JobState as PsikJobState
 
         async with _psik_job(self.path(jobid)):
             job = await PsikJob(self.path(jobid))
-            jobndx = job.summarize()[0]
+            jobndx = job.summarize()[0] if run is None else run
             now = time.time()
             # backdate: the backend's own `queued` row, when the job starts, fires the callback.
             await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
@@ -281,6 +282,18 @@ class PsikBackend:
             job = PsikJob(self.path(jobid))  # not awaited: appending needs no read
             # backdate: record only; psik would otherwise also fire the job's callback here.
             await job.reached(jobndx, PsikJobState.failed, one_line(reason), backdate=time.time())
+
+    async def record_canceled(self, jobid: str, run: int | None, reason: str) -> int:
+        """Append ``canceled`` for run ``run`` (None: the next run) to the job's history,
+        with ``reason``, for a run never launched (its dependencies cannot be met); the
+        job's callback, if it has one, is told. Returns the run."""
+        from psik.models import JobState as PsikJobState
+
+        async with _psik_job(self.path(jobid)):
+            job = await self._open_job(jobid)
+            jobndx = job.summarize()[0] if run is None else run
+            await job.reached(jobndx, PsikJobState.canceled, one_line(reason))
+        return int(jobndx)
 
     async def cancel(self, jobid: str) -> None:
         """Ask the backend (its driver) to stop the job; ``canceled`` is recorded, by

@@ -15,6 +15,7 @@ from . import directory as jobdir
 from .access import JobAccess
 from .callbacks import CallbackRelay
 from .creates import JobCreator
+from .deps import DependencyGate
 from .directory import JobFileInvalid
 from .diskfull import DiskFull
 from .events import EventHub
@@ -83,7 +84,8 @@ def build_job_service(
         await submitter.on_broken(invalid, rows)
 
     watcher = StatusWatcher(on_changes, interval=watch_interval, on_broken=on_broken)
-    submitter = Submitter(store, backend, records, slots, locks, watcher, clock)
+    deps = DependencyGate(store, backend, records, access)
+    submitter = Submitter(store, backend, records, slots, locks, watcher, clock, deps)
     keys = IdempotencyKeys(store, disk, clock)
     return JobService(
         store=store,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from collections.abc import Sequence
 
 import anyio
 
-from psik_api_core import Action, Job, JobSpec, JobState, Principal
+from psik_api_core import Action, Dependency, Job, JobSpec, JobState, Principal
 
 from ..aio import in_thread
 from ..backends import UNAVAILABLE_INFO
@@ -89,6 +90,8 @@ class JobCreator:
         and the job an earlier request with ``key`` made (if any); claims ``key`` for
         this request otherwise (and counts it in flight)."""
         checked = self.specs.check(spec)
+        if checked.after:  # every parent the caller's, before anything is made
+            self.submitter.deps.check(principal, checked.after)
         digest = body_hash(checked, submit)  # of the request's spec: a replay has no new secret
         checked, record = self.specs.split(checked)
         if key is None:
@@ -121,10 +124,11 @@ class JobCreator:
                 raise self.disk.error(e, "create the job", made=True) from e
             raise
         self.disk.cleared(PREFIX)
-        limit = self.submitter.wants_slot(spec.backend) if submit else None
+        # A job with dependencies takes a slot only once they are met (.deps).
+        limit = self.submitter.wants_slot(spec.backend) if submit and not spec.after else None
         try:
             files, slot = await in_thread(
-                self._index_new_sync, owner, jobid, key, submit, limit, spec.labels, group
+                self._index_new_sync, owner, jobid, key, submit, limit, spec.labels, group, spec.after
             )
         except BaseException as e:
             with anyio.CancelScope(shield=True):
@@ -136,7 +140,10 @@ class JobCreator:
         if submit:
             try:
                 async with self.locks(jobid):
-                    files = await self.submitter.run_claimed(jobid, spec.backend, slot) or files
+                    files = (
+                        await self.submitter.run_claimed(jobid, spec.backend, slot, after=bool(spec.after))
+                        or files
+                    )
             except ApiError:  # refused: the job is failed, and that is this request's answer
                 if key is not None:
                     await in_thread(self.store.settle_key, owner, key, jobid)
@@ -164,20 +171,24 @@ class JobCreator:
         limit: int | None,
         labels: dict[str, str] | None = None,
         group: str | None = None,
+        after: Sequence[Dependency] = (),
     ) -> tuple[jobdir.JobFiles, bool | None]:
         """The job's row (its start claimed if this request submits it, and a slot if
-        ``limit``) and the key's link to it, in one step: from here a replay, or the
+        ``limit``) and the key's link to it (and its dependencies), in one step: from here a replay, or the
         next start-up, finds it. Returns what was read of the job, and whether it got
         a slot (None: none was asked for)."""
         base = self.backend.path(jobid)
         jobdir.write_owner(base, owner)
         jobdir.write_labels(base, labels or {})
         jobdir.write_group(base, group)
+        jobdir.write_after(base, list(after))
         files = jobdir.read_job(base)
         slot = None
         with self.store.transaction():
             row = index_row(files, owner)
             self.store.put(row, claim=submit, rows=files.history)
+            if after:
+                self.submitter.deps.record_sync(jobid, after)
             if limit is not None:
                 slot = self.store.claim_slot(jobid, row.backend, limit)
             if key is not None:

@@ -43,7 +43,7 @@ from psik_api_core import (
     run_outcome,
     utc,
 )
-from psik_api_core.models import LabelKey, LabelValue
+from psik_api_core.models import Dependency, LabelKey, LabelValue
 
 _logger = logging.getLogger(__name__)
 
@@ -231,12 +231,15 @@ class JobFiles:
 
 
 def read_job(base: Path) -> JobFiles:
-    """Spec (with its labels) and history of the job at ``base`` (OSError/ValueError if
+    """Spec (with its labels and dependencies) and history of the job at ``base`` (OSError/ValueError if
     it is not one)."""
     spec = read_spec(base)
     labels = read_labels(base)
     if labels:
         spec = spec.model_copy(update={"labels": labels})
+    after = read_after(base)
+    if after:
+        spec = spec.model_copy(update={"after": after})
     return JobFiles(jobid=base.name, spec=spec, history=read_history(base), group=read_group(base))
 
 
@@ -408,3 +411,33 @@ def read_owner(base: Path) -> str | None:
     if not owner or not owner.isprintable():
         return None
     return owner
+
+
+#: A job's ``JobSpec.after`` (its dependencies), kept beside its spec.json as its labels
+#: are: the index's ``job_deps`` is the fast copy, this one what a start-up rebuilds from.
+AFTER_NAME = ".psik-api-after"
+_MAX_AFTER = 64 * 1024
+_AFTER: TypeAdapter[list[Dependency]] = TypeAdapter(list[Dependency])
+
+
+def write_after(base: Path, after: list[Dependency]) -> None:
+    """Record a job's dependencies beside its spec.json (psik's spec has no place for them)."""
+    if after:
+        write_private(base / AFTER_NAME, _AFTER.dump_json(after, exclude_none=True).decode())
+
+
+def read_after(base: Path) -> list[Dependency]:
+    """The dependencies recorded in ``base`` (by jobid); none if there are none or the
+    file is not such a record (the job can rewrite it: the server checks every parent's
+    owner again before it acts on one)."""
+    try:
+        raw = read_job_file(base, AFTER_NAME, _MAX_AFTER)
+    except OSError:
+        return []
+    try:
+        after = _AFTER.validate_json(raw)
+    except ValueError:
+        return []
+    if len(after) > LIMITS.max_after or any(d.jobid is None for d in after):
+        return []
+    return after

@@ -5,8 +5,10 @@ At start-up the index is opened (rebuilt from the job directories if it is corru
 reconciled with them (:mod:`.reconcile`), and what a dead server left is finished: a
 keyed create-and-submit whose job is still ``new`` is submitted, claims are released,
 who holds a job slot is recounted from the states, and jobs waiting for a slot wait
-again. Jobs that made their own status.csv invalid are failed. In the background, the
-temporary files of uploads a killed server left (``.psik-upload-*``) are removed.
+again; jobs waiting for their dependencies (:mod:`.deps`) are found again in the job
+directories and reconsidered (their parents may have ended meanwhile). Jobs that made
+their own status.csv invalid are failed. In the background, the temporary files of
+uploads a killed server left (``.psik-upload-*``) are removed.
 """
 
 from __future__ import annotations
@@ -121,13 +123,17 @@ class StartupRecovery:
                 await self.submitter.fail_invalid(invalid)
         self.backend.warm_up()
         slots = self.submitter.slots
-        waiting = await in_thread(self._waiting_sync)
+        waiting, held = await in_thread(self._waiting_sync)
         # Who holds a slot, from the states: a claim a dead server made is not lost.
-        await in_thread(self.store.recount_slots, slots.limits, [jobid for _, jobid, _ in waiting])
+        await in_thread(self.store.recount_slots, slots.limits, [jobid for _, jobid, _ in waiting] + held)
         for backend, jobid, since in waiting:
             slots.wait(backend, jobid, since)
         await self._resume(done.pending)
         self.submitter.fill_slots()
+        # Parents that ended while the server was down release or cancel their jobs now.
+        ended = await self.submitter.reconsider(held)
+        if ended:
+            self.submitter.parents_ended(ended)
 
     def _open_sync(self) -> tuple[Reconciled, tuple[str, Path] | None]:
         """Open psik and the index and reconcile; also what a corrupt index was and
@@ -176,21 +182,26 @@ class StartupRecovery:
                 ", ".join(submitted),
             )
 
-    def _waiting_sync(self) -> list[tuple[str, str, float]]:
+    def _waiting_sync(self) -> tuple[list[tuple[str, str, float]], list[str]]:
         """``(backend, jobid, since)`` of every job the job directories say is waiting
-        for a slot (at start-up: the waiting list survives a restart)."""
+        for a slot, and the jobs waiting for their dependencies (at start-up: neither
+        list is lost with a restart)."""
         found: list[tuple[str, str, float]] = []
+        held: list[str] = []
         for row in self.store.live():
-            if row.state is not JobState.queued or self.submitter.slots.limit(row.backend) is None:
+            if row.state is not JobState.queued:
                 continue
             try:
                 files = jobdir.read_job(self.backend.path(row.jobid))
             except (OSError, ValueError):
                 continue
+            if self.submitter.deps.found_waiting(row.jobid, files):
+                held.append(row.jobid)
+                continue
             wait = slot_wait(files.history)
-            if wait is not None:
+            if wait is not None and self.submitter.slots.limit(row.backend) is not None:
                 found.append((row.backend, row.jobid, wait[1]))
-        return found
+        return found, held
 
 
 class UploadSweeper:

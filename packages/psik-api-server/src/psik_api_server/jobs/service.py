@@ -187,7 +187,7 @@ class JobService:
     async def start(self, principal: Principal, jobid: str) -> Job:
         async with self.locks(jobid):
             owner, files = await in_thread(self._claim_start_sync, principal, jobid)
-            after = await self.submitter.run_claimed(jobid, files.spec.backend)
+            after = await self.submitter.run_claimed(jobid, files.spec.backend, after=bool(files.spec.after))
         return job_view(jobid, owner, after or files)
 
     def _claim_start_sync(self, principal: Principal, jobid: str) -> tuple[str, jobdir.JobFiles]:
@@ -300,6 +300,8 @@ class JobService:
                 after = await in_thread(self.records.refresh, jobid)
                 files = after or files
                 self.watcher.poke(jobid)
+                if files.state[0].is_final:  # the jobs waiting for it: at once, not at the watcher's look
+                    self.submitter.parents_ended([jobid])
         return job_view(jobid, owner, files)
 
     async def record_report(self, jobid: str, jobndx: int, state: JobState, info: str) -> bool:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from psik_api_core import JobState, JobSummary, utc
 
-from . import eventlog
+from . import deps, eventlog
 from .eventlog import EventLog
 
 if TYPE_CHECKING:
@@ -284,6 +284,7 @@ class JobStore:
                 fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is None
                 conn.executescript(_SCHEMA)
                 conn.executescript(eventlog.SCHEMA)
+                conn.executescript(deps.SCHEMA)
                 _add_columns(conn)
                 conn.execute(_SLOT_INDEX)
                 conn.execute(_GROUP_INDEX)

@@ -7,6 +7,11 @@ On a backend with a slot limit (:mod:`.slots`) the job first takes a slot in the
 and submits to one backend launch side by side); with none free it waits, ``queued``
 with a slot-wait row, until a job that ends lets the slot filler start it.
 
+A job with ``after`` passes the dependency gate first (:mod:`.deps`): it may wait,
+``queued`` with a dependency-wait row and holding no slot, until the jobs it names end;
+when a job is recorded final here, the jobs waiting for it are reconsidered (started
+through the job slots, or canceled) in the background (:meth:`Submitter.parents_ended`).
+
 A job that made its own bookkeeping files invalid is failed here too
 (:meth:`Submitter.fail_invalid`): that frees its slot.
 """
@@ -27,6 +32,7 @@ from ..backends.local.liveness import runner_pid
 from ..backends.psik_backend import PsikBackend, SubmitError
 from ..errors import ApiError
 from . import directory as jobdir
+from .deps import DependencyGate
 from .directory import JobFileInvalid
 from .locks import JobLocks
 from .records import JobFilesInvalid, JobRecords
@@ -65,6 +71,7 @@ class Submitter:
         locks: JobLocks,
         watcher: StatusWatcher,
         clock: Callable[[], float],
+        deps: DependencyGate,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -73,17 +80,21 @@ class Submitter:
         self.locks = locks
         self.watcher = watcher
         self.clock = clock
+        self.deps = deps
         # Jobs whose invalid files were logged already: once per job, not per look.
         self._said_invalid: set[str] = set()
         self._filling: asyncio.Task[None] | None = None
         self._fill_again = False
+        self._releasing: set[asyncio.Task[None]] = set()
 
     # ---- what the watcher reports ----
 
     async def on_changes(self, changes: list[Change]) -> None:
         await self.records.record_changes(changes)
-        if any(derive_state(c.rows)[0].is_final for c in changes):
+        ended = [c.jobid for c in changes if derive_state(c.rows)[0].is_final]
+        if ended:
             self.fill_slots()  # a job that ended freed its slot (nothing else frees one)
+            self.parents_ended(ended)
 
     async def on_broken(self, invalid: JobFileInvalid, rows: Sequence[jobdir.Row]) -> None:
         async with self.locks(invalid.jobid):
@@ -115,6 +126,7 @@ class Submitter:
         if local:
             await self.backend.end_processes(jobid, row.jobndx, runner_pid(list(rows)))
         self.fill_slots()
+        self.parents_ended([jobid])
         return "; it is recorded failed" + (" and its processes are ended" if local else "")
 
     # ---- submitting ----
@@ -125,34 +137,56 @@ class Submitter:
         limit = self.slots.limit(backend)
         return None if limit is None or self.slots.queue(backend) else limit
 
-    async def run_claimed(self, jobid: str, backend: str, slot: bool | None = None) -> jobdir.JobFiles | None:
+    async def run_claimed(
+        self, jobid: str, backend: str, slot: bool | None = None, *, after: bool = False
+    ) -> jobdir.JobFiles | None:
         """Submit ``jobid`` (its start claim held by the caller, as is its lock), then give
         the claim back with the state the submit left: that one re-read is returned for
-        the answer. ``slot``: whether the caller already claimed a slot (None: not tried)."""
+        the answer. ``slot``: whether the caller already claimed a slot (None: not tried);
+        ``after``: the job has dependencies (it passes their gate first, holding no slot)."""
         try:
-            await self.submit(jobid, backend, slot)
+            await self.submit(jobid, backend, slot, after=after)
         finally:
             with anyio.CancelScope(shield=True):
                 files = await in_thread(self.records.release_start, jobid)
         return files
 
-    async def submit(self, jobid: str, backend: str, slot: bool | None = None) -> None:
+    async def submit(
+        self,
+        jobid: str,
+        backend: str,
+        slot: bool | None = None,
+        *,
+        waited: int | None = None,
+        after: bool = False,
+    ) -> None:
         """Submit and follow the job. On a backend with a slot limit and no free slot (or
         others already waiting), the job is recorded ``queued``, waiting for a slot,
-        instead (see :mod:`.slots`)."""
+        instead (see :mod:`.slots`). ``after``: the job has dependencies; it waits for
+        them first, or is canceled, unless they are met (see :mod:`.deps`). ``waited``:
+        start that run, which waited for its dependencies."""
+        if after:
+            try:
+                held = await self.deps.hold(jobid)
+            except JobFileInvalid as e:  # swapped since it was read: not queued
+                raise JobFilesInvalid(e, await self.fail_invalid(e)) from None
+            if held:
+                self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
+                self.parents_ended([jobid])  # if it was canceled, so are the jobs after it
+                return
         limit = self.slots.limit(backend)
         if limit is None:
-            await self.launch(jobid)
+            await self.launch(jobid, waited)
             return
         if slot is None:
             slot = not self.slots.queue(backend) and await in_thread(
                 self.store.claim_slot, jobid, backend, limit
             )
         if slot:
-            await self._launch_in_slot(jobid)
+            await self._launch_in_slot(jobid, waited)
             return
         try:
-            _, since = await self.backend.wait_for_slot(jobid, self.slots.why(backend))
+            _, since = await self.backend.wait_for_slot(jobid, self.slots.why(backend), waited)
         except JobFileInvalid as e:  # swapped since it was read: not queued
             raise JobFilesInvalid(e, await self.fail_invalid(e)) from None
         self.slots.wait(backend, jobid, since)
@@ -187,8 +221,48 @@ class Submitter:
                 return False
             if not await in_thread(self.store.claim_start, jobid, 0):
                 return False
-            await self.run_claimed(jobid, files.spec.backend)
+            await self.run_claimed(jobid, files.spec.backend, after=bool(files.spec.after))
             return True
+
+    # ---- dependencies ----
+
+    def parents_ended(self, jobids: Sequence[str]) -> None:
+        """``jobids`` were recorded final: reconsider, in the background, the jobs waiting
+        for them (and, as those end, the jobs waiting for those)."""
+        task = asyncio.get_running_loop().create_task(self._parents_ended(list(jobids)), name="dependencies")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _parents_ended(self, parents: list[str]) -> None:
+        while parents:
+            children = await in_thread(self.deps.children_sync, parents)
+            parents = await self.reconsider(children)
+
+    async def reconsider(self, jobids: Sequence[str]) -> list[str]:
+        """Start each of ``jobids`` that waits for its dependencies and may start now,
+        cancel those that never can; returns the jobs that ended (canceled, or their
+        launch refused)."""
+        ended: list[str] = []
+        for jobid in jobids:
+            try:
+                if await self._reconsider(jobid):
+                    ended.append(jobid)
+            except Exception as e:  # one job must not keep the others waiting
+                _logger.warning("job %s: its dependencies not reconsidered: %s", jobid, e)
+        return ended
+
+    async def _reconsider(self, jobid: str) -> bool:
+        async with self.locks(jobid):
+            found = await self.deps.reconsider(jobid)
+            if found is None or not found[0].met:
+                return found is not None and found[0].reason is not None
+            _, run, backend = found
+            try:
+                await self.submit(jobid, backend, waited=run)
+            except ApiError as e:  # refused: the job is failed, its history says why
+                _logger.warning("job %s: %s", jobid, e)
+            files = await in_thread(self.records.refresh, jobid)
+            return files is not None and files.state[0].is_final
 
     # ---- the slot filler ----
 
@@ -247,7 +321,11 @@ class Submitter:
         return None if self.store.get(jobid) is None else False
 
     async def aclose(self) -> None:
-        """Stop the slot filler."""
+        """Stop the slot filler and the reconsidering of dependencies."""
+        for task in list(self._releasing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._filling is not None:
             self._filling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
