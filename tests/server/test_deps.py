@@ -384,3 +384,25 @@ async def test_kill_9_with_dependants_waiting_then_restart_all_complete_once(tmp
     for jobid in ids:  # each ran exactly once (_launched_at: one launched row)
         files = jobdir.read_job(prefix / jobid)
         assert sum(1 for r in files.history if r.state is JobState.queued and r.info.isdigit()) == 1
+
+
+def test_bob_cannot_depend_on_alices_job_in_token_mode(tls_server: Any) -> None:
+    """Token mode (mTLS, `certified serve`): bob naming alice's job is answered as if it
+    did not exist, and nothing is made."""
+    pytest.importorskip("biscuit_auth")
+    with tls_server.client("alice") as alice:
+        r = alice.post("/v1/jobs/new", json={"script": "true"})
+        assert r.status_code == 201, r.text
+        alices = r.json()["jobid"]
+    answers = []
+    with tls_server.client("bob") as bob:
+        for parent in (alices, "1700000000.000"):
+            r = bob.post("/v1/jobs", json={"script": "true", "after": [{"jobid": parent}]})
+            assert r.status_code == 422, r.text
+            answers.append(json.loads(r.text.replace(parent, "<parent>")))
+        assert bob.get("/v1/jobs").json()["items"] == []
+    assert answers[0] == answers[1]
+    assert answers[0]["errors"][0]["loc"] == ["body", "after", 0, "jobid"]
+    with tls_server.client("alice") as alice:  # alice may
+        r = alice.post("/v1/jobs", json={"script": "true", "after": [{"jobid": alices, "condition": "any"}]})
+        assert r.status_code == 201 and r.json()["state"] == "queued", r.text
