@@ -86,3 +86,28 @@ def test_wait_all_of_a_group_costs_a_constant_number_of_requests(live_app: LiveS
         # the list, then the rest once all ended).
         assert sent["GET /v1/events"] == 1
         assert sent["GET /v1/jobs"] in (2, 3)
+
+
+async def test_after_orders_jobs_and_cancels_those_that_cannot_start(api: Any) -> None:
+    first = await api.submit({"script": "sleep 0.3"})
+    then = await api.submit({"script": "true"}, after=[first])
+    either = await api.submit({"script": "true"}, after=[(first, "failed")])
+    done = await api.wait_all([first, then, either], timeout=60)
+    assert [j.state for j in done] == [JobState.completed, JobState.completed, JobState.canceled]
+    started = min(r.time for r in done[1].history if r.state is JobState.active)
+    assert started >= done[0].updated  # it started only once its parent had ended
+    assert first.jobid in done[2].history[-1].info  # why it was canceled
+
+
+async def test_a_graph_of_jobs_is_one_request(api: Any) -> None:
+    # A diamond: 0 -> (1, 2) -> 3; a failed 0 cancels the rest, each saying why.
+    diamond = [
+        {"script": "exit 1"},
+        {"script": "true", "after": [{"index": 0}]},
+        {"script": "true", "after": [{"index": 0}]},
+        {"script": "true", "after": [{"index": 1}, {"index": 2, "condition": "any"}]},
+    ]
+    group = await api.submit_many(diamond)
+    done = await api.wait_all(group, timeout=60)
+    assert [j.state for j in done] == [JobState.failed] + [JobState.canceled] * 3
+    assert all(j.history[-1].info for j in done[1:])
