@@ -406,3 +406,26 @@ def test_bob_cannot_depend_on_alices_job_in_token_mode(tls_server: Any) -> None:
     with tls_server.client("alice") as alice:  # alice may
         r = alice.post("/v1/jobs", json={"script": "true", "after": [{"jobid": alices, "condition": "any"}]})
         assert r.status_code == 201 and r.json()["state"] == "queued", r.text
+
+
+async def test_a_diamond_in_one_group_request_runs_in_order(tmp_path: Path) -> None:
+    """POST /v1/groups names the request's own jobs by index: the whole DAG in one request."""
+    gate = tmp_path / "go"
+    async with _serving(_settings(tmp_path)) as (c, _):
+        body = {
+            "jobs": [
+                {"name": "D", "script": "true", "after": [{"index": 1}, {"index": 2}]},
+                {"name": "B", "script": "sleep 0.2", "after": [{"index": 3}]},
+                {"name": "C", "script": "sleep 0.3", "after": [{"index": 3}]},
+                {"name": "A", "script": _gated(gate)},
+            ]
+        }
+        r = await c.post("/v1/groups", json=body, headers=JSON)
+        assert r.status_code == 201, r.text
+        jd, jb, jc, ja = r.json()["jobs"]
+        assert all(_waiting(j) for j in [await _job(c, j["jobid"]) for j in (jb, jc, jd)])
+        gate.touch()
+        ja, jb, jc, jd = await _until(c, [j["jobid"] for j in (ja, jb, jc, jd)], _final)
+    assert [j["state"] for j in (ja, jb, jc, jd)] == ["completed"] * 4
+    assert _launched_at(jb) > _ended_at(ja) and _launched_at(jc) > _ended_at(ja)
+    assert _launched_at(jd) > max(_ended_at(jb), _ended_at(jc))

@@ -86,6 +86,7 @@ class Submitter:
         self._filling: asyncio.Task[None] | None = None
         self._fill_again = False
         self._releasing: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # ---- what the watcher reports ----
 
@@ -229,14 +230,19 @@ class Submitter:
     def parents_ended(self, jobids: Sequence[str]) -> None:
         """``jobids`` were recorded final: reconsider, in the background, the jobs waiting
         for them (and, as those end, the jobs waiting for those)."""
+        if self._closed:  # shutting down: start-up reconsiders them
+            return
         task = asyncio.get_running_loop().create_task(self._parents_ended(list(jobids)), name="dependencies")
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
     async def _parents_ended(self, parents: list[str]) -> None:
-        while parents:
-            children = await in_thread(self.deps.children_sync, parents)
-            parents = await self.reconsider(children)
+        try:
+            while parents:
+                children = await in_thread(self.deps.children_sync, parents)
+                parents = await self.reconsider(children)
+        except Exception:  # the index went (shutting down): start-up reconsiders them
+            _logger.exception("reconsidering the jobs waiting for %s", ", ".join(parents[:10]))
 
     async def reconsider(self, jobids: Sequence[str]) -> list[str]:
         """Start each of ``jobids`` that waits for its dependencies and may start now,
@@ -322,6 +328,7 @@ class Submitter:
 
     async def aclose(self) -> None:
         """Stop the slot filler and the reconsidering of dependencies."""
+        self._closed = True
         for task in list(self._releasing):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
