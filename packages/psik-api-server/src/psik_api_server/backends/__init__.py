@@ -177,13 +177,17 @@ class BackendDriver:
 
     async def create(self, spec: JobSpec, record: CallbackRecord | None) -> str:
         """Make the job directory with psik (state ``new``); returns the jobid."""
+        return await in_thread(self.create_sync, spec)
+
+    def create_sync(self, spec: JobSpec) -> str:
+        """:meth:`create`, blocking: psik's layout made in one go (``_psik_job.create_sync``).
+        The API's own fields (labels, after) are kept beside the job, never given to psik,
+        whose spec refuses fields it does not know."""
         from psik.models import JobSpec as PsikJobSpec
 
-        # Labels are the API's own (kept beside the job: directory.write_labels); psik's
-        # spec refuses fields it does not know.
         from ._psik_job import create_sync
 
-        return await in_thread(create_sync, self.ctx.manager, PsikJobSpec.model_validate(spec.psik_fields()))
+        return create_sync(self.ctx.manager, PsikJobSpec.model_validate(spec.psik_fields()))
 
     async def submit(self, job: Any, jobndx: int, waited: int | None) -> tuple[int, str]:
         """Start run ``jobndx``; (jobndx, native id). :class:`BackendRefused` with the

@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from psik_api_core import BackendInfo, JobSpec
 
 from ..aio import in_thread
@@ -223,18 +221,22 @@ class PsikBackend:
     async def create(self, spec: JobSpec, record: CallbackRecord | None = None) -> str:
         """Make the job directory (state ``new``), with the job's callback ``record``
         if it has one; returns the jobid."""
-        jobid = await self.driver(spec.backend).create(spec, record)
+        return await in_thread(self.create_sync, spec, record)
+
+    def create_sync(self, spec: JobSpec, record: CallbackRecord | None = None) -> str:
+        """:meth:`create`, blocking: psik's directory (``_psik_job.create_sync``), made the
+        owner's alone, with the callback record; nothing is left of it on a failure."""
+        jobid = self.driver(spec.backend).create_sync(spec)
         base = self.path(jobid)
-        # psik makes it with the umask's mode: the job's files are the owner's alone.
-        await in_thread(_owner_only, base)
-        if record is not None:
-            try:
-                await in_thread(write_record, base, record)
-            except BaseException:
+        try:
+            # psik makes it with the umask's mode: the job's files are the owner's alone.
+            _owner_only(base)
+            if record is not None:
                 # A job whose reports would all be refused must not be: nobody knows it yet.
-                with anyio.CancelScope(shield=True):
-                    await self.remove(jobid)
-                raise
+                write_record(base, record)
+        except BaseException:
+            shutil.rmtree(base, ignore_errors=True)
+            raise
         return jobid
 
     async def submit(self, jobid: str, *, waited: int | None = None) -> tuple[int, str]:

@@ -33,6 +33,15 @@ from .store import JobStore
 from .submitter import Submitter, not_submitted
 
 
+class MemberRefused(Exception):
+    """The ``index``-th member of a group was refused, with ``error``: nothing was made."""
+
+    def __init__(self, index: int, error: ApiError) -> None:
+        super().__init__(error.detail)
+        self.index = index
+        self.error = error
+
+
 class JobCreator:
     """``POST /v1/jobs`` and ``POST /v1/jobs/new`` (see the module)."""
 
@@ -194,6 +203,52 @@ class JobCreator:
             if key is not None:
                 self.store.link_key(owner, key, jobid)
         return files, slot
+
+    def create_members_sync(
+        self, principal: Principal, specs: Sequence[JobSpec], order: Sequence[int], group: str
+    ) -> list[jobdir.JobFiles]:
+        """The members of ``group`` (:mod:`.groups`), made ``new`` in one go: in ``order``
+        (every ``index`` entry of ``after`` after the job it names, whose jobid it becomes),
+        each directory made and read, then every index row (and its dependencies) in one
+        transaction. All or nothing: on any failure nothing made is left. Returns the
+        members' files in the order of ``specs``. Blocking (one worker-thread trip)."""
+        owner = principal.user
+        made: dict[int, jobdir.JobFiles] = {}
+        afters: dict[int, list[Dependency]] = {}
+        try:
+            for i in order:
+                spec = specs[i]
+                after = [
+                    Dependency(jobid=made[d.index].jobid, condition=d.condition) if d.index is not None else d
+                    for d in spec.after
+                ]
+                try:
+                    named = [d for d in spec.after if d.index is None]
+                    if named:
+                        self.submitter.deps.check(principal, named)
+                    checked, record = self.specs.split(
+                        self.specs.check(spec.model_copy(update={"after": after}))
+                    )
+                except ApiError as e:
+                    raise MemberRefused(i, e) from None
+                jobid = self.backend.create_sync(checked, record)
+                base = self.backend.path(jobid)
+                jobdir.write_owner(base, owner)
+                jobdir.write_labels(base, checked.labels)
+                jobdir.write_group(base, group)
+                jobdir.write_after(base, after)
+                made[i] = jobdir.read_job(base)
+                afters[i] = after
+            with self.store.transaction():
+                for i, files in made.items():
+                    self.store.put(index_row(files, owner), rows=files.history)
+                    if afters[i]:
+                        self.submitter.deps.record_sync(files.jobid, afters[i])
+        except BaseException:
+            for files in made.values():
+                shutil.rmtree(self.backend.path(files.jobid), ignore_errors=True)
+            raise
+        return [made[i] for i in range(len(specs))]
 
     def _answer_sync(self, principal: Principal, jobid: str, key: str | None) -> Job:
         """The job read afresh, as the answer to a request with ``key``, which is

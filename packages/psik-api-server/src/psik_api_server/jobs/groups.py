@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from psik_api_core import (
     Action,
-    Dependency,
     Group,
     GroupRequest,
     Job,
@@ -45,6 +44,8 @@ from psik_api_core import (
 
 from ..aio import in_thread
 from ..errors import ApiError
+from .creates import MemberRefused
+from .diskfull import PREFIX
 from .store import JobRow, JobStore
 
 if TYPE_CHECKING:
@@ -244,30 +245,18 @@ class GroupService:
         order: Sequence[int],
         where: Callable[[int], list[str | int]],
     ) -> list[str]:
-        """The members, made ``new`` in dependency order; all removed if one cannot be."""
-        made: dict[int, str] = {}
+        """The members, made ``new`` in one go (:meth:`~.creates.JobCreator.create_members_sync`);
+        all or nothing. A refusal of one names it (``jobs[i]...``)."""
         try:
-            for i in order:
-                spec = specs[i]
-                after = [
-                    Dependency(jobid=made[d.index], condition=d.condition) if d.index is not None else d
-                    for d in spec.after
-                ]
-                try:
-                    job, _ = await self.service.creator.create(
-                        principal,
-                        spec.model_copy(update={"after": after}),
-                        submit=False,
-                        idempotency_key=None,
-                        group=gid,
-                    )
-                except ApiError as e:
-                    raise _rerooted(e, where(i)) from None
-                made[i] = job.jobid
+            files = await in_thread(self.service.creator.create_members_sync, principal, specs, order, gid)
+        except MemberRefused as e:
+            await self._remove([], gid)
+            raise _rerooted(e.error, where(e.index)) from None
         except BaseException:
-            await self._remove(list(made.values()), gid)
+            await self._remove([], gid)
             raise
-        return [made[i] for i in range(len(specs))]
+        self.service.disk.cleared(PREFIX)
+        return [f.jobid for f in files]
 
     async def _remove(self, jobids: Sequence[str], gid: str) -> None:
         """Remove members never started, and the group's row (nobody was told of them)."""
@@ -313,7 +302,7 @@ class GroupService:
         return await self._answer(principal, found.id, [m.jobid for m in members])
 
     async def _answer(self, principal: Principal, gid: str, jobids: Sequence[str]) -> Group:
-        jobs: list[Job | JobSummary] = [await self.service.get(principal, j) for j in jobids]
+        jobs: list[Job | JobSummary] = list(await self.service.get_many(principal, jobids))
         return Group(group=gid, jobs=jobs)
 
     def _owned(self, principal: Principal, gid: str) -> GroupRecord:

@@ -213,6 +213,10 @@ class JobService:
     async def get(self, principal: Principal, jobid: str) -> Job:
         return await in_thread(self._get_sync, principal, jobid)
 
+    async def get_many(self, principal: Principal, jobids: Sequence[str]) -> list[Job]:
+        """:meth:`get` of each job, in one worker-thread trip."""
+        return await in_thread(lambda: [self._get_sync(principal, j) for j in jobids])
+
     def _get_sync(self, principal: Principal, jobid: str) -> Job:
         owner, files = self.records.owned_files(principal, jobid, Action.read)
         return job_view(jobid, owner, files)
