@@ -200,3 +200,27 @@ async def test_a_request_that_died_while_starting_its_jobs_has_them_started_at_s
         group = await _all_final(c, r.json()["group"])
         assert group["states"] == {"completed": 2}
         assert len((await c.get("/v1/jobs")).json()["items"]) == 2
+
+
+async def test_a_group_larger_than_the_job_slots_runs_at_most_max_running_at_once(
+    settings: Settings, tmp_path: Any
+) -> None:
+    from psik_api_server.settings import BackendSettings
+
+    settings.backends = {"default": BackendSettings(type="local", max_running=2)}
+    log = tmp_path / "ran.log"
+    script = f'echo "start $$" >> {log}\nsleep 0.3\necho "end $$" >> {log}\n'
+    async with _serving(settings) as (c, _):
+        r = await c.post("/v1/groups", json={"jobs": [{"script": script}] * 6})
+        assert r.status_code == 201, r.text
+        states = [j["state"] for j in r.json()["jobs"]]
+        assert states.count("queued") >= 4, states  # waiting for a slot, in order
+        waits = [j for j in r.json()["jobs"] if j["native_id"] is None]
+        assert all(j["history"][-1]["info"].startswith("waiting for a free job slot") for j in waits)
+        group = await _all_final(c, r.json()["group"])
+        assert group["states"] == {"completed": 6}
+    running = most = 0
+    for line in log.read_text().splitlines():
+        running += 1 if line.startswith("start") else -1
+        most = max(most, running)
+    assert most == 2, log.read_text()

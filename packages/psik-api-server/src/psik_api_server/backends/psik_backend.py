@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
-from psik_api_core import BackendInfo, JobSpec
+from psik_api_core import BackendInfo, JobSpec, JobState
 
 from ..aio import in_thread
 from ..errors import StartupError
@@ -273,6 +273,18 @@ class PsikBackend:
             now = time.time()
             # backdate: the backend's own `queued` row, when the job starts, fires the callback.
             await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
+        return jobndx, now
+
+    def wait_for_slot_sync(self, jobid: str, why: str) -> tuple[int, float]:
+        """:meth:`wait_for_slot` of a job's next run, blocking and without psik's ``Job``
+        (many jobs in one worker-thread trip: a group's): the same row, under the same lock.
+        :class:`JobFileInvalid` for files the job made invalid."""
+        base = self.path(jobid)
+        check_job_files(base)
+        history = jobdir.read_history(base)
+        jobndx = max((r.jobndx for r in history), default=0) + 1  # psik's summarize()
+        now = time.time()
+        jobdir.append_row(base, now, jobndx, JobState.queued, one_line(why))
         return jobndx, now
 
     async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:

@@ -44,6 +44,7 @@ from psik_api_core import (
 
 from ..aio import in_thread
 from ..errors import ApiError
+from . import directory as jobdir
 from .creates import MemberRefused
 from .diskfull import PREFIX
 from .store import JobRow, JobStore
@@ -272,15 +273,23 @@ class GroupService:
             await in_thread(self.log.delete, gid)
 
     async def _start(self, principal: Principal, gid: str, jobids: Sequence[str]) -> None:
-        """Start every member still ``new``, in order; then the group is started."""
-        for jobid in jobids:
-            row = await in_thread(self.service.store.get, jobid)
-            if row is None or row.state is not JobState.new or row.jobndx != 0:
-                continue
-            try:
-                await self.service.start(principal, jobid)
-            except ApiError as e:  # its own failure (recorded in its history), not the group's
-                _logger.info("group %s: member %s not started: %s", gid, jobid, e.detail)
+        """Start every member still ``new``, in order (their start claims taken in one
+        worker-thread trip; :meth:`~.submitter.Submitter.start_claimed_many`); then the
+        group is started. A member's own failure to start is in its history."""
+        store = self.service.store
+        prefix = self.service.backend
+
+        def claim() -> list[tuple[str, str, bool]]:
+            claimed = []
+            for jobid in jobids:
+                row = store.get(jobid)
+                if row is None or row.owner != principal.user or row.state is not JobState.new:
+                    continue
+                if row.jobndx == 0 and store.claim_start(jobid, 0):
+                    claimed.append((jobid, row.backend, bool(jobdir.read_after(prefix.path(jobid)))))
+            return claimed
+
+        await self.service.submitter.start_claimed_many(await in_thread(claim))
         await in_thread(self.log.mark, gid, "started")
 
     async def _replay(self, principal: Principal, found: GroupRecord, digest: str) -> Group:

@@ -194,6 +194,53 @@ class Submitter:
         self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
         self.fill_slots()  # a slot may have freed while this one was being recorded
 
+    async def start_claimed_many(self, jobs: Sequence[tuple[str, str, bool]]) -> None:
+        """:meth:`run_claimed` of many jobs just made (a group's), each ``(jobid,
+        backend, has_after)`` with its start claimed by the caller: those that wait for a
+        job slot are recorded so in one worker-thread trip (the common case: a group far
+        larger than the slots), the others each as a single start. A job's own refusal
+        (its submit failed) is logged, not raised: it is recorded in its history."""
+        waiting: dict[str, list[str]] = {}
+        for jobid, backend, after in jobs:
+            limit = self.slots.limit(backend)
+            slot = None
+            if not after and limit is not None:
+                if self.slots.queue(backend) or waiting.get(backend):
+                    waiting.setdefault(backend, []).append(jobid)
+                    continue
+                slot = await in_thread(self.store.claim_slot, jobid, backend, limit)
+                if not slot:
+                    waiting.setdefault(backend, []).append(jobid)
+                    continue
+            async with self.locks(jobid):
+                try:
+                    await self.run_claimed(jobid, backend, slot, after=after)
+                except ApiError as e:
+                    _logger.info("job %s: not started: %s", jobid, e.detail)
+        for backend, jobids in waiting.items():
+            why = self.slots.why(backend)
+
+            def record(
+                jobids: list[str] = jobids, why: str = why
+            ) -> list[tuple[str, float | JobFileInvalid]]:
+                out: list[tuple[str, float | JobFileInvalid]] = []
+                for jobid in jobids:
+                    try:
+                        out.append((jobid, self.backend.wait_for_slot_sync(jobid, why)[1]))
+                    except JobFileInvalid as e:
+                        out.append((jobid, e))
+                    finally:
+                        self.records.release_start(jobid)
+                return out
+
+            for jobid, since in await in_thread(record):
+                if isinstance(since, JobFileInvalid):
+                    await self.fail_invalid(since)
+                    continue
+                self.slots.wait(backend, jobid, since)
+                self.watcher.follow(jobid, self.backend.path(jobid) / "status.csv")
+        self.fill_slots()  # slots may have freed meanwhile
+
     async def _launch_in_slot(self, jobid: str, waited: int | None = None) -> None:
         try:
             await self.launch(jobid, waited)
