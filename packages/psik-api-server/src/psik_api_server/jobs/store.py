@@ -650,6 +650,9 @@ class JobStore:
             self._db.execute("DELETE FROM jobs WHERE jobid = ?", (jobid,))
             self._db.execute("DELETE FROM idempotency WHERE jobid = ?", (jobid,))
             self._db.execute("DELETE FROM job_labels WHERE jobid = ?", (jobid,))
+            # Its own dependencies go; a job that waits for it keeps its row (a parent
+            # that is gone can no longer be met: deps.py cancels that job).
+            self._db.execute("DELETE FROM job_deps WHERE child = ?", (jobid,))
             self.events.forget([jobid])
 
     def jobids(self) -> set[str]:
