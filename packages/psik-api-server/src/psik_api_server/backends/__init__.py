@@ -176,7 +176,9 @@ class BackendDriver:
         return None
 
     async def create(self, spec: JobSpec, record: CallbackRecord | None) -> str:
-        """Make the job directory with psik (state ``new``); returns the jobid."""
+        """Make the job directory with psik (state ``new``); returns the jobid. A driver
+        that makes directories its own way overrides :meth:`create_sync` (a group's jobs
+        are made with it, many in one go)."""
         return await in_thread(self.create_sync, spec)
 
     def create_sync(self, spec: JobSpec) -> str:

@@ -221,12 +221,20 @@ class PsikBackend:
     async def create(self, spec: JobSpec, record: CallbackRecord | None = None) -> str:
         """Make the job directory (state ``new``), with the job's callback ``record``
         if it has one; returns the jobid."""
-        return await in_thread(self.create_sync, spec, record)
+        jobid = await self.driver(spec.backend).create(spec, record)
+        await in_thread(self._finish_create, jobid, record)
+        return jobid
 
     def create_sync(self, spec: JobSpec, record: CallbackRecord | None = None) -> str:
-        """:meth:`create`, blocking: psik's directory (``_psik_job.create_sync``), made the
-        owner's alone, with the callback record; nothing is left of it on a failure."""
+        """:meth:`create`, blocking (many jobs in one worker-thread trip: a group's),
+        through the driver's ``create_sync``."""
         jobid = self.driver(spec.backend).create_sync(spec)
+        self._finish_create(jobid, record)
+        return jobid
+
+    def _finish_create(self, jobid: str, record: CallbackRecord | None) -> None:
+        """The new directory made the owner's alone, with the callback record; on a
+        failure nothing is left of it."""
         base = self.path(jobid)
         try:
             # psik makes it with the umask's mode: the job's files are the owner's alone.
@@ -237,7 +245,6 @@ class PsikBackend:
         except BaseException:
             shutil.rmtree(base, ignore_errors=True)
             raise
-        return jobid
 
     async def submit(self, jobid: str, *, waited: int | None = None) -> tuple[int, str]:
         """Submit the job; on failure record ``failed`` in its history and raise SubmitError.
