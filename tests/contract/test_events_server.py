@@ -272,7 +272,9 @@ def _with(seen: list[Event], sse: SSE) -> SSE:
     return both
 
 
-@pytest.mark.parametrize("value", ["x", "-1", "1.5", "", " 1", "١٢".encode(), "99999999999999999999", "1e3"])
+@pytest.mark.parametrize(
+    "value", ["x", "-1", "1.5", "", " 1", "١٢".encode(), "99999999999999999999", "9223372036854775808", "1e3"]
+)
 async def test_a_bad_last_event_id_is_422_naming_the_header(
     http: httpx.AsyncClient, value: str | bytes
 ) -> None:

@@ -224,3 +224,9 @@ async def test_a_group_larger_than_the_job_slots_runs_at_most_max_running_at_onc
         running += 1 if line.startswith("start") else -1
         most = max(most, running)
     assert most == 2, log.read_text()
+
+
+async def test_a_group_filter_that_is_no_group_id_is_refused(settings: Settings) -> None:
+    async with _serving(settings) as (c, _):
+        r = await c.get("/v1/jobs", params={"group": "zz"})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "group"], r.text

@@ -45,7 +45,8 @@ def _after(request: Request, params: Params) -> int | None:
     sends on reconnecting) wins over ``after``; None: from now on."""
     header = request.headers.get("last-event-id")
     if header is not None:
-        if not (header.isascii() and header.isdigit()) or len(header) > 19:
+        # An event id is a SQLite INTEGER: at most 2**63 - 1, as ``after`` is.
+        if not (header.isascii() and header.isdigit()) or len(header) > 19 or int(header) >= 2**63:
             raise ApiError(
                 ProblemCode.validation_error,
                 "Last-Event-ID must be an event id (a non-negative integer)",

@@ -10,6 +10,7 @@ and checks each operation's parameters as the table declares them
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from psik_api_core import Job, JobState, Page, ProblemCode
+from psik_api_core import GROUP_ID_PATTERN, Job, JobState, Page, ProblemCode, field_error
 
 from ..auth.authenticator import principal
 from ..context import context
@@ -108,9 +109,23 @@ async def list_jobs(request: Request, params: Params) -> Response:
         cursor=params.text("cursor") or None,
         full=params.text("view") == "full",
         labels=label_filters(params.texts("label")),
-        group=params.text("group"),
+        group=_group_filter(params.text("group")),
     )
     return _json(page)
+
+
+_GROUP = re.compile(GROUP_ID_PATTERN)
+
+
+def _group_filter(group: str | None) -> str | None:
+    """``?group=``: a group id, else 422 naming it (as ``/v1/groups/{group}`` does)."""
+    if group is not None and not _GROUP.fullmatch(group):
+        raise ApiError(
+            ProblemCode.validation_error,
+            f"query parameter 'group': {group[:64]!r} is not a group id (32 lower-case hex digits)",
+            errors=[field_error(["query", "group"], "not a group id")],
+        )
+    return group
 
 
 def _limit(params: Params) -> int:
