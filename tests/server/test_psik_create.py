@@ -67,6 +67,7 @@ def test_create_sync_makes_the_directory_psik_makes(tmp_path: Path, spec: dict[s
         os.umask(old)
     assert ours != theirs.stamp
     assert _tree(prefix / ours) == _tree(prefix / theirs.stamp)
+
     # psik reads ours as its own.
     async def load(base: Path) -> Job:
         return await Job(base)
