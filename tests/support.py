@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -173,3 +176,43 @@ class AsyncApi:
             return [j async for j in method(*args, **kwargs)]
 
         return collect
+
+
+class ServerProcess:
+    """``python -m psik_api_server serve`` on a fixed port, started and killed at will."""
+
+    def __init__(self, data: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}
+        }
+        self.env["XDG_DATA_HOME"] = str(data)
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        argv = [sys.executable, "-m", "psik_api_server", "serve", "--port", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)
+        self.starts += 1
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get(f"{self.url}/healthz", timeout=1)).status_code == 200:
+                        return
+                assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "server did not start"
+                await asyncio.sleep(0.05)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

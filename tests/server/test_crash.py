@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from psik_api_client import AsyncClient
@@ -34,7 +28,7 @@ from psik_api_client._exceptions import (
 from psik_api_core import is_slot_wait
 from psik_api_server.jobs import directory as jobdir
 from psik_api_server.settings import default_state_dir
-from support import free_port
+from support import ServerProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -44,46 +38,6 @@ ROUNDS = 3
 PER_ROUND = 16
 #: Kinds of failure a client sees while the server is dead or coming back: retried.
 TRANSIENT = (APIConnectionError, IdempotencyInFlightError, InternalServerError, ServiceUnavailableError)
-
-
-class Server:
-    """``python -m psik_api_server serve`` on a fixed port, started and killed at will."""
-
-    def __init__(self, data: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            k: v for k, v in os.environ.items() if k not in {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}
-        }
-        self.env["XDG_DATA_HOME"] = str(data)
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        argv = [sys.executable, "-m", "psik_api_server", "serve", "--port", str(self.port)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)
-        self.starts += 1
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as http:
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"{self.url}/healthz", timeout=1)).status_code == 200:
-                        return
-                assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "server did not start"
-                await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def _spec(key: str) -> dict[str, Any]:
@@ -104,7 +58,7 @@ async def _submit(api: AsyncClient, key: str, deadline: float) -> str:
 async def test_kill_9_under_idempotent_submitters_loses_nothing_and_runs_nothing_twice(
     tmp_path: Path,
 ) -> None:
-    server = Server(tmp_path / "data", tmp_path / "server.log")
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
     prefix = tmp_path / "data" / "psik_api" / "jobs"
     index = default_state_dir(prefix) / "index.sqlite"
     acked: dict[str, str] = {}

@@ -5,14 +5,9 @@ it. Across a restart and a kill -9 too. What the jobs did is read off their own 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +24,7 @@ from psik_api_core.states import DEPENDENCY_WAIT_INFO
 from psik_api_server.context import context
 from psik_api_server.jobs import directory as jobdir
 from psik_api_server.settings import BackendSettings, Settings
-from support import free_port
+from support import ServerProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -312,48 +307,10 @@ async def _job_offline(settings: Settings, jobid: str) -> dict[str, Any]:
     }
 
 
-class Server:
-    """``python -m psik_api_server serve`` on a fixed port, started and killed at will
-    (as tests/server/test_crash.py's)."""
-
-    def __init__(self, data: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        drop = {"PSIK_API_CONFIG", "VIRTUAL_ENV", "PSIK_CONFIG"}
-        self.env = {k: v for k, v in os.environ.items() if k not in drop}
-        self.env["XDG_DATA_HOME"] = str(data)
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        argv = [sys.executable, "-m", "psik_api_server", "serve", "--port", str(self.port)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as http:
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get(f"{self.url}/healthz", timeout=1)).status_code == 200:
-                        return
-                assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "server did not start"
-                await asyncio.sleep(0.05)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
 async def test_kill_9_with_dependants_waiting_then_restart_all_complete_once(tmp_path: Path) -> None:
     """A real server process, killed while a chain waits (and again while it is being
     released); each restart finds the waiting jobs in the index and their directories."""
-    server = Server(tmp_path / "data", tmp_path / "server.log")
+    server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
     prefix = tmp_path / "data" / "psik_api" / "jobs"
     gate = tmp_path / "go"
     await server.start()

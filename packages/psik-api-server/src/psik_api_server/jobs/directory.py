@@ -223,8 +223,9 @@ class JobFiles:
     #: The group that made the job (``.psik-api-group``), if one did.
     group: str | None = None
 
-    @property
+    @functools.cached_property
     def state(self) -> tuple[JobState, int]:
+        # Once per read: each derivation reads every row (a job can write 100,000).
         return derive_state(self.history)
 
     @property

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from psik_api_core import Action, Job, JobState, Principal, ProblemCode, derive_state, run_outcome, utc
+from psik_api_core import Action, Job, JobState, Principal, ProblemCode, run_outcome, utc
 
 from ..aio import in_thread
 from ..backends.psik_backend import PsikBackend
@@ -88,11 +88,11 @@ class JobRecords:
         self.runners = runners
 
     def _runner(
-        self, jobid: str, backend: str | None, history: Sequence[Row]
+        self, jobid: str, backend: str | None, history: Sequence[Row], state: tuple[JobState, int]
     ) -> tuple[int, int, float] | None:
-        """The still running runner of a local job whose history says it ended, if any
-        (``backend`` None: read from the index)."""
-        if self.runners is None or not derive_state(history)[0].is_final:
+        """The still running runner of a local job whose history (``state``, derived from
+        it) says it ended, if any (``backend`` None: read from the index)."""
+        if self.runners is None or not state[0].is_final:
             return None
         if backend is None:
             row = self.store.get(jobid)
@@ -101,7 +101,7 @@ class JobRecords:
             return None
         if self.backend.settings[backend].slot_limit() is None:
             return None  # no job slots to hold
-        return self.runners.running(history)
+        return self.runners.running(history, state[1])
 
     def path(self, jobid: str) -> Path:
         return self.backend.path(jobid)
@@ -132,7 +132,7 @@ class JobRecords:
     def record(self, jobid: str, files: jobdir.JobFiles, *, strict: bool = False) -> None:
         """Record the state ``files`` show in the index (see :meth:`refresh`)."""
         state, jobndx = files.state
-        runner = self._runner(jobid, files.spec.backend, files.history)
+        runner = self._runner(jobid, files.spec.backend, files.history, files.state)
         try:
             if self.store.set_state(
                 jobid,
@@ -177,7 +177,7 @@ class JobRecords:
             self.store.release_start(jobid)
             return None
         state, jobndx = files.state
-        runner = self._runner(jobid, files.spec.backend, files.history)
+        runner = self._runner(jobid, files.spec.backend, files.history, files.state)
         self.store.release_start(
             jobid, state, jobndx, files.updated, files.exit_code, files.history, hold=runner is not None
         )
@@ -203,11 +203,11 @@ class JobRecords:
             states = []
             runners = {}
             for c in changes:
-                state, jobndx = derive_state(c.rows)
+                state, jobndx = c.state()
                 states.append(
                     (c.jobid, state, jobndx, max(r.time for r in c.rows), run_outcome(c.rows)[1], c.rows)
                 )
-                if (runner := self._runner(c.jobid, None, c.rows)) is not None:
+                if (runner := self._runner(c.jobid, None, c.rows, (state, jobndx))) is not None:
                     runners[c.jobid] = runner
             changed = self.store.set_states(states, hold=set(runners))
             for jobid, runner in runners.items():  # once the hold is committed

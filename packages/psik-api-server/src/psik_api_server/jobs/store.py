@@ -812,17 +812,7 @@ def page_query(
     on in page order (the ``EXPLAIN QUERY PLAN`` of each filter is in the tests)."""
     if labels:
         return _label_page_query(owner, states, backend, name, ids, after, limit, labels, group)
-    where: builtins.list[str] = []
-    args: builtins.list[object] = []
-    if group is not None:
-        where.append("grp = ?")
-        args.append(group)
-    if backend is not None:
-        where.append("backend = ?")
-        args.append(backend)
-    if name is not None:
-        where.append("name = ?")
-        args.append(name)
+    where, args = _column_filters("", group, backend, name)
     if ids:
         where.append(f"jobid IN ({', '.join('?' * len(ids))})")
         args.extend(ids)
@@ -845,6 +835,19 @@ def page_query(
     arm = f"SELECT * FROM (SELECT {_COLUMNS} FROM jobs WHERE {test} {_NEWEST_FIRST} LIMIT ?)"
     sql = " UNION ALL ".join([arm] * len(states)) + f" {_NEWEST_FIRST} LIMIT ?"
     return sql, [a for state in states for a in (owner, state, *args, limit)] + [limit]
+
+
+def _column_filters(
+    table: str, group: str | None, backend: str | None, name: str | None
+) -> tuple[builtins.list[str], builtins.list[object]]:
+    """The equality filters of a list on the jobs table (``table``: its alias and a dot)."""
+    where: builtins.list[str] = []
+    args: builtins.list[object] = []
+    for column, value in (("grp", group), ("backend", backend), ("name", name)):
+        if value is not None:
+            where.append(f"{table}{column} = ?")
+            args.append(value)
+    return where, args
 
 
 def _label_page_query(
@@ -875,15 +878,9 @@ def _label_page_query(
     if states:
         where.append(f"j.state IN ({', '.join('?' * len(states))})")
         args.extend(states)
-    if group is not None:
-        where.append("j.grp = ?")
-        args.append(group)
-    if backend is not None:
-        where.append("j.backend = ?")
-        args.append(backend)
-    if name is not None:
-        where.append("j.name = ?")
-        args.append(name)
+    more_where, more_args = _column_filters("j.", group, backend, name)
+    where += more_where
+    args += more_args
     if ids:
         where.append(f"l.jobid IN ({', '.join('?' * len(ids))})")
         args.extend(ids)

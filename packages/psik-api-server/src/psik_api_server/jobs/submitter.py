@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
-from psik_api_core import JobState, ProblemCode, derive_state, slot_wait
+from psik_api_core import JobState, ProblemCode, slot_wait
 
 from ..aio import in_thread
 from ..backends.local.liveness import runner_pid
@@ -92,7 +92,7 @@ class Submitter:
 
     async def on_changes(self, changes: list[Change]) -> None:
         await self.records.record_changes(changes)
-        ended = [c.jobid for c in changes if derive_state(c.rows)[0].is_final]
+        ended = [c.jobid for c in changes if c.state()[0].is_final]
         if ended:
             self.fill_slots()  # a job that ended freed its slot (nothing else frees one)
             self.parents_ended(ended)

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psik_api_core import derive_state
+from psik_api_core import JobState, derive_state
 
 from ..aio import in_thread, wait_event
 from .directory import MAX_STATUS, JobFileInvalid, Row, open_job_file, parse_rows
@@ -55,6 +55,12 @@ class Change:
     jobid: str
     rows: list[Row]
     new: list[Row]
+    #: ``derive_state(rows)``, as the watcher found it (each derivation reads every row:
+    #: a job that wrote 100,000 of them must not be derived once per reader of the change).
+    found: tuple[JobState, int] | None = None
+
+    def state(self) -> tuple[JobState, int]:
+        return self.found if self.found is not None else derive_state(self.rows)
 
 
 OnChange = Callable[[list[Change]], Awaitable[None]]
@@ -331,7 +337,7 @@ class StatusWatcher:
         for c in changes:
             old = self._unrecorded.pop(c.jobid, None)
             if old is not None:  # rows: the newer has them all; new: both were unseen
-                self._unrecorded[c.jobid] = Change(c.jobid, c.rows, [*old.new, *c.new])
+                self._unrecorded[c.jobid] = Change(c.jobid, c.rows, [*old.new, *c.new], c.found)
             else:
                 self._unrecorded[c.jobid] = c
         if not self._unrecorded:
@@ -395,7 +401,7 @@ class StatusWatcher:
         if not new:
             return None
         f.rows.extend(new)
-        state, _ = derive_state(f.rows)
-        if state.is_final:
+        found = derive_state(f.rows)
+        if found[0].is_final:
             self.forget(look.jobid)
-        return Change(look.jobid, list(f.rows), new)
+        return Change(look.jobid, list(f.rows), new, found)

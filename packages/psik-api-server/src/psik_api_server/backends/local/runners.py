@@ -32,10 +32,12 @@ _logger = logging.getLogger(__name__)
 POLL = 0.5
 
 
-def current_runner(history: Sequence[Row]) -> tuple[int, int, float] | None:
+def current_runner(history: Sequence[Row], jobndx: int | None = None) -> tuple[int, int, float] | None:
     """The current run's psik runner, ``(jobndx, pid, queued time)``, if it still runs
-    (blocking: reads ``/proc``); None if it has exited or was never recorded."""
-    _, jobndx = derive_state(history)
+    (blocking: reads ``/proc``); None if it has exited or was never recorded. ``jobndx``:
+    the current run, if the caller derived it already."""
+    if jobndx is None:
+        _, jobndx = derive_state(history)
     queued = [r for r in history if r.jobndx == jobndx and r.state is JobState.queued and r.info.isdigit()]
     if not queued:
         return None
@@ -63,9 +65,9 @@ class RunnerWatch:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
-    def running(history: Sequence[Row]) -> tuple[int, int, float] | None:
+    def running(history: Sequence[Row], jobndx: int | None = None) -> tuple[int, int, float] | None:
         """:func:`current_runner` (blocking)."""
-        return current_runner(history)
+        return current_runner(history, jobndx)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
