@@ -170,7 +170,7 @@ async def test_sweep_sends_the_spec_and_its_params(connect: Callable[..., Api]) 
         ({"X": "123"}, "is a list of values"),
         ({"X": [True]}, "a str or a number"),
         ({"1X": ["1"]}, "invalid sweep: params.1X"),
-        ({"X": []}, "has no values"),
+        ({"X": []}, "params.X: List should have at least 1 item"),
         ({"X": [str(n) for n in range(40)], "Y": [str(n) for n in range(30)]}, "1200 jobs"),
         ({}, "invalid sweep"),
         (["X=1"], "a mapping"),

@@ -12,7 +12,7 @@ import html
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -301,6 +301,29 @@ class ResourceSpec(_Model):
         return value
 
 
+def _no_nulls(model: BaseModel, names: tuple[str, ...]) -> None:
+    """Refuse a field of ``names`` given as null (left out, it is None by default)."""
+    given = [n for n in names if n in model.model_fields_set and getattr(model, n) is None]
+    if given:
+        raise _refuse(f"{', '.join(given)}: leave out, not null")
+
+
+def _given_not_null(names: tuple[str, ...], extra: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A model's ``json_schema_extra``: the fields ``names`` (None when left out, which
+    the model's own check judges) are never null when given, as the schema then says."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        for name in names:
+            prop = schema["properties"][name]
+            branches = [b for b in prop.pop("anyOf", []) if b != {"type": "null"}]
+            if len(branches) == 1:
+                prop.update(branches[0])
+            prop.pop("default", None)
+        schema.update(extra)
+
+    return edit
+
+
 class Dependency(_Model):
     """One entry of ``JobSpec.after``: the job starts only once the job ``jobid`` (or,
     inside ``POST /v1/groups``, the request's ``index``-th job) ended as ``condition``
@@ -309,7 +332,9 @@ class Dependency(_Model):
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"oneOf": [{"required": ["jobid"]}, {"required": ["index"]}]},
+        json_schema_extra=_given_not_null(
+            ("jobid", "index"), {"oneOf": [{"required": ["jobid"]}, {"required": ["index"]}]}
+        ),
     )
 
     jobid: JobID | None = None
@@ -317,7 +342,9 @@ class Dependency(_Model):
     condition: Literal["ok", "failed", "any"] = "ok"
 
     @model_validator(mode="after")
-    def _one_parent(self) -> Dependency:
+    def _one_parent(self, info: ValidationInfo) -> Dependency:
+        if _strict(info):  # a request; an answer (the server's dump) has nulls
+            _no_nulls(self, ("jobid", "index"))
         if (self.jobid is None) == (self.index is None):
             raise _refuse("names its job by exactly one of jobid and index")
         return self
@@ -652,22 +679,35 @@ class GroupRequest(_Model):
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"oneOf": [{"required": ["jobs"]}, {"required": ["spec", "params"]}]},
+        json_schema_extra=_given_not_null(
+            ("jobs", "spec", "params"),
+            {
+                "oneOf": [
+                    {
+                        "required": ["jobs"],
+                        "not": {"anyOf": [{"required": ["spec"]}, {"required": ["params"]}]},
+                    },
+                    {"required": ["spec", "params"], "not": {"required": ["jobs"]}},
+                ]
+            },
+        ),
     )
 
     jobs: list[JobSpec] | None = Field(default=None, min_length=1, max_length=LIMITS.max_group_jobs)
     spec: JobSpec | None = None
-    params: dict[ParamName, list[str]] | None = Field(default=None, min_length=1, max_length=16)
+    params: dict[ParamName, Annotated[list[str], Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=16, json_schema_extra={"additionalProperties": False}
+    )
 
     @model_validator(mode="after")
-    def _one_form(self) -> GroupRequest:
+    def _one_form(self, info: ValidationInfo) -> GroupRequest:
+        if _strict(info):  # a request; an answer (the server's dump) has nulls
+            _no_nulls(self, ("jobs", "spec", "params"))
         if (self.jobs is None) == (self.spec is None) or (self.spec is None) != (self.params is None):
             raise _refuse("give either jobs, or spec and params")
         if self.params is not None:
             count = 1
-            for name, values in self.params.items():
-                if not values:
-                    raise _refuse(f"params {name!r} has no values")
+            for values in self.params.values():  # each has a value (min_length)
                 count *= len(values)
             if count > LIMITS.max_group_jobs:
                 raise _refuse(f"params make {count} jobs; at most {LIMITS.max_group_jobs} at once")

@@ -42,7 +42,7 @@ TLS_HELP = "see the README, 'Serving other machines: TLS and tokens'"
 
 #: Every path under these (a prefix, not a whole-path pattern: a route's ``$`` also
 #: matches before a trailing newline, ``/v1/jobs%0A``).
-_PROTECTED = re.compile(r"/v1/(jobs|events)")
+_PROTECTED = re.compile(r"/v1/(jobs|events|groups)")
 _JOB = re.compile(r"/v1/jobs/([^/]+)(/.*)?", re.DOTALL)
 CALLER_KEY = "psik_api.caller"
 #: ``GET /v1/events`` names no job: a token narrowed to some jobs is not refused there,

@@ -786,8 +786,9 @@ def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
             jobid["pattern"] = JOBID_REGEX
     # The server validates request bodies with STRICT_INPUT: unknown fields are refused,
     # at every level of a JobSpec (and it never sends any either).
-    for name in ("JobSpec", "ResourceSpec"):
-        schemas[name]["additionalProperties"] = False
+    for name in ("JobSpec", "ResourceSpec", "Dependency", "GroupRequest"):
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
     # ... and what JobSpec's and ResourceSpec's validators refuse: counts a backend could
     # not run, NULs, control characters where a value becomes one line (a header, a
     # scheduler argument), environment names no shell can reach, a callback that is no

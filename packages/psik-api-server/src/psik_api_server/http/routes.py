@@ -61,7 +61,13 @@ def _dump(model: BaseModel) -> Any:
     if isinstance(model, Job):
         # The callback fields are write-only: never sent back, not even masked (spec.json
         # may hold this server's own callback and secret instead, see callbacks.py).
-        return model.model_dump(mode="json", exclude={"spec": {"callback", "cb_secret", "cb_headers"}})
+        dumped = model.model_dump(mode="json", exclude={"spec": {"callback", "cb_secret", "cb_headers"}})
+        # An after entry names its job by jobid (index is a request's own): the other is
+        # left out, not null, as the schema says.
+        dumped["spec"]["after"] = [
+            {k: v for k, v in d.items() if v is not None} for d in dumped["spec"]["after"]
+        ]
+        return dumped
     return model.model_dump(mode="json")
 
 
