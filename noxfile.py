@@ -26,7 +26,7 @@ import nox
 
 # The oldest nox these sessions were run with (the lock has the one CI runs: .ci/run).
 nox.needs_version = ">=2025.2.9"
-nox.options.sessions = ["tests", "api_fuzz", "lint", "typecheck"]
+nox.options.sessions = ["tests", "api_fuzz", "workflows", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -37,6 +37,8 @@ PACKAGES = [
     "packages/psik-api-server",
     "-e",
     "packages/psik-api-client",
+    "-e",
+    "packages/snakemake-executor-plugin-psik-api",
 ]
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 # "uv==0.13.10": the uv that wrote uv.lock (uv itself refuses to run as another version).
@@ -92,6 +94,16 @@ def api_fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+def workflows(session: nox.Session) -> None:
+    """The integrations workflow tools load by name, run by those tools' own tests against
+    a real server: the Snakemake executor plugin (Snakemake's bundled test workflows) and
+    the Parsl provider (Parsl's provider checks, and a program of HighThroughputExecutor
+    apps); each also once on the real Slurm cluster (tests_workflows/)."""
+    install_locked(session, "workflows")
+    session.run("pytest", *(session.posargs or ["-q", "tests_workflows"]))
+
+
+@nox.session
 def slurm(session: nox.Session) -> None:
     """Only the tests on a real single-node Slurm (tests/slurm; `tests` runs them too).
     Needs root: the fixture installs Debian's Slurm packages if missing and brings the
@@ -112,13 +124,15 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on every package's src/."""
-    install_locked(session, "typecheck")
+    """mypy --strict on every package's src/ (with the workflow tools installed: the
+    integrations are checked against their real interfaces)."""
+    install_locked(session, "typecheck", "workflows")
     session.run(
         "mypy",
         "packages/psik-api-core/src",
         "packages/psik-api-server/src",
         "packages/psik-api-client/src",
+        "packages/snakemake-executor-plugin-psik-api/src",
     )
 
 

@@ -1,0 +1,1 @@
+"""Snakemake executor plugin for psik-api (being written: issue 19)."""
