@@ -104,6 +104,15 @@ async def test_one_bad_entry_refuses_the_whole_request(settings: Settings) -> No
             ),
             ({"spec": {"script": "true"}, "params": {"1X": ["1"]}}, ["body", "params", "1X", "[key]"]),
             ({"jobs": []}, ["body", "jobs"]),
+            # past the 1,000 jobs one request may make: a list, and a sweep's product
+            ({"jobs": [{"script": "true"}] * 1001}, ["body", "jobs"]),
+            (
+                {
+                    "spec": {"script": "true"},
+                    "params": {"X": [str(i) for i in range(50)], "Y": list("abcdefghijklmnopqrstu")},
+                },
+                ["body", "params"],
+            ),
         ]:
             r = await c.post("/v1/groups", json=body)
             assert r.status_code == 422, (body, r.text)

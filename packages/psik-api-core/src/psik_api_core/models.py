@@ -705,13 +705,19 @@ class GroupRequest(_Model):
             _no_nulls(self, ("jobs", "spec", "params"))
         if (self.jobs is None) == (self.spec is None) or (self.spec is None) != (self.params is None):
             raise _refuse("give either jobs, or spec and params")
-        if self.params is not None:
+        return self
+
+    @field_validator("params")
+    @classmethod
+    def _bounded_sweep(cls, params: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        """A sweep makes at most ``max_group_jobs`` jobs (refused naming ``params``)."""
+        if params is not None:
             count = 1
-            for values in self.params.values():  # each has a value (min_length)
+            for values in params.values():  # each has a value (min_length)
                 count *= len(values)
             if count > LIMITS.max_group_jobs:
                 raise _refuse(f"params make {count} jobs; at most {LIMITS.max_group_jobs} at once")
-        return self
+        return params
 
     def specs(self) -> list[JobSpec]:
         """The jobs' specs, in order (a sweep's combinations expanded)."""
