@@ -808,3 +808,5 @@ class Problem(BaseModel):
     instance: str | None = None
     code: str
     errors: list[FieldError] | None = None
+    #: The id of the request answered (its ``X-Request-ID``), to quote in a report.
+    request_id: str | None = None
