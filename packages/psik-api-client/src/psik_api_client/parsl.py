@@ -63,7 +63,7 @@ STATES: Mapping[JobState, ParslState] = {
 }
 
 #: The label every block carries, with the provider instance's own value: the jobs of
-#: one Parsl run are found by it (``psik-api list --label parsl-provider=...``).
+#: one Parsl run are found by it (``psik-api ls --label parsl-provider=...``).
 LABEL = "parsl-provider"
 
 
@@ -155,8 +155,8 @@ class PsikApiProvider(ExecutionProvider, RepresentationMixin):
     ``spec`` is the JobSpec of every block, without its script (a :class:`JobSpec`, whose
     ``script`` is replaced, or a dict of its fields): its ``resources`` (``duration``,
     the walltime in minutes; ``node_count``; ``cpu_cores_per_process``...), ``attributes``
-    (the backend's own options, such as ``{"--qos": "debug"}`` for Slurm: partition and
-    account are the server's backend settings), ``environment``, ``directory``, ``labels``.
+    (the backend's own options: for Slurm, sbatch's, ``{"--partition": "debug",
+    "--account": "p1"}``), ``environment``, ``directory``, ``labels``.
     ``backend`` (else the spec's, else ``default``) is the server's backend to run on;
     ``walltime`` (``"HH:MM:SS"``), if given, replaces the spec's duration, rounded up to
     whole minutes; ``nodes_per_block`` (else the spec's ``node_count``, else 1) is written
