@@ -37,11 +37,13 @@
 An :class:`APIStatusError` is chosen by the problem's ``code`` first (it is stable and
 more precise), then by HTTP status, so a non-JSON error from a proxy still maps sensibly.
 Every :class:`~psik_api_core.ProblemCode` has its own class, whose ``status_code`` is
-the code's status. The message is the problem's ``detail``: a sentence a user can act on.
+the code's status. The message is the problem's ``detail``: a sentence a user can act on,
+then the request's id when the server gave one (``request_id``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,11 +117,17 @@ class APIStatusError(PsikApiError):
     ``status_code`` is the HTTP status, ``problem`` the parsed problem+json document
     (None if the body was not one) and ``response`` the raw response. On a subclass,
     ``status_code`` is also a class attribute: the status that kind of error is sent with.
+    ``request_id`` is the id the server logged the request under (the problem's, else the
+    response's ``X-Request-ID``; None if neither says): the message ends with it, for a
+    user to quote and an admin to find in the server's log.
     """
 
     status_code: int
 
     def __init__(self, message: str, *, response: httpx.Response, problem: Problem | None) -> None:
+        self.request_id = _request_id(response, problem)
+        if self.request_id is not None:
+            message = f"{message} (request id {self.request_id})"
         super().__init__(message)
         self.response = response
         self.status_code = response.status_code
@@ -384,6 +392,18 @@ BY_STATUS: dict[int, type[APIStatusError]] = {
         InsufficientStorageError,
     )
 }
+
+
+#: A request id as the server makes and takes them; anything else (a proxy's header, a
+#: damaged body) is not repeated in a message.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _request_id(response: httpx.Response, problem: Problem | None) -> str | None:
+    for found in (problem.request_id if problem else None, response.headers.get("x-request-id")):
+        if found is not None and _REQUEST_ID.fullmatch(found):
+            return found
+    return None
 
 
 def parse_problem(response: httpx.Response) -> Problem | None:

@@ -21,12 +21,13 @@ from pathlib import Path
 import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.types import Scope
 
-from psik_api_core import LOCAL_USER, OwnerPolicy, Policy
+from psik_api_core import LOCAL_USER, OwnerPolicy, Policy, Principal
 
 from . import __version__
 from .aio import in_thread
-from .auth.authenticator import auth_middleware
+from .auth.authenticator import PRINCIPAL_KEY, auth_middleware
 from .auth.certnames import ClientNames, find_config
 from .auth.local_secret import LocalSecrets
 from .auth.peer import PeerLookup
@@ -52,6 +53,7 @@ from .jobs.prefix_lock import PrefixLock
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
 from .serving.limits import flush_repeats
+from .serving.request_log import RequestLog
 from .settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -167,7 +169,10 @@ def create_app(
         routes=build_routes(openapi=openapi, docs=docs_html(openapi)),
         # CatchAll outside the auth middleware, so that a failing check is a 500 problem too.
         middleware=[
-            Middleware(NoSniff),  # outermost: on every response, refusals and 500s too
+            # Outermost: every answer, refusals and 500s too, carries the request's id, and
+            # every log line of the request (the checks' too) names it.
+            Middleware(RequestLog, access_log=settings.log_format == "json", identity=_identity),
+            Middleware(NoSniff),  # on every response, refusals and 500s too
             Middleware(CatchAll),
             auth_middleware(settings),  # the request-shape guard, then authz's authenticator
         ],
@@ -185,3 +190,10 @@ def create_app(
         client_names=client_names,  # who a client certificate names (auth.certnames)
     )
     return app
+
+
+def _identity(scope: Scope) -> str | None:
+    """Who the request acted for, for its access line: the principal's user name (never
+    a credential), None when the request was refused before its caller was known."""
+    found = scope.get("state", {}).get(PRINCIPAL_KEY)
+    return found.user if isinstance(found, Principal) else None

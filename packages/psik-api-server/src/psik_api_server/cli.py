@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--uds", help="listen on this UNIX socket instead of TCP")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text: human-readable lines; json: one JSON object per line and one access line "
+        "per request (default: the config's log_format, else text)",
+    )
+    serve.add_argument(
         "--max-connections",
         type=_positive(int),
         help="open connections at most; at the limit the one idle longest, else the one whose "
@@ -158,10 +164,10 @@ def serve(args: argparse.Namespace) -> int:
     from .context import context
     from .errors import StartupError
     from .serving import limits
+    from .serving.request_log import configure_logging, uvicorn_log_config
     from .serving.uvicorn_seam import ConnectionHooks
     from .settings import ConfigError, load_settings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
         settings = load_settings(args.config)
     except ConfigError as e:
@@ -171,8 +177,12 @@ def serve(args: argparse.Namespace) -> int:
         "max_connections": args.max_connections,
         "header_timeout": args.header_timeout,
         "keep_alive_timeout": args.keep_alive_timeout,
+        "log_format": args.log_format,
     }
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    # Each line names its request (serving.request_log); json: every line is an object.
+    configure_logging(args.log_level, settings.log_format)
+    json_log = settings.log_format == "json"
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     if settings.authz == "local" and not args.uds and not is_loopback_host(host):
@@ -203,6 +213,8 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # never trust X-Forwarded-For & co.
         server_header=False,
         log_level=args.log_level,
+        log_config=uvicorn_log_config(settings.log_format),
+        access_log=not json_log,  # json: the app's access line (RequestLog) instead
         timeout_graceful_shutdown=5,
         timeout_keep_alive=settings.keep_alive_timeout,
         backlog=backlog,
@@ -215,11 +227,14 @@ def serve(args: argparse.Namespace) -> int:
     repeats = limits.quiet_repeats()  # after uvicorn.Config, which configures logging
     bracketed = f"[{host.strip('[]')}]" if ":" in host else host
     where = f"unix:{args.uds}" if args.uds else f"http://{bracketed}:{port}"
-    print(
-        f"psik-api-server: starting on {where}; jobs in {settings.prefix}, "
-        f"the server's own files in {settings.state_directory}",
-        file=sys.stderr,
+    starting = (
+        f"starting on {where}; jobs in {settings.prefix}, "
+        f"the server's own files in {settings.state_directory}"
     )
+    if json_log:  # a log collector reading stderr gets JSON only
+        logging.getLogger(__name__).info("%s", starting)
+    else:
+        print(f"psik-api-server: {starting}", file=sys.stderr)
     quiet = _QuietStartupError(context(app))
     logging.getLogger("uvicorn.error").addFilter(quiet)
     try:

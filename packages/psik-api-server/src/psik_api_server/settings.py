@@ -156,6 +156,9 @@ class Settings(BaseModel):
     #: Token mode: whether a spec may ask for ``inherit_environment: true`` (the job
     #: would start with the server's environment). Off: refused, and the default is false.
     allow_inherit_environment: bool = False
+    #: The server's log lines: ``text`` (human-readable, uvicorn's access line) or
+    #: ``json`` (one object per line, and one access line per request; serving.request_log).
+    log_format: Literal["text", "json"] = "text"
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).
@@ -275,6 +278,7 @@ _SERVER_KEYS = {
     "callback_url",
     "callback_hosts",
     "allow_inherit_environment",
+    "log_format",
 }
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",

@@ -44,6 +44,7 @@ from psik_api_core.models import LABEL_KEY_PATTERN, MAX_COUNT
 
 from .._version import __version__
 from ..jobs.logs import LOG_NAME_REGEX, VALID_NAMES
+from ..serving.request_log import REQUEST_ID_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 PROBLEM_JSON = "application/problem+json"
@@ -64,7 +65,11 @@ All bodies are JSON and times are RFC 3339 UTC datetimes. Every error is an RFC 
 `application/problem+json` document whose `code` is stable: match on it, not on `title`.
 Unknown routes are 404 `not_found`, wrong methods 405 `method_not_allowed`, unknown
 query parameters and body fields 422 `validation_error` naming them. When the server's disk
-is full, requests that must write are 507 `insufficient_storage`; reads keep working."""
+is full, requests that must write are 507 `insufficient_storage`; reads keep working.
+
+Every response carries `X-Request-ID`, and every problem its `request_id`: the id the
+server logged the request under (the client's own `X-Request-ID` when it is 1 to 64 of
+`A-Z a-z 0-9 . _ -`, else a new one). Quote it when reporting a problem."""
 
 _TAGS = (
     {"name": "jobs", "description": "Submit, list, follow and cancel jobs."},
@@ -170,6 +175,12 @@ _HEADERS: dict[str, dict[str, Any]] = {
     "X-Log-Size": {
         "description": "The log's size in bytes when it was read.",
         "schema": {"type": "integer", "minimum": 0},
+    },
+    "X-Request-ID": {
+        "description": "The id the server logged this request under: the request's own"
+        " `X-Request-ID` if it sent a sane one, else a new one.",
+        "required": True,
+        "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
     },
 }
 
@@ -814,6 +825,9 @@ def _component_schemas(backends: list[str]) -> tuple[Refs, dict[str, Any]]:
         _constrain(spec[pairs], additionalProperties={"type": "string", "pattern": _ONE_LINE})
     codes = ", ".join(f"`{code.value}`" for code in ProblemCode)
     schemas["Problem"]["properties"]["code"]["description"] = f"Stable error code: one of {codes}."
+    request_id = schemas["Problem"]["properties"]["request_id"]
+    _constrain(request_id, pattern=REQUEST_ID_PATTERN)
+    request_id["description"] = "The id of the request answered, as its `X-Request-ID` header says."
     for schema in schemas.values():
         backend = schema.get("properties", {}).get("backend")
         if backends and backend is not None:
@@ -895,10 +909,16 @@ def _failures(op: Operation, refs: Refs) -> dict[str, Any]:
                 PROBLEM_JSON: {"schema": {"$ref": refs[(Problem, "serialization")]}, "examples": examples}
             },
         }
+        response["headers"] = _headers(("X-Request-ID",))
         if any(f.code is ProblemCode.idempotency_in_flight for f in failures):
-            response["headers"] = {"Retry-After": dict(_HEADERS["Retry-After"])}
+            response["headers"] |= _headers(("Retry-After",))
         responses[str(status)] = response
     return responses
+
+
+def _headers(names: tuple[str, ...]) -> dict[str, Any]:
+    """The response headers ``names`` as the document declares them."""
+    return {name: dict(_HEADERS[name]) for name in names}
 
 
 def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]:
@@ -909,8 +929,7 @@ def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]
             response["content"] = {reply.media_type: {"schema": _schema_of(reply.body, refs)}}
             for media_type, body in reply.also:
                 response["content"][media_type] = {"schema": _schema_of(body, refs)}
-        if reply.headers:
-            response["headers"] = {name: dict(_HEADERS[name]) for name in reply.headers}
+        response["headers"] = _headers((*reply.headers, "X-Request-ID"))
         responses[str(status)] = response
     responses |= _failures(op, refs)
     out: dict[str, Any] = {

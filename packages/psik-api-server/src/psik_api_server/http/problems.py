@@ -6,7 +6,9 @@ errors are translated; a full disk (ENOSPC, SQLITE_FULL) that reaches here becom
 ``diskfull``); a client that went away before its request body was complete
 (starlette's ``ClientDisconnect``, on any route that reads a body) is not a server
 error: a debug line, no traceback, and a 400 that nobody reads; anything else is logged
-and becomes a 500 ``internal_error`` that leaks no detail.
+and becomes a 500 ``internal_error`` that leaks no detail. Every problem names the
+request it answers (``request_id``, as the ``X-Request-ID`` header does: see
+:mod:`psik_api_server.serving.request_log`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from psik_api_core import FieldError, ProblemCode
 
 from ..errors import ApiError
 from ..jobs.diskfull import is_disk_full
+from ..serving.request_log import current_request_id
 
 _logger = logging.getLogger(__name__)
 
@@ -33,7 +36,10 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(err: ApiError, instance: str | None = None) -> Response:
-    body = err.problem(instance).model_dump(mode="json", exclude_none=True)
+    """``err`` as problem+json, with the id of the request it answers (``request_id``)."""
+    problem = err.problem(instance)
+    problem.request_id = current_request_id()  # None (left out) outside a request
+    body = problem.model_dump(mode="json", exclude_none=True)
     return Response(
         json.dumps(body), status_code=err.code.status, media_type=PROBLEM_JSON, headers=err.headers
     )
