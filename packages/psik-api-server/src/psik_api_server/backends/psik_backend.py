@@ -282,17 +282,19 @@ class PsikBackend:
             await job.reached(jobndx, PsikJobState.queued, one_line(why), backdate=now)
         return jobndx, now
 
-    def wait_for_slot_sync(self, jobid: str, why: str) -> tuple[int, float]:
+    def wait_for_slot_sync(self, jobid: str, why: str) -> tuple[int, float, list[jobdir.Row]]:
         """:meth:`wait_for_slot` of a job's next run, blocking and without psik's ``Job``
-        (many jobs in one worker-thread trip: a group's): the same row, under the same lock.
-        :class:`JobFileInvalid` for files the job made invalid."""
+        (many jobs in one worker-thread trip: a group's): the same row, under the same lock;
+        with the job's history, that row last. :class:`JobFileInvalid` for files the job
+        made invalid."""
         base = self.path(jobid)
         check_job_files(base)
         history = jobdir.read_history(base)
         jobndx = max((r.jobndx for r in history), default=0) + 1  # psik's summarize()
         now = time.time()
-        jobdir.append_row(base, now, jobndx, JobState.queued, one_line(why))
-        return jobndx, now
+        info = one_line(why)
+        jobdir.append_row(base, now, jobndx, JobState.queued, info)
+        return jobndx, now, [*history, jobdir.Row(now, jobndx, JobState.queued, info)]
 
     async def record_failure(self, jobid: str, jobndx: int, reason: str) -> None:
         """Append ``failed`` for run ``jobndx`` to the job's history, with ``reason``."""

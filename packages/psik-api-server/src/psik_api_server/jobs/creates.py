@@ -237,7 +237,7 @@ class JobCreator:
                 jobdir.write_labels(base, checked.labels, sync=False)
                 jobdir.write_group(base, group, sync=False)
                 jobdir.write_after(base, after, sync=False)
-                made[i] = jobdir.read_job(base)
+                made[i] = jobdir.read_made(base, checked.labels, after, group)
                 afters[i] = after
             # One flush for every member's records (each fsync'd alone, a third of the time).
             jobdir.sync_filesystem(self.backend.prefix)

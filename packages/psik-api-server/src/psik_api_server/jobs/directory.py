@@ -173,8 +173,20 @@ def read_job_file(base: Path, name: str, limit: int) -> bytes:
     """The content of the regular file ``base/name`` (see :func:`open_job_file`); a file
     that grew past ``limit`` while it was read is :class:`JobFileInvalid` too."""
     fd = open_job_file(base, name, limit)
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
+    try:
+        # Plain reads of the descriptor (no buffered file object around it: a job's
+        # files are read several times per request, and small).
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > limit:
         raise JobFileInvalid(base, name, f"is larger than {limit} bytes")
     return data
@@ -253,6 +265,15 @@ def read_job(base: Path) -> JobFiles:
     if after:
         spec = spec.model_copy(update={"after": after})
     return JobFiles(jobid=base.name, spec=spec, history=read_history(base), group=read_group(base))
+
+
+def read_made(base: Path, labels: dict[str, str], after: list[Dependency], group: str | None) -> JobFiles:
+    """:func:`read_job` of a job this server has just made, whose labels, dependencies
+    and group it wrote itself a moment ago: only psik's spec.json and status.csv are read."""
+    spec = read_spec(base)
+    if labels or after:
+        spec = spec.model_copy(update={"labels": labels, "after": after})
+    return JobFiles(jobid=base.name, spec=spec, history=read_history(base), group=group)
 
 
 def list_jobids(prefix: Path) -> set[str]:
@@ -353,12 +374,15 @@ def write_private(path: Path, text: str, sync: bool = True) -> None:
     """Write a new file ``path`` (never over one, never through a symlink), mode 0600
     from the start, and sync it (``sync=False``: the caller syncs the filesystem once
     for many, :func:`sync_filesystem`)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(fd, data) :]
         if sync:
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_filesystem(path: Path) -> None:

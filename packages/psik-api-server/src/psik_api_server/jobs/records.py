@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from psik_api_core import Action, Job, JobState, Principal, ProblemCode, run_outcome, utc
+from psik_api_core import Action, Job, JobState, Principal, ProblemCode, derive_state, run_outcome, utc
 
 from ..aio import in_thread
 from ..backends.psik_backend import PsikBackend
@@ -176,14 +176,21 @@ class JobRecords:
         except (OSError, ValueError):
             self.store.release_start(jobid)
             return None
-        state, jobndx = files.state
-        runner = self._runner(jobid, files.spec.backend, files.history, files.state)
-        self.store.release_start(
-            jobid, state, jobndx, files.updated, files.exit_code, files.history, hold=runner is not None
-        )
+        self.release_start_with(jobid, files.spec.backend, files.history, files.state)
+        return files
+
+    def release_start_with(
+        self, jobid: str, backend: str, history: list[jobdir.Row], state: tuple[JobState, int] | None = None
+    ) -> None:
+        """:meth:`release_start` with the job's history as the caller has just read or
+        written it (a group's members recorded waiting for a slot: no second read)."""
+        state = derive_state(history) if state is None else state
+        runner = self._runner(jobid, backend, history, state)
+        updated = max((r.time for r in history), default=float(jobid))
+        exit_code = run_outcome(history)[1]
+        self.store.release_start(jobid, *state, updated, exit_code, history, hold=runner is not None)
         if runner is not None and self.runners is not None:
             self.runners.hold(jobid, *runner)
-        return files
 
     def release_slot_unless_running(self, jobid: str) -> None:
         """After a launch that was cut short: give the job's slot back unless the job was

@@ -221,16 +221,22 @@ class Submitter:
             why = self.slots.why(backend)
 
             def record(
-                jobids: list[str] = jobids, why: str = why
+                jobids: list[str] = jobids, why: str = why, backend: str = backend
             ) -> list[tuple[str, float | JobFileInvalid]]:
                 out: list[tuple[str, float | JobFileInvalid]] = []
                 for jobid in jobids:
                     try:
-                        out.append((jobid, self.backend.wait_for_slot_sync(jobid, why)[1]))
+                        _, since, history = self.backend.wait_for_slot_sync(jobid, why)
                     except JobFileInvalid as e:
                         out.append((jobid, e))
-                    finally:
                         self.records.release_start(jobid)
+                    except BaseException:
+                        self.records.release_start(jobid)
+                        raise
+                    else:
+                        out.append((jobid, since))
+                        # The history it has just written: no second read of the job.
+                        self.records.release_start_with(jobid, backend, history)
                 return out
 
             for jobid, since in await in_thread(record):
