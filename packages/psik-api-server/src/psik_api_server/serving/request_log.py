@@ -190,7 +190,15 @@ class RequestLog:
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
         }
-        self.logger.info("%s %s %s", fields["method"], fields["route"], status, extra={_ACCESS_ATTR: fields})
+        # The id in the message too: a launcher's own text handler (certified serve) shows it.
+        self.logger.info(
+            "%s %s %s (request %s)",
+            fields["method"],
+            fields["route"],
+            status,
+            request_id,
+            extra={_ACCESS_ATTR: fields},
+        )
 
 
 class RequestIdFilter(logging.Filter):
