@@ -192,7 +192,8 @@ async def test_unknown_and_another_users_parents_are_refused_alike(tmp_path: Pat
         for name, parent in (("unknown", unknown), ("bobs", bobs.jobid)):
             body = {"script": "true", "after": [{"jobid": mine["jobid"]}, {"jobid": parent}]}
             for path in ("/v1/jobs", "/v1/jobs/new"):
-                r = await c.post(path, json=body, headers=JSON)
+                # One request id for all: the whole answers are compared.
+                r = await c.post(path, json=body, headers={**JSON, "X-Request-ID": "alike"})
                 assert r.status_code == 422, r.text
                 answers[name, path] = json.loads(r.text.replace(parent, "<parent>"))
         # One answer for both: nothing says whether the job exists.
@@ -354,7 +355,11 @@ def test_bob_cannot_depend_on_alices_job_in_token_mode(tls_server: Any) -> None:
     answers = []
     with tls_server.client("bob") as bob:
         for parent in (alices, "1700000000.000"):
-            r = bob.post("/v1/jobs", json={"script": "true", "after": [{"jobid": parent}]})
+            r = bob.post(
+                "/v1/jobs",
+                json={"script": "true", "after": [{"jobid": parent}]},
+                headers={"X-Request-ID": "alike"},  # one id for both: the whole answers are compared
+            )
             assert r.status_code == 422, r.text
             answers.append(json.loads(r.text.replace(parent, "<parent>")))
         assert bob.get("/v1/jobs").json()["items"] == []
