@@ -95,6 +95,32 @@ def test_run_as_a_module_reads_psik_api_config_like_serve(site: Path) -> None:
     assert done.stdout.splitlines()[0] == f"ok   config: {site / 'psik_api.json'}, authz local"
 
 
+def test_the_server_command_runs_it_as_check(site: Path) -> None:
+    """``psik-api-server check``, the command the README's deployment sections use."""
+    env = {k: v for k, v in os.environ.items() if k != "PSIK_API_CONFIG"}
+    config = str(write_config(site))
+    ok = subprocess.run(
+        [sys.executable, "-m", "psik_api_server", "check", "--config", config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.splitlines()[0] == f"ok   config: {config}, authz local"
+    (site / "jobs").mkdir(mode=0o777)
+    (site / "jobs").chmod(0o777)
+    bad = subprocess.run(
+        [sys.executable, "-m", "psik_api_server", "check", "--config", config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert lines_of(bad.stdout.splitlines(), "FAIL", "prefix"), bad.stdout
+
+
 def test_a_broken_config_is_a_config_error_exit_2(site: Path) -> None:
     path = site / "psik_api.json"
     path.write_text('{"prefix": ')

@@ -1,4 +1,6 @@
-"""``psik-api-server serve [--config FILE] [--host H] [--port P] [--uds PATH]``.
+"""``psik-api-server serve [--config FILE] [--host H] [--port P] [--uds PATH]``, and
+``psik-api-server check [--config FILE]``: whether ``serve`` would start and work
+(:mod:`psik_api_server.preflight`).
 
 Runs uvicorn on the app with forwarded headers ignored (``proxy_headers=False``) and its
 own HTTP protocol class (``uvicorn.Config(http=...)``, :mod:`psik_api_server.serving.uvicorn_seam`: the
@@ -25,6 +27,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from . import preflight  # the standard library only, at import
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-alive-timeout",
         type=_positive(int),
         help="seconds an idle keep-alive connection stays open (default 5)",
+    )
+    preflight.add_arguments(
+        sub.add_parser("check", help="say whether serve would start and work with this config")
     )
     return p
 
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "check":
+            return preflight.run(args)
     except KeyboardInterrupt:
         # Ctrl-C during start-up (an import, the index), or after uvicorn's shutdown:
         # uvicorn raises again the signal it caught, once it has shut down. Either way
