@@ -107,6 +107,9 @@ class Settings(BaseModel):
     policy: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     #: Lifetime of the tokens ``GET /v1/token`` mints (seconds; the caller may ask for less).
     token_lifetime: float = Field(default=86400.0, gt=0, le=366 * 86400)
+    #: Token mode: who may read ``GET /metrics``, by the names token mode gives callers
+    #: (``uid:alice``, ``cn:agent``); empty: nobody. Local mode: the owner, as every route.
+    metrics_readers: list[str] = Field(default_factory=list)
     #: The server's own files: the index (unless ``database``), its lock, the launcher's
     #: log and the token signing key (``token-key.pem``). Never beside the prefix, where
     #: others may write (/tmp): default :func:`default_state_dir`. See statedir.py.
@@ -260,6 +263,7 @@ _SERVER_KEYS = {
     "authz",
     "policy",
     "token_lifetime",
+    "metrics_readers",
     "state_dir",
     "certified_config",
     "host",
