@@ -144,6 +144,12 @@ class DiskFull:
             )
         return place
 
+    def is_full(self, place: str) -> bool:
+        """Whether ``place`` (:data:`INDEX` or :data:`PREFIX`) is full now, as last seen."""
+        episode = self._episode(place)
+        with self._lock:
+            return episode in self._full
+
     def cleared(self, place: str) -> None:
         """A write to ``place`` worked: ends its episode (logged once)."""
         episode = self._episode(place)

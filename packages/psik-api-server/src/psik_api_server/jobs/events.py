@@ -103,11 +103,17 @@ class EventHub:
         self._count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+        #: Events sent to readers (streams and long polls) so far, for the metrics.
+        self.sent = 0
 
     @property
     def streams(self) -> int:
         """How many subscriptions are open."""
         return self._count
+
+    def count_sent(self, n: int) -> None:
+        """``n`` events were sent to a reader (on the event loop)."""
+        self.sent += n
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

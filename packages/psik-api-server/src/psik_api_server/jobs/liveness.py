@@ -42,6 +42,9 @@ class LivenessLoop:
         self.disk = disk
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        #: Rounds done and the jobs they recorded ``failed``, so far (the metrics read them).
+        self.rounds = 0
+        self.failed = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="liveness")
@@ -82,4 +85,6 @@ class LivenessLoop:
                     continue
                 await in_thread(self.records.refresh, job.jobid)
                 gone.append(job.jobid)
+        self.rounds += 1
+        self.failed += len(gone)
         return gone

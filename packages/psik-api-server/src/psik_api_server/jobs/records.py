@@ -9,6 +9,7 @@ more at its end.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,6 +87,9 @@ class JobRecords:
         #: Local jobs recorded final whose runner still runs keep their slot until it
         #: exits (a job can write its own final row: :mod:`~..backends.local.runners`).
         self.runners = runners
+        #: Told, for each new status row the watcher saw, the seconds from the row's own
+        #: time to its change being in the index (the metrics' watcher lag).
+        self.observe_lag: Callable[[float], None] = lambda seconds: None
 
     def _runner(
         self, jobid: str, backend: str | None, history: Sequence[Row], state: tuple[JobState, int]
@@ -229,3 +233,7 @@ class JobRecords:
             raise
         if changed:
             self.disk.cleared(INDEX)
+        now = time.time()  # the rows' clock: psik stamps them with the wall clock
+        for c in changes:
+            for r in c.new:
+                self.observe_lag(max(0.0, now - r.time))

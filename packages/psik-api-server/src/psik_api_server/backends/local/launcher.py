@@ -108,6 +108,11 @@ class LocalLauncher:
             return self._proc
 
     @property
+    def pending(self) -> int:
+        """Submits sent to the launcher process and not answered yet (its queue)."""
+        return len(self._pending)
+
+    @property
     def running(self) -> bool:
         """True while a launcher process is up."""
         return self._proc is not None and self._proc.returncode is None
