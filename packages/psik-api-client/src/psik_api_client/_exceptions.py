@@ -23,7 +23,7 @@
      │    ├── UnprocessableEntityError     422 validation_error
      │    │    ├── UnknownBackendError         422 unknown_backend
      │    │    └── IdempotencyMismatchError    422 idempotency_mismatch
-     │    ├── RateLimitError               429
+     │    ├── RateLimitError               429 rate_limited (retried as Retry-After says)
      │    ├── InternalServerError          500 internal_error, and any other 5xx
      │    ├── SubmitFailedError            502 submit_failed (the job exists, failed)
      │    ├── ServiceUnavailableError      503 backend_unavailable
@@ -254,9 +254,20 @@ class IdempotencyMismatchError(UnprocessableEntityError):
 
 
 class RateLimitError(APIStatusError):
-    """429: too many requests."""
+    """429: the caller sent more requests, or submitted more jobs, than the server's
+    rate limits allow (``rate_limited``); nothing was done. The client waits as
+    ``Retry-After`` says and sends the request again (``max_retries`` times, if the wait
+    is at most a minute), so this is raised only once those tries are spent:
+    ``retry_after`` is the server's last word on when to come back."""
 
     status_code = 429
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asked to wait (its ``Retry-After``), if it said."""
+        from ._retry import parse_retry_after  # _retry imports this module
+
+        return parse_retry_after(self.response.headers.get("Retry-After"))
 
 
 class InternalServerError(APIStatusError):
@@ -369,6 +380,7 @@ BY_CODE: dict[ProblemCode, type[APIStatusError]] = {
     ProblemCode.backend_unavailable: ServiceUnavailableError,
     ProblemCode.insufficient_storage: InsufficientStorageError,
     ProblemCode.too_many_streams: TooManyStreamsError,
+    ProblemCode.rate_limited: RateLimitError,
 }
 
 #: Without a known code (a proxy's error page, an older server), the status decides.

@@ -33,6 +33,7 @@ class ProblemCode(StrEnum):
     backend_unavailable = "backend_unavailable"
     insufficient_storage = "insufficient_storage"
     too_many_streams = "too_many_streams"
+    rate_limited = "rate_limited"
     internal_error = "internal_error"
 
     @property
@@ -65,6 +66,7 @@ _STATUS: dict[ProblemCode, int] = {
     ProblemCode.backend_unavailable: 503,
     ProblemCode.insufficient_storage: 507,
     ProblemCode.too_many_streams: 503,
+    ProblemCode.rate_limited: 429,
     ProblemCode.internal_error: 500,
 }
 
@@ -89,6 +91,7 @@ _TITLE: dict[ProblemCode, str] = {
     ProblemCode.backend_unavailable: "Backend unavailable",
     ProblemCode.insufficient_storage: "The server's disk is full",
     ProblemCode.too_many_streams: "Too many event streams are open",
+    ProblemCode.rate_limited: "Too many requests",
     ProblemCode.internal_error: "Internal server error",
 }
 
