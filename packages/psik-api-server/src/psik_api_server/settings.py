@@ -69,6 +69,32 @@ class BackendSettings(BaseModel):
         return driver_class(self.type).default_slots()
 
 
+class RateLimits(BaseModel):
+    """Per-identity rate limits (serving/rate_limit.py): token buckets, in requests and
+    in jobs submitted per second. A rate of 0 turns its limit off; all 0 turns both off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Requests an identity may make per second, on average (health and docs are free).
+    requests_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
+    #: Requests an identity may make at once, above the average, before it waits.
+    burst: int = Field(default=100, ge=0, le=1_000_000)
+    #: Jobs an identity may submit per second (``POST /v1/jobs``, ``.../start``; a group
+    #: counts as its number of jobs), with a burst of one second's worth (at least 1).
+    submits_per_second: float = Field(default=10.0, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _a_burst_to_start_with(self) -> RateLimits:
+        if self.requests_per_second > 0 and self.burst < 1:
+            raise ValueError("burst must be at least 1 while requests_per_second is not 0")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether either limit is on."""
+        return self.requests_per_second > 0 or self.submits_per_second > 0
+
+
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/psik_api`` (``~/.local/share/psik_api`` when unset)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -162,6 +188,9 @@ class Settings(BaseModel):
     #: The server's log lines: ``text`` (human-readable, uvicorn's access line) or
     #: ``json`` (one object per line, and one access line per request; serving.request_log).
     log_format: Literal["text", "json"] = "text"
+    #: Per-identity rate limits; null: none. Unset: none in local mode (one user), the
+    #: defaults of :class:`RateLimits` in token mode (``_default_rate_limits``).
+    rate_limits: RateLimits | None = None
     #: What the loader noticed but did not use, for the start-up log.
     notes: list[str] = Field(default_factory=list, exclude=True)
     #: The file these settings came from (None: the embedded default).
@@ -181,6 +210,14 @@ class Settings(BaseModel):
                 raise ValueError(f"authz {data['authz']!r} and policy {data['policy']!r} disagree; give one")
             data = {**data, "policy": data["authz"], "authz": "token"}
         return data
+
+    @model_validator(mode="after")
+    def _default_rate_limits(self) -> Settings:
+        # Token mode serves many users: one must not starve the others unless the site
+        # says so (``"rate_limits": null``).
+        if "rate_limits" not in self.model_fields_set and self.authz == "token":
+            self.rate_limits = RateLimits()
+        return self
 
     @field_validator("callback_url")
     @classmethod
@@ -283,6 +320,7 @@ _SERVER_KEYS = {
     "callback_hosts",
     "allow_inherit_environment",
     "log_format",
+    "rate_limits",
 }
 _SEED_BACKEND_IGNORED = {
     "psik_path": "psik 3 runs jobs with the server's own Python; psik_path is not used",
