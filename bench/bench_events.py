@@ -6,7 +6,7 @@ Against a live ``psik-api-server serve`` (local backend):
    run, a few at a time; for each job's final event, the time from the job writing its
    final status row (the row's own time) to the event being read off the socket. p50/p99.
 2. **wait by the stream**: ``Client.wait`` of each of ``--jobs`` jobs, from its final row to
-   the call returning (p50/p99); ``wait_all`` on 300 jobs at once, from the last final row
+   the call returning (p50/p99); ``wait_all`` on ``--wait-all-jobs`` (300) at once, from the last final row
    to its return, and the requests it made.
 3. **Many subscribers**: ``--subscribers`` SSE streams held open over raw sockets; the
    server's memory per subscriber (RSS growth / subscribers), the time from one job's
@@ -276,6 +276,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--subscribers", type=int, default=1000)
+    p.add_argument("--wait-all-jobs", type=int, default=300, help="jobs for wait_all at once")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "events.json")
     args = p.parse_args()
     config = {
         "backends": {"default": {"type": "local", "max_running": 100000}},
@@ -295,15 +297,14 @@ def main() -> None:
             "wait_p50_ms": statistics.median(lat) * 1000,
             "wait_p99_ms": pct(lat, 0.99) * 1000,
         }
-        results |= wait_all_figures(url, 300)
+        results |= wait_all_figures(url, args.wait_all_jobs)
         results |= many_subscribers(url, pid, args.subscribers)
     with tempfile.TemporaryDirectory() as tmp:
         results |= kill_and_resume(Path(tmp), 8, 40)
     for key, value in results.items():
         print(f"{key:36s} {value:10.3f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "events.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=600, help="wait_all's timeout (s)")
     p.add_argument("--keep", type=Path, help="data directory to use and keep (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "fanout.json")
     args = p.parse_args()
     res: dict[str, float | int] = {"jobs": args.jobs, "server_local_max_running": 100_000}
     with tempfile.TemporaryDirectory(prefix="psik-api-fanout-") as tmp:
@@ -106,9 +107,8 @@ def main() -> None:
     width = max(map(len, res))
     for k, v in res.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "fanout.json").write_text(json.dumps(res, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def single_posts(url: str, jobs: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=300)
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "groups.json")
     args = p.parse_args()
     results: dict[str, float] = {"jobs": args.jobs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,9 +74,8 @@ def main() -> None:
     results["group_speedup"] = results["single_posts_s"] / results["group_s"]
     for key, value in results.items():
         print(f"{key:20s} {value:10.3f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "groups.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

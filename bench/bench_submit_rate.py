@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--submits", type=int, default=400)
     p.add_argument("--backlog", type=int, default=2000)
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "submit_rate.json")
     args = p.parse_args()
     results: dict[str, float] = {}
     for backlog in (0, args.backlog):
@@ -113,9 +114,8 @@ def main() -> None:
         results[f"ratio_api_over_psik_backlog{backlog}"] = rate / floor
     for key, value in results.items():
         print(f"{key:42s} {value:10.3f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "submit_rate.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
