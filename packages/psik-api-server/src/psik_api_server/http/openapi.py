@@ -749,17 +749,25 @@ Refs = Mapping[tuple[object, JsonSchemaMode], str]
 
 
 def build_openapi(
-    *, title: str = "psik-api", version: str = __version__, backends: list[str] | None = None
+    *,
+    title: str = "psik-api",
+    version: str = __version__,
+    backends: list[str] | None = None,
+    rate_limited: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for every route of psik-api.
 
-    ``backends`` (the configured backend names) become examples of backend parameters.
-    A new document each call, so callers may change it.
+    ``backends`` (the configured backend names) become examples of backend parameters;
+    ``rate_limited`` (the server has ``rate_limits``) declares the 429 of every operation
+    not in :data:`RATE_LIMIT_EXEMPT`. A new document each call, so callers may change it.
     """
     refs, schemas = _component_schemas(backends or [])
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs, backends or [])
+        out = _operation(op, refs, backends or [])
+        if rate_limited and op.operation_id not in RATE_LIMIT_EXEMPT:
+            out["responses"] = dict(sorted({**out["responses"], "429": _rate_limited(refs)}.items()))
+        paths.setdefault(op.path, {})[op.method.lower()] = out
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": _INTRO},
@@ -919,6 +927,30 @@ def _failures(op: Operation, refs: Refs) -> dict[str, Any]:
 def _headers(names: tuple[str, ...]) -> dict[str, Any]:
     """The response headers ``names`` as the document declares them."""
     return {name: dict(_HEADERS[name]) for name in names}
+
+
+#: The operations rate limits never refuse (``serving.rate_limit`` takes their paths from
+#: here): the health check, the document itself, and the jobs' own signed state reports.
+RATE_LIMIT_EXEMPT = frozenset({"healthz", "getOpenAPI", "getDocs", "postCallback"})
+
+
+def _rate_limited(refs: Refs) -> dict[str, Any]:
+    """The 429 every other operation can answer where the server has ``rate_limits``."""
+    code = ProblemCode.rate_limited
+    example = {"type": "about:blank", "title": code.problem_title, "status": 429, "code": code.value}
+    retry_after = {**_HEADERS["Retry-After"], "required": True}
+    return {
+        "description": f"`{code.value}`: the caller (the user its certificate or token names) made"
+        " more requests, or submitted more jobs, than the server's `rate_limits` allow (a group"
+        " counts as its jobs); nothing was done: send it again after `Retry-After` seconds",
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {"$ref": refs[(Problem, "serialization")]},
+                "examples": {code.value: {"summary": code.problem_title, "value": example}},
+            }
+        },
+        "headers": _headers(("X-Request-ID",)) | {"Retry-After": retry_after},
+    }
 
 
 def _operation(op: Operation, refs: Refs, backends: list[str]) -> dict[str, Any]:
