@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .auth.tokens import TokenAuthority
     from .errors import StartupError
     from .files.service import FileService
+    from .http.metrics import ServerMetrics
     from .jobs.groups import GroupService
     from .jobs.service import JobService
     from .settings import Settings
@@ -36,6 +37,8 @@ class ServerContext:
     peer_lookup: PeerLookup
     #: The local secret, where no uid can be told (local mode).
     local_secrets: LocalSecrets
+    #: ``GET /metrics``: this app's registry (see :mod:`.http.metrics`).
+    metrics: ServerMetrics
     #: Token mode: the token authority and who a client certificate names; else None.
     tokens: TokenAuthority | None = None
     client_names: ClientNames | None = None

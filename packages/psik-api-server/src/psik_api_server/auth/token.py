@@ -41,8 +41,9 @@ from .tokens import TokenError
 TLS_HELP = "see the README, 'Serving other machines: TLS and tokens'"
 
 #: Every path under these (a prefix, not a whole-path pattern: a route's ``$`` also
-#: matches before a trailing newline, ``/v1/jobs%0A``).
-_PROTECTED = re.compile(r"/v1/(jobs|events|groups)")
+#: matches before a trailing newline, ``/v1/jobs%0A``). ``/metrics`` then also needs its
+#: caller in ``metrics_readers`` (http.metrics), and a token narrowed to jobs fails here.
+_PROTECTED = re.compile(r"/v1/(jobs|events|groups)|/metrics")
 _JOB = re.compile(r"/v1/jobs/([^/]+)(/.*)?", re.DOTALL)
 CALLER_KEY = "psik_api.caller"
 #: ``GET /v1/events`` names no job: a token narrowed to some jobs is not refused there,

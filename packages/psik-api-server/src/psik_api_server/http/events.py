@@ -134,22 +134,23 @@ async def _long_poll(hub: EventHub, feed: _Feed, after: int | None, seconds: flo
         while True:
             found, upto = await feed.after(after, limit)
             if found:
-                return _json_events(found)
+                return _json_events(hub, found)
             if upto > after:  # a page of others' events (a narrowed token): read on
                 after = upto
                 continue
             left = deadline - time.monotonic()
             if left <= 0 or sub.ended is not None:
                 found, _ = await feed.after(after, limit)  # another process's, if any
-                return _json_events(found)
+                return _json_events(hub, found)
             await sub.wait(left)
             if sub.queue:
                 live = [e for e in sub.take() if e.id > after]
                 if live:
-                    return _json_events(live[:limit])
+                    return _json_events(hub, live[:limit])
 
 
-def _json_events(rows: list[EventRow]) -> Response:
+def _json_events(hub: EventHub, rows: list[EventRow]) -> Response:
+    hub.count_sent(len(rows))
     body = "[" + ",".join(r.event().model_dump_json() for r in rows) + "]"
     return Response(body, media_type="application/json")
 
@@ -199,11 +200,15 @@ class EventStream(Response):
         async def body(chunk: bytes, more: bool = True) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
+        async def events(rows: list[EventRow]) -> None:
+            await body(b"".join(map(_frame, rows)))
+            self.hub.count_sent(len(rows))
+
         # Catch up from the index a page at a time; ``sent`` is the last id read.
         while True:
             found, upto = await self.feed.after(sent, REPLAY_PAGE)
             if found:
-                await body(b"".join(map(_frame, found)))
+                await events(found)
             if upto == sent:
                 break
             sent = upto
@@ -212,7 +217,7 @@ class EventStream(Response):
             live = [e for e in sub.take() if e.id > sent]
             if live:
                 sent = live[-1].id
-                await body(b"".join(map(_frame, live)))
+                await events(live)
             if sub.ended is not None:
                 await body(f": {sub.ended}\n\n".encode(), more=False)
                 return
@@ -221,6 +226,6 @@ class EventStream(Response):
                 # sharing it commits events this one never hears of), then say we're here.
                 found, upto = await self.feed.after(sent, REPLAY_PAGE)
                 if found:
-                    await body(b"".join(map(_frame, found)))
+                    await events(found)
                 sent = max(sent, upto)
                 await body(b": keep-alive\n\n")

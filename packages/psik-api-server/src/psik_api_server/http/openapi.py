@@ -730,6 +730,23 @@ OPERATIONS: tuple[Operation, ...] = (
                     {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})},
     ),
     Operation(
+        "GET", "/metrics", "getMetrics", "service", "Metrics, for Prometheus",
+        "What the server is doing, in Prometheus' text format 0.0.4: requests by route template,"
+        " method and status, with their latency; jobs by backend and state; job slots in use;"
+        " the watcher's lag; event subscribers and events sent; liveness rounds and the jobs"
+        " they failed; the launcher's queue; whether a disk is full; start-up time. Local mode:"
+        " the owner may read it, as every route; token mode: only the callers the config's"
+        " `metrics_readers` names (none by default), and never with a token narrowed to jobs.",
+        {200: Reply("The metrics.", {"type": "string"}, media_type="text/plain; version=0.0.4")},
+        failures=(
+            Failure(ProblemCode.unauthorized, "no caller this server can name: token mode without a"
+                    " valid TLS client certificate or with a token that is not valid; local mode"
+                    " without the local secret where no uid can be told"),
+            Failure(ProblemCode.forbidden, "token mode: the caller is not in `metrics_readers`, or"
+                    " its token is narrowed to some jobs; local mode: another user"),
+        ),
+    ),
+    Operation(
         "GET", "/openapi.json", "getOpenAPI", "service", "This OpenAPI document",
         "The OpenAPI 3.1 description of the API.",
         {200: Reply("The OpenAPI document.", {"type": "object"})},

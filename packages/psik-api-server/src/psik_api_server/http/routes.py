@@ -32,6 +32,7 @@ from .events import get_events, get_job_events
 from .files import delete_job_file, get_job_file, list_job_files, put_job_file, upload_job_files
 from .groups import delete_group, get_group, post_group
 from .logs import get_job_log, get_job_logs
+from .metrics import get_metrics
 from .openapi import OPERATIONS, Operation
 from .params import Params, label_filters, read_params
 from .token import mint_token, show_token, token_key
@@ -196,6 +197,7 @@ HANDLERS: Mapping[str, Handler] = {
 ENDPOINTS: Mapping[str, Endpoint] = {
     "postCallback": post_callback,
     "healthz": healthz,
+    "getMetrics": get_metrics,  # a scraper's query is its own business, as a prober's
 }
 
 

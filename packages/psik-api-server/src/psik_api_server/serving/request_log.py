@@ -116,7 +116,8 @@ def _match(scope: Scope) -> str | None:
 class RequestLog:
     """Pure ASGI middleware: the request's id (the module doc), and with ``access_log``
     one access line per request. ``identity(scope)`` names the caller once the app has
-    run (None: unknown); it must never return a credential."""
+    run (None: unknown); it must never return a credential. ``observe(scope, status,
+    seconds)`` is told of every request once its answer is over (the metrics)."""
 
     def __init__(
         self,
@@ -125,11 +126,13 @@ class RequestLog:
         access_log: bool = False,
         identity: Callable[[Scope], str | None] = lambda scope: None,
         clock: Callable[[], float] = time.perf_counter,
+        observe: Callable[[Scope, int, float], None] | None = None,
     ) -> None:
         self.app = app
         self.access_log = access_log
         self.identity = identity
         self.clock = clock
+        self.observe = observe
         self.logger = logging.getLogger(ACCESS_LOGGER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -172,6 +175,8 @@ class RequestLog:
             await self.app(scope, counting_receive, tagging_send)
         finally:
             try:
+                if self.observe is not None:
+                    self.observe(scope, status, self.clock() - started)
                 if self.access_log:
                     self._log(scope, request_id, status, started, bytes_in, bytes_out)
             finally:
