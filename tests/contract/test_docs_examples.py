@@ -114,8 +114,9 @@ def _run_script(source: str, url: str) -> subprocess.CompletedProcess[str]:
 
 def test_readme_python_examples_run_as_scripts(live_app: LiveServer) -> None:
     """Each ```python block of the README, pasted into a file and run, works as is."""
-    # The third, the staging flow, runs in test_files_logs.py.
-    sync_example, async_example, _staging = _python_blocks()
+    # The third, the staging flow, runs in test_files_logs.py; the fourth, a Parsl
+    # config, in tests_workflows/parsl/test_readme_config.py (Parsl is there).
+    sync_example, async_example, _staging, _parsl = _python_blocks()
     out = _run_script(sync_example.replace("http://127.0.0.1:8000", live_app.url), live_app.url)
     assert out.returncode == 0, out.stderr
     state, exit_code, native_id = out.stdout.splitlines()[0].split()
