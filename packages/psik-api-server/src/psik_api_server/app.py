@@ -54,6 +54,7 @@ from .jobs.prefix_lock import PrefixLock
 from .jobs.speclimits import SpecLimits
 from .jobs.store import JobStore
 from .serving.limits import flush_repeats
+from .serving.rate_limit import rate_limit_middleware
 from .serving.request_log import RequestLog
 from .settings import Settings
 
@@ -108,7 +109,11 @@ def create_app(
     if settings.authz == "token":
         tokens = TokenAuthority(settings.token_key_path, settings.token_lifetime, clock or time.time)
         client_names = ClientNames(find_config(settings.certified_config))
-    openapi = build_openapi(version=__version__, backends=sorted(settings.backends))
+    openapi = build_openapi(
+        version=__version__,
+        backends=sorted(settings.backends),
+        rate_limited=settings.rate_limits is not None and settings.rate_limits.enabled,
+    )
     metrics = ServerMetrics(service)  # this app's own registry: tests build many apps
 
     @contextlib.asynccontextmanager
@@ -184,6 +189,8 @@ def create_app(
             Middleware(NoSniff),  # on every response, refusals and 500s too
             Middleware(CatchAll),
             auth_middleware(settings),  # the request-shape guard, then authz's authenticator
+            # Per identity: inside auth (the caller is known), before any route's work.
+            *rate_limit_middleware(settings.rate_limits),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -1,0 +1,305 @@
+"""Rate limits (issue 20): per identity, past the limit 429 ``rate_limited`` with
+``Retry-After``, nothing done; submits counted apart (a group as its jobs); health and
+the document free; the buckets bounded in memory. The real app in local mode (one
+identity, ``local:psik_api``) with real local jobs; the limiter itself with a fake
+clock. alice against bob over TLS: tests/contract/test_rate_limit_fairness.py."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from conftest import lazy_app
+from psik_api_server.http.openapi import RATE_LIMIT_EXEMPT
+from psik_api_server.serving.rate_limit import EXEMPT_PATHS, RateLimiter
+from psik_api_server.settings import RateLimits, Settings, parse_config
+from support import LiveServer
+
+pytestmark = pytest.mark.anyio
+
+#: A rate so slow that no token comes back while a test runs (one per 100 s).
+CRAWL = 0.01
+#: The Retry-After of an empty bucket at CRAWL: 100 s less the time since it was full
+#: (seconds, on a loaded machine: the first local submit starts the launcher).
+HUNDRED_S = range(90, 101)
+FINAL = {"completed", "failed", "canceled"}
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **limits: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with ``rate_limits`` set to ``limits``, and raw httpx on it."""
+    app = lazy_app(settings.model_copy(update={"rate_limits": RateLimits(**limits)}))
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        yield c
+
+
+def refused(r: httpx.Response, limit: str) -> int:
+    """Check ``r`` is the 429 of ``limit`` (``requests`` or ``jobs submitted``); its Retry-After."""
+    assert r.status_code == 429, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["code"] == "rate_limited"
+    assert problem["title"] == "Too many requests"
+    assert problem["request_id"] == r.headers["x-request-id"]
+    assert problem["detail"].startswith(f"local:psik_api is over its limit of {CRAWL:g} {limit} per second")
+    retry_after = r.headers["retry-after"]
+    assert retry_after.isdigit(), retry_after
+    assert f"send it again in {retry_after} s" in problem["detail"]
+    return int(retry_after)
+
+
+async def final(c: httpx.AsyncClient, jobids: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    for jobid in jobids:
+        while (await c.get(f"/v1/jobs/{jobid}")).json()["state"] not in FINAL:
+            assert time.monotonic() < deadline, jobid
+            await anyio.sleep(0.05)
+
+
+# ---- requests ----
+
+
+async def test_past_the_burst_a_request_is_429_with_retry_after(settings: Settings) -> None:
+    async with serving(settings, requests_per_second=CRAWL, burst=3, submits_per_second=0) as c:
+        for _ in range(3):
+            assert (await c.get("/v1/backends")).status_code == 200
+        r = await c.get("/v1/jobs")
+        # One token per 100 s: the next is ~100 s away, rounded up to whole seconds.
+        assert refused(r, "requests") in HUNDRED_S
+        assert "(burst 3)" in r.json()["detail"]
+        # Refusals take nothing: the wait does not grow with them.
+        assert refused(await c.get("/v1/backends"), "requests") in HUNDRED_S
+
+
+async def test_a_refused_submit_makes_nothing(settings: Settings) -> None:
+    async with serving(settings, requests_per_second=CRAWL, burst=2, submits_per_second=0) as c:
+        assert (await c.get("/v1/jobs")).json()["items"] == []
+        assert (await c.get("/v1/jobs")).status_code == 200
+        refused(await c.post("/v1/jobs", json={"script": "true"}), "requests")
+    async with serving(settings, requests_per_second=0, submits_per_second=0.5) as c:
+        assert (await c.get("/v1/jobs")).json()["items"] == []
+
+
+async def test_health_and_the_document_are_free(settings: Settings) -> None:
+    assert {"/healthz", "/openapi.json", "/", "/v1/callback"} == EXEMPT_PATHS
+    async with serving(settings, requests_per_second=CRAWL, burst=1, submits_per_second=0) as c:
+        assert (await c.get("/v1/backends")).status_code == 200
+        refused(await c.get("/v1/backends"), "requests")
+        for path in ("/healthz", "/openapi.json", "/"):
+            for _ in range(3):
+                assert (await c.get(path)).status_code == 200, path
+        # A path the router takes as the health check, spelled otherwise, is counted.
+        refused(await c.get("/healthz%0A"), "requests")
+
+
+async def test_an_event_stream_counts_one_request_at_its_opening(settings: Settings) -> None:
+    limited = settings.model_copy(
+        update={"rate_limits": RateLimits(requests_per_second=CRAWL, burst=2, submits_per_second=0)}
+    )
+    with LiveServer(lazy_app(limited)) as live:
+        async with (
+            httpx.AsyncClient(base_url=live.url, timeout=10) as c,
+            c.stream("GET", "/v1/events") as stream,
+        ):
+            assert stream.status_code == 200
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("retry:")
+            # The open stream took one; one is left, then none.
+            assert (await c.get("/v1/backends")).status_code == 200
+            refused(await c.get("/v1/backends"), "requests")
+
+
+# ---- submits ----
+
+
+async def test_submits_have_their_own_limit(settings: Settings) -> None:
+    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=CRAWL) as c:
+        first = await c.post("/v1/jobs", json={"script": "true"})
+        assert first.status_code == 201, first.text
+        # A submit bucket holds one second's worth, at least one: empty now.
+        assert refused(await c.post("/v1/jobs", json={"script": "true"}), "jobs submitted") in HUNDRED_S
+        # The router takes /v1/jobs%0A as POST /v1/jobs: it is a submit too.
+        refused(await c.post("/v1/jobs%0A", json={"script": "true"}), "jobs submitted")
+        # Making a job is not submitting it; starting it is.
+        new = await c.post("/v1/jobs/new", json={"script": "true"})
+        assert new.status_code == 201, new.text
+        jobid = new.json()["jobid"]
+        refused(await c.post(f"/v1/jobs/{jobid}/start"), "jobs submitted")
+        assert (await c.get(f"/v1/jobs/{jobid}")).json()["state"] == "new"
+        page = (await c.get("/v1/jobs")).json()["items"]
+        assert sorted(j["jobid"] for j in page) == sorted([first.json()["jobid"], jobid])
+        await final(c, [first.json()["jobid"]])
+
+
+async def test_a_group_counts_as_its_jobs(settings: Settings) -> None:
+    """A group is let in for one submit, then charged for its other jobs: the next
+    submit waits for all of them. Were a group one submit, it would be a way around."""
+    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=1) as c:
+        body = {"jobs": [{"script": "true"} for _ in range(6)]}
+        made = await c.post("/v1/groups", json=body, headers={"Idempotency-Key": "g1"})
+        assert made.status_code == 201, made.text
+        jobids = [j["jobid"] for j in made.json()["jobs"]]
+        assert len(jobids) == 6
+        r = await c.post("/v1/jobs", json={"script": "true"})
+        assert r.status_code == 429, r.text
+        # Six taken from a bucket of one at 1/s: five owed, the next one 6 s away.
+        assert int(r.headers["retry-after"]) >= 5
+        refused_group = await c.post("/v1/groups", json=body, headers={"Idempotency-Key": "g2"})
+        assert refused_group.status_code == 429
+        await final(c, jobids)
+
+
+async def test_a_group_refused_by_the_route_is_charged_one(settings: Settings) -> None:
+    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=CRAWL) as c:
+        bad = await c.post("/v1/groups", json={"jobs": [{"script": "true", "nope": 1}] * 5})
+        assert bad.status_code == 422, bad.text
+        # It took the one submit it was let in for, not five: the next is ~100 s away.
+        assert refused(await c.post("/v1/jobs", json={"script": "true"}), "jobs submitted") in HUNDRED_S
+
+
+# ---- settings and the document ----
+
+
+def test_off_in_local_mode_on_in_token_mode_unless_null_or_zero() -> None:
+    assert parse_config({}).rate_limits is None
+    token = parse_config({"authz": "token"}).rate_limits
+    assert token == RateLimits(requests_per_second=50, burst=100, submits_per_second=10)
+    assert parse_config({"authz": "mod:Policy"}).rate_limits == token  # seed-style token mode
+    assert parse_config({"authz": "token", "rate_limits": None}).rate_limits is None
+    zeros = {"requests_per_second": 0, "burst": 0, "submits_per_second": 0}
+    limits = parse_config({"authz": "token", "rate_limits": zeros}).rate_limits
+    assert limits is not None and not limits.enabled
+    local = parse_config({"rate_limits": {"requests_per_second": 5, "burst": 10}}).rate_limits
+    assert local == RateLimits(requests_per_second=5, burst=10, submits_per_second=10)
+    with pytest.raises(ValueError, match="burst must be at least 1"):
+        parse_config({"rate_limits": {"requests_per_second": 5, "burst": 0}})
+    with pytest.raises(ValueError, match=r"rate_limits\.rps"):
+        parse_config({"rate_limits": {"rps": 5}})
+
+
+async def test_zero_limits_are_no_limits(settings: Settings) -> None:
+    async with serving(settings, requests_per_second=0, burst=0, submits_per_second=0) as c:
+        for _ in range(5):
+            assert (await c.get("/v1/backends")).status_code == 200
+        assert "429" not in (await c.get("/openapi.json")).json()["paths"]["/v1/jobs"]["post"]["responses"]
+
+
+async def test_the_document_declares_429_where_it_can_be_answered(settings: Settings) -> None:
+    async with serving(settings) as c:
+        doc = (await c.get("/openapi.json")).json()
+    seen = set()
+    for item in doc["paths"].values():
+        for op in item.values():
+            seen.add(op["operationId"])
+            declared = op["responses"].get("429")
+            if op["operationId"] in RATE_LIMIT_EXEMPT:
+                assert declared is None, op["operationId"]
+                continue
+            assert declared is not None, op["operationId"]
+            assert set(declared["content"]) == {"application/problem+json"}
+            assert declared["headers"]["Retry-After"]["required"] is True
+            assert "rate_limited" in declared["content"]["application/problem+json"]["examples"]
+    assert seen > RATE_LIMIT_EXEMPT
+
+
+# ---- the limiter alone (a fake clock) ----
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_identity_empty_is_no_one_elses_concern() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimits(requests_per_second=1, burst=2, submits_per_second=0), clock=clock)
+    assert limiter.admit("uid:bob") is None and limiter.admit("uid:bob") is None
+    refusal = limiter.admit("uid:bob")
+    assert refusal is not None and not refusal.submits and refusal.retry_after == 1
+    assert limiter.admit("uid:alice") is None and limiter.admit("uid:alice") is None
+    clock.now = 0.5
+    assert limiter.admit("uid:bob") is not None  # half a token
+    clock.now = 1.0
+    assert limiter.admit("uid:bob") is None
+
+
+def test_retry_after_is_the_wait_rounded_up() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimits(requests_per_second=0.3, burst=1, submits_per_second=0), clock=clock)
+    assert limiter.admit("a") is None
+    refusal = limiter.admit("a")
+    assert refusal is not None
+    assert refusal.wait == pytest.approx(1 / 0.3)
+    assert refusal.retry_after == math.ceil(1 / 0.3) == 4
+    clock.now = refusal.retry_after  # waiting as told is enough
+    assert limiter.admit("a") is None
+
+
+def test_a_submit_takes_from_both_buckets_or_neither() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimits(requests_per_second=1, burst=3, submits_per_second=1), clock=clock)
+    assert limiter.admit("a", submit=True) is None
+    refusal = limiter.admit("a", submit=True)
+    assert refusal is not None and refusal.submits
+    # The refused submit took no request: two are left.
+    assert limiter.admit("a") is None and limiter.admit("a") is None
+    assert limiter.admit("a") is not None
+
+
+def test_debt_is_paid_before_the_next_submit() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimits(requests_per_second=0, burst=0, submits_per_second=10), clock=clock)
+    assert limiter.admit("a", submit=True) is None
+    limiter.charge_submits("a", 299)  # a group of 300
+    refusal = limiter.admit("a", submit=True)
+    assert refusal is not None and refusal.wait == pytest.approx((1 - (10 - 300)) / 10)
+    clock.now = 29.0
+    assert limiter.admit("a", submit=True) is not None
+    clock.now = 29.1
+    assert limiter.admit("a", submit=True) is None
+
+
+def test_many_identities_cannot_grow_memory_without_bound() -> None:
+    clock = Clock()
+    limits = RateLimits(requests_per_second=10, burst=20, submits_per_second=1)
+    limiter = RateLimiter(limits, clock=clock, max_identities=1000)
+    # One request each, 100 new identities a second: a bucket is full again 0.1 s after
+    # its request, so only those of the last moment are kept.
+    for i in range(100_000):
+        clock.now = i / 100
+        assert limiter.admit(f"addr:10.0.{i // 256}.{i % 256}") is None
+        assert len(limiter) <= 12
+    # All at once (none full again yet): the cap holds, the oldest go first.
+    for i in range(5000):
+        assert limiter.admit(f"uid:{i}") is None
+    assert len(limiter) == 1000
+    # One dropped comes back with a full bucket, as a new one would.
+    for _ in range(20):
+        assert limiter.admit("uid:0") is None
+    assert limiter.admit("uid:0") is not None
+
+
+def test_an_identity_in_debt_is_kept() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimits(requests_per_second=10, burst=10, submits_per_second=1), clock=clock)
+    assert limiter.admit("uid:bob", submit=True) is None
+    limiter.charge_submits("uid:bob", 99)
+    for i in range(50):
+        clock.now = i * 1.0
+        assert limiter.admit(f"uid:{i}") is None
+    refusal = limiter.admit("uid:bob", submit=True)
+    assert refusal is not None and refusal.submits and refusal.retry_after == 51
