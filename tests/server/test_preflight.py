@@ -148,6 +148,32 @@ def test_a_port_in_use_fails_with_what_to_do(site: Path) -> None:
     assert f"127.0.0.1:{port}: the port is in use" in line and "pick another --port" in line
 
 
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+@pytest.mark.skipif(
+    _unprivileged_port_start() <= 80 or (os.geteuid() == 0 and shutil.which("setpriv") is None),
+    reason="port 80 is not privileged here, or root cannot drop CAP_NET_BIND_SERVICE (no setpriv)",
+)
+def test_a_privileged_port_refused_says_pick_a_port_of_1024_or_above(site: Path) -> None:
+    # EACCES: no --host helps; the port is what is wrong (or the missing capability).
+    config = write_config(site)
+    argv = [sys.executable, "-m", "psik_api_server", "check", "--config", str(config), "--port", "80"]
+    if os.geteuid() == 0:
+        drop = "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service"
+        argv = ["setpriv", *drop, "--", *argv]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    [line] = lines_of(run.stdout.splitlines(), "FAIL", "listen")
+    assert "127.0.0.1:80: Permission denied" in line, line
+    assert "pick a --port of 1024 or above" in line and "CAP_NET_BIND_SERVICE" in line, line
+    assert "another --host" not in line, line
+
+
 def test_a_unix_socket_path_taken_by_a_file_fails(site: Path) -> None:
     (site / "api.sock").write_text("")
     code, lines = check("--config", str(write_config(site)), "--uds", str(site / "api.sock"))
@@ -223,6 +249,68 @@ def test_a_damaged_index_is_a_warning_serve_rebuilds_it(site: Path) -> None:
     assert code == 0, lines
     [line] = lines_of(lines, "warn", "index")
     assert "is damaged" in line and "rebuilds it from the job directories" in line
+
+
+def stopped(site: Path) -> Path:
+    """A site a server has served and left: :func:`made`, with its lock files."""
+    lock = PrefixLock(made(site) / "jobs", site / "state" / "index.sqlite")
+    lock.acquire()
+    lock.release()
+    return site
+
+
+def test_checking_a_stopped_servers_index_leaves_no_sqlite_files(site: Path) -> None:
+    # A cleanly closed index is one file; a read-only open would make -shm and -wal.
+    state = stopped(site) / "state"
+    before = sorted(p.name for p in state.iterdir())
+    assert not [name for name in before if name.endswith(("-wal", "-shm"))], before
+    code, lines = check("--config", str(write_config(site)))
+    assert code == 0, lines
+    assert lines_of(lines, "ok", "index"), lines
+    assert sorted(p.name for p in state.iterdir()) == before
+
+
+def test_checking_the_index_of_a_running_server_leaves_its_wal_and_shm(site: Path) -> None:
+    made(site)
+    index = site / "state" / "index.sqlite"
+    server = PrefixLock(site / "jobs", index)
+    server.acquire()
+    store = JobStore(index).open()  # as a running server holds it: -wal and -shm exist
+    try:
+        sidecars = [Path(f"{index}{side}") for side in ("-wal", "-shm")]
+        assert all(p.exists() for p in sidecars)
+        inodes = [p.stat().st_ino for p in sidecars]
+        code, lines = check("--config", str(write_config(site)))
+        assert code == 1 and lines_of(lines, "FAIL", "locks"), lines
+        assert lines_of(lines, "ok", "index"), lines
+        assert [p.stat().st_ino for p in sidecars] == inodes  # the server's own, not removed
+    finally:
+        store.close()
+        server.release()
+
+
+def test_checking_an_index_a_crashed_server_left_keeps_its_wal(site: Path) -> None:
+    # Killed, a server leaves -wal (rows not yet in the main file) and -shm: the next
+    # server recovers them, so check keeps -wal as it is, and leaves nothing of its own.
+    index = stopped(site) / "state" / "index.sqlite"
+    crash = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA wal_autocheckpoint=0')\n"
+        "db.execute('CREATE TABLE left_in_the_wal (x)')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(index)], check=True)
+    wal = Path(f"{index}-wal")
+    Path(f"{index}-shm").unlink()  # without -shm, a read-only open makes one
+    left = wal.read_bytes()
+    assert left
+    before = sorted(p.name for p in index.parent.iterdir())
+    code, lines = check("--config", str(write_config(site)))
+    assert code == 0, lines
+    assert lines_of(lines, "ok", "index"), lines
+    assert sorted(p.name for p in index.parent.iterdir()) == before
+    assert wal.read_bytes() == left
 
 
 def test_a_running_server_holding_the_prefix_fails(site: Path) -> None:

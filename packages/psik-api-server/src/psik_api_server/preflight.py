@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import pwd
@@ -285,7 +286,8 @@ def check_index(report: Report, settings: Settings, prefix_there: bool, state_th
     else:
         try:
             check_private_file(path, what)
-            _read_index(report, path, _EXIT_CODES_VERSION)
+            with _no_server_on(path) as unused:
+                _read_index(report, path, _EXIT_CODES_VERSION, unused)
         except StartupError as e:
             report.fail(what, str(e))
     if not (prefix_there and (state_there or settings.database is not None)):
@@ -301,9 +303,51 @@ def check_index(report: Report, settings: Settings, prefix_there: bool, state_th
         lock.release()
 
 
-def _read_index(report: Report, path: Path, known_version: int) -> None:
-    """Open the index read-only, as the store's own open reads it first (quick_check)."""
+@contextlib.contextmanager
+def _no_server_on(path: Path) -> Iterator[bool]:
+    """True if no server uses the index ``path``, kept true through the block: a shared
+    lock on the index's lock file (a server starting meanwhile fails to take its
+    exclusive one, and says so); False if a server holds it or that cannot be told."""
+    from .errors import StartupError
+    from .jobs.prefix_lock import lock_path, open_lock_file
+
+    try:
+        fd = open_lock_file(lock_path(path))
+    except (OSError, StartupError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            held = False
+        else:
+            held = True
+        yield held
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _read_index(report: Report, path: Path, known_version: int, unused: bool) -> None:
+    """Open the index read-only, as the store's own open reads it first (quick_check),
+    leaving nothing behind: with no server on it (``unused``) and no ``-wal``/``-shm``
+    beside it, as immutable (SQLite makes neither); else, with none on it, the ones this
+    open made are removed after. A running server's are never touched."""
+    sidecars = [Path(f"{path}{side}") for side in ("-wal", "-shm")]
+    there = {p for p in sidecars if os.path.lexists(p)}
     uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    if unused and not there:
+        uri += "&immutable=1"
+    try:
+        _query_index(report, path, known_version, uri)
+    finally:
+        if unused:
+            for made in set(sidecars) - there:
+                with contextlib.suppress(FileNotFoundError):
+                    made.unlink()
+
+
+def _query_index(report: Report, path: Path, known_version: int, uri: str) -> None:
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=2.0)
     except sqlite3.Error as e:
@@ -653,11 +697,18 @@ def check_listen(
     try:
         sock = _tcp_socket(host, port)
     except StartupError as e:
-        fix = (
-            "stop what listens there (ss -ltnp), or pick another --port"
-            if "in use" in str(e)
-            else ("pick another --host")
-        )
+        if "in use" in str(e):
+            fix = "stop what listens there (ss -ltnp), or pick another --port"
+        elif "Permission denied" in str(e) and 0 < port < 1024:
+            # Only root (or CAP_NET_BIND_SERVICE) binds a port below 1024: no host helps.
+            fix = (
+                "pick a --port of 1024 or above (ports below need root or the "
+                "CAP_NET_BIND_SERVICE capability)"
+            )
+        elif "Permission denied" in str(e):
+            fix = "pick another --port, or see what forbids it (SELinux, a firewall)"
+        else:
+            fix = "pick another --host"
         report.fail(what, f"{e}; {fix}")
         return
     sock.close()
