@@ -2,11 +2,13 @@
 
 A request is retried only if sending it twice cannot do anything twice: GET, PUT and
 DELETE, and a POST carrying an ``Idempotency-Key`` (the server answers a replay with
-the first result). Only transient failures are retried: connection errors and
-timeouts, 429, 502 (except ``submit_failed``: the backend refused the job, and the
-job now exists), 503, 504, and 409 ``idempotency_in_flight`` (a retry that overtook
-its first attempt; the server says when to come back). Delays grow exponentially
-with jitter, and a ``Retry-After`` header wins.
+the first result); and any request the server refused as ``rate_limited`` (429: it
+did nothing, so nothing can be done twice). Only transient failures are retried:
+connection errors and timeouts, 429, 502 (except ``submit_failed``: the backend refused
+the job, and the job now exists), 503, 504, and 409 ``idempotency_in_flight`` (a retry
+that overtook its first attempt; the server says when to come back). Delays grow
+exponentially with jitter, and a ``Retry-After`` header wins (up to
+``RetryPolicy.max_retry_after``: past it the error is raised at once).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def is_transient(response: httpx.Response) -> bool:
         code = problem.code if problem else None
         return code == "idempotency_in_flight" if status == 409 else code != "submit_failed"
     return True
+
+
+def _rate_limited(outcome: httpx.Response | httpx.TransportError) -> bool:
+    """Whether the server refused the request for its rate limits, before doing anything."""
+    if not isinstance(outcome, httpx.Response) or outcome.status_code != 429:
+        return False
+    problem = parse_problem(outcome)
+    return problem is not None and problem.code == "rate_limited"
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
@@ -83,7 +93,9 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before sending ``request`` again after failed try number
         ``attempt`` (0 for the first), or None to stop and report ``outcome``."""
-        if attempt >= self.max_retries or not is_idempotent(request):
+        if attempt >= self.max_retries:
+            return None
+        if not is_idempotent(request) and not _rate_limited(outcome):
             return None
         if isinstance(outcome, httpx.TransportError):
             # An unsupported scheme or a bad proxy URL will not fix itself.
