@@ -67,7 +67,12 @@ class LivenessLoop:
     async def check(self) -> list[str]:
         """One round: record ``failed`` for every vanished job; returns their ids."""
         gone: list[str] = []
-        found = await self.backend.vanished(await in_thread(self.store.submitted))
+        # A job waiting for a job slot has nothing running to lose: not asked about (a
+        # group of thousands waits so; reading each of them every round would cost a
+        # share of the server that grows with them).
+        waiting = self.submitter.slots.waiting()
+        rows = [r for r in await in_thread(self.store.submitted) if r.jobid not in waiting]
+        found = await self.backend.vanished(rows)
         for job in found:
             # Each job on its own: one whose status.csv cannot be written (the job made it
             # so) must not stop the others being decided in this round.

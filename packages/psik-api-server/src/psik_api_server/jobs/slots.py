@@ -46,6 +46,10 @@ class JobSlots:
         """``jobid`` no longer waits (started, cancelled, or gone)."""
         self._waiting.get(backend, {}).pop(jobid, None)
 
+    def waiting(self) -> set[str]:
+        """Every job waiting for a slot, of any backend (nothing of theirs runs)."""
+        return {jobid for waiting in self._waiting.values() for jobid in waiting}
+
     def forget(self, jobid: str) -> None:
         """``jobid`` no longer waits for any backend's slot (it was purged)."""
         for waiting in self._waiting.values():

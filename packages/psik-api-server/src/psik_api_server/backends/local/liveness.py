@@ -140,20 +140,20 @@ def vanished_jobs(
 ) -> list[Vanished | EndedUnrecorded]:
     """Of ``rows`` (index rows of non-final local jobs), the jobs whose process is gone,
     and those whose directory says they ended (:class:`EndedUnrecorded`).
-    Blocking (reads each job's status and ``/proc``): run it in a worker thread. A job
-    that cannot be read is skipped, never failed."""
+    Blocking (reads each job's status.csv, only that, and ``/proc``): run it in a worker
+    thread. A job that cannot be read is skipped, never failed."""
     gone: list[Vanished | EndedUnrecorded] = []
     for row in rows:
         if row.jobndx == 0:
             continue
         try:
-            files = jobdir.read_job(jobdir.job_path(prefix, row.jobid))
+            history = jobdir.read_history(jobdir.job_path(prefix, row.jobid))
         except (OSError, ValueError):
             continue
-        if files.state[0].is_final:
+        if derive_state(history)[0].is_final:
             gone.append(EndedUnrecorded(row.jobid))
             continue
-        pid = local_pid(files)
+        pid = runner_pid(history)
         if pid is not None and not process_running(*pid, proc=proc):
             gone.append(Vanished(row.jobid, pid[0]))
     return gone
