@@ -214,6 +214,11 @@ async def test_job_slots_in_use_and_jobs_by_state(settings: Settings, tmp_path: 
 async def test_liveness_rounds_and_the_jobs_they_failed(served: tuple[Starlette, httpx.AsyncClient]) -> None:
     app, http = served
     service = app.state.context.service
+
+    async def first_round() -> bool:  # the loop's own, at start; the next is an hour away
+        return value(await scrape(http), "psik_api_liveness_rounds_total") == 1
+
+    await until("the liveness loop's first round", first_round)
     before = await scrape(http)
     rounds = value(before, "psik_api_liveness_rounds_total")
     assert value(before, "psik_api_liveness_failed_jobs_total") == 0

@@ -24,8 +24,10 @@ token authenticator refuses it, ``auth.token``).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,6 +49,7 @@ from ..serving.request_log import route_template
 if TYPE_CHECKING:
     from ..backends.local.launcher import LocalLauncher
     from ..jobs.service import JobService
+    from ..jobs.store import JobStore
 
 #: What ``GET /metrics`` answers with: the text format 0.0.4, which every scraper reads.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -106,6 +109,22 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+def _index_counts(store: JobStore) -> tuple[list[Any], list[Any]]:
+    """Jobs by backend and state, and slots held by backend. The first reads every job
+    row (~0.1 s at 100,000 jobs), so it runs on a connection of its own, read-only:
+    SQLite's WAL lets it read beside the server's writes, and the store's lock (which
+    every request's index work takes) is not held meanwhile."""
+    by_state = "SELECT backend, state, count(*) FROM jobs GROUP BY backend, state"
+    slots = "SELECT backend, count(*) FROM jobs WHERE slot IS NOT NULL GROUP BY backend"
+    if str(store.path) == ":memory:":  # tests: no file to open twice
+        return list(store.db.execute(by_state)), list(store.db.execute(slots))
+    conn = sqlite3.connect(f"{Path(store.path).absolute().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(by_state).fetchall(), conn.execute(slots).fetchall()
+    finally:
+        conn.close()
+
+
 def _launcher(service: JobService) -> LocalLauncher | None:
     """The local jobs' launcher, if a backend runs jobs on this host."""
     for driver in service.backend.drivers.values():
@@ -132,8 +151,8 @@ class _ScrapeCollector(Collector):
             f"{NAMESPACE}_jobs", "Jobs in the index, by backend and state.", labels=["backend", "state"]
         )
         counts = {(b, s.value): 0 for b in backends for s in JobState}
-        db = service.store.db
-        for name, state, n in db.execute("SELECT backend, state, count(*) FROM jobs GROUP BY backend, state"):
+        by_state, slots = _index_counts(service.store)
+        for name, state, n in by_state:
             key = (backend(str(name)), str(state))
             counts[key] = counts.get(key, 0) + int(n)
         for (b, s), n in sorted(counts.items()):
@@ -142,8 +161,7 @@ class _ScrapeCollector(Collector):
 
         limits = service.submitter.slots.limits
         held = dict.fromkeys(limits, 0)
-        rows = db.execute("SELECT backend, count(*) FROM jobs WHERE slot IS NOT NULL GROUP BY backend")
-        for name, n in rows:
+        for name, n in slots:
             held[backend(str(name))] = held.get(backend(str(name)), 0) + int(n)
         in_use = GaugeMetricFamily(
             f"{NAMESPACE}_job_slots_in_use",
