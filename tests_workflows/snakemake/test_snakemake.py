@@ -1,8 +1,9 @@
 """The Snakemake executor plugin against a live psik-api server in local mode:
 Snakemake's own workflow tests (its bundled workflows), then what the plugin promises
 on top: resources mapped to the JobSpec, one status request per cycle for the whole
-run, a failed job's log tail in its error, a clear error where the server refuses the
-workflow's directory, and Ctrl-C canceling every job of the run."""
+run, a failed job's log tail in its error (its last bytes, control characters escaped),
+a bad setting or a refused directory a clear error, attributes a backend cannot take
+said, and Ctrl-C canceling every job of the run."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from snakemake.common.tests import TestWorkflowsLocalStorageBase
 
-from psik_api_client import Client, JobState
+from psik_api_client import Client, JobState, JobSummary
 from snakemake_executor_plugin_psik_api import ExecutorSettings
+from snakemake_executor_plugin_psik_api.failures import TAIL_BYTES, failure_message
 from snakemake_executor_plugin_psik_api.resources import ResourceMapper
 
 
@@ -195,6 +197,71 @@ def test_a_failed_job_reports_its_log_tail(tmp_path: Path, psik_server: Any) -> 
     out = run.stdout + run.stderr
     assert "psik-api job" in out and "failed (exit code 1)" in out, out
     assert "--- last lines of stderr.1 ---" in out and "the-tail-of-stderr-7c1" in out, out
+
+
+def failed_job() -> JobSummary:
+    return JobSummary.model_validate(
+        {"jobid": "1796691938.730", "state": "failed", "jobndx": 1, "exit_code": 1, "name": "smk-a-0",
+         "backend": "default", "owner": "local", "created": "2026-12-08T01:00:00Z",
+         "updated": "2026-12-08T01:00:00Z"}
+    )  # fmt: skip
+
+
+def test_a_huge_one_line_log_is_cut_to_its_last_bytes() -> None:
+    # The server's /logs gives up to 1 MiB of each: one line of it went whole into
+    # Snakemake's output. Each log's tail is at most TAIL_BYTES, its end kept.
+    huge = "A" * (1 << 20) + "the-end-3f9"
+    msg = failure_message(failed_job(), {"stderr.1": huge, "stdout.1": "é" * (1 << 19) + "x", "console": ""})
+    assert len(msg.encode()) < 3 * TAIL_BYTES + 1024, len(msg)
+    stderr_tail = msg.split("--- last lines of stderr.1 ---\n", 1)[1].split("\n", 1)[0]
+    assert stderr_tail.startswith("...A") and stderr_tail.endswith("the-end-3f9")
+    assert "\ufffd" not in msg  # a character cut at the byte limit is dropped, not mangled
+
+
+def test_control_characters_of_a_log_are_escaped_not_sent_to_the_terminal() -> None:
+    text = bytes(range(256)).decode("utf-8", errors="replace") + "\x1b[31mred\x07\tcol\nnext line\x9b"
+    msg = failure_message(failed_job(), {"stdout.1": text})
+    assert not any((ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F for c in msg), repr(msg)
+    assert "\\x1b[31mred\\x07\tcol\nnext line\\x9b" in msg  # tab and newline kept, shown
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--psik-api-url", "ftp://x"], "--psik-api-url: the server's URL is http:// or https://"),
+        (["--psik-api-url", "notaurl"], "--psik-api-url: the server's URL is http:// or https://"),
+        (["--psik-api-url", "http://[::1"], "--psik-api-url: the server's URL is http:// or https://"),
+        (["--psik-api-cert-dir", "/nonexistent"], "--psik-api-cert-dir: no such directory: /nonexistent"),
+    ],
+)
+def test_a_bad_setting_is_an_error_naming_it_not_a_traceback(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    wf = workflow(tmp_path / "wf", FAN_OUT.replace("N", "1"))
+    argv = [sys.executable, "-m", "snakemake", "--executor", "psik-api", *args, "--jobs", "1"]
+    run = subprocess.run(argv, cwd=wf, capture_output=True, text=True, timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "Traceback" not in out and "ValueError" not in out, out
+    assert named in out, out
+
+
+def test_attributes_a_local_backend_cannot_take_are_said_once(tmp_path: Path, psik_server: Any) -> None:
+    wf = workflow(
+        tmp_path / "wf",
+        """
+        rule attrs:
+            output: "done.txt"
+            shell: "touch {output}"
+        """,
+    )
+    run = snakemake(wf, psik_server, "--psik-api-attributes", '{"--qos": "debug", "--account": "p1"}')
+    assert run.returncode == 0, run.stdout + run.stderr
+    warning = "a local backend takes no attributes: those of --psik-api-attributes (--account, --qos)"
+    assert run.stderr.count(warning) == 1, run.stderr
+    with Client(psik_server.url) as api:
+        jobs = [api.get(j.jobid) for j in api.list() if (j.name or "").startswith("smk-attrs-")]
+    assert jobs and all(j.spec.attributes == {} for j in jobs)
 
 
 def test_a_refused_directory_says_what_to_put_in_the_server_config(psik_server: Any) -> None:

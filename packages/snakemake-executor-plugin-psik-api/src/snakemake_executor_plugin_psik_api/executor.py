@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from snakemake_interface_common.exceptions import WorkflowError
 
@@ -54,14 +55,57 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def make_client(settings: ExecutorSettings) -> Client:
     """A client of the server the settings name (the client's own defaults for what
-    they leave out)."""
+    they leave out). A setting the client cannot use is a :class:`WorkflowError`
+    naming it (the client's ``ValueError`` would end the run in a traceback)."""
+    if settings.url is not None:
+        try:
+            parts = urlsplit(settings.url)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed [IPv6 address
+            usable = False
+        if not usable:
+            raise WorkflowError(
+                f"--psik-api-url: the server's URL is http:// or https:// with a host, not {settings.url!r}"
+            )
+    cert_dir = None if settings.cert_dir is None else Path(settings.cert_dir).expanduser()
+    if cert_dir is not None and not cert_dir.is_dir():
+        raise WorkflowError(
+            f"--psik-api-cert-dir: no such directory: {cert_dir} "
+            "(a certified identity: `certified init --config DIR`)"
+        )
     token = os.environ.get(settings.token_env) or None
-    return Client(
-        settings.url,
-        uds=None if settings.uds is None else Path(settings.uds).expanduser(),
-        cert_dir=None if settings.cert_dir is None else Path(settings.cert_dir).expanduser(),
-        token=token,
-    )
+    try:
+        return Client(
+            settings.url,
+            uds=None if settings.uds is None else Path(settings.uds).expanduser(),
+            cert_dir=cert_dir,
+            token=token,
+        )
+    except ValueError as e:
+        # The client names its arguments; the user gave settings and variables.
+        why = str(e).replace("token=", f"${settings.token_env}").replace("cert_dir=", "--psik-api-cert-dir")
+        raise WorkflowError(f"psik-api: {why} (check {', '.join(settings_in_play(settings))})") from None
+
+
+def settings_in_play(settings: ExecutorSettings) -> list[str]:
+    """The settings (and environment variables in their place) that choose the server
+    and how the client reaches it: where a client's complaint comes from."""
+    named = [
+        flag
+        for flag, value in (
+            ("--psik-api-url", settings.url),
+            ("--psik-api-uds", settings.uds),
+            ("--psik-api-cert-dir", settings.cert_dir),
+        )
+        if value is not None
+    ]
+    if settings.url is None and settings.uds is None:
+        named += ["$PSIK_API_UDS", "$PSIK_API_URL"]
+    if settings.cert_dir is None:
+        named.append("$PSIK_API_CERTIFIED")
+    if os.environ.get(settings.token_env):
+        named.append(f"${settings.token_env} (--psik-api-token-env)")
+    return named
 
 
 def where(api: Client) -> str:
@@ -116,6 +160,13 @@ class Executor(RemoteExecutor):  # type: ignore[misc]
             f"each labelled {RUN_LABEL}={self.run_id}, running in {self.directory}"
         )
         self._report_unmapped(self._declared_resources(), at_start=True)
+        self.attributes = dict(settings.attributes or {})
+        if self.attributes and not self.mapper.takes_attributes:
+            self.logger.warning(
+                f"psik-api: a {backend.type} backend takes no attributes: those of "
+                f"--psik-api-attributes ({', '.join(sorted(self.attributes))}) are not passed on."
+            )
+            self.attributes = {}
 
     # ---- resources ----
 
@@ -152,7 +203,7 @@ class Executor(RemoteExecutor):  # type: ignore[misc]
             environment=dict(self.envvars()),
             resources=mapped.resources,
             backend=self.settings.backend,
-            attributes={**(self.settings.attributes or {}), **mapped.attributes},
+            attributes={**self.attributes, **mapped.attributes},
             labels={
                 **self.labels,
                 "snakemake-rule": str(job.name)[: LIMITS.max_label_value],

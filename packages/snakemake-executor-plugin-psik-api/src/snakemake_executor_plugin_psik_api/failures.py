@@ -4,15 +4,36 @@ state, exit code, and the tail of its logs (read with one request, ``GET
 
 from __future__ import annotations
 
+import re
+
 from psik_api_client import JobSummary
 
 #: Lines of each log the message ends with.
 TAIL_LINES = 20
 
+#: ... and at most this many bytes of each (UTF-8): a job may write megabytes on one
+#: line, which would otherwise go whole into Snakemake's output.
+TAIL_BYTES = 4096
 
-def tail(text: str, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of ``text`` (without the trailing newline)."""
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+#: C0 controls but tab and newline, DEL, and C1 controls: a job's output may hold
+#: terminal escape sequences (ESC, BEL, ...) which must not reach the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
+
+
+def tail(text: str, lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> str:
+    """The last ``lines`` lines of ``text`` (without the trailing newline), at most
+    ``max_bytes`` of them (cut at the front, marked ``...``), control characters but
+    tab and newline escaped (``\\x1b``)."""
+    text = "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    data = text.encode("utf-8", errors="replace")
+    if len(data) > max_bytes:
+        # Cut by bytes (text may be wide); a character split at the cut is dropped.
+        text = "..." + data[-max_bytes:].decode("utf-8", errors="ignore")
+    return _CONTROL.sub(_escape, text)
 
 
 def failure_message(job: JobSummary, logs: dict[str, str] | None, reason: str = "") -> str:

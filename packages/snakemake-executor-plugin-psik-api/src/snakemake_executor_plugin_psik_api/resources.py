@@ -6,7 +6,8 @@ What every backend reads is the JobSpec's ``resources`` (psik's ResourceSpec):
 ``process_count``. What only a scheduler knows (memory, partition, account) goes into the
 job's backend ``attributes``, named as that backend type takes them: one table per type
 (:data:`ATTRIBUTES`), so teaching the plugin a scheduler is one entry. What a backend
-type has no place for is reported once per run (:class:`ResourceMapper.unmapped`).
+type has no place for is reported once per run (:class:`ResourceMapper.unmapped`), as
+are attributes given for a backend type that reads none (:data:`NO_ATTRIBUTES`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ ATTRIBUTES: dict[str, dict[str, tuple[str, Callable[[int | str], str]]]] = {
     },
 }
 
+#: Backend types that read no attributes at all (psik's local backend runs the script
+#: as it is): attributes given for every job are not passed on to one, and said so.
+NO_ATTRIBUTES = frozenset({"local"})
+
 
 @dataclass
 class MappedResources:
@@ -69,6 +74,11 @@ class ResourceMapper:
     def __init__(self, backend_type: str) -> None:
         self.backend_type = backend_type
         self.attributes = ATTRIBUTES.get(backend_type, {})
+
+    @property
+    def takes_attributes(self) -> bool:
+        """Whether this backend type reads a job's ``attributes``."""
+        return self.backend_type not in NO_ATTRIBUTES
 
     def mapped_names(self) -> list[str]:
         """The resource names this backend type takes (besides ``threads``)."""
