@@ -2,7 +2,8 @@
 test_local_provider.py: ``/bin/true``, ``/bin/false``, ``echo -n magic`` to a final state,
 with exit codes, stdout and stderr), and what it promises beyond: ``status`` of many
 blocks is one request, none once they ended; a cancelled block is CANCELLED; a refused
-spec is Parsl's SubmitException; the client imports without Parsl."""
+spec is Parsl's SubmitException, a bad walltime refused naming it; the client imports
+without Parsl, and the provider says which extra to install."""
 
 from __future__ import annotations
 
@@ -162,6 +163,20 @@ def test_refusals(local_url: str) -> None:
     p.close()
 
 
+@pytest.mark.parametrize("walltime", ["1:00", "1-00:00:00", "abc", "01:00", ":10:00", "1:-1:00"])
+def test_a_walltime_not_hh_mm_ss_is_refused_naming_it(walltime: str) -> None:
+    """As Parsl's providers take it; Slurm's other forms ("1-00:00:00") are refused when
+    the provider is built, saying which setting and what form, not deep in a submit."""
+    with pytest.raises(ValueError, match=r'walltime: give hours, minutes and seconds as "HH:MM:SS"'):
+        PsikApiProvider("http://127.0.0.1:9", walltime=walltime)
+
+
+@pytest.mark.parametrize(("walltime", "minutes"), [("00:00:00", 1), ("0:01:01", 2), ("48:00:00", 2880)])
+def test_a_walltime_is_whole_minutes_rounded_up(walltime: str, minutes: int) -> None:
+    p = PsikApiProvider("http://127.0.0.1:9", walltime=walltime)
+    assert p.spec.resources.duration == minutes
+
+
 def test_unreachable_server_keeps_the_last_status(local_url: str) -> None:
     p = provider(local_url)
     job_id = p.submit("sleep 60", 1)
@@ -184,5 +199,9 @@ def test_client_imports_without_parsl() -> None:
         "import psik_api_client, psik_api_client.cli\n"
         "try:\n    import psik_api_client.parsl\nexcept ImportError as e:\n    print('refused:', e)\n"
     )
+    code += "    print('because:', repr(e.__cause__))\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("refused:")
+    # What to do, and the original error chained.
+    assert "pip install 'psik-api-client[parsl]'" in out, out
+    assert "because: ModuleNotFoundError(" in out and "'parsl'" in out, out

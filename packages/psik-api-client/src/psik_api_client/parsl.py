@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -32,13 +33,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
-from parsl.jobs.states import JobState as ParslState
-from parsl.jobs.states import JobStatus as ParslStatus
-from parsl.launchers import SingleNodeLauncher
-from parsl.launchers.base import Launcher
-from parsl.providers.base import ExecutionProvider
-from parsl.providers.errors import SubmitException
-from parsl.utils import RepresentationMixin
+
+try:
+    from parsl.jobs.states import JobState as ParslState
+    from parsl.jobs.states import JobStatus as ParslStatus
+    from parsl.launchers import SingleNodeLauncher
+    from parsl.launchers.base import Launcher
+    from parsl.providers.base import ExecutionProvider
+    from parsl.providers.errors import SubmitException
+    from parsl.utils import RepresentationMixin
+except ImportError as e:  # the optional extra: say how to get it, not only what is missing
+    raise ImportError(f"psik_api_client.parsl needs Parsl: pip install 'psik-api-client[parsl]' ({e})") from e
 
 from psik_api_core import JobSpec, JobState, JobSummary
 from psik_api_core.limits import LIMITS
@@ -339,8 +344,19 @@ class PsikApiProvider(ExecutionProvider, RepresentationMixin):
         return done
 
 
+#: A walltime as Parsl's providers take it (``parsl.utils.wtime_to_minutes``): hours,
+#: minutes and seconds, each a whole number (hours past 24 included).
+WALLTIME = re.compile(r"(\d+):(\d+):(\d+)")
+
+
 def _minutes(walltime: str) -> int:
-    """``"HH:MM:SS"`` as whole minutes, rounded up (at least 1)."""
-    hours, minutes, seconds = (int(part) for part in walltime.split(":"))
+    """``"HH:MM:SS"`` as whole minutes, rounded up (at least 1). Raises ``ValueError``
+    naming the setting for anything else (``"1:00"``, Slurm's ``"1-00:00:00"``)."""
+    match = WALLTIME.fullmatch(walltime) if isinstance(walltime, str) else None
+    if match is None:
+        raise ValueError(
+            f'walltime: give hours, minutes and seconds as "HH:MM:SS" (e.g. "01:30:00"), not {walltime!r}'
+        )
+    hours, minutes, seconds = (int(part) for part in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     return max(1, -(-total // 60))
