@@ -138,6 +138,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Latency and list-cost figures (not in CI: these machines are shared and noisy)."""
-    install_locked(session)
-    session.run("python", "bench/bench_api.py", *session.posargs)
+    """Every figure behind the README's performance sentences beside its floor, measured in
+    one run (bench/run_all.py: about 15 minutes on 2 cores; `-- --full`, `-- --only NAME`,
+    `-- --smoke`); the table goes to bench/results/summary.md. Not in CI: these machines
+    are shared and noisy. The test group: bench_store drives the app through asgi-lifespan."""
+    install_locked(session, "test")
+    session.run("python", "bench/run_all.py", *session.posargs)
