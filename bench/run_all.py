@@ -308,6 +308,18 @@ def _selected(only: list[str]) -> list[Bench]:
     return chosen
 
 
+def _commit() -> str:
+    """The commit measured, ``+changes`` where the packages or bench/ differ from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "packages", "bench")
+    return head + ("+changes" if changed else "")
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on: they mean little without it."""
     model = "unknown"
@@ -319,6 +331,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
+        "commit": _commit(),
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
@@ -368,7 +381,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# psik-api benchmarks",
         "",
-        f"{summary['date'][:16].replace('T', ' ')} UTC, `{summary['command']}`, {summary['seconds']:.0f} s. "
+        f"{summary['date'][:16].replace('T', ' ')} UTC, `{summary['command']}` at commit {m['commit']}, "
+        f"{summary['seconds']:.0f} s. "
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['system']}, Python {m['python']}; "
         f"load average {m['load_average_at_start']} at the start, {m['load_average_at_end']} at the end "
         "(a shared machine: compare the ratios, each of two figures from the same run).",
