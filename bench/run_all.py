@@ -426,13 +426,13 @@ def main() -> None:
         benches[bench.name] = run(bench, size)
     info["load_average_at_end"] = round(os.getloadavg()[0], 2)
     order = [b.name for b in BENCHES]
-    summary = {
+    summary: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "bench/run_all.py", *sys.argv[1:]]),
         "size": size,
         "seconds": round(time.perf_counter() - started, 1),
         "machine": info,
-        "benches": {name: benches[name] for name in sorted(benches, key=order.index)},
+        "benches": {name: benches[name] for name in order if name in benches},
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     (RESULTS / "summary.md").write_text(markdown(summary))
