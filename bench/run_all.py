@@ -9,9 +9,10 @@ table of figure, ours, floor, ratio (ours / floor), goal, and the command that r
 the figure, with the machine (CPUs, Python, load average) and the date. The scripts'
 own output goes to bench/results/logs/NAME.log.
 
-Sizes: the default ones finish in about 15 minutes on 2 cores; ``--full`` uses the sizes
-the goals are stated at (each script's defaults; slower); ``--smoke`` tiny ones that only
-show that every script still runs (seconds; not figures to quote). ``--only NAME`` runs
+Sizes: the default ones finish in about 15 minutes on 2 cores; ``--full`` takes larger
+samples (more submits, latency runs, subscribers, transfers); ``--smoke`` tiny ones that only
+show that every script still runs (a minute; not figures to quote: they go to
+bench/results/smoke/ instead, beside no real ones). ``--only NAME`` runs
 one benchmark (repeatable; ``store`` means every ``store-N``) and keeps the other rows
 of an earlier summary.json. Machines here are shared and noisy: compare the ratio, which
 is of two figures measured minutes apart, not absolute times across runs.
@@ -340,13 +341,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(bench: Bench, size: str) -> dict[str, Any]:
-    """Run one script at ``size``; its rows, or the error that stopped it."""
-    out = RESULTS / f"{bench.name}.json"
+def run(bench: Bench, size: str, results: Path) -> dict[str, Any]:
+    """Run one script at ``size``, its JSON into ``results``; its rows, or the error that
+    stopped it."""
+    out = results / f"{bench.name}.json"
     out.unlink(missing_ok=True)  # never read an earlier run's figures as this one's
     argv = bench.sizes[size]
     shown = shlex.join(["python", f"bench/{bench.script}", *argv])
-    log = RESULTS / "logs" / f"{bench.name}.log"
+    log = results / "logs" / f"{bench.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {bench.name}: {shown}", flush=True)
     started = time.perf_counter()
@@ -415,15 +417,17 @@ def main() -> None:
     args = p.parse_args()
     size = "full" if args.full else "smoke" if args.smoke else "default"
     chosen = _selected(args.only)
-    RESULTS.mkdir(exist_ok=True)
-    summary_path = RESULTS / "summary.json"
+    # A smoke run's figures mean nothing: never let them replace a real run's.
+    results = RESULTS / "smoke" if args.smoke else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    summary_path = results / "summary.json"
     benches: dict[str, Any] = {}
     if args.only and summary_path.exists():  # keep the rows this run does not redo
         benches = json.loads(summary_path.read_text()).get("benches", {})
     info = machine()
     started = time.perf_counter()
     for bench in chosen:
-        benches[bench.name] = run(bench, size)
+        benches[bench.name] = run(bench, size, results)
     info["load_average_at_end"] = round(os.getloadavg()[0], 2)
     order = [b.name for b in BENCHES]
     summary: dict[str, Any] = {
@@ -435,11 +439,11 @@ def main() -> None:
         "benches": {name: benches[name] for name in order if name in benches},
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / "summary.md").write_text(markdown(summary))
-    print((RESULTS / "summary.md").read_text())
+    (results / "summary.md").write_text(markdown(summary))
+    print((results / "summary.md").read_text())
     failed = [name for name, entry in summary["benches"].items() if "error" in entry]
     if failed:
-        raise SystemExit(f"failed: {', '.join(failed)} (logs in bench/results/logs/)")
+        raise SystemExit(f"failed: {', '.join(failed)} (logs in {results / 'logs'})")
 
 
 if __name__ == "__main__":
