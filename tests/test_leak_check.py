@@ -45,7 +45,7 @@ def test_a_leaking_test_fails_naming_what_it_left(tmp_path: Path) -> None:
     )
     (tmp_path / "test_inner.py").write_text(
         textwrap.dedent(f"""
-        import subprocess
+        import os, signal, subprocess
 
         def test_leaves_a_child():
             subprocess.Popen({sleeper % "child"})
@@ -55,8 +55,10 @@ def test_a_leaking_test_fails_naming_what_it_left(tmp_path: Path) -> None:
             subprocess.run(["setsid", "sh", "-c", "sh -c 'sleep 300; : {tag}-detached' &"], check=True)
 
         def test_ends_what_it_starts():
-            p = subprocess.Popen({sleeper % "ended"})
-            p.kill()
+            # The shell and the sleep it may have forked already (a loaded machine lets it
+            # run before the kill): its whole process group.
+            p = subprocess.Popen({sleeper % "ended"}, start_new_session=True)
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
         def test_uses_a_leaking_module_fixture(module_sleeper):
