@@ -14,8 +14,10 @@ samples (more submits, latency runs, subscribers, transfers); ``--smoke`` tiny o
 show that every script still runs (a minute; not figures to quote: they go to
 bench/results/smoke/ instead, beside no real ones). ``--only NAME`` runs
 one benchmark (repeatable; ``store`` means every ``store-N``) and keeps the other rows
-of an earlier summary.json. Machines here are shared and noisy: compare the ratio, which
-is of two figures measured minutes apart, not absolute times across runs.
+of an earlier summary.json. ``--out DIR`` writes all of it to DIR instead (the smoke
+test's private directory, never the repository's). Machines here are shared and noisy:
+compare the ratio, which is of two figures measured minutes apart, not absolute times
+across runs.
 """
 
 from __future__ import annotations
@@ -369,7 +371,7 @@ def run(bench: Bench, size: str, results: Path) -> dict[str, Any]:
     if done.returncode != 0 or not out.exists():
         tail = log.read_text().splitlines()[-5:]
         entry["error"] = f"exit {done.returncode}: " + " | ".join(tail)
-        print(f"   failed after {entry['seconds']} s: see {log.relative_to(ROOT)}", flush=True)
+        print(f"   failed after {entry['seconds']} s: see {log}", flush=True)
         return entry
     result = json.loads(out.read_text())
     entry["result"] = result
@@ -414,11 +416,17 @@ def main() -> None:
     group.add_argument("--smoke", action="store_true", help="tiny sizes: only that every script runs")
     names = ", ".join(b.name for b in BENCHES)
     p.add_argument("--only", action="append", default=[], metavar="NAME", help=names)
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write the summary, JSON and logs here (default: bench/results/, with --smoke its smoke/)",
+    )
     args = p.parse_args()
     size = "full" if args.full else "smoke" if args.smoke else "default"
     chosen = _selected(args.only)
     # A smoke run's figures mean nothing: never let them replace a real run's.
-    results = RESULTS / "smoke" if args.smoke else RESULTS
+    results = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     summary_path = results / "summary.json"
     benches: dict[str, Any] = {}
