@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from psik_api_core import LIMITS
+
 from .backends import driver_class
 
 CONFIG_ENV = "PSIK_API_CONFIG"
@@ -71,7 +73,8 @@ class BackendSettings(BaseModel):
 
 class RateLimits(BaseModel):
     """Per-identity rate limits (serving/rate_limit.py): token buckets, in requests and
-    in jobs submitted per second. A rate of 0 turns its limit off; all 0 turns both off."""
+    in jobs submitted per second, and a cap on requests in progress. A rate (or
+    ``concurrent``) of 0 turns its limit off; all 0 turns them all off."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,8 +83,16 @@ class RateLimits(BaseModel):
     #: Requests an identity may make at once, above the average, before it waits.
     burst: int = Field(default=100, ge=0, le=1_000_000)
     #: Jobs an identity may submit per second (``POST /v1/jobs``, ``.../start``; a group
-    #: counts as its number of jobs), with a burst of one second's worth (at least 1).
+    #: counts as its number of jobs), on average.
     submits_per_second: float = Field(default=10.0, ge=0, le=1_000_000)
+    #: Jobs an identity may submit at once: by default the largest group, so that one
+    #: goes through whole and leaves no debt to wait out (a client gives up on long waits).
+    submit_burst: int = Field(default=LIMITS.max_group_jobs, ge=1, le=1_000_000)
+    #: Requests of one identity in progress at once (0: no cap); those past it wait their
+    #: turn, without holding the server, so that a flood queues behind itself.
+    concurrent: int = Field(default=4, ge=0, le=100_000)
+    #: Requests of one identity that may wait for a turn; past them, 429 ``rate_limited``.
+    queued: int = Field(default=100, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _a_burst_to_start_with(self) -> RateLimits:
@@ -91,8 +102,8 @@ class RateLimits(BaseModel):
 
     @property
     def enabled(self) -> bool:
-        """Whether either limit is on."""
-        return self.requests_per_second > 0 or self.submits_per_second > 0
+        """Whether any limit is on."""
+        return self.requests_per_second > 0 or self.submits_per_second > 0 or self.concurrent > 0
 
 
 def default_data_dir() -> Path:
