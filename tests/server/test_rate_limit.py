@@ -6,6 +6,7 @@ clock. alice against bob over TLS: tests/contract/test_rate_limit_fairness.py.""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +19,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from conftest import lazy_app
+from psik_api_core import LIMITS, Principal
+from psik_api_server.auth.authenticator import PRINCIPAL_KEY
 from psik_api_server.http.openapi import RATE_LIMIT_EXEMPT
-from psik_api_server.serving.rate_limit import EXEMPT_PATHS, RateLimiter
+from psik_api_server.serving.rate_limit import EXEMPT_PATHS, RateLimit, RateLimiter, Turns
 from psik_api_server.settings import RateLimits, Settings, parse_config
 from support import LiveServer
 
@@ -124,10 +127,11 @@ async def test_an_event_stream_counts_one_request_at_its_opening(settings: Setti
 
 
 async def test_submits_have_their_own_limit(settings: Settings) -> None:
-    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=CRAWL) as c:
+    limits = {"requests_per_second": 1000, "burst": 1000, "submits_per_second": CRAWL, "submit_burst": 1}
+    async with serving(settings, **limits) as c:
         first = await c.post("/v1/jobs", json={"script": "true"})
         assert first.status_code == 201, first.text
-        # A submit bucket holds one second's worth, at least one: empty now.
+        # A submit bucket of one: empty now.
         assert refused(await c.post("/v1/jobs", json={"script": "true"}), "jobs submitted") in HUNDRED_S
         # The router takes /v1/jobs%0A as POST /v1/jobs: it is a submit too.
         refused(await c.post("/v1/jobs%0A", json={"script": "true"}), "jobs submitted")
@@ -145,7 +149,8 @@ async def test_submits_have_their_own_limit(settings: Settings) -> None:
 async def test_a_group_counts_as_its_jobs(settings: Settings) -> None:
     """A group is let in for one submit, then charged for its other jobs: the next
     submit waits for all of them. Were a group one submit, it would be a way around."""
-    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=1) as c:
+    limits = {"requests_per_second": 1000, "burst": 1000, "submits_per_second": 1, "submit_burst": 1}
+    async with serving(settings, **limits) as c:
         body = {"jobs": [{"script": "true"} for _ in range(6)]}
         made = await c.post("/v1/groups", json=body, headers={"Idempotency-Key": "g1"})
         assert made.status_code == 201, made.text
@@ -161,11 +166,243 @@ async def test_a_group_counts_as_its_jobs(settings: Settings) -> None:
 
 
 async def test_a_group_refused_by_the_route_is_charged_one(settings: Settings) -> None:
-    async with serving(settings, requests_per_second=1000, burst=1000, submits_per_second=CRAWL) as c:
+    limits = {"requests_per_second": 1000, "burst": 1000, "submits_per_second": CRAWL, "submit_burst": 1}
+    async with serving(settings, **limits) as c:
         bad = await c.post("/v1/groups", json={"jobs": [{"script": "true", "nope": 1}] * 5})
         assert bad.status_code == 422, bad.text
         # It took the one submit it was let in for, not five: the next is ~100 s away.
         assert refused(await c.post("/v1/jobs", json={"script": "true"}), "jobs submitted") in HUNDRED_S
+
+
+async def test_a_group_as_large_as_the_submit_burst_goes_through_whole(settings: Settings) -> None:
+    """A bucket of ``submit_burst`` lets a group of that many in at once, leaving no debt
+    (by default the largest group: a Snakemake run's group is not refused for a minute)."""
+    limits = {"requests_per_second": 1000, "burst": 1000, "submits_per_second": CRAWL, "submit_burst": 4}
+    async with serving(settings, **limits) as c:
+        made = await c.post("/v1/groups", json={"jobs": [{"script": "true"}] * 4})
+        assert made.status_code == 201, made.text
+        jobids = [j["jobid"] for j in made.json()["jobs"]]
+        # Four taken from a bucket of four: empty, not in debt (one token, ~100 s away).
+        assert refused(await c.post("/v1/jobs", json={"script": "true"}), "jobs submitted") in HUNDRED_S
+        await final(c, jobids)
+
+
+def test_the_default_submit_burst_is_the_largest_group() -> None:
+    clock = Clock()
+    limits = RateLimits()
+    assert limits.submit_burst == LIMITS.max_group_jobs
+    limiter = RateLimiter(limits, clock=clock)
+    assert limiter.admit("uid:alice", submit=True) is None
+    limiter.charge_submits("uid:alice", LIMITS.max_group_jobs - 1)  # the largest group
+    refusal = limiter.admit("uid:alice", submit=True)
+    # The next job a tenth of a second later, not 99 s (past the client's patience).
+    assert refusal is not None and refusal.submits and refusal.wait == pytest.approx(0.1)
+    clock.now = 0.1
+    assert limiter.admit("uid:alice", submit=True) is None
+    # A full bucket lets as many single submits through at once (were the requests not
+    # limited), then the rate applies.
+    limiter = RateLimiter(limits.model_copy(update={"requests_per_second": 0}), clock=clock)
+    bob = [limiter.admit("uid:bob", submit=True) for _ in range(LIMITS.max_group_jobs + 1)]
+    assert bob[:-1] == [None] * LIMITS.max_group_jobs and bob[-1] is not None
+
+
+# ---- requests in progress at once ----
+
+
+class Gates:
+    """An app whose every request waits at its gate (by path) once inside: it is then
+    in progress for as long as a test wants."""
+
+    def __init__(self) -> None:
+        self.inside: list[str] = []
+        self.entered: dict[str, anyio.Event] = {}
+        self.gates: dict[str, anyio.Event] = {}
+
+    def gate(self, path: str) -> anyio.Event:
+        return self.gates.setdefault(path, anyio.Event())
+
+    def entry(self, path: str) -> anyio.Event:
+        return self.entered.setdefault(path, anyio.Event())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        self.inside.append(path)
+        self.entry(path).set()
+        await self.gate(path).wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def call(app: Any, user: str, path: str) -> list[dict[str, Any]]:
+    """One request of ``user`` through ``app``; the messages it sent."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "headers": [],
+        "state": {PRINCIPAL_KEY: Principal(user)},
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_flood_waits_behind_itself_while_others_go_straight_in() -> None:
+    gates = Gates()
+    limits = RateLimits(requests_per_second=0, submits_per_second=0, concurrent=4, queued=1)
+    turns = Turns(limits.concurrent, limits.queued)
+    app = RateLimit(gates, RateLimiter(limits), turns)
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(call, app, "uid:bob", f"/bob/{i}")
+            await gates.entry(f"/bob/{i}").wait()
+        fifth: list[list[dict[str, Any]]] = []
+        tg.start_soon(lambda: _into(fifth, call(app, "uid:bob", "/bob/4")))
+        while turns.waiting("uid:bob") == 0:
+            await anyio.sleep(0)
+        # bob's fifth waits its turn, past his four in progress; alice's goes straight in.
+        gates.gate("/alice").set()
+        assert (await call(app, "uid:alice", "/alice"))[-1]["body"] == b"ok"
+        assert "/bob/4" not in gates.inside
+        # The queue of one is full: bob's sixth is refused at once, and waits for nothing.
+        sixth = await call(app, "uid:bob", "/bob/5")
+        assert sixth[0]["status"] == 429
+        headers = dict(sixth[0]["headers"])
+        assert headers[b"retry-after"] == b"1"
+        assert headers[b"content-type"] == b"application/problem+json"
+        assert json.loads(sixth[1]["body"]) == {
+            "type": "about:blank",
+            "title": "Too many requests",
+            "status": 429,
+            "detail": "uid:bob is over its limit of 4 requests in progress at once, with 1 more"
+            " waiting their turn; nothing was done: send it again in 1 s",
+            "instance": "/bob/5",
+            "code": "rate_limited",
+        }
+        assert "/bob/5" not in gates.inside
+        # One of bob's ends: his fifth takes its turn.
+        gates.gate("/bob/0").set()
+        await gates.entry("/bob/4").wait()
+        assert turns.waiting("uid:bob") == 0
+        for i in range(1, 5):
+            gates.gate(f"/bob/{i}").set()
+    assert fifth[0][-1]["body"] == b"ok"
+    assert len(turns) == 0  # nothing kept for identities with nothing in progress
+
+
+async def _into(out: list[Any], awaitable: Any) -> None:
+    out.append(await awaitable)
+
+
+async def test_a_request_cancelled_while_waiting_gives_up_its_place() -> None:
+    gates = Gates()
+    turns = Turns(1, 10)
+    app = RateLimit(gates, RateLimiter(RateLimits(requests_per_second=0, submits_per_second=0)), turns)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, app, "uid:bob", "/held")
+        await gates.entry("/held").wait()
+        waiting = anyio.CancelScope()
+        tg.start_soon(_cancelled, waiting, app, "/gone")
+        while turns.waiting("uid:bob") == 0:
+            await anyio.sleep(0)
+        waiting.cancel()
+        while turns.waiting("uid:bob") != 0:
+            await anyio.sleep(0)
+        gates.gate("/next").set()
+        tg.start_soon(call, app, "uid:bob", "/next")
+        gates.gate("/held").set()
+        await gates.entry("/next").wait()
+    assert "/gone" not in gates.inside and len(turns) == 0
+
+
+async def _cancelled(scope: anyio.CancelScope, app: Any, path: str) -> None:
+    with scope:
+        await call(app, "uid:bob", path)
+
+
+async def test_requests_past_the_cap_wait_in_the_real_app(settings: Settings) -> None:
+    """Two uploads held in progress (their bodies not yet whole): the third request waits,
+    the fourth finds no room to wait (429, nothing done), the third goes in when one ends."""
+    async with serving(settings, requests_per_second=0, submits_per_second=0, concurrent=2, queued=1) as c:
+        jobid = (await c.post("/v1/jobs/new", json={"script": "true"})).json()["jobid"]
+        gates = [anyio.Event(), anyio.Event()]
+        reading = [anyio.Event(), anyio.Event()]
+        answers: dict[str, httpx.Response] = {}
+
+        async def upload(i: int) -> None:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"x"
+                reading[i].set()  # the route asked for more: in progress
+                await gates[i].wait()
+                yield b"y"
+
+            answers[f"up{i}"] = await c.put(f"/v1/jobs/{jobid}/files/f{i}", content=body())
+
+        answered = anyio.Event()
+
+        async def backends(name: str) -> None:
+            answers[name] = await c.get("/v1/backends")
+            answered.set()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(upload, i)
+                    await reading[i].wait()
+                # Two more: the first in takes the room to wait, the other finds none.
+                tg.start_soon(backends, "a")
+                tg.start_soon(backends, "b")
+                await answered.wait()
+                (first,) = answers.values()
+                assert first.status_code == 429, first.text
+                assert "requests in progress at once, with 1 more waiting" in first.json()["detail"]
+                assert first.headers["retry-after"] == "1"
+                gates[0].set()  # one upload ends: the one waiting goes in
+                while len(answers) < 3:
+                    await anyio.sleep(0.01)
+                gates[1].set()
+        assert sorted(r.status_code for r in answers.values()) == [200, 201, 201, 429], answers
+        files = (await c.get(f"/v1/jobs/{jobid}/files")).json()
+        assert {e["path"] for e in files["entries"]} >= {"f0", "f1"}
+
+
+async def test_event_routes_and_streamed_answers_hold_no_turn(settings: Settings) -> None:
+    """With one turn and no room to wait, an open event stream, a long poll waiting and
+    a log followed leave the turn free: a request in between is answered."""
+    limited = settings.model_copy(
+        update={
+            "rate_limits": RateLimits(requests_per_second=0, submits_per_second=0, concurrent=1, queued=0)
+        }
+    )
+    with LiveServer(lazy_app(limited)) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=10) as c:
+            job = (await c.post("/v1/jobs", json={"script": "sleep 30"})).json()["jobid"]
+            async with c.stream("GET", "/v1/events") as stream, anyio.create_task_group() as tg:
+                assert stream.status_code == 200
+                assert (await anext(stream.aiter_lines())).startswith("retry:")
+                assert (await c.get("/v1/backends")).status_code == 200
+
+                async def long_poll() -> None:
+                    r = await c.get(
+                        "/v1/events", headers={"Accept": "application/json"}, params={"timeout": 5}
+                    )
+                    assert r.status_code == 200
+
+                tg.start_soon(long_poll)
+                await anyio.sleep(0.2)  # (not needed to pass: the poll takes no turn either way)
+                assert (await c.get("/v1/backends")).status_code == 200
+                async with c.stream("GET", f"/v1/jobs/{job}/logs/stdout", params={"follow": "true"}) as log:
+                    assert log.status_code == 200
+                    assert (await c.get("/v1/backends")).status_code == 200
+                assert (await c.delete(f"/v1/jobs/{job}")).status_code in (200, 202)
+                tg.cancel_scope.cancel()
 
 
 # ---- settings and the document ----
@@ -177,7 +414,7 @@ def test_off_in_local_mode_on_in_token_mode_unless_null_or_zero() -> None:
     assert token == RateLimits(requests_per_second=50, burst=100, submits_per_second=10)
     assert parse_config({"authz": "mod:Policy"}).rate_limits == token  # seed-style token mode
     assert parse_config({"authz": "token", "rate_limits": None}).rate_limits is None
-    zeros = {"requests_per_second": 0, "burst": 0, "submits_per_second": 0}
+    zeros = {"requests_per_second": 0, "burst": 0, "submits_per_second": 0, "concurrent": 0}
     limits = parse_config({"authz": "token", "rate_limits": zeros}).rate_limits
     assert limits is not None and not limits.enabled
     local = parse_config({"rate_limits": {"requests_per_second": 5, "burst": 10}}).rate_limits
@@ -189,7 +426,7 @@ def test_off_in_local_mode_on_in_token_mode_unless_null_or_zero() -> None:
 
 
 async def test_zero_limits_are_no_limits(settings: Settings) -> None:
-    async with serving(settings, requests_per_second=0, burst=0, submits_per_second=0) as c:
+    async with serving(settings, requests_per_second=0, burst=0, submits_per_second=0, concurrent=0) as c:
         for _ in range(5):
             assert (await c.get("/v1/backends")).status_code == 200
         assert "429" not in (await c.get("/openapi.json")).json()["paths"]["/v1/jobs"]["post"]["responses"]
@@ -251,7 +488,9 @@ def test_retry_after_is_the_wait_rounded_up() -> None:
 
 def test_a_submit_takes_from_both_buckets_or_neither() -> None:
     clock = Clock()
-    limiter = RateLimiter(RateLimits(requests_per_second=1, burst=3, submits_per_second=1), clock=clock)
+    limiter = RateLimiter(
+        RateLimits(requests_per_second=1, burst=3, submits_per_second=1, submit_burst=1), clock=clock
+    )
     assert limiter.admit("a", submit=True) is None
     refusal = limiter.admit("a", submit=True)
     assert refusal is not None and refusal.submits
@@ -262,7 +501,9 @@ def test_a_submit_takes_from_both_buckets_or_neither() -> None:
 
 def test_debt_is_paid_before_the_next_submit() -> None:
     clock = Clock()
-    limiter = RateLimiter(RateLimits(requests_per_second=0, burst=0, submits_per_second=10), clock=clock)
+    limiter = RateLimiter(
+        RateLimits(requests_per_second=0, burst=0, submits_per_second=10, submit_burst=10), clock=clock
+    )
     assert limiter.admit("a", submit=True) is None
     limiter.charge_submits("a", 299)  # a group of 300
     refusal = limiter.admit("a", submit=True)
@@ -295,7 +536,9 @@ def test_many_identities_cannot_grow_memory_without_bound() -> None:
 
 def test_an_identity_in_debt_is_kept() -> None:
     clock = Clock()
-    limiter = RateLimiter(RateLimits(requests_per_second=10, burst=10, submits_per_second=1), clock=clock)
+    limiter = RateLimiter(
+        RateLimits(requests_per_second=10, burst=10, submits_per_second=1, submit_burst=1), clock=clock
+    )
     assert limiter.admit("uid:bob", submit=True) is None
     limiter.charge_submits("uid:bob", 99)
     for i in range(50):

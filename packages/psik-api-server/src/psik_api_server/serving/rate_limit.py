@@ -10,18 +10,23 @@ others by sending more requests, or submitting more jobs, than the site allows.
   (``requests_per_second``, holding ``burst``); an event stream is one request, at its
   opening. A submit (``POST /v1/jobs``, ``POST /v1/jobs/{id}/start``, ``POST
   /v1/groups``) also takes one from its submit bucket (``submits_per_second``, holding
-  one second's worth, at least 1). A group counts as its number of jobs: it is let in
-  for one, and once made, the rest of its jobs are taken from the bucket, which may go
-  below zero; the identity then submits nothing until the debt is paid (a group of 300
-  at 10/s: 30 s). So one request of many jobs is no way around the submit rate, and
-  still makes them all at once. (A replay of a group under its ``Idempotency-Key``
-  counts again.)
+  ``submit_burst``: by default the largest group). A group counts as its number of
+  jobs: it is let in for one, and once made, the rest of its jobs are taken from the
+  bucket, which may go below zero; the identity then submits nothing until the debt is
+  paid. So one request of many jobs is no way around the submit rate, and still makes
+  them all at once. (A replay of a group under its ``Idempotency-Key`` counts again.)
+* **At once**: at most ``concurrent`` requests of an identity are in progress; the
+  next ones wait their turn (:class:`Turns`: an event awaited, no CPU), first come first
+  served, up to ``queued`` of them; past that, 429. So a flood queues behind itself
+  while others' requests go straight in. An answer that streams (no ``Content-Length``:
+  a log followed, a file downloaded) gives its turn back when it starts; the event
+  routes take none (a stream lasts, and a long poll waits before it answers).
 * **Free**: the health check, the OpenAPI document and the docs page, and the jobs'
   signed callbacks (:data:`~psik_api_server.http.openapi.RATE_LIMIT_EXEMPT`); a request
   refused before its caller is known (401, 403) costs nothing here either.
 * **Past the limit**: 429 ``rate_limited``, ``Retry-After`` the whole seconds (rounded
-  up) until the request would be let in; nothing was done, so any request may be sent
-  again (the client does).
+  up) until the request would be let in (1 past ``queued``); nothing was done, so any
+  request may be sent again (the client does).
 
 :class:`RateLimit` is pure ASGI middleware inside the auth middleware (the identity is
 known, nothing of the route has run; streamed answers pass untouched). The buckets live
@@ -37,10 +42,11 @@ import json
 import math
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +65,8 @@ EXEMPT_PATHS = frozenset(op.path for op in OPERATIONS if op.operation_id in RATE
 #: so ``/v1/jobs%0A``, which the router takes as ``POST /v1/jobs``, is a submit too).
 _SUBMIT = re.compile(r"/v1/(jobs|jobs/[^/]+/start|groups)$")
 _GROUP = "/v1/groups"
+#: The event routes, which take no turn (the module doc), matched as the router does.
+_EVENTS = re.compile(r"/v1/(jobs/[^/]+/)?events$")
 #: Identities whose buckets are kept at most (a pair is ~200 bytes).
 MAX_IDENTITIES = 100_000
 
@@ -80,6 +88,8 @@ class Refusal:
 
     submits: bool
     wait: float
+    #: Over ``concurrent`` with ``queued`` waiting already (then ``wait`` is 1).
+    busy: bool = False
 
     @property
     def retry_after(self) -> int:
@@ -102,7 +112,7 @@ class RateLimiter:
         self._rate = limits.requests_per_second
         self._burst = float(limits.burst)
         self._submit_rate = limits.submits_per_second
-        self._submit_burst = max(1.0, limits.submits_per_second)
+        self._submit_burst = float(limits.submit_burst)
         self._clock = clock
         self._max = max_identities
         self._buckets: OrderedDict[str, _Buckets] = OrderedDict()
@@ -185,7 +195,12 @@ def identity_of(scope: Scope) -> str | None:
 
 def refusal_error(identity: str, refusal: Refusal, limits: RateLimits) -> ApiError:
     """The 429 problem for ``refusal``, saying which limit and when to come back."""
-    if refusal.submits:
+    if refusal.busy:
+        what = (
+            f"its limit of {limits.concurrent} requests in progress at once, with"
+            f" {limits.queued} more waiting their turn"
+        )
+    elif refusal.submits:
         what = (
             f"its limit of {limits.submits_per_second:g} jobs submitted per second (a group"
             " counts as its number of jobs)"
@@ -199,12 +214,74 @@ def refusal_error(identity: str, refusal: Refusal, limits: RateLimits) -> ApiErr
     )
 
 
-class RateLimit:
-    """Pure ASGI middleware: the limits of :class:`RateLimiter`, per identity (the module doc)."""
+@dataclass
+class _Queue:
+    """One identity's requests in progress, and the turns awaited, oldest first."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    running: int = 0
+    waiting: deque[anyio.Event] = field(default_factory=deque)
+
+
+class Turns:
+    """At most ``concurrent`` requests per identity in progress, up to ``queued`` more
+    waiting their turn (the module doc). Kept only for identities with a request in
+    progress. The event loop's own, as :class:`RateLimiter`."""
+
+    def __init__(self, concurrent: int, queued: int) -> None:
+        self.concurrent = concurrent
+        self.queued = queued
+        self._queues: dict[str, _Queue] = {}
+
+    def __len__(self) -> int:
+        """How many identities have a request in progress."""
+        return len(self._queues)
+
+    def full(self, identity: str) -> bool:
+        """Whether ``identity`` has no turn free and no room left to wait for one."""
+        q = self._queues.get(identity)
+        return q is not None and q.running >= self.concurrent and len(q.waiting) >= self.queued
+
+    def waiting(self, identity: str) -> int:
+        """How many of ``identity``'s requests wait their turn."""
+        q = self._queues.get(identity)
+        return 0 if q is None else len(q.waiting)
+
+    async def take(self, identity: str) -> None:
+        """A turn for ``identity``: at once if one is free, else when it is handed over."""
+        q = self._queues.setdefault(identity, _Queue())
+        if q.running < self.concurrent and not q.waiting:
+            q.running += 1
+            return
+        turn = anyio.Event()
+        q.waiting.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self.give_back(identity)  # handed over as it was cancelled: pass it on
+            else:
+                q.waiting.remove(turn)
+            raise
+
+    def give_back(self, identity: str) -> None:
+        """End a turn of ``identity``: hand it to the next in line, if any."""
+        q = self._queues[identity]
+        if q.waiting:
+            q.waiting.popleft().set()  # still running: the turn changes hands
+            return
+        q.running -= 1
+        if q.running == 0:
+            del self._queues[identity]
+
+
+class RateLimit:
+    """Pure ASGI middleware: the limits of :class:`RateLimiter` and :class:`Turns`, per
+    identity (the module doc)."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, turns: Turns | None = None) -> None:
         self.app = app
         self.limiter = limiter
+        self.turns = turns
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
@@ -212,16 +289,48 @@ class RateLimit:
         if identity is None:
             await self.app(scope, receive, send)
             return
+        turns = self.turns if self.turns is not None and _EVENTS.match(path) is None else None
         submit = scope.get("method") == "POST" and _SUBMIT.match(path) is not None
-        refused = self.limiter.admit(identity, submit=submit)
+        # Nothing is taken from the buckets for a request that cannot even wait.
+        refused = Refusal(False, 1.0, busy=True) if turns is not None and turns.full(identity) else None
+        refused = refused or self.limiter.admit(identity, submit=submit)
         if refused is not None:
             error = refusal_error(identity, refused, self.limiter.limits)
             await problem_response(error, path)(scope, receive, send)
             return
-        if not (submit and path.startswith(_GROUP)):
+        if submit and path.startswith(_GROUP):
+            send = _GroupCount(send, identity, self.limiter)
+        if turns is None:
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, _GroupCount(send, identity, self.limiter))
+        await turns.take(identity)
+        turn = _Turn(send, identity, turns)
+        try:
+            await self.app(scope, receive, turn)
+        finally:
+            turn.end()
+
+
+class _Turn:
+    """The ``send`` of a request holding a turn: gives it back when an answer that
+    streams (no ``Content-Length``) starts, or at :meth:`end`, whichever comes first."""
+
+    def __init__(self, send: Send, identity: str, turns: Turns) -> None:
+        self.send = send
+        self.identity = identity
+        self.turns: Turns | None = turns
+
+    def end(self) -> None:
+        if self.turns is not None:
+            self.turns.give_back(self.identity)
+            self.turns = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and not any(
+            name.lower() == b"content-length" for name, _ in message.get("headers", ())
+        ):
+            self.end()
+        await self.send(message)
 
 
 class _GroupCount:
@@ -258,4 +367,5 @@ def rate_limit_middleware(limits: RateLimits | None) -> list[Middleware]:
     """The app's rate-limit middleware for ``limits`` (none when they are off)."""
     if limits is None or not limits.enabled:
         return []
-    return [Middleware(RateLimit, limiter=RateLimiter(limits))]
+    turns = Turns(limits.concurrent, limits.queued) if limits.concurrent > 0 else None
+    return [Middleware(RateLimit, limiter=RateLimiter(limits), turns=turns)]
