@@ -22,7 +22,7 @@ from conftest import lazy_app
 from psik_api_core import LIMITS, Principal
 from psik_api_server.auth.authenticator import PRINCIPAL_KEY
 from psik_api_server.http.openapi import RATE_LIMIT_EXEMPT
-from psik_api_server.serving.rate_limit import EXEMPT_PATHS, RateLimit, RateLimiter, Turns
+from psik_api_server.serving.rate_limit import EXEMPT_PATHS, REFUSAL_HOLD, RateLimit, RateLimiter, Turns
 from psik_api_server.settings import RateLimits, Settings, parse_config
 from support import LiveServer
 
@@ -403,6 +403,50 @@ async def test_event_routes_and_streamed_answers_hold_no_turn(settings: Settings
                     assert (await c.get("/v1/backends")).status_code == 200
                 assert (await c.delete(f"/v1/jobs/{job}")).status_code in (200, 202)
                 tg.cancel_scope.cancel()
+
+
+async def test_a_refusal_soon_after_another_is_held_and_unchanged() -> None:
+    """A client that does not wait as told has its next refusals held (REFUSAL_HOLD, an
+    await), at most ``queued`` at once; a client that waited is answered at once. The
+    answer is the same either way."""
+    clock = Clock()
+    limits = RateLimits(requests_per_second=CRAWL, burst=1, submits_per_second=0, concurrent=0, queued=2)
+    holds: list[float] = []
+    release = anyio.Event()
+
+    async def sleep(seconds: float) -> None:
+        holds.append(seconds)
+        await release.wait()
+
+    app = RateLimit(Gates(), RateLimiter(limits, clock=clock), sleep=sleep)
+    app.app.gate("/ok").set()  # type: ignore[attr-defined]
+    assert (await call(app, "uid:bob", "/ok"))[0]["status"] == 200
+    first = await call(app, "uid:bob", "/a")  # refused, the first: at once
+    assert first[0]["status"] == 429 and holds == []
+    clock.now = 0.5
+    answers: list[list[dict[str, Any]]] = []
+    with anyio.fail_after(10):  # not held: the loop below would wait for ever
+        async with anyio.create_task_group() as tg:
+            for path in ("/b", "/c"):
+                tg.start_soon(lambda p=path: _into(answers, call(app, "uid:bob", p)))
+            while len(holds) < 2:
+                await anyio.sleep(0)
+            assert holds == [REFUSAL_HOLD, REFUSAL_HOLD] and answers == []
+            # Two held (queued): the next is answered at once; alice is not held for bob.
+            assert (await call(app, "uid:bob", "/d"))[0]["status"] == 429
+            assert (await call(app, "uid:alice", "/ok"))[0]["status"] == 200
+            assert (await call(app, "uid:alice", "/e"))[0]["status"] == 429
+            assert len(holds) == 2 and answers == []
+            release.set()
+    assert [a[0]["status"] for a in answers] == [429, 429]
+    held = json.loads(answers[0][1]["body"])
+    assert held["detail"] == json.loads(first[1]["body"])["detail"]  # same limit, same wait
+    # A client that waited as long as it was told is answered at once again.
+    clock.now = 100.0
+    assert (await call(app, "uid:bob", "/ok"))[0]["status"] == 200
+    clock.now = 100.1
+    assert (await call(app, "uid:bob", "/f"))[0]["status"] == 429
+    assert len(holds) == 2
 
 
 # ---- settings and the document ----

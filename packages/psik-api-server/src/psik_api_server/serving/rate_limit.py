@@ -26,7 +26,11 @@ others by sending more requests, or submitting more jobs, than the site allows.
   refused before its caller is known (401, 403) costs nothing here either.
 * **Past the limit**: 429 ``rate_limited``, ``Retry-After`` the whole seconds (rounded
   up) until the request would be let in (1 past ``queued``); nothing was done, so any
-  request may be sent again (the client does).
+  request may be sent again (the client does). A refusal costs the server about as much
+  as a cheap answer (TLS, HTTP, the checks), so a client that does not wait as told
+  would cost the others still: a refusal less than a second after the identity's last
+  one is held :data:`REFUSAL_HOLD` before it is sent (an await, no CPU; at most
+  ``queued`` at once per identity), which bounds such a flood by its connections.
 
 :class:`RateLimit` is pure ASGI middleware inside the auth middleware (the identity is
 known, nothing of the route has run; streamed answers pass untouched). The buckets live
@@ -43,7 +47,7 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -69,6 +73,8 @@ _GROUP = "/v1/groups"
 _EVENTS = re.compile(r"/v1/(jobs/[^/]+/)?events$")
 #: Identities whose buckets are kept at most (a pair is ~200 bytes).
 MAX_IDENTITIES = 100_000
+#: Seconds a refusal is held when it follows another of its identity within a second.
+REFUSAL_HOLD = 0.5
 
 
 @dataclass
@@ -80,6 +86,8 @@ class _Buckets:
     at: float
     #: When both are full again, at the latest: past it the pair is a new one's.
     full_at: float
+    #: When the identity was last refused.
+    refused_at: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,14 @@ class RateLimiter:
         b = self._current(identity, self._clock())
         b.submits -= count
         self._settle(b)
+
+    def refused(self, identity: str) -> bool:
+        """Note a refusal of ``identity``: whether it comes less than a second after the
+        last one (its client did not wait as told)."""
+        now = self._clock()
+        b = self._current(identity, now)
+        again, b.refused_at = now - b.refused_at < 1.0, now
+        return again
 
     def _current(self, identity: str, now: float) -> _Buckets:
         """``identity``'s buckets brought up to ``now`` (new ones full), the most recent."""
@@ -278,10 +294,20 @@ class RateLimit:
     """Pure ASGI middleware: the limits of :class:`RateLimiter` and :class:`Turns`, per
     identity (the module doc)."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter, turns: Turns | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        turns: Turns | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
         self.app = app
         self.limiter = limiter
         self.turns = turns
+        self._sleep = sleep
+        #: Refusals held now, per identity (the module doc).
+        self._held: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
@@ -296,7 +322,15 @@ class RateLimit:
         refused = refused or self.limiter.admit(identity, submit=submit)
         if refused is not None:
             error = refusal_error(identity, refused, self.limiter.limits)
-            await problem_response(error, path)(scope, receive, send)
+            response = problem_response(error, path)
+            held = self._held.get(identity, 0)
+            if self.limiter.refused(identity) and held < max(1, self.limiter.limits.queued):
+                self._held[identity] = held + 1
+                try:
+                    await self._sleep(REFUSAL_HOLD)
+                finally:
+                    self._release_hold(identity)
+            await response(scope, receive, send)
             return
         if submit and path.startswith(_GROUP):
             send = _GroupCount(send, identity, self.limiter)
@@ -309,6 +343,13 @@ class RateLimit:
             await self.app(scope, receive, turn)
         finally:
             turn.end()
+
+    def _release_hold(self, identity: str) -> None:
+        left = self._held[identity] - 1
+        if left:
+            self._held[identity] = left
+        else:
+            del self._held[identity]
 
 
 class _Turn:
