@@ -106,7 +106,7 @@ async def test_a_client_over_the_limit_gets_through_after_waiting(serve: Callabl
 async def test_a_refused_start_is_sent_again(serve: Callable[..., Any]) -> None:
     """POST .../start carries no Idempotency-Key, and is not sent twice after other
     failures; a rate_limited refusal did nothing, so it is."""
-    async with serve(requests_per_second=0, submits_per_second=0.25) as served:
+    async with serve(requests_per_second=0, submits_per_second=0.25, submit_burst=1) as served:
         api = served.api()
         first, second = await api.create({"script": "true"}), await api.create({"script": "true"})
         await api.start(first.jobid)

@@ -2,7 +2,7 @@
 ``Retry-After``, nothing done; submits counted apart (a group as its jobs); health and
 the document free; the buckets bounded in memory. The real app in local mode (one
 identity, ``local:psik_api``) with real local jobs; the limiter itself with a fake
-clock. alice against bob over TLS: tests/contract/test_rate_limit_fairness.py."""
+clock. alice against bob over TLS: bench/bench_fairness.py (a benchmark, not a timed test)."""
 
 from __future__ import annotations
 
