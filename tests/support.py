@@ -216,3 +216,18 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+
+
+def readme_python_blocks(readme: Path) -> list[str]:
+    """The ```python blocks of ``readme``, in order (the README's examples, run as written)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    inside = False
+    for line in readme.read_text().splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current))
+            current, inside = [], line.strip() == "```python"
+        elif inside:
+            current.append(line)
+    return blocks

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from psik_api_client.cli import main as psik_api
-from support import LiveServer, free_port
+from support import LiveServer, free_port, readme_python_blocks
 
 README = Path(__file__).parents[2] / "README.md"
 EXAMPLE_JOBID = "1693992878.203"
@@ -92,18 +92,6 @@ def test_cli_submit_wait_ls_get_cancel(
     assert psik_api([*url, "submit", str(bad)]) == 2
 
 
-def _python_blocks() -> list[str]:
-    blocks, current, inside = [], [], False
-    for line in README.read_text().splitlines():
-        if line.startswith("```"):
-            if inside:
-                blocks.append("\n".join(current))
-            current, inside = [], line.strip() == "```python"
-        elif inside:
-            current.append(line)
-    return blocks
-
-
 def _run_script(source: str, url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PSIK_API_URL": url}
     env.pop("PSIK_API_UDS", None)
@@ -116,7 +104,7 @@ def test_readme_python_examples_run_as_scripts(live_app: LiveServer) -> None:
     """Each ```python block of the README, pasted into a file and run, works as is."""
     # The third, the staging flow, runs in test_files_logs.py; the fourth, a Parsl
     # config, in tests_workflows/parsl/test_readme_config.py (Parsl is there).
-    sync_example, async_example, _staging, _parsl = _python_blocks()
+    sync_example, async_example, _staging, _parsl = readme_python_blocks(README)
     out = _run_script(sync_example.replace("http://127.0.0.1:8000", live_app.url), live_app.url)
     assert out.returncode == 0, out.stderr
     state, exit_code, native_id = out.stdout.splitlines()[0].split()

@@ -9,19 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support import readme_python_blocks
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _parsl_block() -> str:
-    blocks, current, inside = [], [], False
-    for line in README.read_text().splitlines():
-        if line.startswith("```"):
-            if inside:
-                blocks.append("\n".join(current))
-            current, inside = [], line.strip() == "```python"
-        elif inside:
-            current.append(line)
-    (block,) = [b for b in blocks if "PsikApiProvider" in b]
+    (block,) = [b for b in readme_python_blocks(README) if "PsikApiProvider" in b]
     return block
 
 
